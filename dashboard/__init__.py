@@ -1,0 +1,1 @@
+"""The Streamlit triage dashboard and human review queue."""

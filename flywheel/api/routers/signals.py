@@ -1,0 +1,46 @@
+"""``GET /v1/signals``: read the signal store, newest first, with cursor pagination."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import AwareDatetime
+
+from flywheel.api.deps import SessionDep, require_scope
+from flywheel.auth.service import Principal
+from flywheel.db.models import Scope, SignalKind, SignalSource
+from flywheel.signals import service
+from flywheel.signals.schemas import SignalPage
+
+router = APIRouter(prefix="/v1/signals", tags=["signals"])
+
+
+@router.get("")
+def get_signals(
+    principal: Annotated[Principal, Depends(require_scope(Scope.READ))],
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    source: SignalSource | None = None,
+    kind: SignalKind | None = None,
+    model_version: Annotated[str | None, Query(max_length=200)] = None,
+    app: Annotated[
+        str | None, Query(max_length=100, description="Admin keys only; others see their own app.")
+    ] = None,
+    since: Annotated[AwareDatetime | None, Query(description="received_at >= since")] = None,
+    until: Annotated[AwareDatetime | None, Query(description="received_at < until")] = None,
+) -> SignalPage:
+    """Signals matching the filters, newest first."""
+    return service.list_signals(
+        session,
+        principal=principal,
+        limit=limit,
+        cursor=cursor,
+        app=app,
+        source=source,
+        kind=kind,
+        model_version=model_version,
+        since=since,
+        until=until,
+    )

@@ -1,0 +1,1 @@
+"""Per-app API keys with scopes; only hashes of secrets are stored."""

@@ -1,0 +1,43 @@
+"""Queries over ``api_keys``."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from flywheel.db.models import ApiKey
+
+
+def insert_api_key(
+    session: Session, *, app: str, prefix: str, secret_hash: str, scopes: list[str]
+) -> ApiKey:
+    key = ApiKey(app=app, prefix=prefix, secret_hash=secret_hash, scopes=scopes)
+    session.add(key)
+    session.flush()
+    return key
+
+
+def get_active_key_by_hash(session: Session, *, secret_hash: str) -> ApiKey | None:
+    stmt = select(ApiKey).where(ApiKey.secret_hash == secret_hash, ApiKey.revoked_at.is_(None))
+    return session.scalars(stmt).one_or_none()
+
+
+def list_api_keys(session: Session, *, include_revoked: bool) -> list[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.id)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(stmt))
+
+
+def revoke_api_key(session: Session, *, prefix: str) -> ApiKey | None:
+    """Mark the key revoked; ``None`` if no key has that prefix.
+
+    Revoking twice keeps the first revocation time.
+    """
+    stmt = (
+        update(ApiKey)
+        .where(ApiKey.prefix == prefix)
+        .values(revoked_at=func.coalesce(ApiKey.revoked_at, func.now()))
+        .returning(ApiKey)
+    )
+    return session.scalars(stmt).one_or_none()

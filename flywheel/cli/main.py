@@ -1,0 +1,239 @@
+"""``flywheel``: the command line of the data flywheel.
+
+Every command exits 0 on success, 2 with a one-line reason on bad input, and 1 with a
+one-line reason when a service it needs is unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from flywheel.settings import Settings, get_settings
+
+app = typer.Typer(
+    name="flywheel",
+    help="A closed-loop data flywheel for image-generation models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="Per-app API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, *, code: int = 2) -> NoReturn:
+    """Print a one-line reason to stderr and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _engine(settings: Settings) -> Engine:
+    from flywheel.db.engine import create_db_engine
+
+    try:
+        return create_db_engine(settings, pool_size=2)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+# ---- db ----------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the database up (to head by default)."""
+    from flywheel.db import migrate
+
+    engine = _engine(get_settings())
+    _run_migration(lambda: migrate.upgrade(engine, revision), revision)
+    console.print(f"database at revision {migrate.current_revision(engine)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision; 'base' empties the database.")],
+) -> None:
+    """Migrate the database down to REVISION."""
+    from flywheel.db import migrate
+
+    engine = _engine(get_settings())
+    _run_migration(lambda: migrate.downgrade(engine, revision), revision)
+    console.print(f"database at revision {migrate.current_revision(engine) or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision and the code's head."""
+    from flywheel.db import migrate
+
+    engine = _engine(get_settings())
+    try:
+        current = migrate.current_revision(engine)
+    except OperationalError as exc:
+        fail(f"database unreachable: {exc.orig}", code=1)
+    head = migrate.head_revision()
+    state = "up to date" if current == head else "behind: run `flywheel db upgrade`"
+    console.print(f"{current or 'base'} (head {head}, {state})")
+
+
+def _run_migration(step: Callable[[], None], revision: str) -> None:
+    from alembic.util import CommandError
+
+    try:
+        step()
+    except CommandError as exc:
+        fail(f"cannot migrate to {revision!r}: {exc}")
+    except OperationalError as exc:
+        fail(f"database unreachable: {exc.orig}", code=1)
+
+
+# ---- keys --------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    app_name: Annotated[str, typer.Option("--app", help="The app the key belongs to.")],
+    scopes: Annotated[
+        str, typer.Option("--scopes", help="Comma-separated: ingest, read, triage, review, admin.")
+    ],
+) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    from flywheel.auth.service import create_api_key, parse_scopes
+    from flywheel.db.engine import session_factory
+
+    try:
+        parsed = parse_scopes(scopes.split(","))
+    except ValueError as exc:
+        fail(str(exc))
+    engine = _engine(get_settings())
+    with session_factory(engine)() as session:
+        try:
+            created = create_api_key(session, app=app_name, scopes=parsed)
+            session.commit()
+        except ValueError as exc:
+            fail(str(exc))
+        except OperationalError as exc:
+            fail(f"database unreachable: {exc.orig}", code=1)
+    err_console.print(
+        f"created key {created.record.prefix} for app {app_name!r} with scopes "
+        f"{','.join(s.value for s in parsed)}; it is shown only now:",
+        highlight=False,
+    )
+    print(created.secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+) -> None:
+    """List keys (prefix, app, scopes, created, revoked); secrets are never shown."""
+    from flywheel.auth.repository import list_api_keys
+    from flywheel.db.engine import session_factory
+
+    engine = _engine(get_settings())
+    with session_factory(engine)() as session:
+        keys = list_api_keys(session, include_revoked=include_revoked)
+    table = Table("prefix", "app", "scopes", "created", "revoked")
+    for key in keys:
+        table.add_row(
+            key.prefix,
+            key.app,
+            ",".join(key.scopes),
+            f"{key.created_at:%Y-%m-%d %H:%M:%S}",
+            f"{key.revoked_at:%Y-%m-%d %H:%M:%S}" if key.revoked_at else "",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    prefix: Annotated[str, typer.Argument(help="The key's prefix, as `keys list` shows it.")],
+) -> None:
+    """Revoke a key; requests with it get 401 from then on."""
+    from flywheel.auth.repository import revoke_api_key
+    from flywheel.db.engine import session_factory
+
+    if prefix.startswith("fwk_"):
+        prefix = prefix.split("_")[1]
+    engine = _engine(get_settings())
+    with session_factory(engine)() as session:
+        key = revoke_api_key(session, prefix=prefix)
+        session.commit()
+    if key is None:
+        fail(f"no key with prefix {prefix!r}")
+    console.print(f"revoked key {key.prefix} of app {key.app!r}")
+
+
+# ---- serve / demo ------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    migrate_first: Annotated[
+        bool, typer.Option("--migrate/--no-migrate", help="Upgrade the database to head first.")
+    ] = True,
+) -> None:
+    """Run the HTTP API under uvicorn."""
+    import uvicorn
+
+    from flywheel.db import migrate
+    from flywheel.db.engine import database_url
+
+    settings = get_settings()
+    try:
+        url = database_url(settings)
+    except ValueError as exc:
+        fail(str(exc))
+    # Workers (and a reload) read settings from the environment: hand them the resolved
+    # URL so they join this process's embedded server instead of starting their own.
+    os.environ["FLYWHEEL_DATABASE_URL"] = url
+    get_settings.cache_clear()
+    if migrate_first:
+        engine = _engine(get_settings())
+        _run_migration(lambda: migrate.upgrade(engine), "head")
+        engine.dispose()
+    uvicorn.run(
+        "flywheel.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+@app.command("demo")
+def demo(
+    events: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Feedback events to ingest.")
+    ] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the sample generator.")] = 0,
+) -> None:
+    """Start the embedded default, migrate, create a demo key, ingest sample signals
+    through the real API and print a summary."""
+    from flywheel.demo import run_demo
+
+    try:
+        run_demo(get_settings(), events=events, seed=seed, console=console)
+    except OperationalError as exc:
+        fail(f"database unreachable: {exc.orig}", code=1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

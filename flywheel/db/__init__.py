@@ -1,0 +1,1 @@
+"""The signal store: schema, engine, embedded PostgreSQL and migrations."""

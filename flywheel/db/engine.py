@@ -1,0 +1,41 @@
+"""Engine and session factories, built from settings on demand."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from flywheel.db.embedded import start_embedded_postgres
+from flywheel.settings import Settings
+
+
+def database_url(settings: Settings) -> str:
+    """The SQLAlchemy URL to use: ``FLYWHEEL_DATABASE_URL``, else the embedded server's."""
+    if settings.database_url is None:
+        return start_embedded_postgres(settings.pgdata_path)
+    url = make_url(settings.database_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.drivername != "postgresql+psycopg":
+        raise ValueError(
+            "FLYWHEEL_DATABASE_URL must be a PostgreSQL URL (postgresql://...), "
+            f"got {url.drivername!r}"
+        )
+    return url.render_as_string(hide_password=False)
+
+
+def create_db_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
+    """An engine with pre-ping, so a restarted database is reconnected to transparently."""
+    return create_engine(
+        database_url(settings),
+        pool_size=pool_size or settings.db_pool_size,
+        max_overflow=pool_size or settings.db_pool_size,
+        pool_pre_ping=True,
+        pool_timeout=10,
+    )
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,1 @@
+"""Signals: evaluation results, mined bad cases and user feedback, with provenance."""

@@ -1,0 +1,391 @@
+"""Pydantic schemas of the signal API: what product apps and evaluation runs send, and
+what they get back. Separate from the ORM models in :mod:`flywheel.db.models`.
+
+Every request schema carries an example that shows up in the OpenAPI spec.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SkipValidation,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
+
+from flywheel.db.models import SignalKind, SignalSource, Task
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold U+0000; refuse it at the edge.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+def _json_without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        _no_nul(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _json_without_nul(item)
+    elif isinstance(value, list):
+        for item in value:
+            _json_without_nul(item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite")
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+Prompt = Annotated[Text, StringConstraints(min_length=1, max_length=20_000)]
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"),
+    Field(description="1-200 printable ASCII characters, no spaces."),
+]
+OpaqueRef = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+SkillName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\w.:/-]+$")]
+Score = Annotated[float, AfterValidator(_finite)]
+JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_json_without_nul)]
+
+Flag = Literal[
+    "text_wrong", "artifact", "ignored_instruction", "wrong_count", "wrong_color", "other"
+]
+
+_EXAMPLE_IMAGE: JsonDict = {
+    "uri": "s3://gen-outputs/2026/11/24/7f3a.png",
+    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+}
+
+
+class ImageRef(BaseModel):
+    """Where an image lives, optionally with its content hash."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_IMAGE]})
+
+    uri: Annotated[
+        Text,
+        StringConstraints(max_length=4096, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$"),
+        Field(description="URI with a scheme: s3://, gs://, https://, file://, ..."),
+    ]
+    sha256: (
+        Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True)] | None
+    ) = None
+
+
+class _FeedbackBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: Identifier = Field(
+        description="The app's own id for this event: replays are idempotent."
+    )
+    prompt: Prompt
+    task: Task = Task.TEXT_TO_IMAGE
+    image: ImageRef | None = Field(
+        default=None, description="The generated image the feedback is about."
+    )
+    input_images: Annotated[list[ImageRef], Field(max_length=16)] = Field(
+        default_factory=list, description="Input images of an editing request, in order."
+    )
+    model_version: Identifier
+    user_id: OpaqueRef | None = Field(default=None, description="The app's opaque user id.")
+    session_id: OpaqueRef | None = Field(default=None, description="The app's opaque session id.")
+    timestamp: AwareDatetime | None = Field(default=None, description="When the user gave it.")
+
+    @model_validator(mode="after")
+    def _editing_needs_inputs(self) -> _FeedbackBase:
+        if self.task is Task.IMAGE_EDITING and not self.input_images:
+            raise ValueError("input_images: an image_editing event needs at least one input image")
+        return self
+
+
+class _SingleImageFeedback(_FeedbackBase):
+    @model_validator(mode="after")
+    def _needs_image(self) -> _SingleImageFeedback:
+        if self.image is None:
+            raise ValueError("image: this kind of feedback needs the image it is about")
+        return self
+
+
+def _example(kind: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "event_id": f"evt-{kind}-0001",
+        "prompt": "A red bicycle leaning on a wall with the sign 'OPEN 24H'",
+        "image": _EXAMPLE_IMAGE,
+        "model_version": "qwen-image-2.1-rc3",
+        "user_id": "u-5c1e",
+        "session_id": "s-88a0",
+        "timestamp": "2026-11-24T09:15:00Z",
+        **fields,
+    }
+
+
+class ThumbsFeedback(_SingleImageFeedback):
+    """Thumbs up or down on one image."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_example("thumbs", value="down")]})
+    kind: Literal["thumbs"]
+    value: Literal["up", "down"]
+
+
+class RatingFeedback(_SingleImageFeedback):
+    """A 1-5 star rating of one image."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_example("rating", value=2)]})
+    kind: Literal["rating"]
+    value: Annotated[StrictInt, Field(ge=1, le=5)]
+
+
+class PairwiseFeedback(_FeedbackBase):
+    """The user preferred one of two images for the same prompt."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                _example(
+                    "pairwise",
+                    image=None,
+                    chosen={"uri": "s3://gen-outputs/a.png"},
+                    rejected={"uri": "s3://gen-outputs/b.png"},
+                )
+            ]
+        }
+    )
+    kind: Literal["pairwise"]
+    chosen: ImageRef
+    rejected: ImageRef
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PairwiseFeedback:
+        if self.chosen.uri == self.rejected.uri:
+            raise ValueError("rejected: must be a different image from chosen")
+        return self
+
+
+class CommentFeedback(_SingleImageFeedback):
+    """Free-text comment on one image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [_example("comment", text="The sign says 'OPEN 42H'.")]}
+    )
+    kind: Literal["comment"]
+    text: Annotated[Text, StringConstraints(min_length=1, max_length=10_000)]
+
+
+class FlagsFeedback(_SingleImageFeedback):
+    """One or more problem flags on one image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [_example("flags", flags=["text_wrong"], note="sign text garbled")]
+        }
+    )
+    kind: Literal["flags"]
+    flags: Annotated[list[Flag], Field(min_length=1, max_length=6)]
+    note: Annotated[Text, StringConstraints(max_length=10_000)] | None = None
+
+    @field_validator("flags")
+    @classmethod
+    def _unique(cls, flags: list[str]) -> list[str]:
+        if len(set(flags)) != len(flags):
+            raise ValueError("flags must not repeat")
+        return flags
+
+
+FeedbackEvent = Annotated[
+    ThumbsFeedback | RatingFeedback | PairwiseFeedback | CommentFeedback | FlagsFeedback,
+    Field(discriminator="kind"),
+]
+FEEDBACK_EVENT: TypeAdapter[FeedbackEvent] = TypeAdapter(FeedbackEvent)
+
+MAX_BATCH_EVENTS = 1000
+
+
+class FeedbackBatchIn(BaseModel):
+    """Up to 1,000 feedback events; each is validated and stored on its own."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"events": [_example("thumbs", value="up"), _example("rating", value=4)]}]
+        },
+    )
+    # Items are validated one by one in the service, so a bad one cannot sink the batch.
+    events: Annotated[
+        list[SkipValidation[FeedbackEvent]],
+        Field(min_length=1, max_length=MAX_BATCH_EVENTS),
+    ]
+
+
+class EvaluationSample(BaseModel):
+    """One sample of an evaluation run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_id: Identifier
+    prompt: Prompt
+    task: Task = Task.TEXT_TO_IMAGE
+    image: ImageRef
+    input_images: Annotated[list[ImageRef], Field(max_length=16)] = Field(default_factory=list)
+    skill: SkillName | None = Field(default=None, description="The skill this sample tests.")
+    scores: Annotated[dict[SkillName, Score], Field(max_length=64)] = Field(
+        description="Per-skill scores, finite numbers (conventionally in [0, 1])."
+    )
+    passed: StrictBool
+    spec: JsonObject | None = Field(
+        default=None, description="The benchmark's structured intent for this sample."
+    )
+
+
+class EvaluationRunIn(BaseModel):
+    """One evaluation run of a benchmark on one model version."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "nightly-2026-11-24",
+                    "benchmark": "world-v1",
+                    "suite": "standard",
+                    "model_version": "qwen-image-2.1-rc3",
+                    "timestamp": "2026-11-24T03:00:00Z",
+                    "samples": [
+                        {
+                            "sample_id": "text-latin-017",
+                            "prompt": "A poster that reads 'SALE 50%'",
+                            "image": {"uri": "s3://eval/nightly/text-latin-017.png"},
+                            "skill": "text_latin",
+                            "scores": {"text_latin": 0.35, "overall": 0.6},
+                            "passed": False,
+                        }
+                    ],
+                }
+            ]
+        },
+    )
+
+    run_id: Identifier
+    benchmark: Identifier
+    suite: Identifier | None = None
+    model_version: Identifier
+    timestamp: AwareDatetime | None = None
+    samples: Annotated[list[EvaluationSample], Field(min_length=1, max_length=10_000)]
+
+    @field_validator("samples")
+    @classmethod
+    def _unique_ids(cls, samples: list[EvaluationSample]) -> list[EvaluationSample]:
+        seen: set[str] = set()
+        for sample in samples:
+            if sample.sample_id in seen:
+                raise ValueError(f"sample_id {sample.sample_id!r} appears more than once")
+            seen.add(sample.sample_id)
+        return samples
+
+
+# ---- responses ---------------------------------------------------------------------
+
+
+class IngestResult(BaseModel):
+    """The stored event. A replay of the same event gets the same result back."""
+
+    id: int
+    app: str
+    event_id: str
+    source: SignalSource
+    kind: SignalKind
+    received_at: datetime
+
+
+BatchItemStatus = Literal["created", "duplicate", "conflict", "invalid"]
+
+
+class BatchItemResult(BaseModel):
+    """The outcome of one event of a batch; ``status_code`` is what a single POST would answer."""
+
+    index: int
+    event_id: str | None
+    status: BatchItemStatus
+    status_code: int
+    id: int | None = None
+    received_at: datetime | None = None
+    error: str | None = None
+
+
+class BatchResult(BaseModel):
+    results: list[BatchItemResult]
+    created: int
+    duplicates: int
+    conflicts: int
+    invalid: int
+
+
+class EvaluationRunResult(BaseModel):
+    """The stored run; each sample became one signal of source ``evaluation``."""
+
+    id: int
+    app: str
+    run_id: str
+    benchmark: str
+    suite: str | None
+    model_version: str
+    samples: int
+    passed: int
+    received_at: datetime
+
+
+class SignalOut(BaseModel):
+    id: int
+    source: SignalSource
+    kind: SignalKind
+    app: str
+    event_id: str
+    task: Task
+    prompt: str
+    image: ImageRef | None
+    input_images: list[ImageRef]
+    model_version: str | None
+    evaluation_run_id: int | None
+    thumbs_up: bool | None
+    rating: int | None
+    passed: bool | None
+    flags: list[str] | None
+    comment: str | None
+    chosen_image_uri: str | None
+    rejected_image_uri: str | None
+    scores: dict[str, float] | None
+    details: dict[str, Any] | None
+    user_id: str | None
+    session_id: str | None
+    timestamp: datetime | None
+    received_at: datetime
+
+
+class SignalPage(BaseModel):
+    """One page of signals, newest first; pass ``next_cursor`` back as ``cursor`` for the next."""
+
+    items: list[SignalOut]
+    next_cursor: str | None

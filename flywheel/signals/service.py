@@ -1,0 +1,403 @@
+"""Ingesting and reading signals.
+
+Each write commits before it returns, so a caller that acknowledges after the call
+acknowledges only what is durable. Idempotency rests on the unique (app, event_id)
+index: a replay with the same canonical body gets the stored result back, a replay with
+a different body is a conflict.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from flywheel.auth.service import Principal
+from flywheel.db.models import Scope, Signal, SignalKind, SignalSource
+from flywheel.signals import repository
+from flywheel.signals.repository import StoredEvent
+from flywheel.signals.schemas import (
+    FEEDBACK_EVENT,
+    BatchItemResult,
+    BatchResult,
+    CommentFeedback,
+    EvaluationRunIn,
+    EvaluationRunResult,
+    FeedbackEvent,
+    FlagsFeedback,
+    ImageRef,
+    IngestResult,
+    PairwiseFeedback,
+    RatingFeedback,
+    SignalOut,
+    SignalPage,
+    ThumbsFeedback,
+)
+
+
+class EventConflict(Exception):
+    """The event id was already used for a different body."""
+
+    def __init__(self, app: str, event_id: str) -> None:
+        super().__init__(
+            f"event_id {event_id!r} of app {app!r} was already stored with a different body"
+        )
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor this service did not hand out."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested(Generic[T]):
+    """A write's result and whether this call created it (``False``: an idempotent replay)."""
+
+    result: T
+    created: bool
+
+
+def canonical_sha256(document: dict[str, Any]) -> str:
+    """Hash of a JSON document independent of key order and whitespace."""
+    encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _feedback_row(app: str, event: FeedbackEvent, model_version_id: int) -> dict[str, Any]:
+    payload = event.model_dump(mode="json")
+    row: dict[str, Any] = {
+        "source": SignalSource.FEEDBACK,
+        "kind": SignalKind(event.kind),
+        "app": app,
+        "event_id": event.event_id,
+        "task": event.task,
+        "prompt": event.prompt,
+        "image_uri": event.image.uri if event.image else None,
+        "image_sha256": event.image.sha256 if event.image else None,
+        "input_images": payload["input_images"] or None,
+        "model_version_id": model_version_id,
+        "evaluation_run_id": None,
+        "thumbs_up": None,
+        "rating": None,
+        "passed": None,
+        "flags": None,
+        "comment": None,
+        "chosen_image_uri": None,
+        "rejected_image_uri": None,
+        "scores": None,
+        "details": None,
+        "user_ref": event.user_id,
+        "session_ref": event.session_id,
+        "occurred_at": event.timestamp,
+        "payload": payload,
+        "payload_sha256": canonical_sha256(payload),
+    }
+    match event:
+        case ThumbsFeedback():
+            row["thumbs_up"] = event.value == "up"
+        case RatingFeedback():
+            row["rating"] = event.value
+        case PairwiseFeedback():
+            row["chosen_image_uri"] = event.chosen.uri
+            row["rejected_image_uri"] = event.rejected.uri
+            row["details"] = {"chosen": payload["chosen"], "rejected": payload["rejected"]}
+        case CommentFeedback():
+            row["comment"] = event.text
+        case FlagsFeedback():
+            row["flags"] = list(event.flags)
+            row["comment"] = event.note
+    return row
+
+
+def _result(stored: StoredEvent) -> IngestResult:
+    return IngestResult(
+        id=stored.id,
+        app=stored.app,
+        event_id=stored.event_id,
+        source=stored.source,
+        kind=stored.kind,
+        received_at=stored.received_at,
+    )
+
+
+def ingest_feedback(session: Session, *, app: str, event: FeedbackEvent) -> Ingested[IngestResult]:
+    """Store one feedback event (or find its earlier copy). Raises :class:`EventConflict`."""
+    version_id = repository.model_version_id(session, name=event.model_version)
+    row = _feedback_row(app, event, version_id)
+    inserted = repository.insert_signals(session, rows=[row])
+    if inserted:
+        session.commit()
+        return Ingested(result=_result(inserted[0]), created=True)
+    (existing,) = repository.stored_events(session, keys=[(app, event.event_id)])
+    session.rollback()
+    if existing.payload_sha256 != row["payload_sha256"]:
+        raise EventConflict(app, event.event_id)
+    return Ingested(result=_result(existing), created=False)
+
+
+def _error_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{loc}: {item['msg']}" if loc else item["msg"])
+    return "; ".join(parts)
+
+
+def ingest_feedback_batch(session: Session, *, app: str, events: list[Any]) -> BatchResult:
+    """Store the valid events of a batch in one transaction; report every item."""
+    results: list[BatchItemResult | None] = [None] * len(events)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    version_ids: dict[str, int] = {}
+    for index, raw in enumerate(events):
+        try:
+            event = FEEDBACK_EVENT.validate_python(raw)
+        except ValidationError as error:
+            event_id = raw.get("event_id") if isinstance(raw, dict) else None
+            results[index] = BatchItemResult(
+                index=index,
+                event_id=event_id if isinstance(event_id, str) else None,
+                status="invalid",
+                status_code=422,
+                error=_error_message(error),
+            )
+            continue
+        if event.model_version not in version_ids:
+            version_ids[event.model_version] = repository.model_version_id(
+                session, name=event.model_version
+            )
+        rows.append((index, _feedback_row(app, event, version_ids[event.model_version])))
+
+    inserted = {
+        s.event_id: s for s in repository.insert_signals(session, rows=[r for _, r in rows])
+    }
+    missing = [(app, r["event_id"]) for _, r in rows if r["event_id"] not in inserted]
+    existing = {s.event_id: s for s in repository.stored_events(session, keys=missing)}
+    session.commit()
+
+    claimed: set[str] = set()
+    for index, row in rows:
+        event_id = row["event_id"]
+        stored = inserted.get(event_id)
+        if stored is not None and event_id not in claimed:
+            claimed.add(event_id)
+            status, code = "created", 201
+        else:
+            stored = inserted.get(event_id) or existing[event_id]
+            if stored.payload_sha256 == row["payload_sha256"]:
+                status, code = "duplicate", 200
+            else:
+                results[index] = BatchItemResult(
+                    index=index,
+                    event_id=event_id,
+                    status="conflict",
+                    status_code=409,
+                    error=str(EventConflict(app, event_id)),
+                )
+                continue
+        results[index] = BatchItemResult(
+            index=index,
+            event_id=event_id,
+            status=status,
+            status_code=code,
+            id=stored.id,
+            received_at=stored.received_at,
+        )
+
+    final = [r for r in results if r is not None]
+    return BatchResult(
+        results=final,
+        created=sum(r.status == "created" for r in final),
+        duplicates=sum(r.status == "duplicate" for r in final),
+        conflicts=sum(r.status == "conflict" for r in final),
+        invalid=sum(r.status == "invalid" for r in final),
+    )
+
+
+def _sample_event_id(run_id: str, sample_id: str) -> str:
+    return f"eval:{run_id}:{sample_id}"
+
+
+def ingest_evaluation(
+    session: Session, *, app: str, run: EvaluationRunIn
+) -> Ingested[EvaluationRunResult]:
+    """Store an evaluation run and one signal per sample, atomically.
+
+    Raises :class:`EventConflict` when the run id (or a sample's event id) was used before
+    with a different body.
+    """
+    payload = run.model_dump(mode="json")
+    digest = canonical_sha256(payload)
+    version_id = repository.model_version_id(session, name=run.model_version)
+    stored_run = repository.insert_evaluation_run(
+        session,
+        values={
+            "app": app,
+            "run_id": run.run_id,
+            "benchmark": run.benchmark,
+            "suite": run.suite,
+            "model_version_id": version_id,
+            "sample_count": len(run.samples),
+            "passed_count": sum(s.passed for s in run.samples),
+            "payload_sha256": digest,
+            "occurred_at": run.timestamp,
+        },
+    )
+    created = stored_run is not None
+    if stored_run is None:
+        stored_run = repository.get_evaluation_run(session, app=app, run_id=run.run_id)
+        session.rollback()
+        if stored_run is None or stored_run.payload_sha256 != digest:
+            raise EventConflict(app, run.run_id)
+    else:
+        rows = []
+        for sample, sample_payload in zip(run.samples, payload["samples"], strict=True):
+            rows.append(
+                {
+                    "source": SignalSource.EVALUATION,
+                    "kind": SignalKind.EVALUATION_SAMPLE,
+                    "app": app,
+                    "event_id": _sample_event_id(run.run_id, sample.sample_id),
+                    "task": sample.task,
+                    "prompt": sample.prompt,
+                    "image_uri": sample.image.uri,
+                    "image_sha256": sample.image.sha256,
+                    "input_images": sample_payload["input_images"] or None,
+                    "model_version_id": version_id,
+                    "evaluation_run_id": stored_run.id,
+                    "passed": sample.passed,
+                    "scores": sample.scores,
+                    "details": {
+                        "benchmark": run.benchmark,
+                        "suite": run.suite,
+                        "skill": sample.skill,
+                        "spec": sample.spec,
+                    },
+                    "occurred_at": run.timestamp,
+                    "payload": sample_payload,
+                    "payload_sha256": canonical_sha256(sample_payload),
+                }
+            )
+        inserted = repository.insert_signals(session, rows=rows)
+        if len(inserted) != len(rows):
+            session.rollback()
+            taken = {r["event_id"] for r in rows} - {s.event_id for s in inserted}
+            raise EventConflict(app, sorted(taken)[0])
+        session.commit()
+    return Ingested(
+        result=EvaluationRunResult(
+            id=stored_run.id,
+            app=stored_run.app,
+            run_id=stored_run.run_id,
+            benchmark=stored_run.benchmark,
+            suite=stored_run.suite,
+            model_version=run.model_version,
+            samples=stored_run.sample_count,
+            passed=stored_run.passed_count,
+            received_at=stored_run.received_at,
+        ),
+        created=created,
+    )
+
+
+def encode_cursor(signal_id: int) -> str:
+    return base64.urlsafe_b64encode(f"s{signal_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor("cursor: not a cursor this API handed out") from None
+    if not text.startswith("s") or not text[1:].isdigit():
+        raise InvalidCursor("cursor: not a cursor this API handed out")
+    return int(text[1:])
+
+
+def _image(uri: str | None, sha256: str | None) -> ImageRef | None:
+    return None if uri is None else ImageRef.model_construct(uri=uri, sha256=sha256)
+
+
+def _signal_out(signal: Signal, version_names: dict[int, str]) -> SignalOut:
+    return SignalOut(
+        id=signal.id,
+        source=signal.source,
+        kind=signal.kind,
+        app=signal.app,
+        event_id=signal.event_id,
+        task=signal.task,
+        prompt=signal.prompt,
+        image=_image(signal.image_uri, signal.image_sha256),
+        input_images=[ImageRef.model_construct(**i) for i in signal.input_images or []],
+        model_version=version_names.get(signal.model_version_id)
+        if signal.model_version_id is not None
+        else None,
+        evaluation_run_id=signal.evaluation_run_id,
+        thumbs_up=signal.thumbs_up,
+        rating=signal.rating,
+        passed=signal.passed,
+        flags=signal.flags,
+        comment=signal.comment,
+        chosen_image_uri=signal.chosen_image_uri,
+        rejected_image_uri=signal.rejected_image_uri,
+        scores=signal.scores,
+        details=signal.details,
+        user_id=signal.user_ref,
+        session_id=signal.session_ref,
+        timestamp=signal.occurred_at,
+        received_at=signal.received_at,
+    )
+
+
+def list_signals(
+    session: Session,
+    *,
+    principal: Principal,
+    limit: int,
+    cursor: str | None = None,
+    app: str | None = None,
+    source: SignalSource | None = None,
+    kind: SignalKind | None = None,
+    model_version: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> SignalPage:
+    """A page of signals. Keys without the admin scope see only their own app's signals."""
+    if not principal.allows(Scope.ADMIN):
+        if app is not None and app != principal.app:
+            raise PermissionError(f"app: this key may read only app {principal.app!r}")
+        app = principal.app
+    before_id = decode_cursor(cursor) if cursor is not None else None
+    version_id: int | None = None
+    if model_version is not None:
+        version_id = repository.find_model_version_id(session, name=model_version)
+        if version_id is None:
+            return SignalPage(items=[], next_cursor=None)
+    signals = repository.list_signals(
+        session,
+        limit=limit + 1,
+        before_id=before_id,
+        app=app,
+        source=source,
+        kind=kind,
+        model_version_id=version_id,
+        received_after=since,
+        received_before=until,
+    )
+    page, more = signals[:limit], len(signals) > limit
+    names = repository.model_version_names(
+        session, ids={s.model_version_id for s in page if s.model_version_id is not None}
+    )
+    session.rollback()
+    return SignalPage(
+        items=[_signal_out(s, names) for s in page],
+        next_cursor=encode_cursor(page[-1].id) if more else None,
+    )

@@ -1,0 +1,1 @@
+"""Alembic migrations of the flywheel schema (run them with ``flywheel db upgrade``)."""

@@ -1,0 +1,1 @@
+"""The generator family: VAE, diffusion transformer, condition encoder, prompt enhancer, rewards."""

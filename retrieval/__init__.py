@@ -1,0 +1,1 @@
+"""Qdrant indexes of the training corpus: scarcity diagnosis and diverse retrieval."""

@@ -1,0 +1,1 @@
+"""Training: objectives, recipes and checkpoints for every track of the flywheel."""
