@@ -7,10 +7,6 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
     """Answer 413 to a request whose body exceeds ``max_bytes`` (declared or streamed)."""
 
@@ -35,28 +31,30 @@ class BodySizeLimit:
 
         received = 0
         started = False
+        replied = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, replied
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    # Answer now and tell the app the client went away, so it stops reading;
+                    # whatever it tries to send afterwards is dropped.
+                    if not replied and not started:
+                        replied = True
+                        await self._reply(send, 413, self._message())
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+            if replied:
+                return
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if started:
-                raise
-            await self._reply(send, 413, self._message())
+        await self.app(scope, counting_receive, guarded_send)
 
     def _message(self) -> str:
         return f"request body too large: the limit is {self.max_bytes} bytes"

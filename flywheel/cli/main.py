@@ -41,12 +41,18 @@ def fail(message: str, *, code: int = 2) -> NoReturn:
 
 
 def _engine(settings: Settings) -> Engine:
+    """An engine whose database answers; exits 2 on a bad URL and 1 when unreachable."""
     from flywheel.db.engine import create_db_engine
 
     try:
-        return create_db_engine(settings, pool_size=2)
+        engine = create_db_engine(settings, pool_size=2)
     except ValueError as exc:
         fail(str(exc))
+    try:
+        engine.connect().close()
+    except OperationalError as exc:
+        fail(f"database unreachable: {str(exc.orig).strip().splitlines()[0]}", code=1)
+    return engine
 
 
 # ---- db ----------------------------------------------------------------------------
@@ -79,11 +85,7 @@ def db_current() -> None:
     """Print the database's revision and the code's head."""
     from flywheel.db import migrate
 
-    engine = _engine(get_settings())
-    try:
-        current = migrate.current_revision(engine)
-    except OperationalError as exc:
-        fail(f"database unreachable: {exc.orig}", code=1)
+    current = migrate.current_revision(_engine(get_settings()))
     head = migrate.head_revision()
     state = "up to date" if current == head else "behind: run `flywheel db upgrade`"
     console.print(f"{current or 'base'} (head {head}, {state})")
@@ -96,8 +98,6 @@ def _run_migration(step: Callable[[], None], revision: str) -> None:
         step()
     except CommandError as exc:
         fail(f"cannot migrate to {revision!r}: {exc}")
-    except OperationalError as exc:
-        fail(f"database unreachable: {exc.orig}", code=1)
 
 
 # ---- keys --------------------------------------------------------------------------
@@ -122,11 +122,9 @@ def keys_create(
     with session_factory(engine)() as session:
         try:
             created = create_api_key(session, app=app_name, scopes=parsed)
-            session.commit()
         except ValueError as exc:
             fail(str(exc))
-        except OperationalError as exc:
-            fail(f"database unreachable: {exc.orig}", code=1)
+        session.commit()
     err_console.print(
         f"created key {created.record.prefix} for app {app_name!r} with scopes "
         f"{','.join(s.value for s in parsed)}; it is shown only now:",
@@ -229,10 +227,9 @@ def demo(
     through the real API and print a summary."""
     from flywheel.demo import run_demo
 
-    try:
-        run_demo(get_settings(), events=events, seed=seed, console=console)
-    except OperationalError as exc:
-        fail(f"database unreachable: {exc.orig}", code=1)
+    settings = get_settings()
+    _engine(settings).dispose()
+    run_demo(settings, events=events, seed=seed, console=console)
 
 
 def main() -> None:  # pragma: no cover - console entry point

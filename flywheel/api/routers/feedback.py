@@ -27,7 +27,7 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
     responses={200: {"description": "A replay: the stored result."}, **_CONFLICT},
 )
 def post_feedback(
-    event: Annotated[FeedbackEvent, Body()],
+    event: Annotated[FeedbackEvent, Body(discriminator="kind")],
     principal: Ingester,
     session: SessionDep,
     response: Response,

