@@ -123,3 +123,9 @@ def test_non_postgres_url_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
         get_settings.cache_clear()
     assert result.exit_code == 2
     assert "PostgreSQL URL" in result.stderr
+
+
+def test_db_revision_refuses_a_database_behind_head(cli_database: str) -> None:
+    result = runner.invoke(app, ["db", "revision", "-m", "x"])
+    assert result.exit_code == 2
+    assert "not at head" in result.stderr

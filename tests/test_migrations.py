@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -71,3 +72,14 @@ def test_upgrade_is_idempotent(empty_engine: Engine) -> None:
     migrate.upgrade(empty_engine)
     migrate.upgrade(empty_engine)
     assert migrate.current_revision(empty_engine) == migrate.head_revision()
+
+
+def test_autogenerate_finds_nothing_to_do_at_head(empty_engine: Engine, tmp_path: Path) -> None:
+    migrate.upgrade(empty_engine)
+
+    path = migrate.autogenerate_revision(empty_engine, "no change", version_path=tmp_path)
+
+    text = path.read_text()
+    assert path.parent == tmp_path
+    assert f"down_revision: str | None = {migrate.head_revision()!r}" in text
+    assert "op." not in text  # the models add nothing the migrations lack

@@ -80,6 +80,20 @@ def db_downgrade(
     console.print(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
 
+@db_app.command("revision")
+def db_revision(
+    message: Annotated[str, typer.Option("--message", "-m", help="What the migration does.")],
+) -> None:
+    """For developers: write a migration for what the models changed (database must be at head)."""
+    from flywheel.db import migrate
+
+    engine = _engine(get_settings())
+    if migrate.current_revision(engine) != migrate.head_revision():
+        fail("the database is not at head: run `flywheel db upgrade` first")
+    path = migrate.autogenerate_revision(engine, message)
+    console.print(f"wrote {path}: review it before committing")
+
+
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's revision and the code's head."""
