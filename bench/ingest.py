@@ -78,6 +78,7 @@ console = Console(highlight=False)
 class Config:
     rate: float
     seconds: float
+    copy_seconds: float
     warmup_seconds: float
     drain_seconds: float
     batch_size: int
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None) -> Config:
     return Config(
         rate=args.rate,
         seconds=seconds,
+        copy_seconds=min(seconds, 5.0) if args.quick else seconds,
         warmup_seconds=1.0 if args.quick else 5.0,
         drain_seconds=5.0 if args.quick else 15.0,
         batch_size=1000,
@@ -447,6 +449,7 @@ class RequestStats:
     statuses: Counter[int] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
     last_done: float = 0.0
+    in_doubt: int = 0  # sent, then no answer (timed out or cut): stored or not
 
     @property
     def ok(self) -> int:
@@ -539,20 +542,27 @@ def run_async(main: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _send(pool: ConnectionPool, data: bytes, due: float, stats: RequestStats) -> None:
-    loop = asyncio.get_running_loop()
+    """One request; its latency counts from ``due``, its scheduled send time."""
     conn: HttpConnection | None = None
-    reusable = False
+    written = reusable = False
     try:
         conn = await pool.acquire()
+        written = True  # request() writes before its first await
         status, _ = await conn.request(data)
         reusable = True
         stats.statuses[status] += 1
     except (*TRANSPORT_ERRORS, ProtocolError) as exc:
         stats.failures[type(exc).__name__] += 1
+        stats.in_doubt += written
+    except asyncio.CancelledError:
+        stats.failures["Timeout"] += 1
+        stats.in_doubt += written
+        stats.latencies.append(time.perf_counter() - due)  # a lower bound
+        raise
     finally:
         if conn is not None:
             pool.release(conn, reusable=reusable)
-    now = loop.time()
+    now = time.perf_counter()
     stats.latencies.append(now - due)
     stats.last_done = now
 
@@ -572,9 +582,8 @@ async def open_loop(
     Requests still unanswered ``drain`` seconds after the last send time are cancelled and
     counted as ``Timeout`` failures with their latency so far (a lower bound).
     """
-    loop = asyncio.get_running_loop()
     total = max(1, round(rate * seconds))
-    start = loop.time() + 0.05
+    start = time.perf_counter() + 0.05
     tasks: set[asyncio.Task[None]] = set()
     ticker = None
     if on_tick is not None:
@@ -584,7 +593,7 @@ async def open_loop(
         )
     index = 0
     while index < total:
-        now = loop.time()
+        now = time.perf_counter()
         while index < total and start + index / rate <= now:
             due = start + index / rate
             task = asyncio.create_task(_send(pool, render(index), due, stats))
@@ -592,15 +601,13 @@ async def open_loop(
             task.add_done_callback(tasks.discard)
             index += 1
         if index < total:
-            await asyncio.sleep(max(0.0, start + index / rate - loop.time()))
+            await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
     if tasks:
-        pending = set(tasks)
-        _, still = await asyncio.wait(pending, timeout=drain)
+        _, still = await asyncio.wait(set(tasks), timeout=drain)
         for task in still:
             task.cancel()
         if still:
             await asyncio.wait(still)
-            stats.failures["Timeout"] += len(still)
     if ticker is not None:
         ticker.cancel()
     return total, start
@@ -694,13 +701,12 @@ async def _batch_client(
     counters: BatchCounters,
     stats: RequestStats,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    while loop.time() < deadline:
+    while time.perf_counter() < deadline:
         number = counters.next_batch
         counters.next_batch += 1
         data = render(number)
         conn = await pool.acquire()
-        started = loop.time()
+        started = time.perf_counter()
         reusable = False
         try:
             status, body = await conn.request(data)
@@ -710,7 +716,7 @@ async def _batch_client(
             continue
         finally:
             pool.release(conn, reusable=reusable)
-        done = loop.time()
+        done = time.perf_counter()
         stats.latencies.append(done - started)
         stats.last_done = done
         stats.statuses[status] += 1
@@ -729,7 +735,6 @@ async def _batch_phase(
         body = f'{{"events":[{events}]}}'.encode()
         return render_request(host, port, "/v1/feedback/batch", key, body)
 
-    loop = asyncio.get_running_loop()
     pool = ConnectionPool(host, port, cfg.batch_clients)
     stats = RequestStats()
     counters = BatchCounters()
@@ -738,11 +743,11 @@ async def _batch_phase(
         total=cfg.seconds,
         status="",
     )
-    start = loop.time()
+    start = time.perf_counter()
     deadline = start + cfg.seconds
 
     def tick() -> None:
-        elapsed = loop.time() - start
+        elapsed = time.perf_counter() - start
         progress.update(bar, completed=min(elapsed, cfg.seconds), status=f"{counters.created} ev")
 
     ticker = asyncio.create_task(_ticker(0.25, tick))

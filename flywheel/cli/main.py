@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, NoReturn
 
 import typer
@@ -40,19 +41,26 @@ def fail(message: str, *, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _engine(settings: Settings) -> Engine:
-    """An engine whose database answers; exits 2 on a bad URL and 1 when unreachable."""
+@contextmanager
+def _database(settings: Settings | None = None) -> Iterator[Engine]:
+    """An engine whose database answers, disposed on exit.
+
+    Exits 2 on a bad URL and 1 when the database is unreachable.
+    """
     from flywheel.db.engine import create_db_engine
 
     try:
-        engine = create_db_engine(settings, pool_size=2)
+        engine = create_db_engine(settings or get_settings(), pool_size=2)
     except ValueError as exc:
         fail(str(exc))
     try:
-        engine.connect().close()
-    except OperationalError as exc:
-        fail(f"database unreachable: {str(exc.orig).strip().splitlines()[0]}", code=1)
-    return engine
+        try:
+            engine.connect().close()
+        except OperationalError as exc:
+            fail(f"database unreachable: {str(exc.orig).strip().splitlines()[0]}", code=1)
+        yield engine
+    finally:
+        engine.dispose()
 
 
 # ---- db ----------------------------------------------------------------------------
@@ -63,9 +71,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     """Migrate the database up (to head by default)."""
     from flywheel.db import migrate
 
-    engine = _engine(get_settings())
-    _run_migration(lambda: migrate.upgrade(engine, revision), revision)
-    console.print(f"database at revision {migrate.current_revision(engine)}")
+    with _database() as engine:
+        _run_migration(lambda: migrate.upgrade(engine, revision), revision)
+        console.print(f"database at revision {migrate.current_revision(engine)}")
 
 
 @db_app.command("downgrade")
@@ -75,9 +83,9 @@ def db_downgrade(
     """Migrate the database down to REVISION."""
     from flywheel.db import migrate
 
-    engine = _engine(get_settings())
-    _run_migration(lambda: migrate.downgrade(engine, revision), revision)
-    console.print(f"database at revision {migrate.current_revision(engine) or 'base'}")
+    with _database() as engine:
+        _run_migration(lambda: migrate.downgrade(engine, revision), revision)
+        console.print(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
 
 @db_app.command("revision")
@@ -87,10 +95,10 @@ def db_revision(
     """For developers: write a migration for what the models changed (database must be at head)."""
     from flywheel.db import migrate
 
-    engine = _engine(get_settings())
-    if migrate.current_revision(engine) != migrate.head_revision():
-        fail("the database is not at head: run `flywheel db upgrade` first")
-    path = migrate.autogenerate_revision(engine, message)
+    with _database() as engine:
+        if migrate.current_revision(engine) != migrate.head_revision():
+            fail("the database is not at head: run `flywheel db upgrade` first")
+        path = migrate.autogenerate_revision(engine, message)
     console.print(f"wrote {path}: review it before committing")
 
 
@@ -99,7 +107,8 @@ def db_current() -> None:
     """Print the database's revision and the code's head."""
     from flywheel.db import migrate
 
-    current = migrate.current_revision(_engine(get_settings()))
+    with _database() as engine:
+        current = migrate.current_revision(engine)
     head = migrate.head_revision()
     state = "up to date" if current == head else "behind: run `flywheel db upgrade`"
     console.print(f"{current or 'base'} (head {head}, {state})")
@@ -132,8 +141,7 @@ def keys_create(
         parsed = parse_scopes(scopes.split(","))
     except ValueError as exc:
         fail(str(exc))
-    engine = _engine(get_settings())
-    with session_factory(engine)() as session:
+    with _database() as engine, session_factory(engine)() as session:
         try:
             created = create_api_key(session, app=app_name, scopes=parsed)
         except ValueError as exc:
@@ -155,8 +163,7 @@ def keys_list(
     from flywheel.auth.repository import list_api_keys
     from flywheel.db.engine import session_factory
 
-    engine = _engine(get_settings())
-    with session_factory(engine)() as session:
+    with _database() as engine, session_factory(engine)() as session:
         keys = list_api_keys(session, include_revoked=include_revoked)
     table = Table("prefix", "app", "scopes", "created", "revoked")
     for key in keys:
@@ -180,8 +187,7 @@ def keys_revoke(
 
     if prefix.startswith("fwk_"):
         prefix = prefix.split("_")[1]
-    engine = _engine(get_settings())
-    with session_factory(engine)() as session:
+    with _database() as engine, session_factory(engine)() as session:
         key = revoke_api_key(session, prefix=prefix)
         session.commit()
     if key is None:
@@ -217,9 +223,8 @@ def serve(
     os.environ["FLYWHEEL_DATABASE_URL"] = url
     get_settings.cache_clear()
     if migrate_first:
-        engine = _engine(get_settings())
-        _run_migration(lambda: migrate.upgrade(engine), "head")
-        engine.dispose()
+        with _database() as engine:
+            _run_migration(lambda: migrate.upgrade(engine), "head")
     uvicorn.run(
         "flywheel.api.app:create_app",
         factory=True,
@@ -242,7 +247,8 @@ def demo(
     from flywheel.demo import run_demo
 
     settings = get_settings()
-    _engine(settings).dispose()
+    with _database(settings):
+        pass  # fail early, in one line, when the database is unreachable
     run_demo(settings, events=events, seed=seed, console=console)
 
 
