@@ -50,6 +50,8 @@ WRONG: list[tuple[dict[str, Any], str]] = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": 42}, "prompt"),
     ({"prompt": "nul \x00 inside"}, "prompt"),
+    ({"prompt": "lone \ud800 surrogate"}, "prompt"),
+    ({"user_id": "\udfff"}, "user_id"),
     ({"event_id": "has space"}, "event_id"),
     ({"event_id": "x" * 201}, "event_id"),
     ({"image": {"uri": "no-scheme"}}, "image.uri"),
@@ -70,8 +72,12 @@ def test_wrong_fields_are_422_naming_the_field(
     client: TestClient, ingest_key: str, session: Session, change: dict[str, Any], field: str
 ) -> None:
     event = {**thumbs_event(), **change}
-
-    reply = client.post("/v1/feedback", json=event, headers=auth(ingest_key))
+    # json.dumps escapes non-ASCII: lone surrogates travel as \uXXXX escapes.
+    reply = client.post(
+        "/v1/feedback",
+        content=json.dumps(event),
+        headers={**auth(ingest_key), "Content-Type": "application/json"},
+    )
 
     assert reply.status_code == 422, reply.text
     body = reply.json()
@@ -184,6 +190,8 @@ def test_bad_query_parameters(client: TestClient, ingest_key: str) -> None:
         ({"since": "2026-01-01T00:00:00"}, 422, "since"),
         ({"cursor": "!!!"}, 400, "cursor"),
         ({"cursor": "czEyYWI"}, 400, "cursor"),
+        ({"model_version": "a\x00b"}, 422, "model_version"),
+        ({"app": "x\x00"}, 422, "app"),
     ):
         reply = client.get("/v1/signals", params=params, headers=auth(ingest_key))
         assert reply.status_code == status, (params, reply.text)

@@ -31,9 +31,13 @@ from flywheel.db.models import SignalKind, SignalSource, Task
 
 
 def _no_nul(value: str) -> str:
-    # PostgreSQL text and jsonb cannot hold U+0000; refuse it at the edge.
+    # PostgreSQL text and jsonb hold neither U+0000 nor lone surrogates; refuse both here.
     if "\x00" in value:
         raise ValueError("must not contain the NUL character (U+0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogate code points)") from None
     return value
 
 

@@ -15,6 +15,8 @@ from flywheel.signals.schemas import SignalPage
 
 router = APIRouter(prefix="/v1/signals", tags=["signals"])
 
+_PRINTABLE = r"^[\x21-\x7e]+$"
+
 
 @router.get("")
 def get_signals(
@@ -24,9 +26,14 @@ def get_signals(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     source: SignalSource | None = None,
     kind: SignalKind | None = None,
-    model_version: Annotated[str | None, Query(max_length=200)] = None,
+    model_version: Annotated[str | None, Query(max_length=200, pattern=_PRINTABLE)] = None,
     app: Annotated[
-        str | None, Query(max_length=100, description="Admin keys only; others see their own app.")
+        str | None,
+        Query(
+            max_length=100,
+            pattern=_PRINTABLE,
+            description="Admin keys only; other keys see their own app.",
+        ),
     ] = None,
     since: Annotated[AwareDatetime | None, Query(description="received_at >= since")] = None,
     until: Annotated[AwareDatetime | None, Query(description="received_at < until")] = None,
