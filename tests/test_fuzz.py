@@ -45,7 +45,8 @@ def _post(client: TestClient, key: str, path: str, body: Any) -> int:
         content=json.dumps(body),
         headers={**auth(key), "Content-Type": "application/json"},
     )
-    return reply.status_code
+    status: int = reply.status_code
+    return status
 
 
 @_fixture_ok
