@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from flywheel.signals.service import EventConflict, InvalidCursor
+from flywheel.signals.service import EventConflict, ForeignApp, InvalidCursor
 
 _log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(EventConflict, _conflict)
     app.add_exception_handler(InvalidCursor, _bad_cursor)
-    app.add_exception_handler(PermissionError, _forbidden)
+    app.add_exception_handler(ForeignApp, _forbidden)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(InterfaceError, _database_unavailable)
     app.add_exception_handler(PoolTimeoutError, _database_unavailable)

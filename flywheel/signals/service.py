@@ -51,6 +51,10 @@ class EventConflict(Exception):
         )
 
 
+class ForeignApp(Exception):
+    """A key asked for another app's signals without the admin scope."""
+
+
 class InvalidCursor(ValueError):
     """A pagination cursor this service did not hand out."""
 
@@ -373,7 +377,7 @@ def list_signals(
     """A page of signals. Keys without the admin scope see only their own app's signals."""
     if not principal.allows(Scope.ADMIN):
         if app is not None and app != principal.app:
-            raise PermissionError(f"app: this key may read only app {principal.app!r}")
+            raise ForeignApp(f"app: this key may read only app {principal.app!r}")
         app = principal.app
     before_id = decode_cursor(cursor) if cursor is not None else None
     version_id: int | None = None
