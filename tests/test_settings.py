@@ -72,6 +72,7 @@ def test_embedded_default_starts_a_real_postgres(tmp_path: Path) -> None:
         "migrate.upgrade(e);"
         "c = e.connect();"
         "print(c.execute(text('select version()')).scalar());"
+        "c.close();"
         "print(migrate.current_revision(e))"
     )
     out = subprocess.run(

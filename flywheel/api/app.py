@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 import flywheel
@@ -21,9 +22,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_db_engine(settings)
+        engine = create_db_engine(settings, pre_ping=False)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
+        # Database work runs in worker threads, at most one per pooled connection.
+        app.state.db_limiter = anyio.CapacityLimiter(settings.db_pool_size)
         try:
             yield
         finally:

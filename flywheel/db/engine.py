@@ -25,13 +25,20 @@ def database_url(settings: Settings) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def create_db_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
-    """An engine with pre-ping, so a restarted database is reconnected to transparently."""
+def create_db_engine(
+    settings: Settings, *, pool_size: int | None = None, pre_ping: bool = True
+) -> Engine:
+    """An engine over a fixed-size pool.
+
+    With ``pre_ping`` each checkout first tests the connection, so a restarted database
+    is reconnected to transparently. The API turns it off (a round trip per request) and
+    retries its idempotent work once on a fresh connection instead.
+    """
     return create_engine(
         database_url(settings),
         pool_size=pool_size or settings.db_pool_size,
-        max_overflow=pool_size or settings.db_pool_size,
-        pool_pre_ping=True,
+        max_overflow=0,
+        pool_pre_ping=pre_ping,
         pool_timeout=10,
     )
 

@@ -2,16 +2,72 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Row, select, tuple_
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Insert,
+    Row,
+    SmallInteger,
+    Table,
+    Text,
+    bindparam,
+    column,
+    func,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
-from flywheel.db.models import EvaluationRun, ModelVersion, Signal, SignalKind, SignalSource
+from flywheel.db.models import (
+    EvaluationRun,
+    Json,
+    ModelVersion,
+    Signal,
+    SignalKind,
+    SignalSource,
+    Task,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewSignal:
+    """A signal to insert; ``payload_json`` is canonical JSON, ``payload_sha256`` its hash."""
+
+    source: SignalSource
+    kind: SignalKind
+    app: str
+    event_id: str
+    task: Task
+    prompt: str
+    payload_json: str
+    payload_sha256: str
+    image_uri: str | None = None
+    image_sha256: str | None = None
+    input_images: list[Json] | None = None
+    model_version_id: int | None = None
+    evaluation_run_id: int | None = None
+    thumbs_up: bool | None = None
+    rating: int | None = None
+    passed: bool | None = None
+    flags: list[str] | None = None
+    comment: str | None = None
+    chosen_image_uri: str | None = None
+    rejected_image_uri: str | None = None
+    scores: dict[str, float] | None = None
+    details: Json | None = None
+    user_ref: str | None = None
+    session_ref: str | None = None
+    occurred_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +108,18 @@ def _stored(row: Row[int, str, str, SignalSource, SignalKind, datetime, str]) ->
 
 
 def model_version_id(session: Session, *, name: str) -> int:
-    """The id of the named model version, created on first sight (safe under concurrency)."""
+    """The id of the named model version, created on first sight (safe under concurrency).
+
+    Ids of committed versions are remembered on the pooled connection, so a known name
+    costs no query. An id this transaction created is not remembered until a later call
+    finds it committed.
+    """
+    known: dict[str, int] = session.connection().info.setdefault("model_version_ids", {})
+    if name in known:
+        return known[name]
     found = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name))
     if found is not None:
+        known[name] = found
         return found
     created: int | None = session.scalar(
         insert(ModelVersion)
@@ -76,21 +141,72 @@ def model_version_names(session: Session, *, ids: set[int]) -> dict[int, str]:
     return {row.id: row.name for row in rows}
 
 
-def insert_signals(session: Session, *, rows: Sequence[dict[str, Any]]) -> list[StoredEvent]:
+# The column type of each NewSignal field inside the JSON record set; the rest are text.
+_RECORD_TYPES: dict[str, TypeEngine[Any]] = {
+    "model_version_id": BigInteger(),
+    "evaluation_run_id": BigInteger(),
+    "thumbs_up": Boolean(),
+    "passed": Boolean(),
+    "rating": SmallInteger(),
+    "occurred_at": DateTime(timezone=True),
+    "flags": ARRAY(Text()),
+    "input_images": JSONB(),
+    "scores": JSONB(),
+    "details": JSONB(),
+}
+
+
+@cache
+def _insert_signals_statement() -> Insert:
+    """INSERT ... SELECT ... FROM jsonb_to_recordset(:rows) ... ON CONFLICT DO NOTHING.
+
+    All rows travel as one JSON document: one parameter and one statement (compiled
+    once) for any number of rows, parsed by PostgreSQL in C.
+    """
+    names = _FIELD_NAMES
+    records = (
+        func.jsonb_to_recordset(bindparam("rows", type_=Text()).cast(JSONB()))
+        .table_valued(*(column(n, _RECORD_TYPES.get(n, Text())) for n in names))
+        .render_derived(name="record", with_types=True)
+    )
+    selected = [
+        records.c.payload_json.cast(JSONB()) if n == "payload_json" else records.c[n] for n in names
+    ]
+    # The Core table, not the mapped class: a plain INSERT ... SELECT, not an ORM bulk insert.
+    table = Signal.__table__
+    assert isinstance(table, Table)
+    return (
+        insert(table)
+        .from_select(["payload" if n == "payload_json" else n for n in names], select(*selected))
+        .on_conflict_do_nothing(index_elements=[table.c.app, table.c.event_id])
+        .returning(*(table.c[c.key] for c in _STORED_COLUMNS))
+    )
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(NewSignal))
+
+
+def _record(signal: NewSignal) -> dict[str, Any]:
+    record = {name: getattr(signal, name) for name in _FIELD_NAMES}
+    record["source"] = signal.source.value
+    record["kind"] = signal.kind.value
+    record["task"] = signal.task.value
+    if signal.occurred_at is not None:
+        record["occurred_at"] = signal.occurred_at.isoformat()
+    return record
+
+
+def insert_signals(session: Session, *, signals: Sequence[NewSignal]) -> list[StoredEvent]:
     """Insert signals, skipping any whose (app, event_id) is already stored.
 
     Returns the rows that were inserted. Under concurrent inserts of the same event the
-    unique index makes one win; the others skip it.
+    unique index makes one win; the others skip it. Within one call, the first of
+    several signals with the same (app, event_id) wins.
     """
-    if not rows:
+    if not signals:
         return []
-    stmt = (
-        insert(Signal)
-        .values(list(rows))
-        .on_conflict_do_nothing(index_elements=[Signal.app, Signal.event_id])
-        .returning(*_STORED_COLUMNS)
-    )
-    return [_stored(row) for row in session.execute(stmt)]
+    rows = json.dumps([_record(s) for s in signals], separators=(",", ":"), ensure_ascii=False)
+    return [_stored(row) for row in session.execute(_insert_signals_statement(), {"rows": rows})]
 
 
 def stored_events(session: Session, *, keys: Sequence[tuple[str, str]]) -> list[StoredEvent]:

@@ -100,6 +100,8 @@ class ImageRef(BaseModel):
 
 
 class _FeedbackBase(BaseModel):
+    # Only typed fields here, no free-form mappings: the service relies on
+    # ``model_dump_json()`` of a validated event being canonical for idempotency.
     model_config = ConfigDict(extra="forbid")
 
     event_id: Identifier = Field(

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from flywheel.auth.service import Principal
 from flywheel.db.models import Scope, Signal, SignalKind, SignalSource
 from flywheel.signals import repository
-from flywheel.signals.repository import StoredEvent
+from flywheel.signals.repository import NewSignal, StoredEvent
 from flywheel.signals.schemas import (
     FEEDBACK_EVENT,
     BatchItemResult,
@@ -70,56 +70,56 @@ class Ingested(Generic[T]):
     created: bool
 
 
-def canonical_sha256(document: dict[str, Any]) -> str:
-    """Hash of a JSON document independent of key order and whitespace."""
-    encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+def canonical_json(document: dict[str, Any]) -> tuple[str, str]:
+    """The document as canonical JSON (sorted keys, no whitespace) and that text's SHA-256.
+
+    Two bodies that differ only in key order or whitespace get the same hash.
+    """
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text, hashlib.sha256(text.encode()).hexdigest()
 
 
-def _feedback_row(app: str, event: FeedbackEvent, model_version_id: int) -> dict[str, Any]:
-    payload = event.model_dump(mode="json")
-    row: dict[str, Any] = {
-        "source": SignalSource.FEEDBACK,
-        "kind": SignalKind(event.kind),
-        "app": app,
-        "event_id": event.event_id,
-        "task": event.task,
-        "prompt": event.prompt,
-        "image_uri": event.image.uri if event.image else None,
-        "image_sha256": event.image.sha256 if event.image else None,
-        "input_images": payload["input_images"] or None,
-        "model_version_id": model_version_id,
-        "evaluation_run_id": None,
-        "thumbs_up": None,
-        "rating": None,
-        "passed": None,
-        "flags": None,
-        "comment": None,
-        "chosen_image_uri": None,
-        "rejected_image_uri": None,
-        "scores": None,
-        "details": None,
-        "user_ref": event.user_id,
-        "session_ref": event.session_id,
-        "occurred_at": event.timestamp,
-        "payload": payload,
-        "payload_sha256": canonical_sha256(payload),
-    }
+def _feedback_signal(app: str, event: FeedbackEvent, model_version_id: int) -> NewSignal:
+    # Feedback events hold only typed fields (no free-form mappings), so pydantic's JSON of
+    # the validated event is already canonical: field order is the schema's, not the client's.
+    payload_json = event.model_dump_json()
+    digest = hashlib.sha256(payload_json.encode()).hexdigest()
+    specific: dict[str, Any] = {}
     match event:
         case ThumbsFeedback():
-            row["thumbs_up"] = event.value == "up"
+            specific["thumbs_up"] = event.value == "up"
         case RatingFeedback():
-            row["rating"] = event.value
+            specific["rating"] = event.value
         case PairwiseFeedback():
-            row["chosen_image_uri"] = event.chosen.uri
-            row["rejected_image_uri"] = event.rejected.uri
-            row["details"] = {"chosen": payload["chosen"], "rejected": payload["rejected"]}
+            specific["chosen_image_uri"] = event.chosen.uri
+            specific["rejected_image_uri"] = event.rejected.uri
+            specific["details"] = {
+                "chosen": event.chosen.model_dump(),
+                "rejected": event.rejected.model_dump(),
+            }
         case CommentFeedback():
-            row["comment"] = event.text
+            specific["comment"] = event.text
         case FlagsFeedback():
-            row["flags"] = list(event.flags)
-            row["comment"] = event.note
-    return row
+            specific["flags"] = list(event.flags)
+            specific["comment"] = event.note
+    return NewSignal(
+        source=SignalSource.FEEDBACK,
+        kind=SignalKind(event.kind),
+        app=app,
+        event_id=event.event_id,
+        task=event.task,
+        prompt=event.prompt,
+        image_uri=event.image.uri if event.image else None,
+        image_sha256=event.image.sha256 if event.image else None,
+        input_images=[i.model_dump() for i in event.input_images] or None,
+        model_version_id=model_version_id,
+        user_ref=event.user_id,
+        session_ref=event.session_id,
+        occurred_at=event.timestamp,
+        payload_json=payload_json,
+        payload_sha256=digest,
+        **specific,
+    )
 
 
 def _result(stored: StoredEvent) -> IngestResult:
@@ -136,14 +136,14 @@ def _result(stored: StoredEvent) -> IngestResult:
 def ingest_feedback(session: Session, *, app: str, event: FeedbackEvent) -> Ingested[IngestResult]:
     """Store one feedback event (or find its earlier copy). Raises :class:`EventConflict`."""
     version_id = repository.model_version_id(session, name=event.model_version)
-    row = _feedback_row(app, event, version_id)
-    inserted = repository.insert_signals(session, rows=[row])
+    signal = _feedback_signal(app, event, version_id)
+    inserted = repository.insert_signals(session, signals=[signal])
     if inserted:
         session.commit()
         return Ingested(result=_result(inserted[0]), created=True)
     (existing,) = repository.stored_events(session, keys=[(app, event.event_id)])
     session.rollback()
-    if existing.payload_sha256 != row["payload_sha256"]:
+    if existing.payload_sha256 != signal.payload_sha256:
         raise EventConflict(app, event.event_id)
     return Ingested(result=_result(existing), created=False)
 
@@ -159,7 +159,7 @@ def _error_message(error: ValidationError) -> str:
 def ingest_feedback_batch(session: Session, *, app: str, events: list[Any]) -> BatchResult:
     """Store the valid events of a batch in one transaction; report every item."""
     results: list[BatchItemResult | None] = [None] * len(events)
-    rows: list[tuple[int, dict[str, Any]]] = []
+    accepted: list[tuple[int, NewSignal]] = []
     version_ids: dict[str, int] = {}
     for index, raw in enumerate(events):
         try:
@@ -178,25 +178,25 @@ def ingest_feedback_batch(session: Session, *, app: str, events: list[Any]) -> B
             version_ids[event.model_version] = repository.model_version_id(
                 session, name=event.model_version
             )
-        rows.append((index, _feedback_row(app, event, version_ids[event.model_version])))
+        signal = _feedback_signal(app, event, version_ids[event.model_version])
+        accepted.append((index, signal))
 
-    inserted = {
-        s.event_id: s for s in repository.insert_signals(session, rows=[r for _, r in rows])
-    }
-    missing = [(app, r["event_id"]) for _, r in rows if r["event_id"] not in inserted]
+    signals = [signal for _, signal in accepted]
+    inserted = {s.event_id: s for s in repository.insert_signals(session, signals=signals)}
+    missing = [(app, s.event_id) for s in signals if s.event_id not in inserted]
     existing = {s.event_id: s for s in repository.stored_events(session, keys=missing)}
     session.commit()
 
     claimed: set[str] = set()
-    for index, row in rows:
-        event_id = row["event_id"]
+    for index, signal in accepted:
+        event_id = signal.event_id
         stored = inserted.get(event_id)
         if stored is not None and event_id not in claimed:
             claimed.add(event_id)
             status, code = "created", 201
         else:
             stored = inserted.get(event_id) or existing[event_id]
-            if stored.payload_sha256 == row["payload_sha256"]:
+            if stored.payload_sha256 == signal.payload_sha256:
                 status, code = "duplicate", 200
             else:
                 results[index] = BatchItemResult(
@@ -239,7 +239,7 @@ def ingest_evaluation(
     with a different body.
     """
     payload = run.model_dump(mode="json")
-    digest = canonical_sha256(payload)
+    _, digest = canonical_json(payload)
     version_id = repository.model_version_id(session, name=run.model_version)
     stored_run = repository.insert_evaluation_run(
         session,
@@ -262,38 +262,39 @@ def ingest_evaluation(
         if stored_run is None or stored_run.payload_sha256 != digest:
             raise EventConflict(app, run.run_id)
     else:
-        rows = []
+        signals = []
         for sample, sample_payload in zip(run.samples, payload["samples"], strict=True):
-            rows.append(
-                {
-                    "source": SignalSource.EVALUATION,
-                    "kind": SignalKind.EVALUATION_SAMPLE,
-                    "app": app,
-                    "event_id": _sample_event_id(run.run_id, sample.sample_id),
-                    "task": sample.task,
-                    "prompt": sample.prompt,
-                    "image_uri": sample.image.uri,
-                    "image_sha256": sample.image.sha256,
-                    "input_images": sample_payload["input_images"] or None,
-                    "model_version_id": version_id,
-                    "evaluation_run_id": stored_run.id,
-                    "passed": sample.passed,
-                    "scores": sample.scores,
-                    "details": {
+            sample_json, sample_digest = canonical_json(sample_payload)
+            signals.append(
+                NewSignal(
+                    source=SignalSource.EVALUATION,
+                    kind=SignalKind.EVALUATION_SAMPLE,
+                    app=app,
+                    event_id=_sample_event_id(run.run_id, sample.sample_id),
+                    task=sample.task,
+                    prompt=sample.prompt,
+                    image_uri=sample.image.uri,
+                    image_sha256=sample.image.sha256,
+                    input_images=sample_payload["input_images"] or None,
+                    model_version_id=version_id,
+                    evaluation_run_id=stored_run.id,
+                    passed=sample.passed,
+                    scores=sample.scores,
+                    details={
                         "benchmark": run.benchmark,
                         "suite": run.suite,
                         "skill": sample.skill,
                         "spec": sample.spec,
                     },
-                    "occurred_at": run.timestamp,
-                    "payload": sample_payload,
-                    "payload_sha256": canonical_sha256(sample_payload),
-                }
+                    occurred_at=run.timestamp,
+                    payload_json=sample_json,
+                    payload_sha256=sample_digest,
+                )
             )
-        inserted = repository.insert_signals(session, rows=rows)
-        if len(inserted) != len(rows):
+        inserted = repository.insert_signals(session, signals=signals)
+        if len(inserted) != len(signals):
             session.rollback()
-            taken = {r["event_id"] for r in rows} - {s.event_id for s in inserted}
+            taken = {s.event_id for s in signals} - {s.event_id for s in inserted}
             raise EventConflict(app, sorted(taken)[0])
         session.commit()
     return Ingested(

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Request, Response, status
 
-from fastapi import APIRouter, Depends, Response, status
-
-from flywheel.api.deps import SessionDep, require_scope
-from flywheel.auth.service import Principal
+from flywheel.api.deps import Credentials, run_authorized
 from flywheel.db.models import Scope
 from flywheel.signals import service
 from flywheel.signals.schemas import EvaluationRunIn, EvaluationRunResult
@@ -23,14 +20,16 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
         409: {"description": "The run_id was used before with a different body."},
     },
 )
-def post_evaluation(
-    run: EvaluationRunIn,
-    principal: Annotated[Principal, Depends(require_scope(Scope.INGEST))],
-    session: SessionDep,
-    response: Response,
+async def post_evaluation(
+    run: EvaluationRunIn, credentials: Credentials, request: Request, response: Response
 ) -> EvaluationRunResult:
     """Store one evaluation run with its per-sample results (one signal per sample)."""
-    outcome = service.ingest_evaluation(session, app=principal.app, run=run)
+    outcome = await run_authorized(
+        request,
+        credentials,
+        Scope.INGEST,
+        lambda session, caller: service.ingest_evaluation(session, app=caller.app, run=run),
+    )
     if not outcome.created:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"

@@ -4,36 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Response, status
+from fastapi import APIRouter, Body, Request, Response, status
 
-from flywheel.api.deps import SessionDep, require_scope
-from flywheel.auth.service import Principal
+from flywheel.api.deps import Credentials, run_authorized
 from flywheel.db.models import Scope
 from flywheel.signals import service
 from flywheel.signals.schemas import BatchResult, FeedbackBatchIn, FeedbackEvent, IngestResult
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 
-Ingester = Annotated[Principal, Depends(require_scope(Scope.INGEST))]
-
-_CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"description": "The event_id was used before with a different body."}
+_REPLAY_OR_CONFLICT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A replay: the stored result."},
+    409: {"description": "The event_id was used before with a different body."},
 }
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    responses={200: {"description": "A replay: the stored result."}, **_CONFLICT},
-)
-def post_feedback(
+@router.post("", status_code=status.HTTP_201_CREATED, responses=_REPLAY_OR_CONFLICT)
+async def post_feedback(
     event: Annotated[FeedbackEvent, Body(discriminator="kind")],
-    principal: Ingester,
-    session: SessionDep,
+    credentials: Credentials,
+    request: Request,
     response: Response,
 ) -> IngestResult:
     """Store one feedback event. Answered after the commit; a replay returns the stored result."""
-    outcome = service.ingest_feedback(session, app=principal.app, event=event)
+    outcome = await run_authorized(
+        request,
+        credentials,
+        Scope.INGEST,
+        lambda session, caller: service.ingest_feedback(session, app=caller.app, event=event),
+    )
     if not outcome.created:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
@@ -41,8 +40,15 @@ def post_feedback(
 
 
 @router.post("/batch", status_code=status.HTTP_207_MULTI_STATUS)
-def post_feedback_batch(
-    batch: FeedbackBatchIn, principal: Ingester, session: SessionDep
+async def post_feedback_batch(
+    batch: FeedbackBatchIn, credentials: Credentials, request: Request
 ) -> BatchResult:
     """Store up to 1,000 events: valid ones land, invalid ones are reported per item."""
-    return service.ingest_feedback_batch(session, app=principal.app, events=batch.events)
+    return await run_authorized(
+        request,
+        credentials,
+        Scope.INGEST,
+        lambda session, caller: service.ingest_feedback_batch(
+            session, app=caller.app, events=batch.events
+        ),
+    )

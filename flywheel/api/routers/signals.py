@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime
 
-from flywheel.api.deps import SessionDep, require_scope
-from flywheel.auth.service import Principal
+from flywheel.api.deps import Credentials, run_authorized
 from flywheel.db.models import Scope, SignalKind, SignalSource
 from flywheel.signals import service
 from flywheel.signals.schemas import SignalPage
@@ -19,9 +18,9 @@ _PRINTABLE = r"^[\x21-\x7e]+$"
 
 
 @router.get("")
-def get_signals(
-    principal: Annotated[Principal, Depends(require_scope(Scope.READ))],
-    session: SessionDep,
+async def get_signals(
+    credentials: Credentials,
+    request: Request,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     source: SignalSource | None = None,
@@ -39,15 +38,20 @@ def get_signals(
     until: Annotated[AwareDatetime | None, Query(description="received_at < until")] = None,
 ) -> SignalPage:
     """Signals matching the filters, newest first."""
-    return service.list_signals(
-        session,
-        principal=principal,
-        limit=limit,
-        cursor=cursor,
-        app=app,
-        source=source,
-        kind=kind,
-        model_version=model_version,
-        since=since,
-        until=until,
+    return await run_authorized(
+        request,
+        credentials,
+        Scope.READ,
+        lambda session, caller: service.list_signals(
+            session,
+            principal=caller,
+            limit=limit,
+            cursor=cursor,
+            app=app,
+            source=source,
+            kind=kind,
+            model_version=model_version,
+            since=since,
+            until=until,
+        ),
     )
