@@ -96,9 +96,11 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument(
         "--seconds", type=float, default=None, help="duration of each phase (default 60, quick 8)"
     )
-    parser.add_argument("--batch-clients", type=int, default=2, help="concurrent batch clients")
+    parser.add_argument("--batch-clients", type=int, default=4, help="concurrent batch clients")
     parser.add_argument("--connections", type=int, default=32, help="phase 1 connection limit")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="uvicorn worker processes (one per core)"
+    )
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (8.0 if args.quick else 60.0)
     if args.rate <= 0 or seconds <= 0:

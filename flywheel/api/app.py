@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import flywheel
 from flywheel.api.errors import install_error_handlers
 from flywheel.api.limits import BodySizeLimit
 from flywheel.api.routers import evaluations, feedback, health, signals
-from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.engine import create_async_db_engine
 from flywheel.settings import Settings, get_settings
 
 
@@ -22,15 +22,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_db_engine(settings, pre_ping=False)
+        engine = create_async_db_engine(settings)
         app.state.engine = engine
-        app.state.sessions = session_factory(engine)
-        # Database work runs in worker threads, at most one per pooled connection.
-        app.state.db_limiter = anyio.CapacityLimiter(settings.db_pool_size)
+        app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
         try:
             yield
         finally:
-            engine.dispose()
+            await engine.dispose()
 
     app = FastAPI(
         title="flywheel",

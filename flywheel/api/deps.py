@@ -1,13 +1,17 @@
-"""Running a request's database work: authenticate the caller, then do the work, in one
-worker thread with one session (one connection, one transaction)."""
+"""Running a request's database work: authenticate the caller, then do the work, with one
+session (one connection, one transaction).
+
+Services and repositories are synchronous SQLAlchemy code, shared with the CLI and the
+workers. The API runs them on the event loop through ``AsyncSession.run_sync``: their
+database I/O is awaited by psycopg's async mode (greenlets), so no thread pool and no
+GIL hand-offs stand between a request and its answer.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Annotated, TypeVar
 
-import anyio.to_thread
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import DBAPIError
@@ -47,25 +51,6 @@ def _authorize(
     return principal
 
 
-def _in_session(
-    request: Request,
-    credentials: HTTPAuthorizationCredentials | None,
-    scope: Scope,
-    work: Callable[[Session, Principal], T],
-) -> T:
-    try:
-        with request.app.state.sessions() as session:
-            return work(session, _authorize(session, credentials, scope))
-    except DBAPIError as error:
-        if not error.connection_invalidated:
-            raise
-    # The pooled connection was dead (a database restart, an idle timeout): SQLAlchemy
-    # has invalidated the pool. Every API operation is idempotent, so run it once more
-    # on a fresh connection; a second failure reaches the 503 handler.
-    with request.app.state.sessions() as session:
-        return work(session, _authorize(session, credentials, scope))
-
-
 async def run_authorized(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None,
@@ -74,9 +59,22 @@ async def run_authorized(
 ) -> T:
     """Authorize the caller for ``scope`` and run ``work(session, principal)``.
 
-    Both happen in one worker thread, one of at most as many as the pool has
-    connections, so a thread never waits for a connection. ``work`` must be idempotent:
-    it is retried once when its connection turns out to be dead.
+    ``work`` must be idempotent: it is run once more, on a fresh connection, when its
+    pooled connection turns out to be dead (a database restart, an idle timeout), which
+    is cheaper than testing every connection before use.
     """
-    call = partial(_in_session, request, credentials, scope, work)
-    return await anyio.to_thread.run_sync(call, limiter=request.app.state.db_limiter)
+
+    def authorized_work(session: Session) -> T:
+        return work(session, _authorize(session, credentials, scope))
+
+    try:
+        async with request.app.state.sessions() as session:
+            result: T = await session.run_sync(authorized_work)
+            return result
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+    # SQLAlchemy has invalidated the pool; a second failure reaches the 503 handler.
+    async with request.app.state.sessions() as session:
+        retried: T = await session.run_sync(authorized_work)
+        return retried

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
 from flywheel.db.models import ApiKey
@@ -17,9 +17,15 @@ def insert_api_key(
     return key
 
 
-def get_active_key_by_hash(session: Session, *, secret_hash: str) -> ApiKey | None:
-    stmt = select(ApiKey).where(ApiKey.secret_hash == secret_hash, ApiKey.revoked_at.is_(None))
-    return session.scalars(stmt).one_or_none()
+def get_active_key_by_hash(
+    session: Session, *, secret_hash: str
+) -> Row[str, str, list[str]] | None:
+    """(app, prefix, scopes) of the unrevoked key with that hash; a plain row, no ORM object,
+    since every request asks."""
+    stmt = select(ApiKey.app, ApiKey.prefix, ApiKey.scopes).where(
+        ApiKey.secret_hash == secret_hash, ApiKey.revoked_at.is_(None)
+    )
+    return session.execute(stmt).one_or_none()
 
 
 def list_api_keys(session: Session, *, include_revoked: bool) -> list[ApiKey]:

@@ -87,11 +87,8 @@ def authenticate(session: Session, *, secret: str) -> Principal | None:
     """The principal for a presented key, or ``None`` if it is malformed, unknown or revoked."""
     if not KEY_PATTERN.fullmatch(secret):
         return None
-    record = repository.get_active_key_by_hash(session, secret_hash=hash_secret(secret))
-    if record is None:
+    found = repository.get_active_key_by_hash(session, secret_hash=hash_secret(secret))
+    if found is None:
         return None
-    return Principal(
-        app=record.app,
-        scopes=frozenset(Scope(s) for s in record.scopes),
-        key_prefix=record.prefix,
-    )
+    app, prefix, scopes = found
+    return Principal(app=app, scopes=frozenset(Scope(s) for s in scopes), key_prefix=prefix)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from flywheel.db.embedded import start_embedded_postgres
@@ -25,20 +26,25 @@ def database_url(settings: Settings) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def create_db_engine(
-    settings: Settings, *, pool_size: int | None = None, pre_ping: bool = True
-) -> Engine:
-    """An engine over a fixed-size pool.
-
-    With ``pre_ping`` each checkout first tests the connection, so a restarted database
-    is reconnected to transparently. The API turns it off (a round trip per request) and
-    retries its idempotent work once on a fresh connection instead.
-    """
+def create_db_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
+    """An engine over a fixed-size pool whose checkouts first test the connection, so a
+    restarted database is reconnected to transparently."""
     return create_engine(
         database_url(settings),
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=0,
-        pool_pre_ping=pre_ping,
+        pool_pre_ping=True,
+        pool_timeout=10,
+    )
+
+
+def create_async_db_engine(settings: Settings) -> AsyncEngine:
+    """The API's engine: psycopg's async mode over a fixed-size pool, no pre-ping (the API
+    retries its idempotent work once on a fresh connection instead)."""
+    return create_async_engine(
+        database_url(settings),
+        pool_size=settings.db_pool_size,
+        max_overflow=0,
         pool_timeout=10,
     )
 

@@ -62,14 +62,18 @@ def _finite(value: float) -> float:
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
-Prompt = Annotated[Text, StringConstraints(min_length=1, max_length=20_000)]
+# Length and pattern constraints come before the Python check so pydantic-core applies them.
+_STORABLE = AfterValidator(_no_nul)
+
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=20_000), _STORABLE]
+LongText = Annotated[str, StringConstraints(min_length=1, max_length=10_000), _STORABLE]
 Identifier = Annotated[
     str,
     StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"),
     Field(description="1-200 printable ASCII characters, no spaces."),
 ]
-OpaqueRef = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+OpaqueRef = Annotated[str, StringConstraints(min_length=1, max_length=200), _STORABLE]
 SkillName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\w.:/-]+$")]
 Score = Annotated[float, AfterValidator(_finite)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_json_without_nul)]
@@ -90,8 +94,9 @@ class ImageRef(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_IMAGE]})
 
     uri: Annotated[
-        Text,
+        str,
         StringConstraints(max_length=4096, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$"),
+        _STORABLE,
         Field(description="URI with a scheme: s3://, gs://, https://, file://, ..."),
     ]
     sha256: (
@@ -198,7 +203,7 @@ class CommentFeedback(_SingleImageFeedback):
         json_schema_extra={"examples": [_example("comment", text="The sign says 'OPEN 42H'.")]}
     )
     kind: Literal["comment"]
-    text: Annotated[Text, StringConstraints(min_length=1, max_length=10_000)]
+    text: LongText
 
 
 class FlagsFeedback(_SingleImageFeedback):
@@ -211,7 +216,7 @@ class FlagsFeedback(_SingleImageFeedback):
     )
     kind: Literal["flags"]
     flags: Annotated[list[Flag], Field(min_length=1, max_length=6)]
-    note: Annotated[Text, StringConstraints(max_length=10_000)] | None = None
+    note: LongText | None = None
 
     @field_validator("flags")
     @classmethod
