@@ -16,15 +16,23 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def cli_database(
-    create_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
+def use_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Points the CLI at a database URL through FLYWHEEL_DATABASE_URL."""
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
+        get_settings.cache_clear()
+
+    yield use
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def cli_database(create_database: Callable[[], str], use_database: Callable[[str], None]) -> str:
     """A fresh database that the CLI finds through FLYWHEEL_DATABASE_URL."""
     url = create_database()
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
-    get_settings.cache_clear()
-    yield url
-    get_settings.cache_clear()
+    use_database(url)
+    return url
 
 
 def test_db_upgrade_current_downgrade(cli_database: str) -> None:
@@ -71,15 +79,11 @@ def test_keys_create_list_revoke(cli_database: str) -> None:
 
 
 def test_created_key_works_against_the_api(
-    settings: Settings, client: TestClient, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, client: TestClient, use_database: Callable[[str], None]
 ) -> None:
     assert settings.database_url is not None
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", settings.database_url)
-    get_settings.cache_clear()
-    try:
-        created = runner.invoke(app, ["keys", "create", "--app", "cli-app", "--scopes", "ingest"])
-    finally:
-        get_settings.cache_clear()
+    use_database(settings.database_url)
+    created = runner.invoke(app, ["keys", "create", "--app", "cli-app", "--scopes", "ingest"])
     secret = created.stdout.strip().splitlines()[-1]
     reply = client.post("/v1/feedback", json=thumbs_event(), headers=auth(secret))
     assert reply.status_code == 201
@@ -103,24 +107,16 @@ def test_bad_input_exits_2_with_one_line(cli_database: str, args: list[str], nee
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_unreachable_database_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
-    get_settings.cache_clear()
-    try:
-        result = runner.invoke(app, ["db", "current"])
-    finally:
-        get_settings.cache_clear()
+def test_unreachable_database_exits_1(use_database: Callable[[str], None]) -> None:
+    use_database("postgresql://postgres@127.0.0.1:1/none")
+    result = runner.invoke(app, ["db", "current"])
     assert result.exit_code == 1
     assert "database unreachable" in result.stderr
 
 
-def test_non_postgres_url_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", "sqlite:///x.db")
-    get_settings.cache_clear()
-    try:
-        result = runner.invoke(app, ["db", "current"])
-    finally:
-        get_settings.cache_clear()
+def test_non_postgres_url_exits_2(use_database: Callable[[str], None]) -> None:
+    use_database("sqlite:///x.db")
+    result = runner.invoke(app, ["db", "current"])
     assert result.exit_code == 2
     assert "PostgreSQL URL" in result.stderr
 

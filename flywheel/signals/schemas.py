@@ -317,6 +317,21 @@ class EvaluationRunIn(BaseModel):
         return samples
 
 
+class SignalQuery(BaseModel):
+    """Filters and paging of ``GET /v1/signals`` (query parameters)."""
+
+    limit: Annotated[int, Field(ge=1, le=500)] = 100
+    cursor: Annotated[str | None, Field(max_length=64, description="next_cursor of a page")] = None
+    source: SignalSource | None = None
+    kind: SignalKind | None = None
+    model_version: Identifier | None = None
+    app: Identifier | None = Field(
+        default=None, description="Admin keys only; other keys see their own app."
+    )
+    since: AwareDatetime | None = Field(default=None, description="received_at >= since")
+    until: AwareDatetime | None = Field(default=None, description="received_at < until")
+
+
 # ---- responses ---------------------------------------------------------------------
 
 

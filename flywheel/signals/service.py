@@ -13,7 +13,6 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
@@ -38,6 +37,7 @@ from flywheel.signals.schemas import (
     RatingFeedback,
     SignalOut,
     SignalPage,
+    SignalQuery,
     ThumbsFeedback,
 )
 
@@ -362,42 +362,31 @@ def _signal_out(signal: Signal, version_names: dict[int, str]) -> SignalOut:
     )
 
 
-def list_signals(
-    session: Session,
-    *,
-    principal: Principal,
-    limit: int,
-    cursor: str | None = None,
-    app: str | None = None,
-    source: SignalSource | None = None,
-    kind: SignalKind | None = None,
-    model_version: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> SignalPage:
+def list_signals(session: Session, *, principal: Principal, query: SignalQuery) -> SignalPage:
     """A page of signals. Keys without the admin scope see only their own app's signals."""
+    app = query.app
     if not principal.allows(Scope.ADMIN):
         if app is not None and app != principal.app:
             raise ForeignApp(f"app: this key may read only app {principal.app!r}")
         app = principal.app
-    before_id = decode_cursor(cursor) if cursor is not None else None
+    before_id = decode_cursor(query.cursor) if query.cursor is not None else None
     version_id: int | None = None
-    if model_version is not None:
-        version_id = repository.find_model_version_id(session, name=model_version)
+    if query.model_version is not None:
+        version_id = repository.find_model_version_id(session, name=query.model_version)
         if version_id is None:
             return SignalPage(items=[], next_cursor=None)
     signals = repository.list_signals(
         session,
-        limit=limit + 1,
+        limit=query.limit + 1,
         before_id=before_id,
         app=app,
-        source=source,
-        kind=kind,
+        source=query.source,
+        kind=query.kind,
         model_version_id=version_id,
-        received_after=since,
-        received_before=until,
+        received_after=query.since,
+        received_before=query.until,
     )
-    page, more = signals[:limit], len(signals) > limit
+    page, more = signals[: query.limit], len(signals) > query.limit
     names = repository.model_version_names(
         session, ids={s.model_version_id for s in page if s.model_version_id is not None}
     )
