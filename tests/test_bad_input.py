@@ -278,3 +278,26 @@ def test_api_recovers_by_itself_when_its_connections_are_killed(
     reads = client.get("/v1/signals", headers=auth(ingest_key))
     assert reads.status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_longest_run_and_sample_ids_fit(client: TestClient, ingest_key: str) -> None:
+    sample = {
+        "prompt": "p",
+        "image": {"uri": "s3://x/y.png"},
+        "scores": {"a": 0.5},
+        "passed": True,
+    }
+    run_id = new_id("run")[:16] + "r" * 104
+    longest = {
+        "run_id": run_id,
+        "benchmark": "b",
+        "model_version": "v",
+        "samples": [{**sample, "sample_id": "s" * 120}],
+    }
+    reply = client.post("/v1/evaluations", json=longest, headers=auth(ingest_key))
+    assert reply.status_code == 201, reply.text
+
+    too_long = {**longest, "run_id": run_id + "x"}
+    reply = client.post("/v1/evaluations", json=too_long, headers=auth(ingest_key))
+    assert reply.status_code == 422
+    assert "run_id" in reply.json()["message"]

@@ -209,7 +209,7 @@ class Signal(Base):
     source: Mapped[SignalSource] = mapped_column(_enum(SignalSource, "signal_source"))
     kind: Mapped[SignalKind] = mapped_column(_enum(SignalKind, "signal_kind"))
     app: Mapped[str] = mapped_column(String(100))
-    event_id: Mapped[str] = mapped_column(String(200))
+    event_id: Mapped[str] = mapped_column(String(256))
     task: Mapped[Task] = mapped_column(_enum(Task, "task"))
     prompt: Mapped[str] = mapped_column(Text)
     image_uri: Mapped[str | None] = mapped_column(Text)

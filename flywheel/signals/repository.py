@@ -141,6 +141,8 @@ def model_version_names(session: Session, *, ids: set[int]) -> dict[int, str]:
     return {row.id: row.name for row in rows}
 
 
+_FIELD_NAMES = tuple(f.name for f in fields(NewSignal))
+
 # The column type of each NewSignal field inside the JSON record set; the rest are text.
 _RECORD_TYPES: dict[str, TypeEngine[Any]] = {
     "model_version_id": BigInteger(),
@@ -181,9 +183,6 @@ def _insert_signals_statement() -> Insert:
         .on_conflict_do_nothing(index_elements=[table.c.app, table.c.event_id])
         .returning(*(table.c[c.key] for c in _STORED_COLUMNS))
     )
-
-
-_FIELD_NAMES = tuple(f.name for f in fields(NewSignal))
 
 
 def _record(signal: NewSignal) -> dict[str, Any]:

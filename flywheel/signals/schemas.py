@@ -73,6 +73,12 @@ Identifier = Annotated[
     StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"),
     Field(description="1-200 printable ASCII characters, no spaces."),
 ]
+# A run's samples are stored under the event id ``eval:<run_id>:<sample_id>`` (≤ 246).
+RunIdentifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=120, pattern=r"^[\x21-\x7e]+$"),
+    Field(description="1-120 printable ASCII characters, no spaces."),
+]
 OpaqueRef = Annotated[str, StringConstraints(min_length=1, max_length=200), _STORABLE]
 SkillName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\w.:/-]+$")]
 Score = Annotated[float, AfterValidator(_finite)]
@@ -256,7 +262,7 @@ class EvaluationSample(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sample_id: Identifier
+    sample_id: RunIdentifier
     prompt: Prompt
     task: Task = Task.TEXT_TO_IMAGE
     image: ImageRef
@@ -299,7 +305,7 @@ class EvaluationRunIn(BaseModel):
         },
     )
 
-    run_id: Identifier
+    run_id: RunIdentifier
     benchmark: Identifier
     suite: Identifier | None = None
     model_version: Identifier

@@ -134,7 +134,7 @@ def upgrade() -> None:
     sa.Column('source', sa.Enum('evaluation', 'mining', 'feedback', name='signal_source', native_enum=False, create_constraint=True, length=32), nullable=False),
     sa.Column('kind', sa.Enum('thumbs', 'rating', 'pairwise', 'comment', 'flags', 'evaluation_sample', 'mining_hit', name='signal_kind', native_enum=False, create_constraint=True, length=32), nullable=False),
     sa.Column('app', sa.String(length=100), nullable=False),
-    sa.Column('event_id', sa.String(length=200), nullable=False),
+    sa.Column('event_id', sa.String(length=256), nullable=False),
     sa.Column('task', sa.Enum('text_to_image', 'image_editing', name='task', native_enum=False, create_constraint=True, length=32), nullable=False),
     sa.Column('prompt', sa.Text(), nullable=False),
     sa.Column('image_uri', sa.Text(), nullable=True),
