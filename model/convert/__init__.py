@@ -1,0 +1,1 @@
+"""Converters between diffusers checkpoints of the Qwen-Image-2.1 family and ours."""

@@ -1,0 +1,107 @@
+"""Checkpoint directories: ``config.json`` plus safetensors weights, whole or sharded.
+
+diffusers writes ``diffusion_pytorch_model.safetensors`` (or shards named in
+``diffusion_pytorch_model.safetensors.index.json``); ours writes ``model.safetensors`` (or
+shards with ``model.safetensors.index.json``) next to a ``config.json`` that names the
+component and holds its config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as asked."""
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{directory}: several weight indexes: {[p.name for p in indexes]}")
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{indexes[0]}: no weight_map")
+        files = sorted({directory / str(name) for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{directory}: shards named in {indexes[0].name} missing: {missing}"
+            )
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise CheckpointError(
+            f"{directory}: expected one .safetensors file or an index, found {len(files)}"
+        )
+    return files
+
+
+def read_state_dict(directory: Path) -> StateDict:
+    """All weights of a checkpoint directory, merged from its shards."""
+    state: StateDict = {}
+    for path in _weight_files(directory):
+        for name, tensor in load_file(path).items():
+            if name in state:
+                raise CheckpointError(f"{directory}: tensor {name!r} appears in two shards")
+            state[name] = tensor
+    return state
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    config: dict[str, Any],
+    state_dict: StateDict,
+    weights_name: str = WEIGHTS_NAME,
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
+    """Write ``config.json`` and the weights, sharded above ``max_shard_size``.
+
+    Returns the files written.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = weights_name.removesuffix(".safetensors")
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    written: list[Path] = []
+    for filename, names in split.filename_to_tensors.items():
+        # Contiguous copies: safetensors refuses views and tensors that share storage.
+        shard = {name: state_dict[name].detach().contiguous().clone() for name in names}
+        save_file(shard, directory / filename, metadata={"format": "pt"})
+        written.append(directory / filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        index_path = directory / f"{weights_name}.index.json"
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+        written.append(index_path)
+    config_path = directory / CONFIG_NAME
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    written.append(config_path)
+    return written
