@@ -50,7 +50,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.convert.transformer import transformer_to_diffusers
-from model.open_clip_compat import import_open_clip
+from model.torchvision_compat import import_torchvision
 from model.transformer import (
     DiffusionTransformer,
     TransformerConfig,
@@ -217,7 +217,7 @@ def forward_flops(config: TransformerConfig, workload: Workload) -> float:
 
 def build_reference(ours: DiffusionTransformer) -> Any:
     """diffusers' QwenImage21Transformer2DModel with our model's weights."""
-    import_open_clip()  # diffusers -> transformers -> torchvision: see model/open_clip_compat
+    import_torchvision()  # diffusers -> transformers -> torchvision: see model/torchvision_compat
     from diffusers import QwenImage21Transformer2DModel
     from diffusers.utils import logging as diffusers_logging
 

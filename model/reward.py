@@ -19,7 +19,7 @@ with values in ``[0, 1]`` (map a VAE's ``[-1, 1]`` output with ``(x + 1) / 2``);
 reward called as ``reward(images, prompts)`` returns one float per image, ``(B,)``.
 
 open_clip (and torchvision under it) is imported on first use through
-:func:`model.open_clip_compat.import_open_clip`, never at import of this module.
+:func:`model.torchvision_compat.import_open_clip`, never at import of this module.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.open_clip_compat import import_open_clip
+from model.torchvision_compat import import_open_clip
 
 # A reward: (images (B, 3, H, W) in [0, 1], prompts of length B) -> scores (B,).
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]

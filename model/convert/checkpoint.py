@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked."""
 
 
+class ConversionError(ValueError):
+    """A checkpoint or config that the other side cannot represent."""
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():

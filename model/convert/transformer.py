@@ -15,12 +15,8 @@ from typing import Any
 
 from torch import Tensor
 
+from model.convert.checkpoint import ConversionError
 from model.transformer import TransformerConfig
-
-
-class ConversionError(ValueError):
-    """A checkpoint or config that the other side cannot represent."""
-
 
 # Per-block names: ours <- diffusers, under ``blocks.{i}.`` / ``transformer_blocks.{i}.``.
 _BLOCK_NAMES: dict[str, str] = {

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.convert.checkpoint import read_config, read_state_dict, write_checkpoint
+from model.convert.checkpoint import (
+    ConversionError,
+    read_config,
+    read_state_dict,
+    write_checkpoint,
+)
 from model.vae import (
     QWEN_IMAGE_21_LATENTS_MEAN,
     QWEN_IMAGE_21_LATENTS_STD,
@@ -37,10 +42,6 @@ DIFFUSERS_CLASS = "AutoencoderKLQwenImage21"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 StateDict = dict[str, Tensor]
-
-
-class ConversionError(ValueError):
-    """A checkpoint or config that the other side cannot represent."""
 
 
 # diffusers config keys we read; keys starting with "_" (class name, version) are metadata.

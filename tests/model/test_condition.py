@@ -21,8 +21,8 @@ from model.condition import (
     minilm_condition,
     qwen3_vl_condition,
 )
-from model.open_clip_compat import import_open_clip
 from model.prompt_enhancer import build_pe_debug, byte_level_tokenizer, pe_debug
+from model.torchvision_compat import import_torchvision
 
 PROMPTS = [
     "a cat",
@@ -229,7 +229,7 @@ def test_qwen3_final_norm_can_be_named(offline: None, qwen3_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def qwen3_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3-VL saved as Qwen3VLForConditionalGeneration, with the byte tokenizer."""
-    import_open_clip()
+    import_torchvision()
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tokenizer = byte_level_tokenizer()

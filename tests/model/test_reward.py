@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from model.open_clip_compat import import_open_clip
 from model.reward import (
     DEFAULT_CATEGORY,
     AlignmentReward,
@@ -42,6 +41,7 @@ from model.reward import (
     substring_edit_distance,
     validate_weights,
 )
+from model.torchvision_compat import import_open_clip
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 COLOURS["yellow"] = (1.0, 1.0, 0.0)

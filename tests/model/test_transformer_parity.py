@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from model.convert.checkpoint import ConversionError
 from model.convert.transformer import (
-    ConversionError,
     config_from_diffusers,
     config_to_diffusers,
     transformer_from_diffusers,
     transformer_to_diffusers,
 )
-from model.open_clip_compat import import_open_clip
+from model.torchvision_compat import import_torchvision
 from model.transformer import DiffusionTransformer, TransformerConfig
 
 TOLERANCE = 1e-4
@@ -30,8 +30,8 @@ CHANNELS = 16
 
 
 def _diffusers_class() -> Any:
-    # diffusers imports transformers, which imports torchvision: see model/open_clip_compat.
-    import_open_clip()
+    # diffusers imports transformers, which imports torchvision: see model/torchvision_compat.
+    import_torchvision()
     from diffusers import QwenImage21Transformer2DModel
 
     return QwenImage21Transformer2DModel

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from model.convert.checkpoint import ConversionError
 from model.convert.vae import (
-    ConversionError,
     config_from_diffusers,
     config_to_diffusers,
     diffusers_expected_shapes,
@@ -29,7 +29,7 @@ from model.convert.vae import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from model.open_clip_compat import import_open_clip
+from model.torchvision_compat import import_torchvision
 from model.vae import ResidualVAE, VAEConfig, vae_f8c16, vae_f16c64
 
 TOLERANCE = 1e-4
@@ -83,8 +83,8 @@ CASES: dict[str, tuple[VAEConfig, tuple[int, int, int, int]]] = {
 
 
 def _diffusers_class() -> Any:
-    # diffusers imports transformers, which imports torchvision: see model/open_clip_compat.
-    import_open_clip()
+    # diffusers imports transformers, which imports torchvision: see model/torchvision_compat.
+    import_torchvision()
     from diffusers import AutoencoderKLQwenImage21
 
     return AutoencoderKLQwenImage21

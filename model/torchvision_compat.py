@@ -1,13 +1,14 @@
-"""Import ``open_clip`` where torchvision's compiled ops cannot load.
+"""Import torchvision (and what imports it: ``open_clip``, transformers' and diffusers'
+modeling code) where torchvision's compiled ops cannot load.
 
 The torchvision wheels available here are CUDA builds; next to the CPU torch their C
-extension does not load, and ``import torchvision`` (which ``open_clip`` does) then fails
+extension does not load, and ``import torchvision`` then fails
 while registering fake kernels for two ops whose schemas only that extension defines
 (``torchvision::nms``, ``torchvision::qnms``). Defining those two schemas lets the
-pure-Python parts of torchvision, all that open_clip uses, load. The ops stay without
-kernels: calling ``torchvision.ops.nms`` still fails, loudly.
+pure-Python parts of torchvision, all that open_clip and transformers use, load. The ops
+stay without kernels: calling ``torchvision.ops.nms`` still fails, loudly.
 
-Nothing happens at import of this module. :func:`import_open_clip` first imports
+Nothing happens at import of this module. :func:`import_torchvision` first imports
 torchvision as is; only when that fails for exactly this reason does it define the missing
 schemas and import again, so on a machine whose torchvision matches its torch (the
 extension loads and owns the ``torchvision`` op namespace) it changes nothing.
@@ -37,13 +38,15 @@ def import_open_clip() -> ModuleType:
 
     Idempotent: later calls return the already imported module.
     """
-    _import_torchvision()
+    import_torchvision()
     return importlib.import_module("open_clip")
 
 
-def _import_torchvision() -> None:
+def import_torchvision() -> ModuleType:
+    """Return the ``torchvision`` module (see the module doc). Call it before importing
+    transformers' or diffusers' model classes. Idempotent."""
     try:
-        importlib.import_module("torchvision")
+        return importlib.import_module("torchvision")
     except RuntimeError as error:
         if not _is_missing_op_error(error):
             raise
@@ -52,7 +55,7 @@ def _import_torchvision() -> None:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         _define_missing_schemas()
-        importlib.import_module("torchvision")
+        return importlib.import_module("torchvision")
 
 
 def _is_missing_op_error(error: RuntimeError) -> bool:
