@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -193,6 +194,49 @@ def keys_revoke(
     if key is None:
         fail(f"no key with prefix {prefix!r}")
     console.print(f"revoked key {key.prefix} of app {key.app!r}")
+
+
+# ---- model checkpoints ---------------------------------------------------------------
+
+
+@app.command("convert")
+def convert(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write.")],
+    from_diffusers: Annotated[
+        Path | None,
+        typer.Option("--from-diffusers", help="A diffusers checkpoint directory to convert."),
+    ] = None,
+    to_diffusers: Annotated[
+        Path | None,
+        typer.Option("--to-diffusers", help="One of our checkpoint directories to convert."),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option(help="Shard the weights above this size, e.g. 5GB or 500MB.")
+    ] = "5GB",
+) -> None:
+    """Convert a Qwen-Image-2.1 transformer or VAE checkpoint between diffusers and ours."""
+    from model.convert.checkpoint import CheckpointError
+    from model.convert.directory import convert_from_diffusers, convert_to_diffusers
+
+    if (from_diffusers is None) == (to_diffusers is None):
+        fail("give exactly one of --from-diffusers DIR and --to-diffusers DIR")
+    source = from_diffusers or to_diffusers
+    assert source is not None
+    if not source.is_dir():
+        fail(f"{source}: not a directory")
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out}: exists and is not empty")
+    try:
+        if from_diffusers is not None:
+            converted = convert_from_diffusers(source, out, max_shard_size=max_shard_size)
+        else:
+            converted = convert_to_diffusers(source, out, max_shard_size=max_shard_size)
+    except (CheckpointError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    console.print(
+        f"converted {converted.component} ({converted.tensors} tensors) into {out}: "
+        + ", ".join(p.name for p in converted.files)
+    )
 
 
 # ---- serve / demo ------------------------------------------------------------------

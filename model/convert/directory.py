@@ -8,7 +8,7 @@ Ours is ``config.json`` = ``{"format": "flywheel-checkpoint/1", "component": ...
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,16 @@ def read_component(directory: Path) -> tuple[str, Any, StateDict]:
     if document.get("format") != FORMAT:
         raise CheckpointError(f"{directory}: not a {FORMAT} checkpoint")
     component = _component(name=str(document.get("component")))
+    raw = document.get("config")
+    expected = {f.name for f in fields(component.config_type)}
+    if not isinstance(raw, dict) or set(raw) != expected:
+        given = set(raw) if isinstance(raw, dict) else set()
+        raise CheckpointError(
+            f"{directory}/config.json: invalid config: unknown {sorted(given - expected)}, "
+            f"missing {sorted(expected - given)}"
+        )
     try:
-        config = TypeAdapter(component.config_type).validate_python(document.get("config"))
+        config = TypeAdapter(component.config_type).validate_python(raw)
     except ValidationError as error:
         raise CheckpointError(f"{directory}/config.json: invalid config: {error}") from None
     return component.name, config, read_state_dict(directory)
