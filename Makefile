@@ -28,3 +28,4 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/ingest.py --quick
+	$(BIN)/python bench/transformer.py --quick
