@@ -9,6 +9,7 @@ component and holds its config.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,31 @@ def write_checkpoint(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     written.append(config_path)
     return written
+
+
+def check_shapes(
+    state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str
+) -> None:
+    """Raise :class:`ConversionError` naming missing, unexpected and wrongly shaped tensors."""
+    missing = sorted(set(shapes) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(shapes))
+    problems = []
+    if missing:
+        problems.append(f"missing {listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {listing(unexpected)}")
+    wrong = [
+        f"{name}: {tuple(state_dict[name].shape)} != {shape}"
+        for name, shape in shapes.items()
+        if name in state_dict and tuple(state_dict[name].shape) != shape
+    ]
+    if wrong:
+        problems.append(f"wrong shapes {listing(wrong)}")
+    if problems:
+        raise ConversionError(f"{what} does not match the config: " + "; ".join(problems))
+
+
+def listing(items: list[str], *, limit: int = 10) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

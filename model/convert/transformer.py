@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from model.convert.checkpoint import ConversionError
+from model.convert.checkpoint import ConversionError, check_shapes, listing
 from model.transformer import TransformerConfig
 
 # Per-block names: ours <- diffusers, under ``blocks.{i}.`` / ``transformer_blocks.{i}.``.
@@ -173,7 +173,7 @@ def transformer_from_diffusers(
     """Our config and state dict from a diffusers ``QwenImage21Transformer2DModel``'s."""
     config = config_from_diffusers(diffusers_config)
     converted = _rename(state_dict, _to_ours, "QwenImage21Transformer2DModel")
-    _check(converted, expected_shapes(config), "converted diffusers state dict")
+    check_shapes(converted, expected_shapes(config), "converted diffusers state dict")
     return config, converted
 
 
@@ -182,7 +182,7 @@ def transformer_to_diffusers(
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A diffusers ``QwenImage21Transformer2DModel`` config and state dict from ours."""
     diffusers_config = config_to_diffusers(config)
-    _check(state_dict, expected_shapes(config), "DiffusionTransformer state dict")
+    check_shapes(state_dict, expected_shapes(config), "DiffusionTransformer state dict")
     return diffusers_config, _rename(state_dict, _to_diffusers, "DiffusionTransformer")
 
 
@@ -222,36 +222,8 @@ def _rename(
         else:
             out[new] = tensor
     if unknown:
-        shown = ", ".join(sorted(unknown)[:10])
-        more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
-        raise ConversionError(f"unknown {what} keys: {shown}{more}")
+        raise ConversionError(f"unknown {what} keys: {listing(sorted(unknown))}")
     return out
-
-
-def _check(
-    state_dict: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], what: str
-) -> None:
-    missing = sorted(set(shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(shapes))
-    problems = []
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_listing(unexpected)}")
-    wrong = [
-        f"{name}: {tuple(state_dict[name].shape)} != {shape}"
-        for name, shape in shapes.items()
-        if name in state_dict and tuple(state_dict[name].shape) != shape
-    ]
-    if wrong:
-        problems.append(f"wrong shapes {_listing(wrong)}")
-    if problems:
-        raise ConversionError(f"{what} does not match the config: " + "; ".join(problems))
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:10])
-    return shown + (f" (and {len(items) - 10} more)" if len(items) > 10 else "")
 
 
 def _axes(value: Any) -> tuple[int, int, int]:

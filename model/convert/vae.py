@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from model.convert.checkpoint import (
     ConversionError,
+    check_shapes,
     read_config,
     read_state_dict,
     write_checkpoint,
@@ -198,7 +199,7 @@ def vae_from_diffusers(
 ) -> tuple[VAEConfig, StateDict]:
     """Our config and state dict from a diffusers ``AutoencoderKLQwenImage21``'s."""
     config = config_from_diffusers(diffusers_config)
-    _check(state_dict, diffusers_expected_shapes(config), f"{DIFFUSERS_CLASS} state dict")
+    check_shapes(state_dict, diffusers_expected_shapes(config), f"{DIFFUSERS_CLASS} state dict")
     converted = {t.ours: state_dict[t.theirs].reshape(t.our_shape) for t in _tensors(config)}
     return config, converted
 
@@ -212,7 +213,7 @@ def vae_to_diffusers(
     (in the dtype and on the device of ``to_moments.weight``).
     """
     diffusers_config = config_to_diffusers(config)
-    _check(state_dict, expected_shapes(config), "ResidualVAE state dict")
+    check_shapes(state_dict, expected_shapes(config), "ResidualVAE state dict")
     converted = {t.theirs: state_dict[t.ours].reshape(t.their_shape) for t in _tensors(config)}
     like = state_dict["to_moments.weight"]
     for name, shape in _time_convs(config).items():
@@ -294,32 +295,6 @@ def _time_convs(config: VAEConfig) -> dict[str, tuple[int, ...]]:
             name = f"decoder.up_blocks.{i}.upsampler.time_conv"
             shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (2 * c, c, 1, 1), (2 * c,)
     return shapes
-
-
-def _check(
-    state_dict: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], what: str
-) -> None:
-    missing = sorted(set(shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(shapes))
-    problems = []
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_listing(unexpected)}")
-    wrong = [
-        f"{name}: {tuple(state_dict[name].shape)} != {shape}"
-        for name, shape in shapes.items()
-        if name in state_dict and tuple(state_dict[name].shape) != shape
-    ]
-    if wrong:
-        problems.append(f"wrong shapes {_listing(wrong)}")
-    if problems:
-        raise ConversionError(f"{what} does not match the config: " + "; ".join(problems))
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:10])
-    return shown + (f" (and {len(items) - 10} more)" if len(items) > 10 else "")
 
 
 def _floats(value: Any) -> tuple[float, ...] | None:
