@@ -564,13 +564,6 @@ class ResidualVAE(nn.Module):
         self.to_moments = nn.Conv2d(2 * z, 2 * z, 1)
         self.from_latents = nn.Conv2d(z, z, 1)
         self.decoder = Decoder(config)
-        mean = config.latents_mean if config.latents_mean is not None else (0.0,) * z
-        std = config.latents_std if config.latents_std is not None else (1.0,) * z
-        # Derived from the config, so not part of the state dict.
-        self.latents_mean: Tensor
-        self.latents_std: Tensor
-        self.register_buffer("latents_mean", torch.tensor(mean), persistent=False)  # (z,)
-        self.register_buffer("latents_std", torch.tensor(std), persistent=False)  # (z,)
 
     def encode(self, images: Tensor) -> DiagonalGaussian:
         """Images ``(B, C_img, H, W)`` in [-1, 1] -> posterior over ``(B, z, H / f, W / f)``.
@@ -619,17 +612,29 @@ class ResidualVAE(nn.Module):
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(latents, clamp=clamp), posterior
 
+    def _latent_stats(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        # float32 from the config, not the buffers: a bf16 model would round the statistics.
+        z = self.config.latent_channels
+        mean = self.config.latents_mean or (0.0,) * z
+        std = self.config.latents_std or (1.0,) * z
+        device = latents.device
+        return (
+            torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+        )  # (1, z, 1, 1) each
+
     def normalize_latents(self, latents: Tensor) -> Tensor:
-        """Raw latents ``(B, z, h, w)`` -> the diffusion model's space: ``(z - mean) / std``."""
-        mean = self.latents_mean.view(1, -1, 1, 1).to(latents)
-        std = self.latents_std.view(1, -1, 1, 1).to(latents)
-        return (latents - mean) / std
+        """Raw latents ``(B, z, h, w)`` -> the diffusion model's space: ``(z - mean) / std``.
+
+        Computed in float32, returned in the dtype of ``latents``.
+        """
+        mean, std = self._latent_stats(latents)
+        return ((latents.float() - mean) / std).to(latents.dtype)
 
     def denormalize_latents(self, latents: Tensor) -> Tensor:
-        """The inverse of :meth:`normalize_latents`: ``z * std + mean``."""
-        mean = self.latents_mean.view(1, -1, 1, 1).to(latents)
-        std = self.latents_std.view(1, -1, 1, 1).to(latents)
-        return latents * std + mean
+        """The inverse of :meth:`normalize_latents`: ``z * std + mean`` (in float32)."""
+        mean, std = self._latent_stats(latents)
+        return (latents.float() * std + mean).to(latents.dtype)
 
 
 def with_opaque_alpha(images: Tensor) -> Tensor:

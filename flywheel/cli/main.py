@@ -7,6 +7,7 @@ one-line reason when a service it needs is unavailable.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -215,7 +216,6 @@ def convert(
     ] = "5GB",
 ) -> None:
     """Convert a Qwen-Image-2.1 transformer or VAE checkpoint between diffusers and ours."""
-    from model.convert.checkpoint import CheckpointError
     from model.convert.directory import convert_from_diffusers, convert_to_diffusers
 
     if (from_diffusers is None) == (to_diffusers is None):
@@ -224,14 +224,16 @@ def convert(
     assert source is not None
     if not source.is_dir():
         fail(f"{source}: not a directory")
-    if out.exists() and any(out.iterdir()):
-        fail(f"{out}: exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"{out}: exists and is not an empty directory")
+    if not re.fullmatch(r"\d+(KB|MB|GB|TB)?", max_shard_size):
+        fail(f"--max-shard-size {max_shard_size!r}: a byte count or a size like 500MB, 5GB")
     try:
         if from_diffusers is not None:
             converted = convert_from_diffusers(source, out, max_shard_size=max_shard_size)
         else:
             converted = convert_to_diffusers(source, out, max_shard_size=max_shard_size)
-    except (CheckpointError, ValueError) as exc:
+    except ValueError as exc:  # CheckpointError, ConversionError
         fail(str(exc).splitlines()[0])
     console.print(
         f"converted {converted.component} ({converted.tensors} tensors) into {out}: "

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 StateDict = dict[str, torch.Tensor]
 
@@ -71,7 +73,11 @@ def read_state_dict(directory: Path) -> StateDict:
     """All weights of a checkpoint directory, merged from its shards."""
     state: StateDict = {}
     for path in _weight_files(directory):
-        for name, tensor in load_file(path).items():
+        try:
+            tensors = load_file(path)
+        except SafetensorError as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+        for name, tensor in tensors.items():
             if name in state:
                 raise CheckpointError(f"{directory}: tensor {name!r} appears in two shards")
             state[name] = tensor

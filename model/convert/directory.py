@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from torch import Tensor
 
 from model.convert.checkpoint import (
+    DIFFUSERS_WEIGHTS_NAME,
     CheckpointError,
     StateDict,
     read_config,
@@ -28,7 +29,6 @@ from model.transformer import TransformerConfig
 from model.vae import VAEConfig
 
 FORMAT = "flywheel-checkpoint/1"
-DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass(frozen=True, slots=True)

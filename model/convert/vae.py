@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from model.convert.checkpoint import (
+    DIFFUSERS_WEIGHTS_NAME,
     ConversionError,
+    StateDict,
     check_shapes,
     read_config,
     read_state_dict,
@@ -40,9 +42,6 @@ from model.vae import (
 )
 
 DIFFUSERS_CLASS = "AutoencoderKLQwenImage21"
-DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-StateDict = dict[str, Tensor]
 
 
 # diffusers config keys we read; keys starting with "_" (class name, version) are metadata.

@@ -117,7 +117,9 @@ def test_bad_invocations_exit_2_with_one_line(tmp_path: Path) -> None:
             ["--from-diffusers", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
             "not a directory",
         ),
-        (["--from-diffusers", str(src), "--out", str(busy)], "not empty"),
+        (["--from-diffusers", str(src), "--out", str(busy)], "not an empty directory"),
+        (["--from-diffusers", str(src), "--out", str(busy / "x")], "not an empty directory"),
+        (["--from-diffusers", str(src), "--out", "o", "--max-shard-size", "abc"], "byte count"),
         (["--from-diffusers", str(src), "--out", str(tmp_path / "o")], "unsupported component"),
         (["--to-diffusers", str(src), "--out", str(tmp_path / "o2")], "not a flywheel-checkpoint"),
     ]
@@ -126,6 +128,16 @@ def test_bad_invocations_exit_2_with_one_line(tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert needle in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_truncated_weights_file_is_a_clean_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage21"}))
+    (src / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    result = _convert("--from-diffusers", str(src), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "not a readable safetensors file" in result.stderr
 
 
 @pytest.mark.parametrize("component", ["vae", "transformer"])
