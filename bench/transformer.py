@@ -41,20 +41,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.convert.transformer import transformer_to_diffusers
+from model.convert.transformer import diffusers_inputs, transformer_to_diffusers
 from model.torchvision_compat import import_torchvision
 from model.transformer import (
     DiffusionTransformer,
     TransformerConfig,
     build_layout,
+    from_tokens,
     transformer_1b,
     transformer_debug,
     transformer_small,
@@ -234,43 +232,24 @@ def build_reference(ours: DiffusionTransformer) -> Any:
 
 def ours_step(model: DiffusionTransformer, inputs: Inputs) -> Tensor:
     model.zero_grad(set_to_none=True)
-    prediction = model(
+    prediction: Tensor = model(
         inputs.latents, inputs.timestep, inputs.condition, input_latents=inputs.input_latents
     )
-    prediction.float().square().mean().backward()
+    torch.autograd.backward(prediction.float().square().mean())
     return prediction.detach()
 
 
 def reference_step(reference: Any, inputs: Inputs) -> Tensor:
     """The same step through diffusers: input images take slots right after the condition."""
     reference.zero_grad(set_to_none=True)
-    b, c, h, w = inputs.latents.shape
-    images = [*inputs.input_latents, inputs.latents]
-    packed = torch.cat([image.flatten(2).transpose(1, 2) for image in images], dim=1)
-    slots = sum(image.shape[2] * image.shape[3] for image in inputs.input_latents) // 4
-    condition = inputs.condition
-    if slots:
-        condition = torch.cat([condition, condition.new_zeros(b, slots, condition.shape[2])], 1)
-    device = inputs.latents.device
-    img_mask = torch.cat(
-        [
-            torch.zeros(b, inputs.condition.shape[1], dtype=torch.bool, device=device),
-            torch.ones(b, slots + h * w // 4, dtype=torch.bool, device=device),
-        ],
-        dim=1,
+    _, _, h, w = inputs.latents.shape
+    kwargs = diffusers_inputs(
+        inputs.latents, inputs.timestep, inputs.condition, input_latents=inputs.input_latents
     )
-    shapes = [(1, image.shape[2], image.shape[3]) for image in images]
-    out = reference(
-        hidden_states=packed,
-        encoder_hidden_states=condition,
-        timestep=inputs.timestep.to(packed.dtype),
-        img_shapes=[shapes] * b,
-        img_mask=img_mask,
-        return_dict=False,
-    )[0]
-    prediction = out[:, -h * w :]
-    prediction.float().square().mean().backward()
-    return prediction.detach().transpose(1, 2).reshape(b, c, h, w)
+    out: Tensor = reference(**kwargs)[0]  # (B, N, C): every image's tokens, the target last
+    prediction = out[:, -h * w :]  # (B, T, C)
+    torch.autograd.backward(prediction.float().square().mean())
+    return from_tokens(prediction.detach(), h, w, 1)
 
 
 def synchronize(device: torch.device) -> None:

@@ -424,7 +424,7 @@ def attention_masks(
     )
 
 
-def patchify(latents: Tensor, patch_size: int) -> Tensor:
+def to_tokens(latents: Tensor, patch_size: int) -> Tensor:
     """(B, C, H, W) -> (B, H/p * W/p, C * p * p) tokens, raster order, features (C, p, p)."""
     b, c, h, w = latents.shape
     p = patch_size
@@ -436,8 +436,8 @@ def patchify(latents: Tensor, patch_size: int) -> Tensor:
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def unpatchify(tokens: Tensor, height: int, width: int, patch_size: int) -> Tensor:
-    """(B, h * w, C * p * p) -> (B, C, h * p, w * p); the inverse of :func:`patchify`."""
+def from_tokens(tokens: Tensor, height: int, width: int, patch_size: int) -> Tensor:
+    """(B, h * w, C * p * p) -> (B, C, h * p, w * p); the inverse of :func:`to_tokens`."""
     b, _, features = tokens.shape
     p = patch_size
     c = features // (p * p)
@@ -451,22 +451,26 @@ def unpatchify(tokens: Tensor, height: int, width: int, patch_size: int) -> Tens
 
 
 class TimestepEmbedding(nn.Module):
-    """t in [0, 1] (B,) -> (B, D): sinusoids of ``scale * t`` (cos half first), then an MLP."""
+    """t in [0, 1] (B,) -> (B, D): sinusoids of ``scale * t`` (cos half first), then an MLP.
 
-    frequencies: Tensor  # (F / 2,) float32, not saved
+    The sinusoids are computed in float32 whatever the model's dtype: in bf16 the angles
+    (up to ``scale`` = 1000 rad) would be off by more than a radian.
+    """
 
     def __init__(self, features: int, hidden_size: int, scale: float) -> None:
         super().__init__()
+        self.features = features
         self.scale = scale
-        half = features // 2
-        frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("frequencies", frequencies, persistent=False)
         self.fc1 = nn.Linear(features, hidden_size, bias=False)
         self.fc2 = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, timestep: Tensor) -> Tensor:
-        args = (self.scale * timestep.float())[:, None] * self.frequencies[None]  # (B, F/2)
-        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
+        half = self.features // 2
+        # Not a buffer: ``model.to(torch.bfloat16)`` would round the frequencies.
+        steps = torch.arange(half, dtype=torch.float32, device=timestep.device)
+        frequencies = torch.exp(-math.log(10000.0) * steps / half)  # (F / 2,) float32
+        args = (self.scale * timestep.float())[:, None] * frequencies[None]  # (B, F/2) float32
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F) float32
         features = features.to(self.fc1.weight.dtype)
         embedding: Tensor = self.fc2(F.silu(self.fc1(features)))  # (B, D)
         return embedding
@@ -610,8 +614,8 @@ class DiffusionTransformer(nn.Module):
         # silu(temb) -> the scale of the final layer norm.
         self.final_modulation = nn.Linear(d, d, bias=False)
         self.latent_out = nn.Linear(d, token_features, bias=False)
+        # Recompute each block's activations in the backward pass (saves memory in training).
         self.gradient_checkpointing = False
-        """Recompute each block's activations in the backward pass (saves memory in training)."""
 
     def forward(
         self,
@@ -627,7 +631,7 @@ class DiffusionTransformer(nn.Module):
 
         Args:
             latents: (B, C, H, W) noisy target latents (H, W multiples of ``patch_size``).
-            timestep: (B,) flow time in [0, 1] (1 = pure noise), or a scalar for the batch.
+            timestep: (B,) flow time in [0, 1] (1 = pure noise), or a 0-d scalar for the batch.
             condition: (B, Lc, Dc) condition-encoder hidden states.
             condition_mask: (B, Lc) bool, True at valid condition tokens; None = all valid.
             input_latents: clean latents of the input images (editing), each (B, C, h_i, w_i),
@@ -640,7 +644,16 @@ class DiffusionTransformer(nn.Module):
         """
         config = self.config
         p = config.patch_size
+        if latents.ndim != 4 or latents.shape[1] != config.latent_channels:
+            raise ValueError(
+                f"latents must be (B, C={config.latent_channels}, H, W), got {tuple(latents.shape)}"
+            )
         batch, _, height, width = latents.shape
+        if timestep.shape not in ((), (batch,)):
+            raise ValueError(
+                f"timestep must be (B={batch},) like the latents' batch (or a scalar), "
+                f"got {tuple(timestep.shape)}"
+            )
         if condition.ndim != 3 or condition.shape[0] != batch:
             raise ValueError(f"condition must be (B={batch}, Lc, Dc), got {tuple(condition.shape)}")
         if condition.shape[-1] != config.condition_dim:
@@ -648,11 +661,16 @@ class DiffusionTransformer(nn.Module):
                 f"condition has {condition.shape[-1]} channels, the model expects "
                 f"condition_dim={config.condition_dim}"
             )
-        if condition_mask is not None and condition_mask.shape != condition.shape[:2]:
-            raise ValueError(
-                f"condition_mask must be {tuple(condition.shape[:2])}, "
-                f"got {tuple(condition_mask.shape)}"
-            )
+        if condition_mask is not None:
+            if condition_mask.shape != condition.shape[:2]:
+                raise ValueError(
+                    f"condition_mask must be (B, Lc) = {tuple(condition.shape[:2])} like the "
+                    f"condition, got {tuple(condition_mask.shape)}"
+                )
+            if condition_mask.dtype.is_floating_point or condition_mask.dtype.is_complex:
+                raise ValueError(
+                    f"condition_mask must be bool (True = valid token), got {condition_mask.dtype}"
+                )
         for i, image in enumerate(input_latents):
             if image.ndim != 4 or image.shape[:2] != latents.shape[:2]:
                 raise ValueError(
@@ -670,7 +688,7 @@ class DiffusionTransformer(nn.Module):
         source_index = layout.source_index.to(device)
 
         # The joint sequence: condition tokens and image tokens gathered into place.
-        image_tokens = torch.cat([patchify(image.to(dtype), p) for image in images], dim=1)
+        image_tokens = torch.cat([to_tokens(image.to(dtype), p) for image in images], dim=1)
         sources = torch.cat([self.condition_in(condition), self.latent_in(image_tokens)], dim=1)
         x = sources.index_select(1, source_index)  # (B, L, D)
 
@@ -683,7 +701,7 @@ class DiffusionTransformer(nn.Module):
         positions = position_ids(layout, condition_mask, device)  # (B | 1, L, 3)
         rope = rope_frequencies(positions, config.rope_axes_dims, config.rope_theta)
 
-        timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        timestep = timestep.to(device=device, dtype=torch.float32).expand(batch)  # (B,)
         modulation, target_temb = self._modulation(timestep, layout)
 
         for block in self.blocks:
@@ -697,7 +715,7 @@ class DiffusionTransformer(nn.Module):
         scale = 1 + self.final_modulation(F.silu(target_temb))  # (B, D)
         target = F.layer_norm(target, (target.shape[-1],), eps=config.eps) * scale[:, None]
         out = self.latent_out(target)  # (B, T, C p p)
-        return unpatchify(out, height // p, width // p, p).to(latents.dtype)
+        return from_tokens(out, height // p, width // p, p).to(latents.dtype)
 
     def _modulation(self, timestep: Tensor, layout: SequenceLayout) -> tuple[Modulation, Tensor]:
         """Per-token modulation for the blocks, and the target's timestep embedding (B, D)."""

@@ -5,18 +5,20 @@ zero-centred in both); only the names differ. ``transformer_from_diffusers`` tak
 state dict and its config (``model.config`` or the checkpoint's ``config.json``) and returns our
 config and state dict; ``transformer_to_diffusers`` goes back. Unknown, missing or misshapen
 tensors and config values that one side cannot express raise ``ConversionError``.
+``diffusers_inputs`` turns our forward's inputs into the diffusers model's (for comparisons).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from model.convert.checkpoint import ConversionError, check_shapes, listing
-from model.transformer import TransformerConfig
+from model.transformer import TransformerConfig, to_tokens
 
 # Per-block names: ours <- diffusers, under ``blocks.{i}.`` / ``transformer_blocks.{i}.``.
 _BLOCK_NAMES: dict[str, str] = {
@@ -61,13 +63,16 @@ _DIFFUSERS_KEYS = frozenset(
     }
 )
 
-# What diffusers' model fixes and ours makes configurable.
+# Latent tokens per image slot of diffusers' ``img_mask`` (its ``_IMG_TOKENS_PER_SLOT``).
+_DIFFUSERS_SLOT_TOKENS = 4
+
+# What diffusers' model fixes and ours makes configurable: TransformerConfig field -> value.
 _DIFFUSERS_FIXED: dict[str, Any] = {
     "rope_theta": 10000.0,
     "timestep_features": 256,
     "timestep_scale": 1000.0,
     "block_causal": True,
-    "tokens_per_image_slot": 4,
+    "tokens_per_image_slot": _DIFFUSERS_SLOT_TOKENS,
 }
 
 
@@ -78,10 +83,11 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> TransformerCon
     )
     if unknown:
         raise ConversionError(f"unknown QwenImage21Transformer2DModel config keys: {unknown}")
+    # diffusers' defaults are the published shape, which is TransformerConfig()'s.
     defaults = TransformerConfig()
     get = diffusers_config.get
-    in_channels = int(get("in_channels", 64))
-    out_channels = get("out_channels", 64)
+    in_channels = int(get("in_channels", defaults.latent_channels))
+    out_channels = get("out_channels", in_channels)
     out_channels = in_channels if out_channels is None else int(out_channels)
     if out_channels != in_channels:
         raise ConversionError(
@@ -90,20 +96,16 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> TransformerCon
         )
     config = TransformerConfig(
         latent_channels=in_channels,
-        patch_size=int(get("patch_size", 1)),
-        condition_dim=int(get("context_in_dim", 4096)),
-        num_layers=int(get("num_layers", 32)),
-        num_heads=int(get("num_attention_heads", 32)),
-        head_dim=int(get("attention_head_dim", 128)),
-        mlp_ratio=int(get("mlp_ratio", 3)),
-        rope_axes_dims=_axes(get("axes_dims_rope", (16, 56, 56))),
-        eps=float(get("eps", 1e-6)),
-        causal_condition=bool(get("causal_condition", True)),
-        rope_theta=defaults.rope_theta,
-        timestep_features=defaults.timestep_features,
-        timestep_scale=defaults.timestep_scale,
-        block_causal=True,
-        tokens_per_image_slot=4,
+        patch_size=int(get("patch_size", defaults.patch_size)),
+        condition_dim=int(get("context_in_dim", defaults.condition_dim)),
+        num_layers=int(get("num_layers", defaults.num_layers)),
+        num_heads=int(get("num_attention_heads", defaults.num_heads)),
+        head_dim=int(get("attention_head_dim", defaults.head_dim)),
+        mlp_ratio=int(get("mlp_ratio", defaults.mlp_ratio)),
+        rope_axes_dims=_axes(get("axes_dims_rope", defaults.rope_axes_dims)),
+        eps=float(get("eps", defaults.eps)),
+        causal_condition=bool(get("causal_condition", defaults.causal_condition)),
+        **_DIFFUSERS_FIXED,
     )
     try:
         config.validate()
@@ -132,6 +134,64 @@ def config_to_diffusers(config: TransformerConfig) -> dict[str, Any]:
         "axes_dims_rope": tuple(config.rope_axes_dims),
         "eps": config.eps,
         "causal_condition": config.causal_condition,
+    }
+
+
+def diffusers_inputs(
+    latents: Tensor,
+    timestep: Tensor,
+    condition: Tensor,
+    condition_mask: Tensor | None = None,
+    *,
+    input_latents: Sequence[Tensor] = (),
+    image_slots: Tensor | None = None,
+    patch_size: int = 1,
+) -> dict[str, Any]:
+    """Keyword arguments of ``QwenImage21Transformer2DModel.forward`` for our model's inputs.
+
+    The arguments are those of ``DiffusionTransformer.forward`` (``patch_size`` is the model's).
+    Images are packed as our :func:`~model.transformer.to_tokens` packs them, input images
+    first, the target last. Without ``image_slots``, slots for the input images are appended
+    after the condition (zero hidden states, which diffusers replaces by the image tokens), as
+    our model places them. diffusers returns ``(out,)`` with ``out`` (B, N, C * p * p) over
+    every image token: the target's prediction is ``from_tokens(out[:, -T:], H / p, W / p, p)``
+    with ``T = H * W / p^2``.
+    """
+    p = patch_size
+    batch = latents.shape[0]
+    device = latents.device
+    images = [*input_latents, latents]
+    shapes = [(1, image.shape[2] // p, image.shape[3] // p) for image in images]
+    input_tokens = sum(h * w for _, h, w in shapes[:-1])
+    target_tokens = shapes[-1][1] * shapes[-1][2]
+    slot = _DIFFUSERS_SLOT_TOKENS
+    if input_tokens % slot or target_tokens % slot:
+        raise ValueError(
+            f"diffusers counts image tokens in slots of {slot}: the input images have "
+            f"{input_tokens} tokens, the target {target_tokens}"
+        )
+    if image_slots is None:
+        slots = input_tokens // slot
+        padding = condition.new_zeros(batch, slots, condition.shape[2])  # (B, S, Dc)
+        condition = torch.cat([condition, padding], dim=1)
+        image_slots = torch.cat(
+            [
+                torch.zeros(condition.shape[1] - slots, dtype=torch.bool, device=device),
+                torch.ones(slots, dtype=torch.bool, device=device),
+            ]
+        )
+        if condition_mask is not None:
+            condition_mask = torch.cat([condition_mask, condition_mask.new_ones(batch, slots)], 1)
+    target_slots = torch.ones(target_tokens // slot, dtype=torch.bool, device=device)
+    img_mask = torch.cat([image_slots.to(device=device, dtype=torch.bool), target_slots])
+    return {
+        "hidden_states": torch.cat([to_tokens(image, p) for image in images], dim=1),
+        "encoder_hidden_states": condition,  # (B, Lc + S, Dc)
+        "encoder_hidden_states_mask": condition_mask,  # (B, Lc + S) or None
+        "timestep": timestep,  # (B,)
+        "img_shapes": [shapes] * batch,
+        "img_mask": img_mask[None].expand(batch, -1),  # (B, Lc + S + T / 4)
+        "return_dict": False,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ from model.transformer import (
     TransformerConfig,
     attention_masks,
     build_layout,
-    patchify,
+    from_tokens,
     position_ids,
+    to_tokens,
     transformer_1b,
     transformer_debug,
     transformer_small,
-    unpatchify,
 )
 
 
@@ -41,8 +42,9 @@ def _config(**overrides: Any) -> TransformerConfig:
 
 
 def _model(config: TransformerConfig | None = None, seed: int = 0) -> DiffusionTransformer:
-    torch.manual_seed(seed)
-    model = DiffusionTransformer(config or _config())
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(seed)
+        model = DiffusionTransformer(config or _config())
     # Norm weights away from their neutral value, so every parameter shapes the output.
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -62,6 +64,10 @@ def _inputs(
     return latents, timestep, condition
 
 
+def _randn(*shape: int, seed: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 def _max_diff(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max())
 
@@ -74,7 +80,7 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 def test_output_has_the_shape_and_dtype_of_the_latents(patch_size: int, editing: bool) -> None:
     model = _model(_config(patch_size=patch_size))
     latents, timestep, condition = _inputs(size=(4, 8))
-    inputs = [torch.randn(2, 8, 6, 4), torch.randn(2, 8, 2, 2)] if editing else []
+    inputs = [_randn(2, 8, 6, 4, seed=2), _randn(2, 8, 2, 2, seed=3)] if editing else []
     with torch.no_grad():
         out = model(latents.double(), timestep, condition, input_latents=inputs)
     assert out.shape == (2, 8, 4, 8)
@@ -106,14 +112,14 @@ def test_forward_creates_its_tensors_on_the_model_device() -> None:
         assert out.shape == (2, 8, 4, 6)
 
 
-def test_patchify_round_trips_and_orders_features_channel_first() -> None:
+def test_to_tokens_round_trips_and_orders_features_channel_first() -> None:
     latents = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
-    tokens = patchify(latents, 2)
+    tokens = to_tokens(latents, 2)
     assert tokens.shape == (2, 2 * 3, 3 * 4)
     # Token (row 0, col 1) holds channel 0's 2 x 2 patch first: pixels (0,2), (0,3), (1,2), (1,3).
     assert tokens[0, 1, :4].tolist() == [2.0, 3.0, 8.0, 9.0]
-    assert torch.equal(unpatchify(tokens, 2, 3, 2), latents)
-    assert torch.equal(unpatchify(patchify(latents, 1), 4, 6, 1), latents)
+    assert torch.equal(from_tokens(tokens, 2, 3, 2), latents)
+    assert torch.equal(from_tokens(to_tokens(latents, 1), 4, 6, 1), latents)
 
 
 def test_recipes_are_valid_and_sized_as_named() -> None:
@@ -129,7 +135,7 @@ def test_invalid_inputs_are_refused_with_a_reason() -> None:
     model = _model()
     latents, timestep, condition = _inputs()
     with pytest.raises(ValueError, match="condition_dim=12"):
-        model(latents, timestep, torch.randn(2, 6, 5))
+        model(latents, timestep, _randn(2, 6, 5, seed=2))
     with pytest.raises(ValueError, match="condition_mask"):
         model(latents, timestep, condition, torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="slot tokens"):  # 1 slot = 4 tokens < 8 image tokens
@@ -137,11 +143,66 @@ def test_invalid_inputs_are_refused_with_a_reason() -> None:
             latents,
             timestep,
             condition,
-            input_latents=[torch.randn(2, 8, 2, 4)],
+            input_latents=[_randn(2, 8, 2, 4, seed=2)],
             image_slots=torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.bool),
         )
     with pytest.raises(ValueError, match="sum to"):
         DiffusionTransformer(_config(rope_axes_dims=(4, 4, 4)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            {"timestep": torch.rand(3)}, r"timestep must be \(B=2,\)", id="timestep-batch"
+        ),
+        pytest.param({"timestep": torch.rand(2, 1)}, r"timestep must be", id="timestep-2d"),
+        pytest.param({"latents": torch.zeros(2, 5, 4, 6)}, r"latents must be", id="channels"),
+        pytest.param({"latents": torch.zeros(8, 4, 6)}, r"latents must be", id="latents-3d"),
+        pytest.param({"condition": torch.zeros(3, 6, 12)}, r"condition must be", id="cond-batch"),
+        pytest.param({"mask": torch.ones(3, 6, dtype=torch.bool)}, "condition_mask", id="mask"),
+        pytest.param({"mask": torch.ones(2, 6)}, "must be bool", id="float-mask"),
+    ],
+)
+def test_inconsistent_input_shapes_raise_value_errors(
+    change: dict[str, Tensor], message: str
+) -> None:
+    model = _model()
+    latents, timestep, condition = _inputs()
+    kwargs = {"latents": latents, "timestep": timestep, "condition": condition, "mask": None}
+    kwargs.update(change)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(kwargs["latents"], kwargs["timestep"], kwargs["condition"], kwargs["mask"])
+
+
+def test_scalar_timestep_is_shared_by_the_batch() -> None:
+    model = _model()
+    latents, _, condition = _inputs()
+    with torch.no_grad():
+        shared = model(latents, torch.tensor(0.3), condition)
+        assert torch.equal(shared, model(latents, torch.full((2,), 0.3), condition))
+
+
+def _relative_error(got: Tensor, expected: Tensor) -> Tensor:
+    """Per-sample relative L2 error: (B,)."""
+    error: Tensor = (got.float() - expected).flatten(1).norm(dim=1)
+    scale: Tensor = expected.flatten(1).norm(dim=1)
+    return error / scale
+
+
+def test_bfloat16_model_keeps_the_timestep_embedding_accurate() -> None:
+    """The sinusoids stay fp32 in a bf16 model (bf16 angles near 1000 rad are off by radians)."""
+    model = _model()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    timestep = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0])
+    latents, _, condition = _inputs(batch=5)
+    with torch.no_grad():
+        embedding_error = _relative_error(half.time_embed(timestep), model.time_embed(timestep))
+        expected = model(latents, timestep, condition)
+        got = half(latents.bfloat16(), timestep, condition.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert embedding_error.max() < 0.02, embedding_error.tolist()
+    assert _relative_error(got, expected).max() < 0.03
 
 
 # ---- masks ------------------------------------------------------------------------------
@@ -157,7 +218,7 @@ def test_padded_condition_tokens_change_nothing() -> None:
     with torch.no_grad():
         out = model(latents, timestep, condition, mask)
         scrambled = condition.clone()
-        scrambled[~mask] = 100 * torch.randn(int((~mask).sum()), 12)
+        scrambled[~mask] = 100 * _randn(int((~mask).sum()), 12, seed=2)
         assert _max_diff(model(latents, timestep, scrambled, mask), out) < 1e-6
         for i in range(3):
             alone = model(latents[i : i + 1], timestep[i : i + 1], condition[i : i + 1, mask[i]])
@@ -171,7 +232,7 @@ def test_padded_condition_tokens_change_nothing() -> None:
 def test_padded_editing_batch_equals_each_sample_alone() -> None:
     model = _model()
     latents, timestep, condition = _inputs(batch=2, condition_length=9)
-    image = torch.randn(2, 8, 2, 4)  # 8 tokens = 2 slots
+    image = _randn(2, 8, 2, 4, seed=2)  # 8 tokens = 2 slots
     slots = torch.tensor([0, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 5:] = False
@@ -231,7 +292,7 @@ def test_attention_follows_the_block_causal_mask() -> None:
     """Perturbing one token changes the hidden states exactly where the mask lets it reach."""
     model = _model(_config(num_layers=1))
     latents, timestep, condition = _inputs(batch=1, condition_length=7)
-    image = torch.randn(1, 8, 2, 2)  # 4 tokens = one slot
+    image = _randn(1, 8, 2, 2, seed=2)  # 4 tokens = one slot
     slots = torch.tensor([0, 0, 1, 0, 0, 0, 0], dtype=torch.bool)  # text 2 | image 4 | text 4
     captured: list[Tensor] = []
 
@@ -272,7 +333,7 @@ def test_prefix_does_not_depend_on_timestep_or_target() -> None:
     """causal_condition + block-causal: the prefix's activations are the same at every step."""
     model = _model()
     latents, timestep, condition = _inputs()
-    image = torch.randn(2, 8, 2, 2)
+    image = _randn(2, 8, 2, 2, seed=2)
     captured: list[Tensor] = []
 
     def keep(module: nn.Module, args: object, output: Tensor) -> None:
@@ -281,7 +342,9 @@ def test_prefix_does_not_depend_on_timestep_or_target() -> None:
     handle = model.blocks[-1].register_forward_hook(keep)
     with torch.no_grad():
         first = model(latents, timestep, condition, input_latents=[image])
-        second = model(torch.randn_like(latents), 1 - timestep, condition, input_latents=[image])
+        second = model(
+            _randn(*latents.shape, seed=3), 1 - timestep, condition, input_latents=[image]
+        )
     handle.remove()
     prefix = 6 + 4
     assert _max_diff(captured[0][:, :prefix], captured[1][:, :prefix]) == 0.0
@@ -347,7 +410,7 @@ def test_gradients_reach_every_parameter() -> None:
     model = _model().train()
     latents, timestep, condition = _inputs()
     condition.requires_grad_(True)
-    image = torch.randn(2, 8, 2, 2, requires_grad=True)
+    image = _randn(2, 8, 2, 2, seed=2).requires_grad_(True)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False
     out = model(latents, timestep, condition, mask, input_latents=[image])

@@ -18,11 +18,12 @@ from model.convert.checkpoint import ConversionError
 from model.convert.transformer import (
     config_from_diffusers,
     config_to_diffusers,
+    diffusers_inputs,
     transformer_from_diffusers,
     transformer_to_diffusers,
 )
 from model.torchvision_compat import import_torchvision
-from model.transformer import DiffusionTransformer, TransformerConfig
+from model.transformer import DiffusionTransformer, TransformerConfig, from_tokens
 
 TOLERANCE = 1e-4
 CONDITION_DIM = 24
@@ -74,19 +75,6 @@ def _ours(reference: Any) -> DiffusionTransformer:
     return model.eval()
 
 
-def _pack(latents: Tensor, p: int) -> Tensor:
-    """The Qwen-Image packing: (B, C, H, W) -> (B, H/p * W/p, C * p * p), features (C, p, p)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def _unpack(tokens: Tensor, shape: Sequence[int], p: int) -> Tensor:
-    b, c, h, w = shape
-    x = tokens.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
-
-
 def _run_reference(
     reference: Any,
     latents: Tensor,
@@ -99,32 +87,19 @@ def _run_reference(
 ) -> Tensor:
     """diffusers' forward on our inputs; images without slots get slots after the condition."""
     p = reference.config.patch_size
-    b = latents.shape[0]
-    images = [*input_latents, latents]
-    shapes = [(1, image.shape[2] // p, image.shape[3] // p) for image in images]
-    input_tokens = sum(h * w for _, h, w in shapes[:-1])
-    if image_slots is None:
-        # Slots for the input images right after the condition (their hidden states unused).
-        slots = input_tokens // 4
-        condition = torch.cat([condition, condition.new_zeros(b, slots, condition.shape[2])], 1)
-        image_slots = torch.cat(
-            [torch.zeros(condition.shape[1] - slots, dtype=torch.bool), torch.ones(slots).bool()]
-        )
-        if condition_mask is not None:
-            condition_mask = torch.cat([condition_mask, condition_mask.new_ones(b, slots)], 1)
-    target_tokens = shapes[-1][1] * shapes[-1][2]
-    img_mask = torch.cat([image_slots, torch.ones(target_tokens // 4, dtype=torch.bool)])
+    kwargs = diffusers_inputs(
+        latents,
+        timestep,
+        condition,
+        condition_mask,
+        input_latents=input_latents,
+        image_slots=image_slots,
+        patch_size=p,
+    )
     with torch.no_grad():
-        out = reference(
-            hidden_states=torch.cat([_pack(image, p) for image in images], dim=1),
-            encoder_hidden_states=condition,
-            encoder_hidden_states_mask=condition_mask,
-            timestep=timestep,
-            img_shapes=[shapes] * b,
-            img_mask=img_mask[None].expand(b, -1),
-            return_dict=False,
-        )[0]
-    return _unpack(out[:, -target_tokens:], latents.shape, p)
+        out = reference(**kwargs)[0]  # (B, N, C p p): every image's tokens, the target last
+    height, width = latents.shape[2] // p, latents.shape[3] // p
+    return from_tokens(out[:, -height * width :], height, width, p)
 
 
 def _inputs(
