@@ -20,9 +20,13 @@ QwenImage pipelines):
   An optional ``shift_terminal`` then stretches ``1 - s`` so that the last nonzero sigma
   equals ``shift_terminal``; a final ``0`` is appended.
 - True CFG (QwenImage): ``v = v_u + scale * (v_c - v_u)``, then rescaled so that its norm
-  over the last (channel) dimension equals the conditional prediction's, per token, on
-  packed ``(B, L, C)`` latents (``cfg_renorm="token"``). ``"sample"`` rescales per sample
-  over all non-batch dims instead, for unpacked layouts.
+  over the channel dimension equals the conditional prediction's, per token
+  (``cfg_renorm="token"``). The channel dimension depends on the layout: ``1`` for our
+  transformer's ``(B, C, H, W)`` latents (``SamplerConfig.channel_dim``'s default), ``-1``
+  for the packed ``(B, L, C)`` tokens of diffusers' pipeline. With ``patch_size = 1`` (a
+  token is one latent pixel, as in Qwen-Image-2.1) both give the same guidance; with
+  larger patches the per-pixel channel norm is finer than diffusers' per-token norm over a
+  ``p x p x C`` patch. ``"sample"`` rescales per sample over all non-batch dims instead.
 - SDE (Flow-GRPO): the reverse-time SDE with the same marginals as the ODE,
   ``dx = [v + sigma_t^2 / (2t) * (x + (1 - t) v)] dt + sigma_t dw`` with
   ``sigma_t = noise_level * sqrt(t / (1 - t))``, discretised by Euler-Maruyama with
@@ -48,6 +52,8 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 
 CfgRenorm = Literal["none", "token", "sample"]
 LogProbReduce = Literal["mean", "sum"]
+_CFG_RENORMS: tuple[CfgRenorm, ...] = ("none", "token", "sample")
+_LOG_PROB_REDUCES: tuple[LogProbReduce, ...] = ("mean", "sum")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,8 +83,12 @@ class SamplerConfig:
     guidance_scale: float = 4.0
     """True-CFG scale ``s`` in ``v_u + s (v_c - v_u)``; 1 (or no unconditional model) = off."""
     cfg_renorm: CfgRenorm = "token"
-    """Rescale the CFG prediction to the conditional norm: per token over the last dim
+    """Rescale the CFG prediction to the conditional norm: per token over ``channel_dim``
     (Qwen-Image), per sample over all non-batch dims, or not at all."""
+    channel_dim: int = 1
+    """The channel axis of the latents, over which ``cfg_renorm="token"`` takes its norms:
+    1 for ``(B, C, H, W)`` latents as our transformer takes and returns them; -1 for packed
+    ``(B, L, C)`` tokens as diffusers' QwenImage pipeline uses. Never 0 (the batch)."""
     noise_level: float = 0.7
     """SDE sampling: Flow-GRPO's ``a`` in ``sigma_t = a sqrt(t / (1 - t))`` (> 0)."""
     sde_window: tuple[int, int] | None = None
@@ -87,9 +97,47 @@ class SamplerConfig:
     log_prob_reduce: LogProbReduce = "mean"
     """SDE sampling: reduce per-element log-densities over non-batch dims by mean or sum."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with a value the samplers cannot use."""
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be finite and > 0, got {self.shift}")
+        for name, value in (("base_shift", self.base_shift), ("max_shift", self.max_shift)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if self.base_seq_len < 1:
+            raise ValueError(f"base_seq_len must be >= 1, got {self.base_seq_len}")
+        if self.max_seq_len <= self.base_seq_len:
+            raise ValueError(
+                f"max_seq_len must be > base_seq_len={self.base_seq_len}, got {self.max_seq_len}"
+            )
+        if self.shift_terminal is not None and not 0.0 <= self.shift_terminal < 1.0:
+            raise ValueError(f"shift_terminal must be None or in [0, 1), got {self.shift_terminal}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")
+        if self.cfg_renorm not in _CFG_RENORMS:
+            raise ValueError(f"cfg_renorm must be one of {_CFG_RENORMS}, got {self.cfg_renorm!r}")
+        if self.channel_dim == 0:
+            raise ValueError("channel_dim must not be 0, the batch dimension")
+        if not (math.isfinite(self.noise_level) and self.noise_level > 0):
+            raise ValueError(f"noise_level must be finite and > 0, got {self.noise_level}")
+        if self.sde_window is not None:
+            start, stop = self.sde_window
+            if not 0 <= start < stop <= self.steps:
+                raise ValueError(
+                    f"sde_window must be (start, stop) with 0 <= start < stop <= steps="
+                    f"{self.steps}, got {self.sde_window}"
+                )
+        if self.log_prob_reduce not in _LOG_PROB_REDUCES:
+            raise ValueError(
+                f"log_prob_reduce must be one of {_LOG_PROB_REDUCES}, got {self.log_prob_reduce!r}"
+            )
+
 
 def qwen_image_sampler() -> SamplerConfig:
-    """Qwen-Image inference: 50 steps, dynamic shift, true CFG 4.0 with per-token renorm."""
+    """Qwen-Image inference: 50 steps, dynamic shift, true CFG 4.0 with per-token renorm
+    over the channels of ``(B, C, H, W)`` latents (``channel_dim=1``)."""
     return SamplerConfig()
 
 
@@ -147,6 +195,7 @@ def flow_sigmas(
 
 def config_sigmas(config: SamplerConfig, seq_len: int | None = None) -> Tensor:
     """The grid ``(steps + 1,)`` for ``config``; ``seq_len`` (image tokens) for dynamic shift."""
+    config.validate()
     if config.dynamic_shift:
         if seq_len is None:
             raise ValueError("dynamic_shift needs seq_len, the number of image tokens")
@@ -165,18 +214,35 @@ def config_sigmas(config: SamplerConfig, seq_len: int | None = None) -> Tensor:
 
 
 def cfg_combine(
-    v_cond: Tensor, v_uncond: Tensor, scale: float, *, renorm: CfgRenorm = "token"
+    v_cond: Tensor,
+    v_uncond: Tensor,
+    scale: float,
+    *,
+    renorm: CfgRenorm = "token",
+    channel_dim: int = 1,
 ) -> Tensor:
     """True CFG ``v_u + scale (v_c - v_u)``, optionally rescaled to the conditional norm.
 
-    ``renorm="token"`` is Qwen-Image's: norms over the last dim, one per token of a packed
-    ``(B, L, C)`` latent. ``"sample"``: one norm per sample over all non-batch dims.
+    ``renorm="token"`` is Qwen-Image's: one norm per token (latent position) over the
+    channels, ``channel_dim`` -- 1 for ``(B, C, H, W)`` latents, -1 for packed ``(B, L, C)``
+    tokens. ``"sample"``: one norm per sample over all non-batch dims.
     """
+    if renorm not in _CFG_RENORMS:
+        raise ValueError(f"renorm must be one of {_CFG_RENORMS}, got {renorm!r}")
     combined = v_uncond + scale * (v_cond - v_uncond)
     if renorm == "none":
         return combined
-    dims = (-1,) if renorm == "token" else tuple(range(1, v_cond.ndim))
-    cond_norm = torch.linalg.vector_norm(v_cond, dim=dims, keepdim=True)  # (B, ..., 1)
+    if renorm == "token":
+        if not -v_cond.ndim <= channel_dim < v_cond.ndim or channel_dim % v_cond.ndim == 0:
+            raise ValueError(
+                f"channel_dim must be a non-batch dim of a {v_cond.ndim}-d tensor, "
+                f"got {channel_dim}"
+            )
+        dims: tuple[int, ...] = (channel_dim,)
+    else:
+        dims = tuple(range(1, v_cond.ndim))
+    # (B, 1, H, W) for "token" on (B, C, H, W); (B, 1, ..., 1) for "sample"
+    cond_norm = torch.linalg.vector_norm(v_cond, dim=dims, keepdim=True)
     comb_norm = torch.linalg.vector_norm(combined, dim=dims, keepdim=True)
     ratio = torch.where(comb_norm > 0, cond_norm / comb_norm, torch.ones_like(comb_norm))
     return combined * ratio
@@ -195,7 +261,9 @@ def _predict(
     if uncond_velocity is None or config.guidance_scale == 1.0:
         return v
     v_u = uncond_velocity(x, t_batch).to(x.dtype)
-    return cfg_combine(v, v_u, config.guidance_scale, renorm=config.cfg_renorm)
+    return cfg_combine(
+        v, v_u, config.guidance_scale, renorm=config.cfg_renorm, channel_dim=config.channel_dim
+    )
 
 
 def _state_dtype(x: Tensor) -> torch.dtype:
@@ -234,8 +302,10 @@ def sample_euler(
     negative prompt) turns on true CFG with ``config.guidance_scale`` unless that is 1.
     ``seq_len`` is the image token count, needed for dynamic shifting. The state is kept in
     float32 (float64 if ``noise`` is); the result has that dtype. Gradients are not
-    disabled: wrap the call in ``torch.no_grad()`` for inference.
+    disabled: wrap the call in ``torch.no_grad()`` for inference. Raises ValueError on an
+    invalid ``config`` (see :meth:`SamplerConfig.validate`).
     """
+    config.validate()
     sigmas = config_sigmas(config, seq_len)
 
     def predict(x: Tensor, t: float) -> Tensor:
@@ -319,6 +389,8 @@ def sde_step(
     """
     if noise_level <= 0:
         raise ValueError(f"noise_level must be > 0 for a stochastic step, got {noise_level}")
+    if reduce not in _LOG_PROB_REDUCES:
+        raise ValueError(f"reduce must be one of {_LOG_PROB_REDUCES}, got {reduce!r}")
     dtype = _state_dtype(x_t)
     x = x_t.to(dtype)
     v = v.to(dtype)
@@ -371,8 +443,9 @@ def sample_sde(
 
     Steps inside ``config.sde_window`` (all when None) are :func:`sde_step` with
     ``config.noise_level``; the others are Euler steps. Guidance and schedule as in
-    :func:`sample_euler`.
+    :func:`sample_euler`. Raises ValueError on an invalid ``config``.
     """
+    config.validate()
     sigmas = config_sigmas(config, seq_len)
     steps = config.steps
     start, stop = config.sde_window if config.sde_window is not None else (0, steps)

@@ -17,7 +17,9 @@ from model.sampling import (
     cfg_combine,
     config_sigmas,
     euler_step,
+    flow_grpo_sampler,
     flow_sigmas,
+    qwen_image_sampler,
     sample_euler,
     sample_few_step,
     sample_sde,
@@ -166,7 +168,7 @@ def test_euler_matches_diffusers_scheduler_loop() -> None:
     def uncond(x: Tensor, t: Tensor) -> Tensor:
         return x @ w_u - t.view(-1, 1, 1)
 
-    config = SamplerConfig(steps=6, guidance_scale=4.0)
+    config = SamplerConfig(steps=6, guidance_scale=4.0, channel_dim=-1)  # packed layout
     ours = sample_euler(cond, noise, config, uncond_velocity=uncond, seq_len=noise.shape[1])
 
     scheduler = _qwen_scheduler()
@@ -208,7 +210,7 @@ def test_cfg_renorm_keeps_conditional_norm() -> None:
     plain = cfg_combine(v_c, v_u, 5.0, renorm="none")
     torch.testing.assert_close(plain, v_u + 5.0 * (v_c - v_u))
 
-    token = cfg_combine(v_c, v_u, 5.0, renorm="token")
+    token = cfg_combine(v_c, v_u, 5.0, renorm="token", channel_dim=-1)  # packed (B, L, C)
     torch.testing.assert_close(token.norm(dim=-1), v_c.norm(dim=-1))
     # Only the length changes: same direction as the plain CFG prediction.
     cosine = torch.nn.functional.cosine_similarity(token, plain, dim=-1)
@@ -218,6 +220,118 @@ def test_cfg_renorm_keeps_conditional_norm() -> None:
     torch.testing.assert_close(sample.flatten(1).norm(dim=1), v_c.flatten(1).norm(dim=1))
     torch.testing.assert_close(sample / plain, (sample / plain)[:, :1, :1].expand_as(plain))
     assert not torch.allclose(token, sample)
+
+
+def test_cfg_token_renorm_is_per_position_over_channels_on_bchw() -> None:
+    """On our transformer's (B, C, H, W) layout the token norm is over dim 1, per (h, w)."""
+    g = torch.Generator().manual_seed(12)
+    v_c = torch.randn(2, 4, 5, 6, generator=g)  # (B, C, H, W) with H != W != C
+    v_u = torch.randn(2, 4, 5, 6, generator=g)
+    combined = cfg_combine(v_c, v_u, 4.0, renorm="token")  # channel_dim=1 by default
+    assert combined.shape == v_c.shape
+    torch.testing.assert_close(combined.norm(dim=1), v_c.norm(dim=1))  # (B, H, W)
+    plain = cfg_combine(v_c, v_u, 4.0, renorm="none")
+    cosine = torch.nn.functional.cosine_similarity(combined, plain, dim=1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+    # The old behaviour (norm over the last dim: the width) does not keep the channel norm.
+    old = cfg_combine(v_c, v_u, 4.0, renorm="token", channel_dim=-1)
+    assert not torch.allclose(old.norm(dim=1), v_c.norm(dim=1), rtol=1e-2, atol=1e-2)
+    # Negative dims name the same axis; the batch dim is refused.
+    torch.testing.assert_close(cfg_combine(v_c, v_u, 4.0, channel_dim=-3), combined)
+    for bad in (0, -4, 4):
+        with pytest.raises(ValueError, match="channel_dim"):
+            cfg_combine(v_c, v_u, 4.0, channel_dim=bad)
+    with pytest.raises(ValueError, match="renorm"):
+        cfg_combine(v_c, v_u, 4.0, renorm="pixel")  # type: ignore[arg-type]
+
+
+def test_bchw_sampling_matches_packed_tokens() -> None:
+    """qwen_image_sampler() on (B, C, H, W) gives the packed (B, L, C) guidance (p = 1)."""
+    g = torch.Generator().manual_seed(13)
+    b, c, h, w = 2, 4, 3, 5
+    noise = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    w_c = torch.randn(c, c, generator=g, dtype=torch.float64) / 3
+    w_u = torch.randn(c, c, generator=g, dtype=torch.float64) / 3
+
+    def pack(x: Tensor) -> Tensor:
+        return x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+
+    def unpack(x: Tensor) -> Tensor:
+        return x.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+
+    def linear(weight: Tensor, sign: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """A per-position channel mixer on packed tokens, plus a time bias."""
+
+        def velocity(tokens: Tensor, t: Tensor) -> Tensor:
+            return tokens @ weight + sign * t.view(-1, 1, 1)
+
+        return velocity
+
+    def on_bchw(velocity: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x, t: unpack(velocity(pack(x), t))
+
+    cond, uncond = linear(w_c, 1.0), linear(w_u, -1.0)
+    config = qwen_image_sampler()
+    config.steps = 5
+    assert config.channel_dim == 1
+    ours = sample_euler(
+        on_bchw(cond), noise, config, uncond_velocity=on_bchw(uncond), seq_len=h * w
+    )
+    config.channel_dim = -1
+    packed = sample_euler(cond, pack(noise), config, uncond_velocity=uncond, seq_len=h * w)
+    torch.testing.assert_close(ours, unpack(packed))
+    # channel_dim=-1 on (B, C, H, W) takes the norm over the width (the old default): wrong.
+    wrong = sample_euler(
+        on_bchw(cond), noise, config, uncond_velocity=on_bchw(uncond), seq_len=h * w
+    )
+    assert not torch.allclose(wrong, ours, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_recipes_validate() -> None:
+    qwen_image_sampler().validate()
+    flow_grpo_sampler().validate()
+    SamplerConfig(steps=4, sde_window=(0, 4), guidance_scale=0.0).validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("steps", {"steps": 0}),
+        ("shift", {"shift": 0.0}),
+        ("shift", {"shift": -2.0}),
+        ("max_shift", {"max_shift": math.nan}),
+        ("base_seq_len", {"base_seq_len": 0}),
+        ("max_seq_len", {"max_seq_len": 256}),
+        ("shift_terminal", {"shift_terminal": 1.0}),
+        ("shift_terminal", {"shift_terminal": -0.1}),
+        ("guidance_scale", {"guidance_scale": -1.0}),
+        ("guidance_scale", {"guidance_scale": math.inf}),
+        ("cfg_renorm", {"cfg_renorm": "pixel"}),
+        ("channel_dim", {"channel_dim": 0}),
+        ("noise_level", {"noise_level": 0.0}),
+        ("noise_level", {"noise_level": -0.7}),
+        ("sde_window", {"sde_window": (5, 2)}),
+        ("sde_window", {"sde_window": (3, 3)}),
+        ("sde_window", {"sde_window": (-1, 2)}),
+        ("sde_window", {"sde_window": (2, 11)}),
+        ("log_prob_reduce", {"log_prob_reduce": "max"}),
+    ],
+)
+def test_invalid_config_is_refused(field: str, kwargs: dict[str, object]) -> None:
+    config = SamplerConfig(**{"steps": 10, **kwargs})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=field):
+        config.validate()
+    noise = torch.zeros(2, 3)
+    # Every entry point validates before doing any work.
+    with pytest.raises(ValueError, match=field):
+        config_sigmas(config, 64)
+    with pytest.raises(ValueError, match=field):
+        sample_euler(gaussian_velocity, noise, config, seq_len=64)
+    with pytest.raises(ValueError, match=field):
+        sample_sde(gaussian_velocity, noise, config, seq_len=64)
 
 
 # ----------------------------------------------------------------------------- SDE
@@ -311,7 +425,9 @@ def test_sde_preserves_gaussian_marginal() -> None:
     g = torch.Generator().manual_seed(9)
     noise = torch.randn(4000, 8, generator=g, dtype=torch.float64)
     config = SamplerConfig(steps=50, dynamic_shift=False, shift_terminal=None, noise_level=0.7)
+    global_state = torch.get_rng_state()
     x0 = sample_sde(gaussian_velocity, noise, config, generator=g).latents[-1]
+    assert torch.equal(torch.get_rng_state(), global_state)  # only the local generator drew
     assert x0.mean().item() == pytest.approx(M, abs=0.02)
     assert x0.std().item() == pytest.approx(S, abs=0.02)
     # The noise really moved the samples off the ODE path.
@@ -339,7 +455,9 @@ def test_sde_trajectory_log_probs_re_evaluate() -> None:
     for i in range(config.steps):
         x_t, t, t_next = traj.latents[i], t_all[i], t_all[i + 1]
         tb = torch.full((3,), t)
-        v = cfg_combine(model(x_t, tb), uncond(x_t, tb), 3.0, renorm="token")
+        v = cfg_combine(
+            model(x_t, tb), uncond(x_t, tb), 3.0, renorm="token", channel_dim=config.channel_dim
+        )
         if not traj.stochastic[i]:
             torch.testing.assert_close(traj.latents[i + 1], euler_step(x_t, v, t, t_next))
             continue
