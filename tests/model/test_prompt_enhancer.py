@@ -1,5 +1,6 @@
 """Prompt enhancer: the tiny debug model written to disk and loaded offline through the real
-local-path loader; length limits, left-padded batches, greedy and seeded determinism."""
+local-path loader; length limits, left-padded batches, greedy and seeded determinism, and a
+caller's tokenizer left unchanged."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.hf_loading import load_tokenizer
 from model.prompt_enhancer import (
     IM_END,
+    PAD_TOKEN,
     PromptEnhancer,
     PromptEnhancerConfig,
     PromptEnhancerError,
@@ -147,3 +150,23 @@ def test_seeded_sampling_is_deterministic(enhancer: PromptEnhancer) -> None:
     assert sampler.rewrite(PROMPTS, seed=4) != first
     assert torch.equal(torch.random.get_rng_state(), state)
     assert first != enhancer.rewrite(PROMPTS)  # sampling, not greedy
+
+
+def test_a_callers_tokenizer_is_not_changed(
+    offline: None, enhancer: PromptEnhancer, tmp_path: Path
+) -> None:
+    unpadded = byte_level_tokenizer()
+    unpadded.pad_token = None
+    padded_here = PromptEnhancer(enhancer.config, enhancer.model, unpadded)
+    assert unpadded.pad_token is None
+    assert padded_here.tokenizer.pad_token == IM_END
+    assert PromptEnhancer(enhancer.config, enhancer.model, enhancer.tokenizer).tokenizer is (
+        enhancer.tokenizer
+    )
+    # Left padding is masked out: another pad token rewrites the batch the same way.
+    assert padded_here.rewrite(PROMPTS) == enhancer.rewrite(PROMPTS)
+    # A tokenizer loaded from a directory is ours: its pad token is set in place.
+    unpadded.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == IM_END
+    assert enhancer.tokenizer.pad_token == PAD_TOKEN  # the debug tokenizer keeps its own
