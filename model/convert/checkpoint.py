@@ -9,7 +9,8 @@ component and holds its config.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,10 @@ def write_checkpoint(
     weights_name: str = WEIGHTS_NAME,
     max_shard_size: int | str = "5GB",
 ) -> list[Path]:
-    """Write ``config.json`` and the weights, sharded above ``max_shard_size``.
+    """Write the weights (sharded above ``max_shard_size``) and then ``config.json``.
 
+    Every file is written under a temporary name, flushed to disk and renamed into place,
+    and ``config.json`` comes last: a directory with a config holds complete weights.
     Returns the files written.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,17 +108,33 @@ def write_checkpoint(
     for filename, names in split.filename_to_tensors.items():
         # Contiguous copies: safetensors refuses views and tensors that share storage.
         shard = {name: state_dict[name].detach().contiguous().clone() for name in names}
-        save_file(shard, directory / filename, metadata={"format": "pt"})
-        written.append(directory / filename)
+        written.append(_durably(directory / filename, _safetensors_writer(shard)))
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        index_path = directory / f"{weights_name}.index.json"
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
-        written.append(index_path)
-    config_path = directory / CONFIG_NAME
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    written.append(config_path)
+        written.append(_durably(directory / f"{weights_name}.index.json", _json_writer(index)))
+    written.append(_durably(directory / CONFIG_NAME, _json_writer(config)))
     return written
+
+
+def _safetensors_writer(tensors: StateDict) -> Callable[[Path], None]:
+    return lambda path: save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _json_writer(document: dict[str, Any]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(document, indent=2, sort_keys=True))
+
+    return write
+
+
+def _durably(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``write`` under a temporary name, fsync, then rename it."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    with partial.open("rb") as file:
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+    return path
 
 
 def check_shapes(

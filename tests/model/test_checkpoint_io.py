@@ -73,3 +73,12 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
     (tmp_path / "w.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="two shards"):
         read_state_dict(tmp_path)
+
+
+def test_files_appear_only_when_complete_and_config_comes_last(tmp_path: Path) -> None:
+    written = write_checkpoint(
+        tmp_path, config={"a": 1}, state_dict=_state(), max_shard_size=40_000
+    )
+    assert written[-1].name == "config.json"
+    assert not list(tmp_path.glob(".*.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
