@@ -1,0 +1,485 @@
+"""Pre-encoded training cache: a producer writes VAE latents and conditions, the trainer reads.
+
+Layout of a cache directory::
+
+    <cache>/manifest.json                      shapes, bucket config, shards (rewritten at end)
+    <cache>/<W>x<H>/shard-<NNNNN>.safetensors   one bucket's samples; NNNNN counts shards
+                                                over the whole cache, in the order written
+    <cache>/DONE                               written last: the cache is complete
+
+A shard holds ``latents`` (N, z, h, w) float32, normalized (``vae.normalize_latents`` of the
+posterior mean), ``condition`` (N, L, D) float32, right-padded, ``mask`` (N, L) bool, and in its
+metadata the sample ids (JSON list) and the bucket. Every file is written under a temporary name
+and moved in place with ``os.replace``, so a reader never sees a partial shard.
+
+The producer (:func:`produce`, or ``python -m training.cache produce``) reads a dataset
+(:mod:`training.data`), buckets each target image, encodes it with the VAE and its prompt with
+the condition encoder (the caption, or for an editing sample the instruction with the editing
+template; editing input images are not cached yet), and writes a shard per ``shard_size``
+samples of a bucket, then the remainders, the manifest and ``DONE``.
+
+The consumer (:class:`CachedBatches`) reads only the cache. It yields batches of one shard at a
+time (so every batch is a single bucket), items shuffled inside the shard by a seed derived from
+``(seed, epoch, shard)``. Shards run in the order they were written while the cache is still
+being produced (new shards are picked up by polling, and the epoch ends at ``DONE``), and in a
+seeded random order in epochs that start on a complete cache. Its position is a small state
+dict (:meth:`CachedBatches.state_dict`) that a new consumer resumes from exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from model.condition import TASKS, ConditionEncoder, ConditionTask, minilm_condition
+from model.vae import ResidualVAE, VAEConfig, vae_debug, vae_f8c16, vae_f16c64
+from training.data import (
+    BucketConfig,
+    DatasetError,
+    Sample,
+    image_to_tensor,
+    load_image,
+    read_dataset,
+    resize_and_crop,
+)
+
+MANIFEST_FILE = "manifest.json"
+DONE_FILE = "DONE"
+CACHE_VERSION = 1
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+_BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
+
+
+class CacheError(RuntimeError):
+    """A cache directory that cannot be written or read as asked."""
+
+
+# ---- producer ---------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class ProducerConfig:
+    """How the producer fills a cache."""
+
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    """Resolution buckets; ``multiple_of`` must be a multiple of the VAE's spatial factor."""
+    shard_size: int = 64
+    """Samples per shard (the last shard of a bucket may hold fewer)."""
+    batch_size: int = 8
+    """Samples per VAE / condition encoder call."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        self.buckets.validate()
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("ProducerConfig.shard_size and batch_size must be >= 1")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _bucket_name(bucket: tuple[int, int]) -> str:
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+def _prompt(sample: Sample) -> tuple[str, ConditionTask]:
+    if sample.is_editing:
+        assert sample.instruction is not None  # Sample's validator guarantees it
+        return sample.instruction, "image_editing"
+    return sample.caption, "text_to_image"
+
+
+def encode_samples(
+    samples: Sequence[Sample],
+    data_dir: Path,
+    bucket: tuple[int, int],
+    *,
+    vae: ResidualVAE,
+    encoder: ConditionEncoder,
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """Encode samples of one bucket: ``latents`` (N, z, h, w), ``condition`` (N, L, D), ``mask``.
+
+    Latents are the normalized posterior means of the bucketed target images; conditions are
+    right-padded to the longest of the N samples.
+    """
+    channels = vae.config.in_channels
+    device = next(vae.parameters()).device
+    latents: list[Tensor] = []
+    states: dict[int, tuple[Tensor, Tensor]] = {}  # sample position -> ((L_i, D), (L_i,))
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = torch.stack(
+            [
+                image_to_tensor(
+                    resize_and_crop(load_image(data_dir / s.image, channels=channels), bucket)
+                )
+                for s in chunk
+            ]
+        )  # (b, C, H, W)
+        with torch.no_grad():
+            posterior = vae.encode(images.to(device))
+            latents.append(vae.normalize_latents(posterior.mean).float().cpu())  # (b, z, h, w)
+        # Text-to-image and editing prompts use different templates: encode per task.
+        for task in TASKS:
+            rows = [start + i for i, s in enumerate(chunk) if _prompt(s)[1] == task]
+            if not rows:
+                continue
+            hidden, mask = encoder.encode([_prompt(samples[n])[0] for n in rows], task=task)
+            for k, n in enumerate(rows):
+                valid = int(mask[k].sum())
+                states[n] = (hidden[k, :valid].float().cpu(), mask[k, :valid].cpu())
+    length = max(int(m.shape[0]) for _, m in states.values())
+    condition = torch.zeros(len(samples), length, encoder.hidden_size)  # (N, L, D)
+    mask_out = torch.zeros(len(samples), length, dtype=torch.bool)  # (N, L)
+    for n, (h, m) in states.items():
+        condition[n, : h.shape[0]] = h
+        mask_out[n, : m.shape[0]] = m
+    return {"latents": torch.cat(latents), "condition": condition, "mask": mask_out}
+
+
+def _write_shard(
+    cache_dir: Path, index: int, bucket: tuple[int, int], ids: list[str], tensors: dict[str, Tensor]
+) -> Path:
+    folder = cache_dir / _bucket_name(bucket)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"shard-{index:05d}.safetensors"
+    tmp = folder / f".shard-{index:05d}.safetensors.tmp"
+    metadata = {"ids": json.dumps(ids), "bucket": _bucket_name(bucket)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def produce(
+    data_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    *,
+    vae: ResidualVAE,
+    encoder: ConditionEncoder,
+    config: ProducerConfig,
+) -> int:
+    """Encode the dataset at ``data_dir`` into the (new or empty) ``cache_dir``; returns shards.
+
+    The dataset is validated whole first (:func:`training.data.read_dataset`).
+    Writes shards as buckets fill up, then the remainders, the manifest and ``DONE``.
+    """
+    config.validate()
+    data = Path(data_dir)
+    cache = Path(cache_dir)
+    f = vae.config.spatial_factor
+    if config.buckets.multiple_of % f:
+        raise CacheError(
+            f"bucket multiple_of {config.buckets.multiple_of} is not a multiple of the VAE's "
+            f"spatial factor {f}"
+        )
+    samples = read_dataset(data)  # validated whole before anything is written
+    if cache.exists() and any(cache.iterdir()):
+        raise CacheError(f"cache directory {cache} is not empty")
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "latent_channels": vae.config.latent_channels,
+        "spatial_factor": f,
+        "hidden_size": encoder.hidden_size,
+        "buckets": asdict(config.buckets),
+        "complete": False,
+        "shards": [],
+    }
+    _atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    pending: dict[tuple[int, int], list[Sample]] = {}
+    shards: list[dict[str, Any]] = []
+
+    def flush(bucket: tuple[int, int]) -> None:
+        batch = pending.pop(bucket)
+        tensors = encode_samples(
+            batch, data, bucket, vae=vae, encoder=encoder, batch_size=config.batch_size
+        )
+        path = _write_shard(cache, len(shards), bucket, [s.id for s in batch], tensors)
+        shards.append({"path": str(path.relative_to(cache)), "count": len(batch)})
+
+    for sample in samples:
+        with Image.open(data / sample.image) as image:  # reads the header only
+            bucket = config.buckets.assign_bucket(image.width, image.height)
+        pending.setdefault(bucket, []).append(sample)
+        if len(pending[bucket]) >= config.shard_size:
+            flush(bucket)
+    for bucket in list(pending):
+        flush(bucket)
+    manifest.update(complete=True, shards=shards, samples=sum(s["count"] for s in shards))
+    _atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    _atomic_write_bytes(cache / DONE_FILE, json.dumps({"shards": len(shards)}).encode())
+    return len(shards)
+
+
+# ---- consumer ---------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class ConsumerConfig:
+    """How the trainer reads a cache."""
+
+    batch_size: int = 8
+    """Samples per batch (a shard's last batch may hold fewer)."""
+    seed: int = 0
+    """Seed of the shard order and of the item order inside shards."""
+    epochs: int | None = 1
+    """Epochs to run; None: forever."""
+    poll_interval: float = 0.2
+    """Seconds between looks for new shards while the cache is being produced."""
+    timeout: float = 600.0
+    """Seconds to wait for a new shard (or ``DONE``) before raising :class:`CacheError`."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.batch_size < 1:
+            raise ValueError(f"ConsumerConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"ConsumerConfig.epochs must be >= 1 or None, got {self.epochs}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CachePosition:
+    """Where the next batch starts."""
+
+    epoch: int = 0
+    """Epoch of the next batch."""
+    shard: int = 0
+    """Position of its shard in the epoch's shard order."""
+    offset: int = 0
+    """Its first item, in the shard's shuffled item order."""
+    order: Literal["written", "shuffled"] | None = None
+    """The epoch's shard order; None: not chosen yet (the epoch has not started)."""
+    bucket: str | None = None
+    """Bucket of the shard at ``shard`` ("WxH") once known; checked on resume."""
+
+
+def _scan_shards(cache: Path) -> dict[int, Path]:
+    """Every complete shard of the cache, by index."""
+    found: dict[int, Path] = {}
+    if not cache.is_dir():  # the producer has not started yet
+        return found
+    for folder in cache.iterdir():
+        if folder.is_dir() and _BUCKET_RE.match(folder.name):
+            for path in folder.iterdir():
+                match = _SHARD_RE.match(path.name)
+                if match:
+                    found[int(match.group(1))] = path
+    return found
+
+
+def _done_shards(cache: Path) -> int | None:
+    """Total shards once ``DONE`` is written, else None."""
+    done = cache / DONE_FILE
+    if not done.is_file():
+        return None
+    return int(json.loads(done.read_text())["shards"])
+
+
+def _permutation(n: int, *seeds: int) -> list[int]:
+    generator = torch.Generator().manual_seed(hash_seeds(*seeds))
+    return [int(i) for i in torch.randperm(n, generator=generator)]
+
+
+def hash_seeds(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (stable across processes and runs)."""
+    mixed = 0x9E3779B97F4A7C15
+    for value in values:
+        mixed = ((mixed ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        mixed ^= mixed >> 31
+    return mixed & 0x7FFFFFFFFFFFFFFF
+
+
+class CachedBatches(IterableDataset[dict[str, Any]]):
+    """Batches from a cache directory, one bucket per batch, resumable; see the module doc.
+
+    Each batch is a dict: ``latents`` (B, z, h, w), ``condition`` (B, L, D) trimmed to the
+    batch's longest condition, ``mask`` (B, L) bool, ``ids`` (list of B str), ``bucket``
+    ``(width, height)``. Use it directly or in a ``DataLoader(batch_size=None)`` with no worker
+    processes (the position lives in this object).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str],
+        config: ConsumerConfig,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        config.validate()
+        self.cache = Path(cache_dir)
+        self.config = config
+        self.position = CachePosition()
+        if state is not None:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next batch: ``{epoch, shard, offset, order, bucket}``."""
+        return asdict(self.position)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`."""
+        self.position = CachePosition(**state)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pos = self.position
+        while self.config.epochs is None or pos.epoch < self.config.epochs:
+            if pos.order is None:
+                pos.order = "shuffled" if _done_shards(self.cache) is not None else "written"
+            order = self._shard_order(pos.epoch, pos.order)
+            while True:
+                index = self._shard_index(order, pos.shard)
+                if index is None:  # the epoch is over
+                    break
+                path = self._wait_for_shard(index)
+                bucket = path.parent.name
+                if pos.bucket is not None and pos.bucket != bucket:
+                    raise CacheError(
+                        f"resume state names bucket {pos.bucket} at shard {pos.shard}, but the "
+                        f"cache has {bucket} there: not the same cache or seed"
+                    )
+                pos.bucket = bucket
+                yield from self._shard_batches(path, pos, index)
+                pos.shard, pos.offset, pos.bucket = pos.shard + 1, 0, None
+            self.position = pos = CachePosition(epoch=pos.epoch + 1)
+
+    def _shard_order(self, epoch: int, order: str) -> list[int] | None:
+        """Shard indexes of the epoch in order; None: written order, still growing."""
+        if order == "written":
+            return None
+        total = _done_shards(self.cache)
+        if total is None:
+            raise CacheError(f"{self.cache}: a shuffled epoch needs a complete cache (DONE)")
+        return _permutation(total, self.config.seed, epoch, -1)
+
+    def _shard_index(self, order: list[int] | None, position: int) -> int | None:
+        if order is not None:
+            return order[position] if position < len(order) else None
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            if position in _scan_shards(self.cache):
+                return position
+            total = _done_shards(self.cache)
+            if total is not None:
+                return position if position < total else None
+            if time.monotonic() > deadline:
+                raise CacheError(f"{self.cache}: no shard {position} and no DONE after waiting")
+            time.sleep(self.config.poll_interval)
+
+    def _wait_for_shard(self, index: int) -> Path:
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            path = _scan_shards(self.cache).get(index)
+            if path is not None:
+                return path
+            if _done_shards(self.cache) is not None:
+                raise CacheError(f"{self.cache}: DONE is written but shard {index} is missing")
+            if time.monotonic() > deadline:
+                raise CacheError(f"{self.cache}: shard {index} did not appear")
+            time.sleep(self.config.poll_interval)
+
+    def _shard_batches(
+        self, path: Path, pos: CachePosition, index: int
+    ) -> Iterator[dict[str, Any]]:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        ids: list[str] = json.loads(metadata["ids"])
+        match = _BUCKET_RE.match(metadata["bucket"])
+        if match is None:
+            raise CacheError(f"{path}: bad bucket {metadata['bucket']!r}")
+        bucket = (int(match.group(1)), int(match.group(2)))
+        items = _permutation(len(ids), self.config.seed, pos.epoch, index)
+        while pos.offset < len(items):
+            rows = items[pos.offset : pos.offset + self.config.batch_size]
+            pick = torch.tensor(rows)
+            mask = tensors["mask"][pick]  # (B, L_shard)
+            length = max(1, int(mask.sum(dim=1).max()))
+            batch = {
+                "latents": tensors["latents"][pick],  # (B, z, h, w)
+                "condition": tensors["condition"][pick, :length],  # (B, L, D)
+                "mask": mask[:, :length],  # (B, L)
+                "ids": [ids[r] for r in rows],
+                "bucket": bucket,
+            }
+            pos.offset += len(rows)
+            yield batch
+
+
+# ---- command line -----------------------------------------------------------------------
+
+_VAE_RECIPES = {"f16c64": vae_f16c64, "f8c16": vae_f8c16, "debug": vae_debug}
+
+
+def _build_vae(recipe: str, weights: Path | None, init_seed: int) -> ResidualVAE:
+    config: VAEConfig = _VAE_RECIPES[recipe]()
+    torch.manual_seed(init_seed)
+    vae = ResidualVAE(config)
+    if weights is not None:
+        vae.load_state_dict(load_file(str(weights)), strict=True)
+    return vae.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.cache produce --data DIR --cache DIR [...]``; returns an exit code."""
+    parser = argparse.ArgumentParser(prog="python -m training.cache")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prod = commands.add_parser("produce", help="encode a dataset into a cache directory")
+    prod.add_argument("--data", type=Path, required=True, help="dataset directory")
+    prod.add_argument("--cache", type=Path, required=True, help="new or empty cache directory")
+    prod.add_argument("--vae", choices=sorted(_VAE_RECIPES), default="f16c64", help="VAE recipe")
+    prod.add_argument("--vae-weights", type=Path, help="safetensors state dict of the VAE")
+    prod.add_argument(
+        "--init-seed", type=int, default=0, help="seed of random VAE weights (tests only)"
+    )
+    prod.add_argument("--target-area", type=int, default=1024 * 1024, help="pixels per bucket")
+    prod.add_argument(
+        "--aspect-ratios",
+        default="1,1.3333333,0.75,1.5,0.6666667,1.7777778,0.5625",
+        help="comma-separated width/height ratios",
+    )
+    prod.add_argument("--multiple-of", type=int, default=32, help="bucket side multiple")
+    prod.add_argument("--shard-size", type=int, default=64, help="samples per shard")
+    prod.add_argument("--batch-size", type=int, default=8, help="samples per encoder call")
+    args = parser.parse_args(argv)
+    if args.vae_weights is None and args.vae != "debug":
+        parser.error("--vae-weights is required except for the debug VAE")
+    config = ProducerConfig(
+        buckets=BucketConfig(
+            target_area=args.target_area,
+            aspect_ratios=tuple(float(r) for r in args.aspect_ratios.split(",")),
+            multiple_of=args.multiple_of,
+        ),
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+    )
+    try:
+        vae = _build_vae(args.vae, args.vae_weights, args.init_seed)
+        encoder = ConditionEncoder.load(minilm_condition())
+        shards = produce(args.data, args.cache, vae=vae, encoder=encoder, config=config)
+    except (DatasetError, CacheError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {shards} shards to {args.cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The on-disk training dataset of the generator, and its resolution buckets.
+
+A dataset is a directory::
+
+    <dir>/samples.jsonl     one JSON object per line: a :class:`Sample`
+    <dir>/<image paths>     the PNG files the samples reference, by paths relative to <dir>
+
+A sample holds a target image and its caption, optional editing fields (input images and an
+instruction), the structured annotation of the Qwen-Image report (:class:`Annotation`: image
+type, style, text language, watermarks, abnormal element) and its provenance
+(:class:`Provenance`). :func:`write_dataset` writes ``samples.jsonl`` atomically;
+:func:`read_dataset` / :func:`iter_dataset` validate every line and raise
+:class:`DatasetError` naming the file and line of the first bad one.
+
+Resolution buckets (:class:`BucketConfig`): every bucket has about ``target_area`` pixels, one
+of several aspect ratios, and sides that are multiples of ``multiple_of``. An image goes to the
+bucket of the closest aspect ratio (:func:`assign_bucket`, closest in log ratio) and is resized
+(so that it covers the bucket) and center-cropped to it (:func:`bucket_image`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import Tensor
+
+SAMPLES_FILE = "samples.jsonl"
+"""Name of the sample index inside a dataset directory."""
+
+
+class DatasetError(ValueError):
+    """A dataset directory or sample that cannot be read or written as it is."""
+
+
+# ---- samples ----------------------------------------------------------------------------
+
+
+def _check_relative_path(value: str) -> str:
+    """A POSIX path relative to the dataset directory that stays inside it."""
+    path = PurePosixPath(value)
+    if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+        raise ValueError(f"image path {value!r} must be relative, inside the dataset directory")
+    return value
+
+
+class Annotation(BaseModel):
+    """The structured annotation of the Qwen-Image report's data pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_type: str = Field(min_length=1)
+    """What the image is: e.g. "photograph", "illustration", "poster", "screenshot", "chart"."""
+    style: str = Field(min_length=1)
+    """Visual style: e.g. "realistic", "anime", "flat design", "oil painting"."""
+    language: str | None = None
+    """Language of the text rendered in the image (e.g. "en", "zh"); None: no text."""
+    watermarks: list[str] = Field(default_factory=list)
+    """Watermarks seen in the image (their text or a description); empty: none."""
+    abnormal_element: str | None = None
+    """An abnormal element (QR code, mosaic, heavy compression, ...); None: none."""
+
+
+class Provenance(BaseModel):
+    """Where a sample comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(min_length=1)
+    """Name of the source dataset."""
+    split: str = Field(min_length=1)
+    """Split of the source dataset ("train", "validation", ...)."""
+    origin_uri: str = Field(min_length=1)
+    """URI of the original item (URL, s3://..., file://..., a database key)."""
+
+
+class Sample(BaseModel):
+    """One line of ``samples.jsonl``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    """Unique within the dataset."""
+    image: str
+    """The target image (PNG), relative to the dataset directory."""
+    caption: str
+    """Description of the target image (the text-to-image prompt)."""
+    input_images: list[str] = Field(default_factory=list)
+    """Editing: the input images (relative paths), in order; empty for text-to-image."""
+    instruction: str | None = None
+    """Editing: the instruction turning the inputs into the target; required with inputs."""
+    annotation: Annotation | None = None
+    """Structured annotation; None: not annotated yet."""
+    provenance: Provenance
+    """Source of the sample."""
+
+    @field_validator("image")
+    @classmethod
+    def _image_inside(cls, value: str) -> str:
+        return _check_relative_path(value)
+
+    @field_validator("input_images")
+    @classmethod
+    def _inputs_inside(cls, value: list[str]) -> list[str]:
+        return [_check_relative_path(v) for v in value]
+
+    @model_validator(mode="after")
+    def _editing_fields(self) -> Sample:
+        if self.input_images and not self.instruction:
+            raise ValueError("an editing sample (input_images) needs an instruction")
+        if self.instruction is not None and not self.input_images:
+            raise ValueError("an instruction needs input_images")
+        return self
+
+    @property
+    def is_editing(self) -> bool:
+        """Whether this is an image-editing sample (it has input images)."""
+        return bool(self.input_images)
+
+    def image_paths(self) -> list[str]:
+        """Every image the sample references: the target, then the inputs."""
+        return [self.image, *self.input_images]
+
+
+def write_dataset(
+    directory: str | os.PathLike[str], samples: Iterable[Sample], *, check_images: bool = True
+) -> Path:
+    """Write ``samples`` as ``<directory>/samples.jsonl`` (atomically); returns its path.
+
+    The images must already be in ``directory`` (checked unless ``check_images`` is False);
+    ids must be unique.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    lines: list[str] = []
+    for number, sample in enumerate(samples, start=1):
+        if sample.id in seen:
+            raise DatasetError(f"sample {number}: duplicate id {sample.id!r}")
+        seen.add(sample.id)
+        if check_images:
+            _check_images_exist(root, sample, f"sample {number} ({sample.id!r})")
+        lines.append(sample.model_dump_json(exclude_defaults=False))
+    target = root / SAMPLES_FILE
+    tmp = root / f".{SAMPLES_FILE}.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def iter_dataset(
+    directory: str | os.PathLike[str], *, check_images: bool = True
+) -> Iterator[Sample]:
+    """The samples of ``<directory>/samples.jsonl`` in file order, validated line by line.
+
+    Raises :class:`DatasetError` naming the file and line of the first invalid sample (bad
+    JSON, a field that fails validation, a duplicate id, or, with ``check_images``, a missing
+    image). Blank lines are skipped.
+    """
+    root = Path(directory)
+    path = root / SAMPLES_FILE
+    if not path.is_file():
+        raise DatasetError(f"{root}: no {SAMPLES_FILE}")
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{where}: invalid JSON: {error}") from None
+            try:
+                sample = Sample.model_validate(raw)
+            except ValidationError as error:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'sample'}: {e['msg']}"
+                    for e in error.errors()
+                )
+                raise DatasetError(f"{where}: invalid sample: {problems}") from None
+            if sample.id in seen:
+                raise DatasetError(f"{where}: duplicate id {sample.id!r}")
+            seen.add(sample.id)
+            if check_images:
+                _check_images_exist(root, sample, where)
+            yield sample
+
+
+def read_dataset(directory: str | os.PathLike[str], *, check_images: bool = True) -> list[Sample]:
+    """All samples of a dataset directory; see :func:`iter_dataset`."""
+    return list(iter_dataset(directory, check_images=check_images))
+
+
+def _check_images_exist(root: Path, sample: Sample, where: str) -> None:
+    for relative in sample.image_paths():
+        if not (root / relative).is_file():
+            raise DatasetError(f"{where}: image {relative!r} not found in {root}")
+
+
+# ---- resolution buckets -----------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class BucketConfig:
+    """Resolution buckets: about ``target_area`` pixels, several aspect ratios."""
+
+    target_area: int = 1024 * 1024
+    """Pixels (width * height) every bucket has about."""
+    aspect_ratios: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+    """Width / height of the buckets."""
+    multiple_of: int = 32
+    """Both bucket sides are multiples of this (a multiple of the VAE's factor, in pixels)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.multiple_of < 1:
+            raise ValueError(f"BucketConfig.multiple_of must be >= 1, got {self.multiple_of}")
+        if self.target_area < self.multiple_of**2:
+            raise ValueError(
+                f"BucketConfig.target_area {self.target_area} is below one "
+                f"{self.multiple_of}x{self.multiple_of} cell"
+            )
+        if not self.aspect_ratios or any(
+            not math.isfinite(r) or r <= 0 for r in self.aspect_ratios
+        ):
+            raise ValueError(
+                f"BucketConfig.aspect_ratios must be positive, got {self.aspect_ratios}"
+            )
+
+    def bucket_for_ratio(self, ratio: float) -> tuple[int, int]:
+        """``(width, height)`` of the bucket with aspect ratio ``ratio`` (width / height)."""
+        m = self.multiple_of
+        width = max(m, round(math.sqrt(self.target_area * ratio) / m) * m)
+        height = max(m, round(math.sqrt(self.target_area / ratio) / m) * m)
+        return width, height
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every bucket ``(width, height)``, one per aspect ratio, in order, deduplicated."""
+        self.validate()
+        return list(dict.fromkeys(self.bucket_for_ratio(r) for r in self.aspect_ratios))
+
+    def assign_bucket(self, width: int, height: int) -> tuple[int, int]:
+        """The bucket ``(width, height)`` of an image: the closest aspect ratio (in log)."""
+        self.validate()
+        if width < 1 or height < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        log_ratio = math.log(width / height)
+        closest = min(self.aspect_ratios, key=lambda r: abs(math.log(r) - log_ratio))
+        return self.bucket_for_ratio(closest)
+
+
+def assign_bucket(width: int, height: int, config: BucketConfig) -> tuple[int, int]:
+    """The bucket ``(bucket_w, bucket_h)`` of a ``width`` x ``height`` image under ``config``."""
+    return config.assign_bucket(width, height)
+
+
+def resize_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize ``image`` (bicubic) to cover ``size`` = ``(width, height)``, then center-crop."""
+    target_w, target_h = size
+    scale = max(target_w / image.width, target_h / image.height)
+    resized_w = max(target_w, math.ceil(image.width * scale - 1e-6))
+    resized_h = max(target_h, math.ceil(image.height * scale - 1e-6))
+    if (resized_w, resized_h) != image.size:
+        image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
+    left = (resized_w - target_w) // 2
+    top = (resized_h - target_h) // 2
+    return image.crop((left, top, left + target_w, top + target_h))
+
+
+def bucket_image(image: Image.Image, config: BucketConfig) -> Image.Image:
+    """``image`` resized and center-cropped to its bucket."""
+    return resize_and_crop(image, config.assign_bucket(image.width, image.height))
+
+
+def load_image(path: str | os.PathLike[str], *, channels: int = 4) -> Image.Image:
+    """Open an image file as RGBA (``channels=4``; opaque alpha where it has none) or RGB."""
+    if channels not in (3, 4):
+        raise ValueError(f"channels must be 3 (RGB) or 4 (RGBA), got {channels}")
+    with Image.open(path) as opened:
+        return opened.convert("RGBA" if channels == 4 else "RGB")
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """An RGB or RGBA Pillow image -> float32 ``(C, H, W)`` in [-1, 1]."""
+    if image.mode not in ("RGB", "RGBA"):
+        raise ValueError(f"expected an RGB or RGBA image, got mode {image.mode!r}")
+    channels = len(image.mode)
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = data.view(image.height, image.width, channels).permute(2, 0, 1)  # (C, H, W)
+    return pixels.float() / 127.5 - 1.0
