@@ -241,6 +241,64 @@ def convert(
     )
 
 
+# ---- training ----------------------------------------------------------------------
+
+
+@app.command("train")
+def train(
+    recipe: Annotated[
+        str | None, typer.Argument(help="The recipe to run (see --list).", show_default=False)
+    ] = None,
+    list_recipes: Annotated[
+        bool, typer.Option("--list", help="List the recipes and exit.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (resumed when it has a run).")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=0, help="Steps to train to (recipe's default).")
+    ] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
+    ] = True,
+) -> None:
+    """Train a recipe into --out: metrics.jsonl and checkpoints; resumes an interrupted run."""
+    from training.cache import CacheError
+    from training.checkpoint import CheckpointError
+    from training.recipes import RECIPES
+
+    if list_recipes:
+        for name, build in RECIPES.items():
+            doc = (build.__doc__ or "").strip().splitlines()
+            console.print(f"{name}: {doc[0] if doc else ''}", highlight=False, soft_wrap=True)
+        return
+    if recipe is None:
+        fail("give a RECIPE to run, or --list")
+    if recipe not in RECIPES:
+        fail(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+    if out is None:
+        fail("give --out DIR, the directory to train into")
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a directory")
+
+    from training.trainer import train as run_training
+
+    try:
+        result = run_training(RECIPES[recipe](), out=out, max_steps=max_steps, progress=progress)
+    except (CacheError, CheckpointError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    except OSError as exc:  # e.g. an out/cache that is something else
+        fail(f"{out}: {exc}", code=1)
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    start = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    console.print(
+        f"trained {recipe} to step {result.step}{start}{last} in {result.seconds:.1f}s; "
+        f"metrics in {result.metrics}, checkpoint {result.checkpoint}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 # ---- serve / demo ------------------------------------------------------------------
 
 
