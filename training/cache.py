@@ -10,7 +10,8 @@ Layout of a cache directory::
 A shard holds ``latents`` (N, z, h, w) float32, normalized (``vae.normalize_latents`` of the
 posterior mean), ``condition`` (N, L, D) float32, right-padded, ``mask`` (N, L) bool, and in its
 metadata the sample ids (JSON list) and the bucket. Every file is written under a temporary name
-and moved in place with ``os.replace``, so a reader never sees a partial shard.
+and moved in place with ``os.replace`` (:mod:`training.io`), so a reader never sees a partial
+shard.
 
 The producer (:func:`produce`, or ``python -m training.cache produce``) reads a dataset
 (:mod:`training.data`), buckets each target image, encodes it with the VAE and its prompt with
@@ -42,7 +43,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
@@ -57,6 +58,7 @@ from training.data import (
     read_dataset,
     resize_and_crop,
 )
+from training.io import atomic_write_bytes
 
 MANIFEST_FILE = "manifest.json"
 DONE_FILE = "DONE"
@@ -88,12 +90,6 @@ class ProducerConfig:
         self.buckets.validate()
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("ProducerConfig.shard_size and batch_size must be >= 1")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _bucket_name(bucket: tuple[int, int]) -> str:
@@ -162,10 +158,10 @@ def _write_shard(
     folder = cache_dir / _bucket_name(bucket)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shard-{index:05d}.safetensors"
-    tmp = folder / f".shard-{index:05d}.safetensors.tmp"
     metadata = {"ids": json.dumps(ids), "bucket": _bucket_name(bucket)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write_bytes(
+        path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    )
     return path
 
 
@@ -204,7 +200,7 @@ def produce(
         "complete": False,
         "shards": [],
     }
-    _atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     pending: dict[tuple[int, int], list[Sample]] = {}
     shards: list[dict[str, Any]] = []
 
@@ -225,8 +221,8 @@ def produce(
     for bucket in list(pending):
         flush(bucket)
     manifest.update(complete=True, shards=shards, samples=sum(s["count"] for s in shards))
-    _atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-    _atomic_write_bytes(cache / DONE_FILE, json.dumps({"shards": len(shards)}).encode())
+    atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(cache / DONE_FILE, json.dumps({"shards": len(shards)}).encode())
     return len(shards)
 
 
@@ -430,8 +426,9 @@ _VAE_RECIPES = {"f16c64": vae_f16c64, "f8c16": vae_f8c16, "debug": vae_debug}
 
 def _build_vae(recipe: str, weights: Path | None, init_seed: int) -> ResidualVAE:
     config: VAEConfig = _VAE_RECIPES[recipe]()
-    torch.manual_seed(init_seed)
-    vae = ResidualVAE(config)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the global RNG left alone
+        torch.manual_seed(init_seed)
+        vae = ResidualVAE(config)
     if weights is not None:
         vae.load_state_dict(load_file(str(weights)), strict=True)
     return vae.eval()
@@ -474,7 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae = _build_vae(args.vae, args.vae_weights, args.init_seed)
         encoder = ConditionEncoder.load(minilm_condition())
         shards = produce(args.data, args.cache, vae=vae, encoder=encoder, config=config)
-    except (DatasetError, CacheError, ValueError) as error:
+    except (DatasetError, ValueError) as error:  # bad input
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except CacheError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {shards} shards to {args.cache}")

@@ -10,8 +10,9 @@ Layout of a checkpoint directory::
     <dir>/latest                                  name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory that is renamed into place with
-``os.replace``; ``latest`` is rewritten (also through a temporary file) last, so a run killed
-at any moment leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
+``os.replace`` after its files are fsynced; ``latest`` is rewritten (also through a temporary
+file, :mod:`training.io`) last, so a run killed at any moment leaves ``latest`` naming a
+complete checkpoint (or no ``latest`` at all).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from training.io import atomic_write_text, fsync_directory, fsync_tree
 
 LATEST_FILE = "latest"
 CHECKPOINT_VERSION = 1
@@ -101,12 +105,6 @@ def _unflatten(value: Any, tensors: dict[str, Tensor]) -> Any:
 # ---- writing and reading ----------------------------------------------------------------
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint under ``directory`` (what ``latest`` names), or None."""
     root = Path(directory)
@@ -168,8 +166,10 @@ def save_checkpoint(
 
     if final.exists():  # written by a run killed before it moved `latest` to it
         shutil.rmtree(final)
+    fsync_tree(tmp)  # the files are on disk before the rename makes them the checkpoint
     os.replace(tmp, final)
-    _write_text_atomic(root / LATEST_FILE, final.name)
+    fsync_directory(root)
+    atomic_write_text(root / LATEST_FILE, final.name)
 
     if keep is not None:
         steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
@@ -184,16 +184,20 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint | None:
     path = latest_checkpoint(directory)
     if path is None:
         return None
-    state = json.loads((path / "state.json").read_text())
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is unknown")
-    optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
-    return Checkpoint(
-        path=path,
-        step=int(state["step"]),
-        model=load_file(str(path / "model.safetensors")),
-        optimizer=_unflatten(state["optimizer"], optimizer_tensors),
-        rng=load_file(str(path / "rng.safetensors")),
-        data=state["data"],
-        extra=state["extra"],
-    )
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is unknown")
+        optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
+        return Checkpoint(
+            path=path,
+            step=int(state["step"]),
+            model=load_file(str(path / "model.safetensors")),
+            optimizer=_unflatten(state["optimizer"], optimizer_tensors),
+            rng=load_file(str(path / "rng.safetensors")),
+            data=state["data"],
+            extra=state["extra"],
+        )
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from exc

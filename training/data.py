@@ -32,6 +32,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
+from training.io import atomic_write_text
+
 SAMPLES_FILE = "samples.jsonl"
 """Name of the sample index inside a dataset directory."""
 
@@ -149,9 +151,7 @@ def write_dataset(
             _check_images_exist(root, sample, f"sample {number} ({sample.id!r})")
         lines.append(sample.model_dump_json(exclude_defaults=False))
     target = root / SAMPLES_FILE
-    tmp = root / f".{SAMPLES_FILE}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write_text(target, "".join(line + "\n" for line in lines))
     return target
 
 

@@ -91,9 +91,10 @@ def flow_matching_step(
     (a CPU generator, so that a run is reproducible and resumable on any device); they are
     moved to the model's device.
     """
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
     x0 = batch["latents"].to(device=device, dtype=torch.float32)  # (B, C, H, W)
-    condition = batch["condition"].to(device)  # (B, L, D)
+    condition = batch["condition"].to(device=device, dtype=parameter.dtype)  # (B, L, D)
     mask = batch["mask"].to(device)  # (B, L)
     noise = torch.randn(x0.shape, generator=generator).to(device)  # (B, C, H, W)
     t = sample_timesteps(x0.shape[0], config, generator).to(device)  # (B,)

@@ -68,8 +68,17 @@ def tensor_parallel_config(tp_size: int, dtype: torch.dtype) -> ModelParallelCon
     )
 
 
+def _check_no_bias(linear: nn.Linear) -> None:
+    """Refuse a linear with a bias: the parallel copies hold weights only."""
+    if linear.bias is not None:
+        raise ValueError(
+            f"tensor parallelism supports bias-free linears only, got {linear} with a bias"
+        )
+
+
 def _column(linear: nn.Linear, config: ModelParallelConfig, group: dist.ProcessGroup) -> nn.Module:
     """A column-parallel copy of ``linear`` holding this rank's slice of the output rows."""
+    _check_no_bias(linear)
     out_features, in_features = linear.weight.shape
     layer = ColumnParallelProjection(
         in_features,
@@ -92,6 +101,7 @@ def _column(linear: nn.Linear, config: ModelParallelConfig, group: dist.ProcessG
 
 def _row(linear: nn.Linear, config: ModelParallelConfig, group: dist.ProcessGroup) -> nn.Module:
     """A row-parallel copy of ``linear`` holding this rank's slice of the input columns."""
+    _check_no_bias(linear)
     out_features, in_features = linear.weight.shape
     layer = RowParallelProjection(
         in_features,

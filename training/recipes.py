@@ -65,6 +65,17 @@ class SyntheticDataConfig:
     shard_size: int = 8
     """Samples per cache shard."""
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.images < 1 or self.shard_size < 1:
+            raise ValueError("SyntheticDataConfig: images and shard_size must be >= 1")
+        factor = self.vae.spatial_factor
+        if self.size < 1 or self.size % factor:
+            raise ValueError(
+                f"SyntheticDataConfig.size must be a positive multiple of the VAE's spatial "
+                f"factor {factor}, got {self.size}"
+            )
+
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
@@ -84,6 +95,8 @@ class DataConfig:
             raise ValueError("DataConfig needs a cache_dir or a synthetic dataset to cache")
         if self.batch_size < 1:
             raise ValueError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.synthetic is not None:
+            self.synthetic.validate()
 
 
 @dataclass(kw_only=True, slots=True)

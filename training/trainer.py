@@ -18,34 +18,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from model.condition import ConditionEncoder
 from model.transformer import DiffusionTransformer
-from model.vae import ResidualVAE
-from training.cache import (
-    DONE_FILE,
-    MANIFEST_FILE,
-    CachedBatches,
-    ConsumerConfig,
-    ProducerConfig,
-    hash_seeds,
-    produce,
-)
+from training.cache import DONE_FILE, MANIFEST_FILE, CachedBatches, ConsumerConfig, hash_seeds
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.data import BucketConfig, Provenance, Sample, write_dataset
 from training.flow_matching import flow_matching_step
-from training.recipes import DataConfig, OptimizerConfig, PretrainConfig, SyntheticDataConfig
+from training.io import atomic_write_text
+from training.recipes import DataConfig, OptimizerConfig, PretrainConfig
+from training.synthetic import build_synthetic_cache
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -74,76 +62,6 @@ class TrainResult:
 
 # ---- data -------------------------------------------------------------------------------
 
-_COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 220, 40),
-    "white": (250, 250, 250),
-    "black": (15, 15, 15),
-}
-_SHAPES = ("circle", "square", "triangle")
-
-
-def write_synthetic_dataset(directory: Path, config: SyntheticDataConfig) -> list[Sample]:
-    """Write ``config.images`` shape images and their captions as a dataset at ``directory``."""
-    generator = torch.Generator().manual_seed(config.seed)
-    names = list(_COLOURS)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    samples: list[Sample] = []
-    size = config.size
-    for n in range(config.images):
-        bg, fg = (int(i) for i in torch.randperm(len(names), generator=generator)[:2])
-        shape = _SHAPES[int(torch.randint(len(_SHAPES), (1,), generator=generator))]
-        image = Image.new("RGB", (size, size), _COLOURS[names[bg]])
-        draw = ImageDraw.Draw(image)
-        lo, hi = size // 5, size - size // 5
-        if shape == "circle":
-            draw.ellipse((lo, lo, hi, hi), fill=_COLOURS[names[fg]])
-        elif shape == "square":
-            draw.rectangle((lo, lo, hi, hi), fill=_COLOURS[names[fg]])
-        else:
-            draw.polygon([(size // 2, lo), (hi, hi), (lo, hi)], fill=_COLOURS[names[fg]])
-        image.save(directory / f"images/{n}.png")
-        samples.append(
-            Sample(
-                id=f"synthetic-{n}",
-                image=f"images/{n}.png",
-                caption=f"a {names[fg]} {shape} on a {names[bg]} background",
-                provenance=Provenance(
-                    dataset="synthetic-shapes", split="train", origin_uri=f"synthetic:{n}"
-                ),
-            )
-        )
-    write_dataset(directory, samples)
-    return samples
-
-
-def build_synthetic_cache(cache_dir: Path, config: SyntheticDataConfig) -> None:
-    """Generate the dataset and encode it into ``cache_dir`` (built aside, moved in place)."""
-    work = cache_dir.with_name(f".{cache_dir.name}.tmp")
-    if work.exists():  # left by a run killed while building
-        shutil.rmtree(work)
-    write_synthetic_dataset(work / "dataset", config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        vae = ResidualVAE(config.vae).eval()
-    encoder = ConditionEncoder.load(config.condition)
-    buckets = BucketConfig(
-        target_area=config.size * config.size,
-        aspect_ratios=(1.0,),
-        multiple_of=config.vae.spatial_factor,
-    )
-    produce(
-        work / "dataset",
-        work / "cache",
-        vae=vae,
-        encoder=encoder,
-        config=ProducerConfig(buckets=buckets, shard_size=config.shard_size),
-    )
-    os.replace(work / "cache", cache_dir)
-    shutil.rmtree(work)
-
 
 def prepare_cache(config: DataConfig, out: Path) -> Path:
     """The complete training cache of ``config``: the given one, or ``<out>/cache`` (built)."""
@@ -169,18 +87,53 @@ def _learning_rate(config: OptimizerConfig, step: int) -> float:
     return config.lr
 
 
+def _metric_step(line: str) -> int | None:
+    """The step of a metrics line; None for a line that is not a complete record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # e.g. half written by a killed run
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metrics of steps up to ``step`` (rewritten atomically)."""
+    """Keep only the complete metrics of steps up to ``step`` (rewritten atomically)."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    kept = []
+    for line in path.read_text().splitlines():
+        line_step = _metric_step(line)
+        if line_step is not None and line_step <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+_NOT_IDENTITY = ("max_steps", "device", "log_every", "keep_checkpoints")
+"""Configuration fields a resumed run may change (they do not change what is trained)."""
+
+
+def _identity(config: PretrainConfig) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be resumed under ``config``."""
+    identity = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
+    # As JSON reads it back: tuples as lists, paths as strings.
+    loaded: dict[str, Any] = json.loads(json.dumps(identity, default=str))
+    return loaded
+
+
+def _identity_differences(stored: Any, current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where ``stored`` and ``current`` differ."""
+    if not isinstance(stored, dict):
+        return [prefix or "identity"]
+    names: list[str] = []
+    for key in sorted(set(stored) | set(current)):
+        name = f"{prefix}{key}"
+        mine, theirs = current.get(key), stored.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            names += _identity_differences(theirs, mine, f"{name}.")
+        elif mine != theirs or (key in stored) != (key in current):
+            names.append(name)
+    return names
 
 
 def _check_cache(cache: Path, config: PretrainConfig) -> None:
@@ -228,17 +181,17 @@ def train(
         model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
     )
     generator = torch.Generator().manual_seed(hash_seeds(config.seed, 1))
-    identity = {"seed": config.seed, "model": asdict(config.model)}
-    identity = json.loads(json.dumps(identity))  # tuples as JSON reads them back
+    identity = _identity(config)
 
     step, resumed_from, data_state = 0, None, None
     checkpoint_dir = out / CHECKPOINT_DIR
     loaded = load_checkpoint(checkpoint_dir)
     if loaded is not None:
-        if loaded.extra.get("identity") != identity:
+        differences = _identity_differences(loaded.extra.get("identity"), identity)
+        if differences:
             raise CheckpointError(
-                f"{loaded.path} was written by a run of another model or seed; "
-                "use a new output directory"
+                f"{loaded.path} was written by a run with another configuration (differs in "
+                f"{', '.join(differences)}); use a new output directory"
             )
         model.load_state_dict(loaded.model)
         optimizer.load_state_dict(loaded.optimizer)
@@ -290,6 +243,12 @@ def train(
             torch.autograd.backward(result.loss)
             max_norm = opt.grad_clip if opt.grad_clip is not None else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            loss = result.metrics["loss"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise ValueError(
+                    f"step {step + 1}: loss {loss} or gradient norm {grad_norm} is not finite; "
+                    "stopped before the step was taken or checkpointed"
+                )
             optimizer.step()
             step += 1
 

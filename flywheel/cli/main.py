@@ -289,6 +289,8 @@ def train(
         fail(str(exc).splitlines()[0])
     except OSError as exc:  # e.g. an out/cache that is something else
         fail(f"{out}: {exc}", code=1)
+    except RuntimeError as exc:  # e.g. device "cuda" on a machine without CUDA
+        fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, code=1)
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     start = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     console.print(

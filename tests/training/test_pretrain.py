@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flywheel.cli.main import app
@@ -27,19 +26,12 @@ from training.checkpoint import (
 )
 from training.flow_matching import FlowMatchingConfig, flow_matching_step, sample_timesteps
 from training.recipes import RECIPES, PretrainConfig, pretrain_debug
-from training.trainer import METRICS_FILE, TrainResult, build_synthetic_cache, train
+from training.synthetic import build_synthetic_cache
+from training.trainer import METRICS_FILE, TrainResult, train
 
 STEPS = 60  # pretrain-debug's max_steps
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline() -> Iterator[None]:
-    """No hub: the MiniLM must load from the package's local files."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +98,8 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(
     checkpoints = tmp_path / "checkpoints"
     shutil.rmtree(checkpoints / step_name(25))
     (checkpoints / LATEST_FILE).write_text(step_name(20))
+    with (tmp_path / METRICS_FILE).open("a") as metrics:  # killed while writing step 26's
+        metrics.write('{"step": 26, "loss": 0.')
 
     resumed = train(_config(cache), out=tmp_path)
     assert resumed.resumed_from == 20
@@ -132,8 +126,21 @@ def test_resume_refuses_another_seed(cache: Path, tmp_path: Path) -> None:
     train(_config(cache), out=tmp_path, max_steps=2)
     other = _config(cache)
     other.seed = 1
-    with pytest.raises(CheckpointError, match="another model or seed"):
+    with pytest.raises(CheckpointError, match=r"another configuration .*seed"):
         train(other, out=tmp_path, max_steps=4)
+
+
+def test_resume_refuses_another_learning_rate(cache: Path, tmp_path: Path) -> None:
+    train(_config(cache), out=tmp_path, max_steps=2)
+    other = _config(cache)
+    other.optimizer.lr *= 2
+    with pytest.raises(CheckpointError, match=r"differs in optimizer\.lr\)"):
+        train(other, out=tmp_path, max_steps=4)
+    # What does not change the training may change: more steps, another log interval.
+    same = _config(cache)
+    same.log_every = 3
+    same.keep_checkpoints = None
+    assert train(same, out=tmp_path, max_steps=3).resumed_from == 2
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -198,7 +205,7 @@ def test_logit_normal_timesteps() -> None:
 def test_cli_lists_and_runs_a_recipe(tmp_path: Path) -> None:
     listed = runner.invoke(app, ["train", "--list"])
     assert listed.exit_code == 0, listed.output
-    assert set(RECIPES) == {"pretrain-debug"}
+    assert "pretrain-debug" in RECIPES
     assert "pretrain-debug" in listed.output
 
     unknown = runner.invoke(app, ["train", "no-such-recipe", "--out", str(tmp_path)])
@@ -213,3 +220,38 @@ def test_cli_lists_and_runs_a_recipe(tmp_path: Path) -> None:
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
     assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / step_name(3)
     assert (out / "cache" / "DONE").is_file()
+
+    # A damaged latest checkpoint: one line, exit code 2 (bad input), nothing trained.
+    (out / "checkpoints" / step_name(3) / "model.safetensors").write_bytes(b"\x00" * 16)
+    damaged = runner.invoke(app, ["train", "pretrain-debug", "--max-steps", "4", "--out", str(out)])
+    assert damaged.exit_code == 2, damaged.output
+    assert len(damaged.output.strip().splitlines()) == 1
+    assert "unreadable checkpoint" in damaged.output
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+
+
+def test_non_finite_loss_stops_before_the_checkpoint(cache: Path, tmp_path: Path) -> None:
+    poisoned = tmp_path / "cache"
+    shutil.copytree(cache, poisoned)
+    for shard in sorted(poisoned.glob("*/shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(shard))
+        tensors["latents"] = torch.full_like(tensors["latents"], math.nan)
+        save_file(tensors, str(shard), metadata=metadata)
+    config = _config(poisoned)
+    with pytest.raises(ValueError, match="step 1: loss nan"):
+        train(config, out=tmp_path / "run", max_steps=2)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
+
+
+def test_synthetic_config_is_validated() -> None:
+    config = pretrain_debug()
+    assert config.data.synthetic is not None
+    config.data.synthetic.size = 30  # not a multiple of the debug VAE's factor
+    with pytest.raises(ValueError, match="multiple of the VAE's spatial factor"):
+        config.validate()
+    config.data.synthetic.size = 32
+    config.data.synthetic.images = 0
+    with pytest.raises(ValueError, match="images"):
+        config.validate()
