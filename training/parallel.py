@@ -89,14 +89,7 @@ def _column(linear: nn.Linear, config: ModelParallelConfig, group: dist.ProcessG
         gather_output=False,
         tp_group=group,
     )
-    rows = layer.weight.shape[0]  # out_features / tp
-    start = group.rank() * rows
-    with torch.no_grad():
-        layer.weight.copy_(linear.weight[start : start + rows])
-    # Megatron only tags the shard when it initializes it; we copy instead, so tag it here.
-    set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=0, stride=1)
-    layer.weight.requires_grad_(linear.weight.requires_grad)
-    return layer.to(linear.weight.device)  # type: ignore[no-any-return]
+    return _adopt_shard(layer, linear, dim=0, group=group)  # rows: out_features / tp
 
 
 def _row(linear: nn.Linear, config: ModelParallelConfig, group: dist.ProcessGroup) -> nn.Module:
@@ -113,13 +106,21 @@ def _row(linear: nn.Linear, config: ModelParallelConfig, group: dist.ProcessGrou
         skip_bias_add=False,
         tp_group=group,
     )
-    cols = layer.weight.shape[1]  # in_features / tp
-    start = group.rank() * cols
+    return _adopt_shard(layer, linear, dim=1, group=group)  # columns: in_features / tp
+
+
+def _adopt_shard(
+    layer: nn.Module, linear: nn.Linear, *, dim: int, group: dist.ProcessGroup
+) -> nn.Module:
+    """Copy this rank's slice of ``linear.weight`` along ``dim`` into ``layer``'s weight."""
+    weight = layer.get_parameter("weight")
+    size = weight.shape[dim]
     with torch.no_grad():
-        layer.weight.copy_(linear.weight[:, start : start + cols])
-    set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=1, stride=1)
-    layer.weight.requires_grad_(linear.weight.requires_grad)
-    return layer.to(linear.weight.device)  # type: ignore[no-any-return]
+        weight.copy_(linear.weight.narrow(dim, group.rank() * size, size))
+    # Megatron only tags the shard when it initializes it; we copy instead, so tag it here.
+    set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+    weight.requires_grad_(linear.weight.requires_grad)
+    return layer.to(linear.weight.device)
 
 
 def _all_reduce_grad(param: nn.Parameter, group: dist.ProcessGroup) -> None:

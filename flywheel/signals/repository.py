@@ -117,7 +117,7 @@ def model_version_id(session: Session, *, name: str) -> int:
     known: dict[str, int] = session.connection().info.setdefault("model_version_ids", {})
     if name in known:
         return known[name]
-    found = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name))
+    found = find_model_version_id(session, name=name)
     if found is not None:
         known[name] = found
         return found
@@ -129,7 +129,10 @@ def model_version_id(session: Session, *, name: str) -> int:
     )
     if created is not None:
         return created
-    return session.scalars(select(ModelVersion.id).where(ModelVersion.name == name)).one()
+    # Another transaction inserted it first; ON CONFLICT waited for its commit.
+    concurrent = find_model_version_id(session, name=name)
+    assert concurrent is not None
+    return concurrent
 
 
 def model_version_names(session: Session, *, ids: set[int]) -> dict[int, str]:

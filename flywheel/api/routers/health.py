@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from flywheel.api.errors import RETRY_AFTER_SECONDS
+
 router = APIRouter(tags=["health"])
 
 
@@ -23,6 +25,6 @@ async def readyz(request: Request, response: Response) -> dict[str, str]:
             await conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-        response.headers["Retry-After"] = "2"
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
         return {"status": "unavailable", "database": type(exc).__name__}
     return {"status": "ok", "database": "ok"}
