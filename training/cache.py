@@ -67,6 +67,10 @@ _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
 
 
+_PADDED = ("condition", "mask")
+"""Shard tensors right-padded along dim 1, trimmed per batch to its longest condition."""
+
+
 class CacheError(RuntimeError):
     """A cache directory that cannot be written or read as asked."""
 
@@ -152,9 +156,10 @@ def encode_samples(
     return {"latents": torch.cat(latents), "condition": condition, "mask": mask_out}
 
 
-def _write_shard(
+def write_shard(
     cache_dir: Path, index: int, bucket: tuple[int, int], ids: list[str], tensors: dict[str, Tensor]
 ) -> Path:
+    """Write shard ``index`` of ``bucket`` (``ids``: one per row of the tensors); its path."""
     folder = cache_dir / _bucket_name(bucket)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shard-{index:05d}.safetensors"
@@ -163,6 +168,48 @@ def _write_shard(
         path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     )
     return path
+
+
+def begin_cache(
+    cache: Path,
+    *,
+    vae: ResidualVAE,
+    encoder: ConditionEncoder,
+    buckets: BucketConfig,
+    kind: str = "samples",
+) -> dict[str, Any]:
+    """Create the (new or empty) ``cache`` and its incomplete manifest; returns the manifest.
+
+    ``kind``: what a row is, "samples" (latents) or "preferences" (winner / loser latents).
+    """
+    f = vae.config.spatial_factor
+    if buckets.multiple_of % f:
+        raise CacheError(
+            f"bucket multiple_of {buckets.multiple_of} is not a multiple of the VAE's "
+            f"spatial factor {f}"
+        )
+    if cache.exists() and any(cache.iterdir()):
+        raise CacheError(f"cache directory {cache} is not empty")
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "latent_channels": vae.config.latent_channels,
+        "spatial_factor": f,
+        "hidden_size": encoder.hidden_size,
+        "buckets": asdict(buckets),
+        "complete": False,
+        "shards": [],
+    }
+    atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def finish_cache(cache: Path, manifest: dict[str, Any], shards: list[dict[str, Any]]) -> None:
+    """Rewrite the manifest with its ``shards`` (``{path, count}``) and mark the cache done."""
+    manifest.update(complete=True, shards=shards, samples=sum(s["count"] for s in shards))
+    atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(cache / DONE_FILE, json.dumps({"shards": len(shards)}).encode())
 
 
 def produce(
@@ -181,26 +228,8 @@ def produce(
     config.validate()
     data = Path(data_dir)
     cache = Path(cache_dir)
-    f = vae.config.spatial_factor
-    if config.buckets.multiple_of % f:
-        raise CacheError(
-            f"bucket multiple_of {config.buckets.multiple_of} is not a multiple of the VAE's "
-            f"spatial factor {f}"
-        )
     samples = read_dataset(data)  # validated whole before anything is written
-    if cache.exists() and any(cache.iterdir()):
-        raise CacheError(f"cache directory {cache} is not empty")
-    cache.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "latent_channels": vae.config.latent_channels,
-        "spatial_factor": f,
-        "hidden_size": encoder.hidden_size,
-        "buckets": asdict(config.buckets),
-        "complete": False,
-        "shards": [],
-    }
-    atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    manifest = begin_cache(cache, vae=vae, encoder=encoder, buckets=config.buckets)
     pending: dict[tuple[int, int], list[Sample]] = {}
     shards: list[dict[str, Any]] = []
 
@@ -209,7 +238,7 @@ def produce(
         tensors = encode_samples(
             batch, data, bucket, vae=vae, encoder=encoder, batch_size=config.batch_size
         )
-        path = _write_shard(cache, len(shards), bucket, [s.id for s in batch], tensors)
+        path = write_shard(cache, len(shards), bucket, [s.id for s in batch], tensors)
         shards.append({"path": str(path.relative_to(cache)), "count": len(batch)})
 
     for sample in samples:
@@ -220,9 +249,7 @@ def produce(
             flush(bucket)
     for bucket in list(pending):
         flush(bucket)
-    manifest.update(complete=True, shards=shards, samples=sum(s["count"] for s in shards))
-    atomic_write_bytes(cache / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-    atomic_write_bytes(cache / DONE_FILE, json.dumps({"shards": len(shards)}).encode())
+    finish_cache(cache, manifest, shards)
     return len(shards)
 
 
@@ -307,10 +334,12 @@ def hash_seeds(*values: int) -> int:
 class CachedBatches(IterableDataset[dict[str, Any]]):
     """Batches from a cache directory, one bucket per batch, resumable; see the module doc.
 
-    Each batch is a dict: ``latents`` (B, z, h, w), ``condition`` (B, L, D) trimmed to the
-    batch's longest condition, ``mask`` (B, L) bool, ``ids`` (list of B str), ``bucket``
-    ``(width, height)``. Use it directly or in a ``DataLoader(batch_size=None)`` with no worker
-    processes (the position lives in this object).
+    Each batch is a dict: ``latents`` (B, z, h, w) (and any other per-sample tensor the
+    shards hold, e.g. a preference cache's ``winner_latents`` / ``loser_latents``),
+    ``condition`` (B, L, D) trimmed to the batch's longest condition, ``mask`` (B, L) bool,
+    ``ids`` (list of B str), ``bucket`` ``(width, height)``. Use it directly or in a
+    ``DataLoader(batch_size=None)`` with no worker processes (the position lives in this
+    object).
     """
 
     def __init__(
@@ -408,13 +437,15 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
             pick = torch.tensor(rows)
             mask = tensors["mask"][pick]  # (B, L_shard)
             length = max(1, int(mask.sum(dim=1).max()))
-            batch = {
-                "latents": tensors["latents"][pick],  # (B, z, h, w)
-                "condition": tensors["condition"][pick, :length],  # (B, L, D)
-                "mask": mask[:, :length],  # (B, L)
-                "ids": [ids[r] for r in rows],
-                "bucket": bucket,
+            batch: dict[str, Any] = {
+                # latents (B, z, h, w) and any other per-sample tensor of the shard
+                key: value[pick]
+                for key, value in tensors.items()
+                if key not in _PADDED
             }
+            batch["condition"] = tensors["condition"][pick, :length]  # (B, L, D)
+            batch["mask"] = mask[:, :length]  # (B, L)
+            batch.update(ids=[ids[r] for r in rows], bucket=bucket)
             pos.offset += len(rows)
             yield batch
 

@@ -5,8 +5,11 @@ Layout of a checkpoint directory::
     <dir>/step-<NNNNNNNN>/model.safetensors       the model's state dict
     <dir>/step-<NNNNNNNN>/optimizer.safetensors   every tensor of the optimizer's state dict
     <dir>/step-<NNNNNNNN>/rng.safetensors         RNG states (uint8 tensors), by name
-    <dir>/step-<NNNNNNNN>/state.json              step, the optimizer state's structure (its
-                                                  tensors named by key), data position, extra
+    <dir>/step-<NNNNNNNN>/data.safetensors        the tensors of the data state (e.g. a
+                                                  rollout buffer), named by key
+    <dir>/step-<NNNNNNNN>/state.json              step, the optimizer state's and the data
+                                                  state's structure (their tensors named by
+                                                  key), extra
     <dir>/latest                                  name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory that is renamed into place with
@@ -33,7 +36,7 @@ from torch.optim import Optimizer
 from training.io import atomic_write_text, fsync_directory, fsync_tree
 
 LATEST_FILE = "latest"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
@@ -56,7 +59,8 @@ class Checkpoint:
     rng: dict[str, Tensor]
     """RNG states by name (e.g. a ``torch.Generator``'s ``get_state()``)."""
     data: dict[str, Any]
-    """Position of the data stream (a JSON-able state dict)."""
+    """Position of the data stream and any objective state that goes with it (nested dicts,
+    lists, tuples, scalars, strings and tensors)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else the trainer stored (JSON-able)."""
 
@@ -155,11 +159,14 @@ def save_checkpoint(
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors")
     )
+    data_tensors: dict[str, Tensor] = {}
+    data_structure = _flatten(data, "data", data_tensors)
+    save_file(data_tensors, str(tmp / "data.safetensors"))
     state = {
         "version": CHECKPOINT_VERSION,
         "step": step,
         "optimizer": structure,
-        "data": data,
+        "data": data_structure,
         "extra": extra or {},
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -195,9 +202,36 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint | None:
             model=load_file(str(path / "model.safetensors")),
             optimizer=_unflatten(state["optimizer"], optimizer_tensors),
             rng=load_file(str(path / "rng.safetensors")),
-            data=state["data"],
+            data=_unflatten(state["data"], load_file(str(path / "data.safetensors"))),
             extra=state["extra"],
         )
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from exc
+
+
+def load_model_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The model state dict a later run starts from (``init_from``), found at ``path``.
+
+    ``path`` is a training run's output directory (its ``checkpoints/`` latest is read), a
+    checkpoint directory (its ``latest``), or one ``step-NNNNNNNN`` checkpoint.
+    """
+    root = Path(path)
+    if (root / "model.safetensors").is_file():
+        step_dir = root
+    else:
+        candidates = [root / "checkpoints", root]
+        found = next((p for p in candidates if (p / LATEST_FILE).is_file()), None)
+        if found is None:
+            raise CheckpointError(
+                f"{root}: no checkpoint here (expected a run directory, its checkpoints/, or a "
+                "step-NNNNNNNN checkpoint)"
+            )
+        latest = latest_checkpoint(found)
+        assert latest is not None  # `latest` exists
+        step_dir = latest
+    try:
+        return load_file(str(step_dir / "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{step_dir}: unreadable model weights ({reason})") from exc

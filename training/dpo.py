@@ -31,14 +31,20 @@ and returns the objective's figures next to it. The reference runs without a gra
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model.transformer import DiffusionTransformer
-from training.flow_matching import FlowMatchingConfig, StepOutput, loss_weights, sample_timesteps
+from model.transformer import DiffusionTransformer, TransformerConfig
+from training.cache import DONE_FILE, MANIFEST_FILE
+from training.flow_matching import FlowMatchingConfig, loss_weights, sample_timesteps
+from training.loop import LoopConfig, Objective, StepOutput
+from training.pretrain import CACHE_DIR, build_transformer, cached_objective, check_cache
+from training.synthetic import SyntheticDataConfig, build_synthetic_cache
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,7 +75,8 @@ def dpo_step(
     """The Diffusion-DPO loss of one batch of preference pairs; see the module docstring.
 
     ``batch`` holds ``winner_latents`` and ``loser_latents`` (B, C, H, W), ``condition``
-    (B, L, D) and ``condition_mask`` (B, L) bool, pair ``i`` sharing condition ``i``. Noise and
+    (B, L, D) and ``mask`` (B, L) bool, pair ``i`` sharing condition ``i`` (a batch of a
+    preference cache, :mod:`training.preference`). Noise and
     times come from ``generator`` (a CPU generator) and are shared by the winner and the loser
     of a pair. ``reference`` (the frozen initial policy) runs under ``torch.no_grad``.
 
@@ -88,7 +95,7 @@ def dpo_step(
         )
     b = winner.shape[0]
     condition = batch["condition"].to(device=device, dtype=parameter.dtype)  # (B, L, D)
-    mask = batch["condition_mask"].to(device)  # (B, L)
+    mask = batch["mask"].to(device)  # (B, L)
 
     # One noise and one t per pair, shared by its winner and loser.
     noise = torch.randn(winner.shape, generator=generator).to(device)  # (B, C, H, W)
@@ -127,3 +134,90 @@ def dpo_step(
             "policy_error_loser": float(policy_l.mean()),
         }
     return StepOutput(loss=loss, metrics=metrics)
+
+
+# ---- training run -----------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class PreferenceDataConfig:
+    """Where the preference cache (:mod:`training.preference`) comes from and how it is read."""
+
+    cache_dir: Path | None = None
+    """An existing preference cache; None: ``<out>/cache``, built from ``synthetic``."""
+    synthetic: SyntheticDataConfig | None = None
+    """The generated scenes whose right-vs-wrong-colour pairs are cached when ``cache_dir``
+    is None."""
+    batch_size: int = 8
+    """Pairs per optimizer step (a shard's last batch may hold fewer)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.cache_dir is None and self.synthetic is None:
+            raise ValueError("PreferenceDataConfig needs a cache_dir or a synthetic dataset")
+        if self.batch_size < 1:
+            raise ValueError(f"PreferenceDataConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.synthetic is not None:
+            self.synthetic.validate()
+
+
+@dataclass(kw_only=True, slots=True)
+class DPOTrainConfig:
+    """Diffusion-DPO of the transformer on a preference cache, against its initial weights."""
+
+    model: TransformerConfig
+    """The transformer (``latent_channels`` and ``condition_dim`` must match the cache)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """The objective's beta and flow-time sampling."""
+    data: PreferenceDataConfig
+    """The preference cache."""
+    init_from: Path | None = None
+    """The policy's initial weights, which are also the frozen reference (a run directory,
+    its checkpoints/ or one checkpoint); None: seeded random weights."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """Steps, optimizer, checkpoints, seed and device."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        self.model.validate()
+        self.dpo.validate()
+        self.data.validate()
+        self.loop.validate()
+
+
+def prepare_preference_cache(config: PreferenceDataConfig, out: Path) -> Path:
+    """The complete preference cache of ``config``: the given one or ``<out>/cache`` (built)."""
+    if config.cache_dir is not None:
+        cache = config.cache_dir
+    else:
+        assert config.synthetic is not None  # PreferenceDataConfig.validate
+        cache = out / CACHE_DIR
+        if not (cache / DONE_FILE).is_file():
+            build_synthetic_cache(cache, config.synthetic, preferences=True)
+    if not (cache / DONE_FILE).is_file():
+        raise FileNotFoundError(f"{cache}: not a complete cache (no {DONE_FILE})")
+    kind = json.loads((cache / MANIFEST_FILE).read_text()).get("kind", "samples")
+    if kind != "preferences":
+        raise ValueError(f"{cache} is a {kind!r} cache; DPO needs a preference cache")
+    return cache
+
+
+def build_dpo(config: DPOTrainConfig, out: Path) -> Objective:
+    """The Diffusion-DPO objective of ``config``; the reference is the policy's initial copy."""
+    cache = prepare_preference_cache(config.data, out)
+    check_cache(cache, config.model)
+    loop = config.loop
+    policy = build_transformer(
+        config.model, seed=loop.seed, init_from=config.init_from, device=loop.device
+    )
+    reference = build_transformer(
+        config.model, seed=loop.seed, init_from=config.init_from, device=loop.device
+    )
+    reference.requires_grad_(False).eval()
+
+    def step(batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        return dpo_step(policy, reference, batch, config=config.dpo, generator=generator)
+
+    return cached_objective(
+        policy, cache, batch_size=config.data.batch_size, seed=loop.seed, step=step
+    )

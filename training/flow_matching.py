@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.transformer import DiffusionTransformer
+from training.loop import StepOutput
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,17 +49,6 @@ class FlowMatchingConfig:
             raise ValueError(f"FlowMatchingConfig.shift must be > 0, got {self.shift}")
         if self.weighting not in ("none", "cosmap"):
             raise ValueError(f"FlowMatchingConfig.weighting {self.weighting!r} is unknown")
-
-
-@dataclass(kw_only=True, slots=True)
-class StepOutput:
-    """One step's loss (with its graph, for backward) and the objective's figures."""
-
-    loss: Tensor
-    """0-d: the weighted mean squared velocity error of the batch."""
-    metrics: dict[str, float]
-    """``loss``, ``t_mean`` (mean flow time), ``target_ms`` (mean square of the target, the
-    loss of predicting zero), ``prediction_ms`` (mean square of the prediction)."""
 
 
 def sample_timesteps(batch: int, config: FlowMatchingConfig, generator: torch.Generator) -> Tensor:

@@ -258,6 +258,13 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=0, help="Steps to train to (recipe's default).")
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from these weights: a run directory, its checkpoints/ or a checkpoint.",
+        ),
+    ] = None,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
     ] = True,
@@ -283,8 +290,15 @@ def train(
 
     from training.trainer import train as run_training
 
+    config = RECIPES[recipe]()
+    if init is not None:
+        if not hasattr(config, "init_from"):
+            fail(f"{recipe} does not start from trained weights; drop --init")
+        if not init.exists():
+            fail(f"--init {init}: no such file or directory")
+        config.init_from = init
     try:
-        result = run_training(RECIPES[recipe](), out=out, max_steps=max_steps, progress=progress)
+        result = run_training(config, out=out, max_steps=max_steps, progress=progress, name=recipe)
     except (CacheError, CheckpointError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     except OSError as exc:  # e.g. an out/cache that is something else

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.transformer import DiffusionTransformer, TransformerConfig
+from training.cache import CachedBatches, ConsumerConfig
+from training.data import DatasetError
 from training.dpo import DPOConfig, dpo_step
+from training.loop import METRICS_FILE
+from training.preference import PAIRS_FILE, PreferencePair, read_pairs, write_pairs
+from training.recipes import dpo_debug
+from training.synthetic import (
+    SyntheticDataConfig,
+    build_synthetic_cache,
+    write_synthetic_preferences,
+)
+from training.trainer import train
 
 CONDITIONS = 4  # distinct synthetic prompts
 LENGTH = 3  # condition tokens per prompt
@@ -57,7 +70,7 @@ class _Preferences:
             "winner_latents": self.winners[index],
             "loser_latents": self.losers[index],
             "condition": self.conditions[index],
-            "condition_mask": torch.ones(BATCH, LENGTH, dtype=torch.bool),
+            "mask": torch.ones(BATCH, LENGTH, dtype=torch.bool),
         }
 
 
@@ -130,3 +143,68 @@ def test_preferences_are_learned() -> None:
     assert last_accuracy > 0.8, [m["accuracy"] for m in history]
     assert last_loss < math.log(2) - 0.1, [m["loss"] for m in history]
     assert all(p.grad is None for p in reference.parameters())
+
+
+# ---- the preference cache and the dpo-debug recipe ----------------------------------------
+
+
+def _read_metrics(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("offline")
+def test_dpo_debug_learns_the_preferences(tmp_path: Path) -> None:
+    config = dpo_debug()
+    result = train(config, out=tmp_path)
+    rows = _read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, config.loop.max_steps + 1))
+    assert rows[0]["accuracy"] == 0.5
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6
+    last = rows[-10:]
+    accuracy = sum(r["accuracy"] for r in last) / len(last)
+    loss = sum(r["loss"] for r in last) / len(last)
+    assert accuracy > 0.8, [r["accuracy"] for r in rows]
+    assert loss < math.log(2) - 0.1, [r["loss"] for r in rows]
+    assert result.checkpoint is not None
+
+    # The cache is a preference cache: the two sides differ, their prompt is one.
+    batch = next(iter(CachedBatches(tmp_path / "cache", ConsumerConfig(batch_size=4))))
+    assert batch["winner_latents"].shape == batch["loser_latents"].shape
+    assert not torch.equal(batch["winner_latents"], batch["loser_latents"])
+    assert batch["condition"].shape[:2] == batch["mask"].shape
+    assert all(i.startswith("pair-") for i in batch["ids"])
+
+    # DPO refuses a cache of plain samples, with a one-line reason.
+    plain = dpo_debug()
+    plain.data.cache_dir = tmp_path / "plain"
+    assert plain.data.synthetic is not None
+    build_synthetic_cache(plain.data.cache_dir, plain.data.synthetic)
+    with pytest.raises(ValueError, match="needs a preference cache"):
+        train(plain, out=tmp_path / "other")
+
+
+def _pair_dataset(root: Path) -> None:
+    write_synthetic_preferences(root, SyntheticDataConfig(images=2))
+
+
+def test_pairs_are_validated_against_the_samples(tmp_path: Path) -> None:
+    _pair_dataset(tmp_path)
+    pairs = read_pairs(tmp_path)
+    assert [p.id for p in pairs] == ["pair-0", "pair-1"]
+    assert all(p.winner.endswith("-winner") and p.loser.endswith("-loser") for p in pairs)
+
+    with pytest.raises(DatasetError, match="unknown sample 'nope'"):
+        write_pairs(tmp_path, [PreferencePair(id="x", winner="nope", loser=pairs[0].loser)])
+    with pytest.raises(DatasetError, match="different prompts"):
+        write_pairs(
+            tmp_path, [PreferencePair(id="x", winner=pairs[0].winner, loser=pairs[1].loser)]
+        )
+    with pytest.raises(DatasetError, match="same winner and loser"):
+        write_pairs(
+            tmp_path, [PreferencePair(id="x", winner=pairs[0].winner, loser=pairs[0].winner)]
+        )
+
+    lines = (tmp_path / PAIRS_FILE).read_text().splitlines()
+    (tmp_path / PAIRS_FILE).write_text(lines[0] + '\n{"id": "p", "winner": "a"}\n')
+    with pytest.raises(DatasetError, match=rf"{PAIRS_FILE}:2: invalid pair: loser"):
+        read_pairs(tmp_path)

@@ -25,9 +25,11 @@ from training.checkpoint import (
     step_name,
 )
 from training.flow_matching import FlowMatchingConfig, flow_matching_step, sample_timesteps
-from training.recipes import RECIPES, PretrainConfig, pretrain_debug
+from training.loop import METRICS_FILE, TrainResult
+from training.pretrain import PretrainConfig
+from training.recipes import RECIPES, pretrain_debug
 from training.synthetic import build_synthetic_cache
-from training.trainer import METRICS_FILE, TrainResult, train
+from training.trainer import train
 
 STEPS = 60  # pretrain-debug's max_steps
 runner = CliRunner()
@@ -77,7 +79,7 @@ def test_loss_falls_and_metrics_are_written(reference: tuple[Path, TrainResult])
         assert {"t_mean", "target_ms", "prediction_ms", "grad_norm", "lr"} <= row.keys()
         assert 0 < row["t_mean"] < 1
         assert math.isfinite(row["loss"])
-    assert rows[0]["lr"] < rows[-1]["lr"] == pretrain_debug().optimizer.lr  # warm-up
+    assert rows[0]["lr"] < rows[-1]["lr"] == pretrain_debug().loop.optimizer.lr  # warm-up
 
     # Checkpoints every 20 steps and at the end; keep_checkpoints=2 keeps the newest two.
     checkpoints = out / "checkpoints"
@@ -125,21 +127,21 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(
 def test_resume_refuses_another_seed(cache: Path, tmp_path: Path) -> None:
     train(_config(cache), out=tmp_path, max_steps=2)
     other = _config(cache)
-    other.seed = 1
-    with pytest.raises(CheckpointError, match=r"another configuration .*seed"):
+    other.loop.seed = 1
+    with pytest.raises(CheckpointError, match=r"another configuration .*loop\.seed"):
         train(other, out=tmp_path, max_steps=4)
 
 
 def test_resume_refuses_another_learning_rate(cache: Path, tmp_path: Path) -> None:
     train(_config(cache), out=tmp_path, max_steps=2)
     other = _config(cache)
-    other.optimizer.lr *= 2
-    with pytest.raises(CheckpointError, match=r"differs in optimizer\.lr\)"):
+    other.loop.optimizer.lr *= 2
+    with pytest.raises(CheckpointError, match=r"differs in loop\.optimizer\.lr\)"):
         train(other, out=tmp_path, max_steps=4)
     # What does not change the training may change: more steps, another log interval.
     same = _config(cache)
-    same.log_every = 3
-    same.keep_checkpoints = None
+    same.loop.log_every = 3
+    same.loop.keep_checkpoints = None
     assert train(same, out=tmp_path, max_steps=3).resumed_from == 2
 
 

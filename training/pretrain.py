@@ -1,0 +1,162 @@
+"""Flow-matching training of the generator (pretraining and SFT) from a pre-encoded cache.
+
+:class:`PretrainConfig` names the transformer, the flow-time sampling, the cache and the loop;
+:func:`build_pretrain` turns it into an :class:`training.loop.Objective` whose step is
+:func:`training.flow_matching.flow_matching_step` on the next cached batch. Supervised
+fine-tuning is the same objective started from a trained checkpoint (``init_from``) on a
+curated cache, with a smaller learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.transformer import DiffusionTransformer, TransformerConfig
+from training.cache import DONE_FILE, MANIFEST_FILE, CachedBatches, ConsumerConfig
+from training.checkpoint import load_model_weights
+from training.flow_matching import FlowMatchingConfig, flow_matching_step
+from training.loop import LoopConfig, Objective, StepOutput, seeded
+from training.synthetic import SyntheticDataConfig, build_synthetic_cache
+
+CACHE_DIR = "cache"
+"""Name of the cache a run generates inside its output directory."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the pre-encoded training cache comes from and how it is read."""
+
+    cache_dir: Path | None = None
+    """An existing cache (:mod:`training.cache`); None: ``<out>/cache``, built from
+    ``synthetic`` when it is not there yet."""
+    synthetic: SyntheticDataConfig | None = None
+    """The generated dataset to cache when ``cache_dir`` is None."""
+    batch_size: int = 8
+    """Samples per optimizer step (a shard's last batch may hold fewer)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.cache_dir is None and self.synthetic is None:
+            raise ValueError("DataConfig needs a cache_dir or a synthetic dataset to cache")
+        if self.batch_size < 1:
+            raise ValueError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.synthetic is not None:
+            self.synthetic.validate()
+
+
+def prepare_cache(config: DataConfig, out: Path) -> Path:
+    """The complete training cache of ``config``: the given one, or ``<out>/cache`` (built)."""
+    if config.cache_dir is not None:
+        cache = config.cache_dir
+    else:
+        assert config.synthetic is not None  # DataConfig.validate
+        cache = out / CACHE_DIR
+        if not (cache / DONE_FILE).is_file():
+            build_synthetic_cache(cache, config.synthetic)
+    if not (cache / DONE_FILE).is_file():
+        raise FileNotFoundError(f"{cache}: not a complete training cache (no {DONE_FILE})")
+    return cache
+
+
+def check_cache(cache: Path, model: TransformerConfig) -> None:
+    """Raise ``ValueError`` when the cache's latents or conditions do not fit ``model``."""
+    manifest = json.loads((cache / MANIFEST_FILE).read_text())
+    if manifest["latent_channels"] != model.latent_channels:
+        raise ValueError(
+            f"{cache} holds {manifest['latent_channels']}-channel latents, the model reads "
+            f"latent_channels={model.latent_channels}"
+        )
+    if manifest["hidden_size"] != model.condition_dim:
+        raise ValueError(
+            f"{cache} holds {manifest['hidden_size']}-d conditions, the model reads "
+            f"condition_dim={model.condition_dim}"
+        )
+
+
+def cached_objective(
+    model: nn.Module,
+    cache: Path,
+    *,
+    batch_size: int,
+    seed: int,
+    step: Callable[[dict[str, Any], torch.Generator], StepOutput],
+) -> Objective:
+    """An objective whose every step is ``step`` on the next batch of ``cache``.
+
+    The batches never end (epoch after epoch, reshuffled by ``seed``); the data state is the
+    consumer's position (:class:`training.cache.CachedBatches`).
+    """
+    batches = CachedBatches(cache, ConsumerConfig(batch_size=batch_size, seed=seed, epochs=None))
+    stream = iter(batches)
+
+    def objective_step(generator: torch.Generator) -> StepOutput:
+        return step(next(stream), generator)
+
+    def load_data_state(state: dict[str, Any]) -> None:
+        nonlocal stream
+        batches.load_state_dict(state)
+        stream = iter(batches)
+
+    return Objective(
+        model=model,
+        step=objective_step,
+        data_state=batches.state_dict,
+        load_data_state=load_data_state,
+    )
+
+
+def build_transformer(
+    config: TransformerConfig, *, seed: int, init_from: Path | None, device: str
+) -> DiffusionTransformer:
+    """The transformer: seeded random weights, or those of the run / checkpoint ``init_from``."""
+    model = seeded(seed, lambda: DiffusionTransformer(config))
+    if init_from is not None:
+        model.load_state_dict(load_model_weights(init_from))
+    return model.to(torch.device(device))
+
+
+@dataclass(kw_only=True, slots=True)
+class PretrainConfig:
+    """Flow-matching training of the diffusion transformer (pretraining, or SFT from a run)."""
+
+    model: TransformerConfig
+    """The transformer (``latent_channels`` and ``condition_dim`` must match the cache)."""
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    """Flow-time sampling and loss weighting."""
+    data: DataConfig
+    """The training cache."""
+    init_from: Path | None = None
+    """Start from these weights (a run directory, its checkpoints/ or one checkpoint);
+    None: seeded random weights."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """Steps, optimizer, checkpoints, seed and device."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        self.model.validate()
+        self.flow.validate()
+        self.data.validate()
+        self.loop.validate()
+
+
+def build_pretrain(config: PretrainConfig, out: Path) -> Objective:
+    """The flow-matching objective of ``config`` (its cache built under ``out`` if needed)."""
+    cache = prepare_cache(config.data, out)
+    check_cache(cache, config.model)
+    model = build_transformer(
+        config.model, seed=config.loop.seed, init_from=config.init_from, device=config.loop.device
+    )
+
+    def step(batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        return flow_matching_step(model, batch, config=config.flow, generator=generator)
+
+    return cached_objective(
+        model, cache, batch_size=config.data.batch_size, seed=config.loop.seed, step=step
+    )
