@@ -20,7 +20,7 @@ from torch import nn
 
 from model.transformer import DiffusionTransformer, TransformerConfig
 from training.cache import DONE_FILE, MANIFEST_FILE, CachedBatches, ConsumerConfig
-from training.checkpoint import load_model_weights
+from training.checkpoint import CheckpointError, load_model_weights
 from training.flow_matching import FlowMatchingConfig, flow_matching_step
 from training.loop import LoopConfig, Objective, StepOutput, seeded
 from training.synthetic import SyntheticDataConfig, build_synthetic_cache
@@ -118,7 +118,14 @@ def build_transformer(
     """The transformer: seeded random weights, or those of the run / checkpoint ``init_from``."""
     model = seeded(seed, lambda: DiffusionTransformer(config))
     if init_from is not None:
-        model.load_state_dict(load_model_weights(init_from))
+        try:
+            model.load_state_dict(load_model_weights(init_from))
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+            reason = str(exc).strip().splitlines()
+            raise CheckpointError(
+                f"{init_from}: weights do not fit the configured transformer "
+                f"({reason[1].strip() if len(reason) > 1 else reason[0]})"
+            ) from exc
     return model.to(torch.device(device))
 
 

@@ -26,7 +26,7 @@ from training.checkpoint import (
 )
 from training.flow_matching import FlowMatchingConfig, flow_matching_step, sample_timesteps
 from training.loop import METRICS_FILE, TrainResult
-from training.pretrain import PretrainConfig
+from training.pretrain import PretrainConfig, build_transformer
 from training.recipes import RECIPES, pretrain_debug
 from training.synthetic import build_synthetic_cache
 from training.trainer import train
@@ -257,3 +257,33 @@ def test_synthetic_config_is_validated() -> None:
     config.data.synthetic.images = 0
     with pytest.raises(ValueError, match="images"):
         config.validate()
+
+
+def test_init_from_a_run(tmp_path: Path) -> None:
+    first = tmp_path / "pretrain"
+    ran = runner.invoke(app, ["train", "pretrain-debug", "--max-steps", "2", "--out", str(first)])
+    assert ran.exit_code == 0, ran.output
+    trained = load_checkpoint(first / "checkpoints")
+    assert trained is not None
+
+    # Any of the three forms of --init names the same weights.
+    config = pretrain_debug().model
+    for path in (first, first / "checkpoints", trained.path):
+        model = build_transformer(config, seed=5, init_from=path, device="cpu")
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in trained.model.items())
+
+    second = tmp_path / "dpo"
+    args = ["train", "dpo-debug", "--max-steps", "1", "--out", str(second), "--init", str(first)]
+    assert runner.invoke(app, args).exit_code == 0
+
+    missing = runner.invoke(app, [*args[:-1], str(tmp_path / "nope")])
+    assert missing.exit_code == 2
+    assert "no such file" in missing.output
+    small = pretrain_debug().model
+    small.num_layers = 1
+    with pytest.raises(CheckpointError, match="do not fit the configured transformer"):
+        build_transformer(small, seed=0, init_from=first, device="cpu")
+    empty = runner.invoke(app, [*args[:-3], str(tmp_path / "x"), "--init", str(tmp_path)])
+    assert empty.exit_code == 2
+    assert "no checkpoint here" in empty.output
