@@ -177,14 +177,15 @@ def infinite(make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
 # ---- resume rules -----------------------------------------------------------------------
 
 
-def _metric_step(line: str) -> int | None:
-    """The step of a metrics line; None for a line that is not a complete record."""
+def parse_metrics_line(line: str) -> dict[str, Any] | None:
+    """The record of a metrics line; None for a line that is not a complete record."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:  # e.g. half written by a killed run
         return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -193,8 +194,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = []
     for line in path.read_text().splitlines():
-        line_step = _metric_step(line)
-        if line_step is not None and line_step <= step:
+        record = parse_metrics_line(line)
+        if record is not None and record["step"] <= step:
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 

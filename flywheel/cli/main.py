@@ -305,11 +305,16 @@ def train(
         fail(f"{out}: {exc}", code=1)
     except RuntimeError as exc:  # e.g. device "cuda" on a machine without CUDA
         fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, code=1)
+    plot = ""
+    if result.losses:
+        from training.plot import PLOT_FILE, plot_metrics
+
+        plot = f", curves in {plot_metrics(result.metrics, out / PLOT_FILE, title=recipe)}"
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     start = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     console.print(
         f"trained {recipe} to step {result.step}{start}{last} in {result.seconds:.1f}s; "
-        f"metrics in {result.metrics}, checkpoint {result.checkpoint}",
+        f"metrics in {result.metrics}{plot}, checkpoint {result.checkpoint}",
         highlight=False,
         soft_wrap=True,
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -26,6 +27,7 @@ from training.checkpoint import (
 )
 from training.flow_matching import FlowMatchingConfig, flow_matching_step, sample_timesteps
 from training.loop import METRICS_FILE, TrainResult
+from training.plot import PLOT_FILE
 from training.pretrain import PretrainConfig, build_transformer
 from training.recipes import RECIPES, pretrain_debug
 from training.synthetic import build_synthetic_cache
@@ -222,6 +224,10 @@ def test_cli_lists_and_runs_a_recipe(tmp_path: Path) -> None:
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
     assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / step_name(3)
     assert (out / "cache" / "DONE").is_file()
+    with Image.open(out / PLOT_FILE) as plot:  # the training curves
+        assert plot.format == "PNG"
+        assert plot.width > 400
+    assert "curves in" in result.output
 
     # A damaged latest checkpoint: one line, exit code 2 (bad input), nothing trained.
     (out / "checkpoints" / step_name(3) / "model.safetensors").write_bytes(b"\x00" * 16)
