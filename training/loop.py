@@ -56,6 +56,11 @@ class OptimizerConfig:
     """Decoupled weight decay (per unit of learning rate)."""
     warmup_steps: int = 0
     """Steps of linear warm-up from lr / warmup_steps to lr; 0: constant lr from the start."""
+    decay_steps: int | None = None
+    """Cosine decay from lr to ``min_lr_ratio * lr`` over this many steps after the warm-up
+    (then held there); None: constant lr after the warm-up."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine decay ends, as a fraction of lr."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this; None: no clipping (the norm is still logged)."""
 
@@ -63,16 +68,27 @@ class OptimizerConfig:
         """Raise ``ValueError`` when the fields are inconsistent."""
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("OptimizerConfig: lr, eps > 0 and weight_decay, warmup_steps >= 0")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(f"OptimizerConfig.decay_steps must be >= 1, got {self.decay_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"OptimizerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+            )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"OptimizerConfig.betas must be in [0, 1), got {self.betas}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"OptimizerConfig.grad_clip must be > 0, got {self.grad_clip}")
 
     def learning_rate(self, step: int) -> float:
-        """The learning rate of the step after ``step`` steps (linear warm-up, then constant)."""
+        """The learning rate of the step after ``step`` steps: linear warm-up, then constant or
+        cosine-decayed."""
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        return self.lr
+        if self.decay_steps is None:
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -26,7 +27,7 @@ from training.checkpoint import (
     step_name,
 )
 from training.flow_matching import FlowMatchingConfig, flow_matching_step, sample_timesteps
-from training.loop import METRICS_FILE, TrainResult
+from training.loop import METRICS_FILE, OptimizerConfig, TrainResult
 from training.plot import PLOT_FILE
 from training.pretrain import PretrainConfig, build_transformer
 from training.recipes import RECIPES, pretrain_debug
@@ -293,3 +294,16 @@ def test_init_from_a_run(tmp_path: Path) -> None:
     empty = runner.invoke(app, [*args[:-3], str(tmp_path / "x"), "--init", str(tmp_path)])
     assert empty.exit_code == 2
     assert "no checkpoint here" in empty.output
+
+
+def test_learning_rate_schedule() -> None:
+    constant = OptimizerConfig(lr=1.0, warmup_steps=4)
+    assert [constant.learning_rate(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = OptimizerConfig(lr=1.0, warmup_steps=2, decay_steps=10, min_lr_ratio=0.1)
+    rates = [cosine.learning_rate(s) for s in range(16)]
+    assert rates[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in itertools.pairwise(rates[2:13]))  # decays...
+    assert rates[7] == pytest.approx(0.55)  # ...through the midpoint...
+    assert rates[12:] == [pytest.approx(0.1)] * 4  # ...to its floor, and stays
+    with pytest.raises(ValueError, match="decay_steps"):
+        OptimizerConfig(decay_steps=0).validate()
