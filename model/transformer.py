@@ -523,8 +523,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (-1, dh))  # (B, L, H, Dh)
         k = self.k_proj(x).unflatten(-1, (-1, dh))
         v = self.v_proj(x).unflatten(-1, (-1, dh))
-        q = F.rms_norm(q, (dh,), self.q_norm, self.eps)
-        k = F.rms_norm(k, (dh,), self.k_norm, self.eps)
+        # The weight in the activations' dtype: under autocast (bf16 activations, fp32
+        # weights) a mixed call falls back from the fused kernel.
+        q = F.rms_norm(q, (dh,), self.q_norm.to(q.dtype), self.eps)
+        k = F.rms_norm(k, (dh,), self.k_norm.to(k.dtype), self.eps)
         q = apply_rope(q, rope).transpose(1, 2)  # (B, H, L, Dh)
         k = apply_rope(k, rope).transpose(1, 2)
         v = v.transpose(1, 2)
