@@ -2,29 +2,44 @@
 
 Layout of a cache directory::
 
-    <cache>/manifest.json                      shapes, bucket config, shards (rewritten at end)
-    <cache>/<W>x<H>/shard-<NNNNN>.safetensors   one bucket's samples; NNNNN counts shards
-                                                over the whole cache, in the order written
+    <cache>/manifest.json                      shapes, bucket config, areas, shards (rewritten
+                                               at end)
+    <cache>/<W>x<H>/shard-<NNNNN>.safetensors   samples of one bucket and one number of input
+                                                images; NNNNN counts shards over the whole
+                                                cache, in the order written
     <cache>/DONE                               written last: the cache is complete
 
 A shard holds ``latents`` (N, z, h, w) float32, normalized (``vae.normalize_latents`` of the
-posterior mean), ``condition`` (N, L, D) float32, right-padded, ``mask`` (N, L) bool, and in its
-metadata the sample ids (JSON list) and the bucket. Every file is written under a temporary name
-and moved in place with ``os.replace`` (:mod:`training.io`), so a reader never sees a partial
-shard.
+posterior mean), ``condition`` (N, L, D) float32, right-padded, ``mask`` (N, L) bool, and, for
+editing samples with K input images, ``input_latents`` (N, K, z, h, w) float32, normalized like
+the latents (text-to-image shards have none). Its metadata holds the sample ids (JSON list), the
+bucket ("WxH"), the bucket target area it was made for (``area``) and ``rows``: per row, what
+filters read (:func:`training.data.sample_info`: source dataset, task, number of inputs, source
+image size, annotation), so the trainer filters without the dataset. Every file is written
+under a temporary name and moved in place with ``os.replace`` (:mod:`training.io`), so a reader
+never sees a partial shard.
 
 The producer (:func:`produce`, or ``python -m training.cache produce``) reads a dataset
 (:mod:`training.data`), buckets each target image, encodes it with the VAE and its prompt with
 the condition encoder (the caption, or for an editing sample the instruction with the editing
-template; editing input images are not cached yet), and writes a shard per ``shard_size``
-samples of a bucket, then the remainders, the manifest and ``DONE``.
+template), and writes a shard per ``shard_size`` samples of a (bucket, number of inputs) group,
+then the remainders, the manifest and ``DONE``. An editing sample's input images are encoded
+with the same VAE after being resized and center-cropped to the *target's* bucket (so a row's
+inputs and target have one latent shape and rows stack; an input of another aspect ratio loses
+its borders). With ``extra_areas`` the producer also encodes every sample whose target image has
+at least that many pixels at that bucket area (no upsampling): one cache serves every stage of
+a resolution curriculum, each stage reading the shards of its area.
 
 The consumer (:class:`CachedBatches`) reads only the cache. It yields batches of one shard at a
-time (so every batch is a single bucket), items shuffled inside the shard by a seed derived from
-``(seed, epoch, shard)``. Shards run in the order they were written while the cache is still
-being produced (new shards are picked up by polling, and the epoch ends at ``DONE``), and in a
-seeded random order in epochs that start on a complete cache. Its position is a small state
-dict (:meth:`CachedBatches.state_dict`) that a new consumer resumes from exactly.
+time (so every batch is a single bucket and a single number of input images), items shuffled
+inside the shard by a seed derived from ``(seed, epoch, shard)``. Shards run in the order they
+were written while the cache is still being produced (new shards are picked up by polling, and
+the epoch ends at ``DONE``), and in a seeded random order in epochs that start on a complete
+cache. It may read only one task's shards (``task``), one bucket area's (``target_area``), and
+only the rows a :class:`training.data.SampleFilter` accepts: other shards and rows are skipped,
+deterministically, so the order of what is read does not depend on when it is read. Its position
+is a small state dict (:meth:`CachedBatches.state_dict`) that a new consumer resumes from
+exactly.
 """
 
 from __future__ import annotations
@@ -36,7 +51,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,22 +62,32 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from model.condition import TASKS, ConditionEncoder, ConditionTask, minilm_condition
+from model.condition import (
+    TASKS,
+    ConditionEncoder,
+    ConditionEncoderConfig,
+    ConditionTask,
+    minilm_condition,
+    qwen3_vl_condition,
+    qwen25_vl_condition,
+)
 from model.vae import ResidualVAE, VAEConfig, vae_debug, vae_f8c16, vae_f16c64
 from training.data import (
     BucketConfig,
     DatasetError,
     Sample,
+    SampleFilter,
     image_to_tensor,
     load_image,
     read_dataset,
     resize_and_crop,
+    sample_info,
 )
 from training.io import atomic_write_bytes
 
 MANIFEST_FILE = "manifest.json"
 DONE_FILE = "DONE"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -88,12 +113,25 @@ class ProducerConfig:
     """Samples per shard (the last shard of a bucket may hold fewer)."""
     batch_size: int = 8
     """Samples per VAE / condition encoder call."""
+    extra_areas: tuple[int, ...] = ()
+    """Further bucket target areas (pixels): a sample whose target image has at least that
+    many pixels is also encoded at that area (``buckets`` with its ``target_area`` replaced).
+    Every sample is encoded at ``buckets.target_area``."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
         self.buckets.validate()
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("ProducerConfig.shard_size and batch_size must be >= 1")
+        areas = self.areas()
+        if len(set(areas)) != len(areas):
+            raise ValueError(f"ProducerConfig: bucket areas must be distinct, got {areas}")
+        for area in self.extra_areas:
+            replace(self.buckets, target_area=area).validate()
+
+    def areas(self) -> tuple[int, ...]:
+        """Every bucket target area of the cache: ``buckets.target_area``, then the extra."""
+        return (self.buckets.target_area, *self.extra_areas)
 
 
 def _bucket_name(bucket: tuple[int, int]) -> str:
@@ -105,6 +143,18 @@ def _prompt(sample: Sample) -> tuple[str, ConditionTask]:
         assert sample.instruction is not None  # Sample's validator guarantees it
         return sample.instruction, "image_editing"
     return sample.caption, "text_to_image"
+
+
+def _encode_images(paths: Sequence[Path], bucket: tuple[int, int], vae: ResidualVAE) -> Tensor:
+    """(n, z, h, w): normalized posterior means of the images resized and cropped to ``bucket``."""
+    channels = vae.config.in_channels
+    device = next(vae.parameters()).device
+    images = torch.stack(
+        [image_to_tensor(resize_and_crop(load_image(p, channels=channels), bucket)) for p in paths]
+    )  # (n, C, H, W)
+    with torch.no_grad():
+        posterior = vae.encode(images.to(device))
+        return vae.normalize_latents(posterior.mean).float().cpu()  # (n, z, h, w)
 
 
 def encode_samples(
@@ -119,25 +169,26 @@ def encode_samples(
     """Encode samples of one bucket: ``latents`` (N, z, h, w), ``condition`` (N, L, D), ``mask``.
 
     Latents are the normalized posterior means of the bucketed target images; conditions are
-    right-padded to the longest of the N samples.
+    right-padded to the longest of the N samples. Editing samples (all with the same number K
+    of input images) add ``input_latents`` (N, K, z, h, w): their inputs resized and
+    center-cropped to the target's ``bucket``, then encoded like the targets.
     """
-    channels = vae.config.in_channels
-    device = next(vae.parameters()).device
+    inputs = {len(s.input_images) for s in samples}
+    if len(inputs) > 1:
+        raise ValueError(f"encode_samples needs one number of input images, got {sorted(inputs)}")
+    count = inputs.pop() if inputs else 0
     latents: list[Tensor] = []
+    input_latents: list[Tensor] = []
     states: dict[int, tuple[Tensor, Tensor]] = {}  # sample position -> ((L_i, D), (L_i,))
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        images = torch.stack(
-            [
-                image_to_tensor(
-                    resize_and_crop(load_image(data_dir / s.image, channels=channels), bucket)
-                )
-                for s in chunk
-            ]
-        )  # (b, C, H, W)
-        with torch.no_grad():
-            posterior = vae.encode(images.to(device))
-            latents.append(vae.normalize_latents(posterior.mean).float().cpu())  # (b, z, h, w)
+        latents.append(_encode_images([data_dir / s.image for s in chunk], bucket, vae))
+        if count:
+            per_input = [
+                _encode_images([data_dir / s.input_images[k] for s in chunk], bucket, vae)
+                for k in range(count)
+            ]  # K x (b, z, h, w)
+            input_latents.append(torch.stack(per_input, dim=1))  # (b, K, z, h, w)
         # Text-to-image and editing prompts use different templates: encode per task.
         for task in TASKS:
             rows = [start + i for i, s in enumerate(chunk) if _prompt(s)[1] == task]
@@ -153,17 +204,37 @@ def encode_samples(
     for n, (h, m) in states.items():
         condition[n, : h.shape[0]] = h
         mask_out[n, : m.shape[0]] = m
-    return {"latents": torch.cat(latents), "condition": condition, "mask": mask_out}
+    encoded = {"latents": torch.cat(latents), "condition": condition, "mask": mask_out}
+    if count:
+        encoded["input_latents"] = torch.cat(input_latents)  # (N, K, z, h, w)
+    return encoded
 
 
 def write_shard(
-    cache_dir: Path, index: int, bucket: tuple[int, int], ids: list[str], tensors: dict[str, Tensor]
+    cache_dir: Path,
+    index: int,
+    bucket: tuple[int, int],
+    ids: list[str],
+    tensors: dict[str, Tensor],
+    *,
+    rows: list[dict[str, Any]] | None = None,
+    area: int | None = None,
 ) -> Path:
-    """Write shard ``index`` of ``bucket`` (``ids``: one per row of the tensors); its path."""
+    """Write shard ``index`` of ``bucket`` (``ids``: one per row of the tensors); its path.
+
+    ``rows``: per row, what filters read (:func:`training.data.sample_info`); ``area``: the
+    bucket target area the shard was made for. Both go to the metadata when given.
+    """
     folder = cache_dir / _bucket_name(bucket)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shard-{index:05d}.safetensors"
     metadata = {"ids": json.dumps(ids), "bucket": _bucket_name(bucket)}
+    if rows is not None:
+        if len(rows) != len(ids):
+            raise ValueError(f"write_shard: {len(rows)} rows for {len(ids)} ids")
+        metadata["rows"] = json.dumps(rows)
+    if area is not None:
+        metadata["area"] = str(area)
     atomic_write_bytes(
         path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     )
@@ -177,10 +248,12 @@ def begin_cache(
     encoder: ConditionEncoder,
     buckets: BucketConfig,
     kind: str = "samples",
+    areas: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Create the (new or empty) ``cache`` and its incomplete manifest; returns the manifest.
 
     ``kind``: what a row is, "samples" (latents) or "preferences" (winner / loser latents).
+    ``areas``: the bucket target areas of the shards (default: ``buckets.target_area``).
     """
     f = vae.config.spatial_factor
     if buckets.multiple_of % f:
@@ -198,6 +271,7 @@ def begin_cache(
         "spatial_factor": f,
         "hidden_size": encoder.hidden_size,
         "buckets": asdict(buckets),
+        "areas": list(areas) if areas is not None else [buckets.target_area],
         "complete": False,
         "shards": [],
     }
@@ -212,6 +286,10 @@ def finish_cache(cache: Path, manifest: dict[str, Any], shards: list[dict[str, A
     atomic_write_bytes(cache / DONE_FILE, json.dumps({"shards": len(shards)}).encode())
 
 
+_Group = tuple[int, tuple[int, int], int]
+"""A shard's samples share (bucket area, bucket, number of input images)."""
+
+
 def produce(
     data_dir: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str],
@@ -222,33 +300,50 @@ def produce(
 ) -> int:
     """Encode the dataset at ``data_dir`` into the (new or empty) ``cache_dir``; returns shards.
 
-    The dataset is validated whole first (:func:`training.data.read_dataset`).
-    Writes shards as buckets fill up, then the remainders, the manifest and ``DONE``.
+    The dataset is validated whole first (:func:`training.data.read_dataset`). Samples are
+    grouped by (bucket area, bucket, number of input images); shards are written as groups
+    fill up, then the remainders, the manifest and ``DONE``.
     """
     config.validate()
     data = Path(data_dir)
     cache = Path(cache_dir)
     samples = read_dataset(data)  # validated whole before anything is written
-    manifest = begin_cache(cache, vae=vae, encoder=encoder, buckets=config.buckets)
-    pending: dict[tuple[int, int], list[Sample]] = {}
+    areas = config.areas()
+    manifest = begin_cache(cache, vae=vae, encoder=encoder, buckets=config.buckets, areas=areas)
+    bucketings = {area: replace(config.buckets, target_area=area) for area in areas}
+    pending: dict[_Group, list[tuple[Sample, dict[str, Any]]]] = {}
     shards: list[dict[str, Any]] = []
 
-    def flush(bucket: tuple[int, int]) -> None:
-        batch = pending.pop(bucket)
+    def flush(group: _Group) -> None:
+        area, bucket, inputs = group
+        batch = pending.pop(group)
         tensors = encode_samples(
-            batch, data, bucket, vae=vae, encoder=encoder, batch_size=config.batch_size
+            [s for s, _ in batch],
+            data,
+            bucket,
+            vae=vae,
+            encoder=encoder,
+            batch_size=config.batch_size,
         )
-        path = write_shard(cache, len(shards), bucket, [s.id for s in batch], tensors)
-        shards.append({"path": str(path.relative_to(cache)), "count": len(batch)})
+        ids, rows = [s.id for s, _ in batch], [info for _, info in batch]
+        path = write_shard(cache, len(shards), bucket, ids, tensors, rows=rows, area=area)
+        entry = {"path": str(path.relative_to(cache)), "count": len(batch)}
+        shards.append({**entry, "area": area, "inputs": inputs})
 
     for sample in samples:
         with Image.open(data / sample.image) as image:  # reads the header only
-            bucket = config.buckets.assign_bucket(image.width, image.height)
-        pending.setdefault(bucket, []).append(sample)
-        if len(pending[bucket]) >= config.shard_size:
-            flush(bucket)
-    for bucket in list(pending):
-        flush(bucket)
+            width, height = image.width, image.height
+        info = sample_info(sample, width, height)
+        for area in areas:
+            if area != config.buckets.target_area and width * height < area:
+                continue  # no upsampling to the extra areas
+            bucket = bucketings[area].assign_bucket(width, height)
+            group = (area, bucket, len(sample.input_images))
+            pending.setdefault(group, []).append((sample, info))
+            if len(pending[group]) >= config.shard_size:
+                flush(group)
+    for group in list(pending):
+        flush(group)
     finish_cache(cache, manifest, shards)
     return len(shards)
 
@@ -270,6 +365,14 @@ class ConsumerConfig:
     """Seconds between looks for new shards while the cache is being produced."""
     timeout: float = 600.0
     """Seconds to wait for a new shard (or ``DONE``) before raising :class:`CacheError`."""
+    task: ConditionTask | None = None
+    """Read only the shards of this task ("text_to_image": no input images, "image_editing":
+    with input images); None: both."""
+    target_area: int | None = None
+    """Read only the shards made for this bucket target area (see ``ProducerConfig``); None:
+    every area."""
+    filter: SampleFilter = field(default_factory=SampleFilter)
+    """Read only the rows it accepts (by the shards' ``rows`` metadata)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
@@ -277,6 +380,20 @@ class ConsumerConfig:
             raise ValueError(f"ConsumerConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"ConsumerConfig.epochs must be >= 1 or None, got {self.epochs}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"ConsumerConfig.task {self.task!r} is not one of {TASKS}")
+        if self.target_area is not None and self.target_area < 1:
+            raise ValueError(f"ConsumerConfig.target_area must be >= 1, got {self.target_area}")
+        self.filter.validate()
+
+    def selection(self) -> str:
+        """What is read, in words (for error messages)."""
+        parts = [f"task={self.task}"] if self.task is not None else []
+        if self.target_area is not None:
+            parts.append(f"target_area={self.target_area}")
+        if not self.filter.keeps_everything:
+            parts.append(f"filter={self.filter}")
+        return ", ".join(parts) or "everything"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -335,11 +452,14 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
     """Batches from a cache directory, one bucket per batch, resumable; see the module doc.
 
     Each batch is a dict: ``latents`` (B, z, h, w) (and any other per-sample tensor the
-    shards hold, e.g. a preference cache's ``winner_latents`` / ``loser_latents``),
-    ``condition`` (B, L, D) trimmed to the batch's longest condition, ``mask`` (B, L) bool,
-    ``ids`` (list of B str), ``bucket`` ``(width, height)``. Use it directly or in a
-    ``DataLoader(batch_size=None)`` with no worker processes (the position lives in this
-    object).
+    shards hold: an editing shard's ``input_latents`` (B, K, z, h, w), a preference cache's
+    ``winner_latents`` / ``loser_latents``), ``condition`` (B, L, D) trimmed to the batch's
+    longest condition, ``mask`` (B, L) bool, ``ids`` (list of B str), ``bucket``
+    ``(width, height)``. Use it directly or in a ``DataLoader(batch_size=None)`` with no
+    worker processes (the position lives in this object).
+
+    An epoch in which nothing passes the selection (task, area, filter) raises
+    :class:`CacheError` rather than looping forever.
     """
 
     def __init__(
@@ -366,6 +486,8 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pos = self.position
         while self.config.epochs is None or pos.epoch < self.config.epochs:
+            whole_epoch = pos.shard == 0 and pos.offset == 0  # not resumed mid-epoch
+            yielded = 0
             if pos.order is None:
                 pos.order = "shuffled" if _done_shards(self.cache) is not None else "written"
             order = self._shard_order(pos.epoch, pos.order)
@@ -381,8 +503,14 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
                         f"cache has {bucket} there: not the same cache or seed"
                     )
                 pos.bucket = bucket
-                yield from self._shard_batches(path, pos, index)
+                for batch in self._shard_batches(path, pos, index):
+                    yielded += 1
+                    yield batch
                 pos.shard, pos.offset, pos.bucket = pos.shard + 1, 0, None
+            if whole_epoch and not yielded:
+                raise CacheError(
+                    f"{self.cache}: no sample passes the selection ({self.config.selection()})"
+                )
             self.position = pos = CachePosition(epoch=pos.epoch + 1)
 
     def _shard_order(self, epoch: int, order: str) -> list[int] | None:
@@ -420,20 +548,53 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
                 raise CacheError(f"{self.cache}: shard {index} did not appear")
             time.sleep(self.config.poll_interval)
 
+    def _selected_rows(self, path: Path, metadata: dict[str, str], names: set[str]) -> set[int]:
+        """Rows of the shard that the task, area and filter select (read from the metadata)."""
+        config = self.config
+        if config.task is not None:
+            task: ConditionTask = "image_editing" if "input_latents" in names else "text_to_image"
+            if task != config.task:
+                return set()
+        if config.target_area is not None:
+            area = metadata.get("area")
+            if area is None or int(area) != config.target_area:
+                return set()
+        count = len(json.loads(metadata["ids"]))
+        if config.filter.keeps_everything:
+            return set(range(count))
+        if "rows" not in metadata:
+            raise CacheError(f"{path}: no rows metadata to filter by (a cache made before filters)")
+        rows = json.loads(metadata["rows"])
+        return {n for n, row in enumerate(rows) if config.filter.accepts(row)}
+
     def _shard_batches(
         self, path: Path, pos: CachePosition, index: int
     ) -> Iterator[dict[str, Any]]:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
+            names = set(handle.keys())
         ids: list[str] = json.loads(metadata["ids"])
         match = _BUCKET_RE.match(metadata["bucket"])
         if match is None:
             raise CacheError(f"{path}: bad bucket {metadata['bucket']!r}")
         bucket = (int(match.group(1)), int(match.group(2)))
+        selected = self._selected_rows(path, metadata, names)
+        if not selected:  # skipped whole, without loading its tensors
+            pos.offset = len(ids)
+            return
+        tensors = load_file(str(path))
         items = _permutation(len(ids), self.config.seed, pos.epoch, index)
         while pos.offset < len(items):
-            rows = items[pos.offset : pos.offset + self.config.batch_size]
+            # The next batch_size selected rows in the shuffled order; offset passes them.
+            rows: list[int] = []
+            cursor = pos.offset
+            while cursor < len(items) and len(rows) < self.config.batch_size:
+                if items[cursor] in selected:
+                    rows.append(items[cursor])
+                cursor += 1
+            if not rows:  # only unselected rows were left
+                pos.offset = cursor
+                break
             pick = torch.tensor(rows)
             mask = tensors["mask"][pick]  # (B, L_shard)
             length = max(1, int(mask.sum(dim=1).max()))
@@ -446,13 +607,22 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
             batch["condition"] = tensors["condition"][pick, :length]  # (B, L, D)
             batch["mask"] = mask[:, :length]  # (B, L)
             batch.update(ids=[ids[r] for r in rows], bucket=bucket)
-            pos.offset += len(rows)
+            pos.offset = cursor
             yield batch
 
 
 # ---- command line -----------------------------------------------------------------------
 
 _VAE_RECIPES = {"f16c64": vae_f16c64, "f8c16": vae_f8c16, "debug": vae_debug}
+_CONDITION_RECIPES = ("minilm", "qwen25-vl", "qwen3-vl")
+
+
+def _condition_config(recipe: str, path: Path | None) -> ConditionEncoderConfig:
+    if recipe == "minilm":
+        return minilm_condition()
+    if path is None:
+        raise ValueError(f"--condition {recipe} needs --condition-path (the model directory)")
+    return qwen25_vl_condition(path) if recipe == "qwen25-vl" else qwen3_vl_condition(path)
 
 
 def _build_vae(recipe: str, weights: Path | None, init_seed: int) -> ResidualVAE:
@@ -477,7 +647,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     prod.add_argument(
         "--init-seed", type=int, default=0, help="seed of random VAE weights (tests only)"
     )
+    prod.add_argument(
+        "--condition",
+        choices=_CONDITION_RECIPES,
+        default="minilm",
+        help="condition encoder: the packaged MiniLM, or Qwen2.5-VL / Qwen3-VL from a directory",
+    )
+    prod.add_argument("--condition-path", type=Path, help="local model directory (Qwen encoders)")
     prod.add_argument("--target-area", type=int, default=1024 * 1024, help="pixels per bucket")
+    prod.add_argument(
+        "--extra-areas",
+        default="",
+        help="comma-separated further bucket areas, for images with at least that many pixels",
+    )
     prod.add_argument(
         "--aspect-ratios",
         default="1,1.3333333,0.75,1.5,0.6666667,1.7777778,0.5625",
@@ -489,18 +671,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.vae_weights is None and args.vae != "debug":
         parser.error("--vae-weights is required except for the debug VAE")
+    try:
+        ratios = tuple(float(r) for r in args.aspect_ratios.split(","))
+        extra_areas = tuple(int(a) for a in args.extra_areas.split(",") if a.strip())
+    except ValueError as error:
+        parser.error(f"--aspect-ratios / --extra-areas: {error}")
     config = ProducerConfig(
         buckets=BucketConfig(
-            target_area=args.target_area,
-            aspect_ratios=tuple(float(r) for r in args.aspect_ratios.split(",")),
-            multiple_of=args.multiple_of,
+            target_area=args.target_area, aspect_ratios=ratios, multiple_of=args.multiple_of
         ),
         shard_size=args.shard_size,
         batch_size=args.batch_size,
+        extra_areas=extra_areas,
     )
     try:
+        condition = _condition_config(args.condition, args.condition_path)
         vae = _build_vae(args.vae, args.vae_weights, args.init_seed)
-        encoder = ConditionEncoder.load(minilm_condition())
+        encoder = ConditionEncoder.load(condition)
         shards = produce(args.data, args.cache, vae=vae, encoder=encoder, config=config)
     except (DatasetError, ValueError) as error:  # bad input
         print(f"error: {error}", file=sys.stderr)

@@ -109,6 +109,24 @@ def _unflatten(value: Any, tensors: dict[str, Tensor]) -> Any:
 # ---- writing and reading ----------------------------------------------------------------
 
 
+def _separate_storages(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU copies of ``state`` in which no two tensors share memory, as safetensors requires.
+
+    Tied weights (an LM's embeddings and head) come out as two equal tensors; loading them
+    back writes the same values into the one parameter twice.
+    """
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint under ``directory`` (what ``latest`` names), or None."""
     root = Path(directory)
@@ -151,7 +169,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    model_state = _separate_storages(model.state_dict())
     save_file(model_state, str(tmp / "model.safetensors"), metadata={"step": str(step)})
     optimizer_tensors: dict[str, Tensor] = {}
     structure = _flatten(optimizer.state_dict(), "optimizer", optimizer_tensors)

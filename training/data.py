@@ -12,6 +12,11 @@ type, style, text language, watermarks, abnormal element) and its provenance
 :func:`read_dataset` / :func:`iter_dataset` validate every line and raise
 :class:`DatasetError` naming the file and line of the first bad one.
 
+Data filters (:class:`SampleFilter`) select samples by what the cache keeps of each one
+(:func:`sample_info`: its annotation, source dataset, task and source image size), so the
+trainer can filter a pre-encoded cache without the dataset; a pretraining curriculum tightens
+them stage by stage (:mod:`training.curriculum`).
+
 Resolution buckets (:class:`BucketConfig`): every bucket has about ``target_area`` pixels, one
 of several aspect ratios, and sides that are multiples of ``multiple_of``. An image goes to the
 bucket of the closest aspect ratio (:func:`assign_bucket`, closest in log ratio) and is resized
@@ -23,9 +28,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 from PIL import Image
@@ -203,6 +209,103 @@ def _check_images_exist(root: Path, sample: Sample, where: str) -> None:
     for relative in sample.image_paths():
         if not (root / relative).is_file():
             raise DatasetError(f"{where}: image {relative!r} not found in {root}")
+
+
+# ---- filters ----------------------------------------------------------------------------
+
+
+def sample_info(sample: Sample, width: int, height: int) -> dict[str, Any]:
+    """What a filter reads of a sample (JSON-able; the cache keeps one per row).
+
+    Keys: ``dataset`` (provenance dataset), ``editing`` (bool), ``inputs`` (number of input
+    images), ``width`` / ``height`` (pixels of the source target image, before bucketing) and
+    ``annotation`` (the :class:`Annotation` as a dict, or None).
+    """
+    return {
+        "dataset": sample.provenance.dataset,
+        "editing": sample.is_editing,
+        "inputs": len(sample.input_images),
+        "width": width,
+        "height": height,
+        "annotation": None if sample.annotation is None else sample.annotation.model_dump(),
+    }
+
+
+@dataclass(kw_only=True, slots=True)
+class SampleFilter:
+    """Which samples to train on, after the Qwen-Image report's data pipeline.
+
+    The report filters low-resolution images first and raises the bar with the resolution,
+    then drops images whose structured annotation reports watermarks or abnormal elements
+    (QR codes, mosaics, ...), and balances image types and text languages. The default keeps
+    everything. A sample without an annotation passes only filters with no annotation
+    criterion (``max_watermarks``, ``allow_abnormal``, ``image_types``,
+    ``exclude_image_types``, ``languages``): curated data is annotated data.
+    """
+
+    min_side: int = 0
+    """Shortest side of the source target image, in pixels (before bucketing), at least."""
+    max_watermarks: int | None = None
+    """At most this many annotated watermarks (0: none); None: any."""
+    allow_abnormal: bool = True
+    """Keep samples annotated with an abnormal element (QR code, mosaic, ...)."""
+    image_types: tuple[str, ...] | None = None
+    """Keep only these annotated image types (e.g. "photograph", "poster"); None: any."""
+    exclude_image_types: tuple[str, ...] = ()
+    """Drop these annotated image types."""
+    languages: tuple[str, ...] | None = None
+    """Keep images whose rendered text is in one of these languages (images without text
+    always pass); None: any."""
+    datasets: tuple[str, ...] | None = None
+    """Keep only samples of these provenance datasets; None: any."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.min_side < 0:
+            raise ValueError(f"SampleFilter.min_side must be >= 0, got {self.min_side}")
+        if self.max_watermarks is not None and self.max_watermarks < 0:
+            raise ValueError(
+                f"SampleFilter.max_watermarks must be >= 0 or None, got {self.max_watermarks}"
+            )
+
+    @property
+    def reads_annotation(self) -> bool:
+        """Whether a criterion reads the annotation (unannotated samples then fail)."""
+        return (
+            self.max_watermarks is not None
+            or not self.allow_abnormal
+            or self.image_types is not None
+            or bool(self.exclude_image_types)
+            or self.languages is not None
+        )
+
+    @property
+    def keeps_everything(self) -> bool:
+        """Whether no criterion is set (every sample passes)."""
+        return not self.reads_annotation and self.min_side == 0 and self.datasets is None
+
+    def accepts(self, info: Mapping[str, Any]) -> bool:
+        """Whether the sample described by ``info`` (:func:`sample_info`) passes."""
+        if min(int(info["width"]), int(info["height"])) < self.min_side:
+            return False
+        if self.datasets is not None and info["dataset"] not in self.datasets:
+            return False
+        if not self.reads_annotation:
+            return True
+        annotation = info.get("annotation")
+        if annotation is None:
+            return False
+        if self.max_watermarks is not None and len(annotation["watermarks"]) > self.max_watermarks:
+            return False
+        if not self.allow_abnormal and annotation["abnormal_element"] is not None:
+            return False
+        image_type = annotation["image_type"]
+        if self.image_types is not None and image_type not in self.image_types:
+            return False
+        if image_type in self.exclude_image_types:
+            return False
+        language = annotation["language"]
+        return self.languages is None or language is None or language in self.languages
 
 
 # ---- resolution buckets -----------------------------------------------------------------

@@ -11,6 +11,10 @@ sampling), which puts most samples at intermediate noise levels. An optional shi
 ``s`` maps it to ``s t / (1 + (s - 1) t)``, moving samples towards noise for larger images.
 The per-sample weight ``w(t)`` is 1 by default.
 
+Editing samples carry the clean latents of their input images (``input_latents``); they enter
+the transformer's sequence before the noisy target, unnoised, so the model learns the velocity
+of the target given the instruction and the inputs. Text-to-image batches have none.
+
 :func:`flow_matching_step` computes the loss of one batch (the caller runs backward and the
 optimizer) and returns the objective's own figures next to it.
 """
@@ -76,8 +80,9 @@ def flow_matching_step(
 ) -> StepOutput:
     """The flow-matching loss of one batch of cached latents; see the module docstring.
 
-    ``batch`` holds ``latents`` (B, C, H, W), ``condition`` (B, L, D) and ``mask`` (B, L) bool
-    (a :class:`training.cache.CachedBatches` batch). Noise and times come from ``generator``
+    ``batch`` holds ``latents`` (B, C, H, W), ``condition`` (B, L, D), ``mask`` (B, L) bool and,
+    for editing samples, ``input_latents`` (B, K, C, H, W), the clean inputs (a
+    :class:`training.cache.CachedBatches` batch). Noise and times come from ``generator``
     (a CPU generator, so that a run is reproducible and resumable on any device); they are
     moved to the model's device.
     """
@@ -86,6 +91,12 @@ def flow_matching_step(
     x0 = batch["latents"].to(device=device, dtype=torch.float32)  # (B, C, H, W)
     condition = batch["condition"].to(device=device, dtype=parameter.dtype)  # (B, L, D)
     mask = batch["mask"].to(device)  # (B, L)
+    inputs = batch.get("input_latents")  # (B, K, C, H, W) or None
+    input_latents = (
+        []
+        if inputs is None
+        else [inputs[:, k].to(device=device, dtype=torch.float32) for k in range(inputs.shape[1])]
+    )  # K x (B, C, H, W)
     noise = torch.randn(x0.shape, generator=generator).to(device)  # (B, C, H, W)
     t = sample_timesteps(x0.shape[0], config, generator).to(device)  # (B,)
 
@@ -93,7 +104,7 @@ def flow_matching_step(
     x_t = (1 - t_) * x0 + t_ * noise  # (B, C, H, W)
     target = noise - x0  # (B, C, H, W)
 
-    prediction = model(x_t, t, condition, mask).float()  # (B, C, H, W)
+    prediction = model(x_t, t, condition, mask, input_latents=input_latents).float()  # (B, C, H, W)
     per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     loss = (loss_weights(t, config) * per_sample).mean()
 

@@ -14,16 +14,34 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from training.distill import DistillConfig, build_distill
 from training.dpo import DPOTrainConfig, build_dpo
+from training.grpo import GRPOConfig, build_grpo
 from training.loop import NOT_IDENTITY, Objective, TrainResult, run_loop
+from training.pe_grpo import PEGRPOConfig, build_pe_grpo
+from training.pe_sft import PESFTConfig, build_pe_sft
 from training.pretrain import PretrainConfig, build_pretrain
+from training.vae_training import VAETrainConfig, build_vae_training
 
-TrainConfig = PretrainConfig | DPOTrainConfig
+TrainConfig = (
+    PretrainConfig
+    | DPOTrainConfig
+    | DistillConfig
+    | PESFTConfig
+    | PEGRPOConfig
+    | VAETrainConfig
+    | GRPOConfig
+)
 """Every configuration :func:`train` takes."""
 
 _BUILDERS: dict[type[Any], Callable[[Any, Path], Objective]] = {
+    PESFTConfig: build_pe_sft,
+    PEGRPOConfig: build_pe_grpo,
+    DistillConfig: build_distill,
     PretrainConfig: build_pretrain,
     DPOTrainConfig: build_dpo,
+    GRPOConfig: build_grpo,
+    VAETrainConfig: build_vae_training,
 }
 """The builder of each configuration type's objective."""
 

@@ -265,6 +265,14 @@ def train(
             help="Start from these weights: a run directory, its checkpoints/ or a checkpoint.",
         ),
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Train on this pre-encoded cache (python -m training.cache produce); "
+            "required by recipes without a generated dataset.",
+        ),
+    ] = None,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
     ] = True,
@@ -297,6 +305,18 @@ def train(
         if not init.exists():
             fail(f"--init {init}: no such file or directory")
         config.init_from = init
+    recipe_data = getattr(config, "data", None)
+    if data is not None:
+        if recipe_data is None or not hasattr(recipe_data, "cache_dir"):
+            fail(f"{recipe} does not read a training cache; drop --data")
+        if not data.is_dir():
+            fail(f"--data {data}: no such directory")
+        recipe_data.cache_dir = data
+    elif (
+        getattr(recipe_data, "cache_dir", True) is None
+        and getattr(recipe_data, "synthetic", True) is None
+    ):
+        fail(f"{recipe} trains on a prepared cache: give --data DIR")
     try:
         result = run_training(config, out=out, max_steps=max_steps, progress=progress, name=recipe)
     except (CacheError, CheckpointError, ValueError) as exc:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
@@ -34,6 +35,7 @@ from training.data import (
     DatasetError,
     Provenance,
     Sample,
+    SampleFilter,
     bucket_image,
     image_to_tensor,
     load_image,
@@ -352,7 +354,9 @@ def test_concurrent_producer_subprocess(
 def test_consumer_picks_up_later_shards_and_stops_at_done(cache: Path, tmp_path: Path) -> None:
     live = tmp_path / "live"
     shards = sorted(cache.glob("*/shard-*.safetensors"), key=lambda p: p.name)
-    assert len(shards) == 4  # buckets of 2, 2, 2 and 1 samples, up to two per shard
+    # Up to two per shard: 64x32 and 48x48 hold 2 samples each, 32x64 one, 40x56 one
+    # text-to-image sample and (a shard of its own) one editing sample.
+    assert len(shards) == 5
 
     def publish(shard: Path) -> None:
         (live / shard.parent.name).mkdir(parents=True, exist_ok=True)
@@ -375,3 +379,138 @@ def test_consumer_picks_up_later_shards_and_stops_at_done(cache: Path, tmp_path:
     empty = CachedBatches(tmp_path / "never", ConsumerConfig(poll_interval=0.01, timeout=0.1))
     with pytest.raises(CacheError, match="no shard 0 and no DONE"):
         next(iter(empty))
+
+
+# ---- editing samples and filters --------------------------------------------------------
+
+
+def test_editing_inputs_are_cached_at_the_targets_bucket(
+    cache: Path, dataset: tuple[Path, list[Sample]], vae: ResidualVAE
+) -> None:
+    root, samples = dataset
+    editing = samples[3]
+    batches = _read_all(cache, ConsumerConfig(batch_size=2, seed=0))
+    for batch in batches:
+        has_inputs = "input_latents" in batch
+        assert has_inputs == (batch["ids"] == [editing.id])  # its own shard
+    (batch,) = [b for b in batches if "input_latents" in b]
+    bw, bh = batch["bucket"]
+    assert (bw, bh) == (40, 56)
+    assert batch["input_latents"].shape == (1, 1, 8, bh // 8, bw // 8)  # (B, K, z, h, w)
+    # The input (32 x 48 px) is resized and cropped to the target's bucket, then encoded.
+    source = load_image(root / editing.input_images[0])
+    assert source.size == (32, 48)
+    pixels = image_to_tensor(resize_and_crop(source, (bw, bh)))[None]
+    with torch.no_grad():
+        expected = vae.normalize_latents(vae.encode(pixels).mean)[0]
+    torch.testing.assert_close(batch["input_latents"][0, 0], expected, atol=1e-6, rtol=0)
+    # The input differs from the target: the two are separate encodings.
+    assert not torch.allclose(batch["input_latents"][0, 0], batch["latents"][0])
+
+    # The shard's metadata carries what filters read, without the dataset.
+    shard = next(cache.glob("*/shard-*.safetensors"))
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    ids, rows = json.loads(metadata["ids"]), json.loads(metadata["rows"])
+    by_id = {s.id: s for s in samples}
+    for sample_id, row in zip(ids, rows, strict=True):
+        sample = by_id[sample_id]
+        annotation = sample.annotation
+        assert annotation is not None
+        image = load_image(root / sample.image)
+        assert row == {
+            "dataset": "toy",
+            "editing": sample.is_editing,
+            "inputs": len(sample.input_images),
+            "width": image.width,
+            "height": image.height,
+            "annotation": annotation.model_dump(),
+        }
+    assert int(metadata["area"]) == BUCKETS.target_area
+
+
+ALL = {f"s{n}" for n in range(len(SIZES))}
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (ConsumerConfig(), ALL),
+        (ConsumerConfig(filter=SampleFilter(max_watermarks=0)), ALL - {"s1"}),
+        (ConsumerConfig(filter=SampleFilter(max_watermarks=1)), ALL),
+        (ConsumerConfig(filter=SampleFilter(allow_abnormal=False)), ALL - {"s2"}),
+        # shortest source sides: 32, 32, 48, 30, 36, 40, 50
+        (ConsumerConfig(filter=SampleFilter(min_side=40)), {"s2", "s5", "s6"}),
+        # odd samples render English text; the others none (and always pass)
+        (ConsumerConfig(filter=SampleFilter(languages=("zh",))), {"s0", "s2", "s4", "s6"}),
+        (ConsumerConfig(filter=SampleFilter(languages=("en", "zh"))), ALL),
+        (ConsumerConfig(filter=SampleFilter(image_types=("photograph",))), ALL),
+        (ConsumerConfig(filter=SampleFilter(datasets=("toy",))), ALL),
+        (ConsumerConfig(task="image_editing"), {"s3"}),
+        (ConsumerConfig(task="text_to_image"), ALL - {"s3"}),
+        (ConsumerConfig(target_area=48 * 48), ALL),
+        (
+            ConsumerConfig(
+                task="text_to_image",
+                filter=SampleFilter(max_watermarks=0, allow_abnormal=False, min_side=32),
+            ),
+            {"s0", "s4", "s5", "s6"},
+        ),
+    ],
+)
+def test_filters_select_rows(cache: Path, config: ConsumerConfig, expected: set[str]) -> None:
+    config.batch_size, config.seed = 2, 3
+    ids = [i for b in _read_all(cache, config) for i in b["ids"]]
+    assert sorted(ids) == sorted(expected)  # each selected row once per epoch
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ConsumerConfig(filter=SampleFilter(image_types=("poster",))),
+        ConsumerConfig(filter=SampleFilter(exclude_image_types=("photograph",))),
+        ConsumerConfig(filter=SampleFilter(datasets=("elsewhere",))),
+        ConsumerConfig(target_area=64 * 64),
+        ConsumerConfig(task="image_editing", filter=SampleFilter(min_side=31)),
+    ],
+)
+def test_a_selection_of_nothing_is_an_error(cache: Path, config: ConsumerConfig) -> None:
+    config.epochs = None  # would otherwise look for a batch forever
+    with pytest.raises(CacheError, match="no sample passes the selection"):
+        next(iter(CachedBatches(cache, config)))
+
+
+def test_unannotated_samples_pass_only_filters_that_ignore_annotations() -> None:
+    info = {"dataset": "d", "editing": False, "inputs": 0, "width": 64, "height": 48}
+    bare = {**info, "annotation": None}
+    assert SampleFilter().accepts(bare)
+    assert SampleFilter(min_side=48, datasets=("d",)).accepts(bare)
+    assert not SampleFilter(min_side=49).accepts(bare)
+    assert not SampleFilter(max_watermarks=3).accepts(bare)
+    assert not SampleFilter(allow_abnormal=False).accepts(bare)
+    annotated = {**info, "annotation": Annotation(image_type="poster", style="flat").model_dump()}
+    assert SampleFilter(max_watermarks=0, allow_abnormal=False).accepts(annotated)
+    assert not SampleFilter(exclude_image_types=("poster",)).accepts(annotated)
+    with pytest.raises(ValueError, match="max_watermarks"):
+        SampleFilter(max_watermarks=-1).validate()
+
+
+@pytest.mark.parametrize("taken", [1, 2, 4, 6])
+def test_filtered_consumer_resumes_exactly(cache: Path, taken: int) -> None:
+    """Skipped rows leave no trace in the position: a resumed filtered read continues exactly."""
+    config = ConsumerConfig(
+        batch_size=2, seed=5, epochs=3, filter=SampleFilter(max_watermarks=0, min_side=32)
+    )
+    full = _read_all(cache, config)
+    ids = [i for b in full for i in b["ids"]]
+    assert sorted(ids) == sorted(["s0", "s2", "s4", "s5", "s6"] * 3)
+    first = CachedBatches(cache, config)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(taken)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del iterator
+    rest = _read_all(cache, config, state)
+    assert len(head) + len(rest) == len(full)
+    for got, want in zip(head + rest, full, strict=True):
+        assert got["ids"] == want["ids"]
+        assert torch.equal(got["latents"], want["latents"])

@@ -307,3 +307,15 @@ def test_learning_rate_schedule() -> None:
     assert rates[12:] == [pytest.approx(0.1)] * 4  # ...to its floor, and stays
     with pytest.raises(ValueError, match="decay_steps"):
         OptimizerConfig(decay_steps=0).validate()
+
+
+def test_checkpoint_of_tied_weights(tmp_path: Path) -> None:
+    """An LM's tied embeddings and head share memory; the checkpoint stores both, equal."""
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, rng={}, data={})
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None
+    assert torch.equal(loaded.model["0.weight"], loaded.model["1.weight"])
+    assert torch.equal(loaded.model["0.weight"], model[0].weight.detach())
