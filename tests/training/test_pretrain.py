@@ -311,11 +311,12 @@ def test_learning_rate_schedule() -> None:
 
 def test_checkpoint_of_tied_weights(tmp_path: Path) -> None:
     """An LM's tied embeddings and head share memory; the checkpoint stores both, equal."""
-    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
-    model[1].weight = model[0].weight
+    embedding, head = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False)
+    head.weight = embedding.weight
+    model = torch.nn.Sequential(embedding, head)
     optimizer = torch.optim.AdamW(model.parameters())
     save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, rng={}, data={})
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None
     assert torch.equal(loaded.model["0.weight"], loaded.model["1.weight"])
-    assert torch.equal(loaded.model["0.weight"], model[0].weight.detach())
+    assert torch.equal(loaded.model["0.weight"], embedding.weight.detach())
