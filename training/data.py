@@ -137,6 +137,13 @@ class Sample(BaseModel):
         return [self.image, *self.input_images]
 
 
+def validation_problems(error: ValidationError, what: str) -> str:
+    """A pydantic error as one line: ``field: message`` per problem (``what`` for the whole)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors()
+    )
+
+
 def write_dataset(
     directory: str | os.PathLike[str], samples: Iterable[Sample], *, check_images: bool = True
 ) -> Path:
@@ -187,10 +194,7 @@ def iter_dataset(
             try:
                 sample = Sample.model_validate(raw)
             except ValidationError as error:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'sample'}: {e['msg']}"
-                    for e in error.errors()
-                )
+                problems = validation_problems(error, "sample")
                 raise DatasetError(f"{where}: invalid sample: {problems}") from None
             if sample.id in seen:
                 raise DatasetError(f"{where}: duplicate id {sample.id!r}")

@@ -210,7 +210,7 @@ def distill_step(
 
 def build_distill(config: DistillConfig, out: Path) -> Objective:
     """The distillation objective of ``config``; the teacher is frozen and not checkpointed."""
-    cache = prepare_cache(config.data, out)
+    cache = prepare_cache(config.data.cache_dir, config.data.synthetic, out)
     check_cache(cache, config.model)
     loop = config.loop
     teacher = build_transformer(

@@ -31,7 +31,6 @@ and returns the objective's figures next to it. The reference runs without a gra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from model.transformer import DiffusionTransformer, TransformerConfig
-from training.cache import DONE_FILE, MANIFEST_FILE
 from training.flow_matching import FlowMatchingConfig, loss_weights, sample_timesteps
 from training.loop import LoopConfig, Objective, StepOutput
-from training.pretrain import CACHE_DIR, build_transformer, cached_objective, check_cache
-from training.synthetic import SyntheticDataConfig, build_synthetic_cache
+from training.pretrain import build_transformer, cached_objective, check_cache, prepare_cache
+from training.synthetic import SyntheticDataConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -185,26 +183,10 @@ class DPOTrainConfig:
         self.loop.validate()
 
 
-def prepare_preference_cache(config: PreferenceDataConfig, out: Path) -> Path:
-    """The complete preference cache of ``config``: the given one or ``<out>/cache`` (built)."""
-    if config.cache_dir is not None:
-        cache = config.cache_dir
-    else:
-        assert config.synthetic is not None  # PreferenceDataConfig.validate
-        cache = out / CACHE_DIR
-        if not (cache / DONE_FILE).is_file():
-            build_synthetic_cache(cache, config.synthetic, preferences=True)
-    if not (cache / DONE_FILE).is_file():
-        raise FileNotFoundError(f"{cache}: not a complete cache (no {DONE_FILE})")
-    kind = json.loads((cache / MANIFEST_FILE).read_text()).get("kind", "samples")
-    if kind != "preferences":
-        raise ValueError(f"{cache} is a {kind!r} cache; DPO needs a preference cache")
-    return cache
-
-
 def build_dpo(config: DPOTrainConfig, out: Path) -> Objective:
     """The Diffusion-DPO objective of ``config``; the reference is the policy's initial copy."""
-    cache = prepare_preference_cache(config.data, out)
+    data = config.data
+    cache = prepare_cache(data.cache_dir, data.synthetic, out, kind="preferences")
     check_cache(cache, config.model)
     loop = config.loop
     policy = build_transformer(

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.condition import ConditionEncoder
 from model.vae import ResidualVAE
 from training.cache import ProducerConfig, begin_cache, encode_samples, finish_cache, write_shard
-from training.data import DatasetError, Sample, read_dataset
+from training.data import DatasetError, Sample, read_dataset, validation_problems
 from training.io import atomic_write_text
 
 PAIRS_FILE = "pairs.jsonl"
@@ -109,10 +109,7 @@ def read_pairs(
             except json.JSONDecodeError as error:
                 raise DatasetError(f"{where}: invalid JSON: {error}") from None
             except ValidationError as error:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'pair'}: {e['msg']}"
-                    for e in error.errors()
-                )
+                problems = validation_problems(error, "pair")
                 raise DatasetError(f"{where}: invalid pair: {problems}") from None
             if pair.id in seen:
                 raise DatasetError(f"{where}: duplicate id {pair.id!r}")

@@ -78,17 +78,30 @@ class DataConfig:
             self.synthetic.validate()
 
 
-def prepare_cache(config: DataConfig, out: Path) -> Path:
-    """The complete training cache of ``config``: the given one, or ``<out>/cache`` (built)."""
-    if config.cache_dir is not None:
-        cache = config.cache_dir
+def prepare_cache(
+    cache_dir: Path | None,
+    synthetic: SyntheticDataConfig | None,
+    out: Path,
+    *,
+    kind: str = "samples",
+) -> Path:
+    """The complete cache a run reads: ``cache_dir``, or ``<out>/cache`` built from
+    ``synthetic`` (a preference dataset when ``kind`` is "preferences").
+
+    Raises :class:`training.cache.CacheError` for an incomplete cache or one of another kind.
+    """
+    if cache_dir is not None:
+        cache = cache_dir
     else:
-        assert config.synthetic is not None  # DataConfig.validate
+        assert synthetic is not None  # the data configs' validate()
         cache = out / CACHE_DIR
         if not (cache / DONE_FILE).is_file():
-            build_synthetic_cache(cache, config.synthetic)
+            build_synthetic_cache(cache, synthetic, preferences=kind == "preferences")
     if not (cache / DONE_FILE).is_file():
         raise CacheError(f"{cache}: not a complete training cache (no {DONE_FILE})")
+    found = json.loads((cache / MANIFEST_FILE).read_text()).get("kind", "samples")
+    if found != kind:
+        raise CacheError(f"{cache} is a {found!r} cache; this objective reads a {kind!r} cache")
     return cache
 
 
@@ -231,7 +244,7 @@ class PretrainConfig:
 
 def build_pretrain(config: PretrainConfig, out: Path) -> Objective:
     """The flow-matching objective of ``config`` (its cache built under ``out`` if needed)."""
-    cache = prepare_cache(config.data, out)
+    cache = prepare_cache(config.data.cache_dir, config.data.synthetic, out)
     check_cache(cache, config.model, target_area=config.data.target_area)
     model = build_transformer(
         config.model, seed=config.loop.seed, init_from=config.init_from, device=config.loop.device

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.transformer import DiffusionTransformer, TransformerConfig
-from training.cache import CachedBatches, ConsumerConfig
+from training.cache import CachedBatches, CacheError, ConsumerConfig
 from training.data import DatasetError
 from training.dpo import DPOConfig, dpo_step
 from training.loop import METRICS_FILE
@@ -179,7 +179,7 @@ def test_dpo_debug_learns_the_preferences(tmp_path: Path) -> None:
     plain.data.cache_dir = tmp_path / "plain"
     assert plain.data.synthetic is not None
     build_synthetic_cache(plain.data.cache_dir, plain.data.synthetic)
-    with pytest.raises(ValueError, match="needs a preference cache"):
+    with pytest.raises(CacheError, match="reads a 'preferences' cache"):
         train(plain, out=tmp_path / "other")
 
 
