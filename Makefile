@@ -29,3 +29,4 @@ test: lint
 bench: install
 	$(BIN)/python bench/ingest.py --quick
 	$(BIN)/python bench/transformer.py --quick
+	$(BIN)/python bench/train.py --quick
