@@ -237,7 +237,8 @@ def tidy(text: str) -> str:
 
 
 def casual(text: str) -> str:
-    """A caption as a user types it: no final period, no capital at the start of a word."""
+    """A caption as a user types it: no final period, and its first letter lower-cased (unless
+    it starts an all-caps word such as an acronym or quoted sign text)."""
     text = text.rstrip(".").rstrip()
     if len(text) > 1 and text[0].isupper() and not text[1].isupper():
         text = text[0].lower() + text[1:]

@@ -27,8 +27,10 @@ it. At initialisation, without guidance, the student is the teacher and ``loss``
 ``baseline_mse`` exactly.
 
 The latents of the cache only give the shape of the noise; the conditions are the cached
-caption encodings. The teacher is frozen and not part of the trained model: it is rebuilt
-from the configuration (its weights, or the seeded initialisation) when a run resumes.
+caption (or editing instruction) encodings, and an editing row's clean input latents are
+given to teacher and student alike, as in flow-matching training. The teacher is frozen and
+not part of the trained model: it is rebuilt from the configuration (its weights, or the
+seeded initialisation) when a run resumes.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def distill_step(
     """The distillation loss of one batch of conditions; see the module docstring.
 
     ``batch`` holds ``latents`` (B, C, H, W) (only their shape is used), ``condition``
-    (B, L, D) and ``mask`` (B, L) bool (a :class:`training.cache.CachedBatches` batch). The
+    (B, L, D), ``mask`` (B, L) bool and, for editing rows, ``input_latents`` (B, K, C, H, W),
+    the clean input images both models read (a :class:`training.cache.CachedBatches` batch). The
     noise comes from ``generator`` (a CPU generator). The teacher runs under
     ``torch.no_grad``; the student's graph spans all of its steps.
 
@@ -149,25 +152,31 @@ def distill_step(
     shape = batch["latents"].shape  # (B, C, H, W)
     condition = batch["condition"].to(device=device, dtype=parameter.dtype)  # (B, L, D)
     mask = batch["mask"].to(device)  # (B, L)
+    inputs = batch.get("input_latents")  # (B, K, C, H, W) for editing rows, else None
+    input_latents = (
+        []
+        if inputs is None
+        else [inputs[:, k].to(device=device, dtype=torch.float32) for k in range(inputs.shape[1])]
+    )  # K x (B, C, H, W): the clean input images, given to teacher and student alike
     noise = torch.randn(shape, generator=generator).to(device)  # (B, C, H, W)
     p = config.model.patch_size
     seq_len = (shape[2] // p) * (shape[3] // p)  # image tokens, for dynamic shifting
     grid = student_sigmas(config, seq_len)  # (K + 1,)
 
     def conditional(model: DiffusionTransformer) -> Velocity:
-        return lambda x, t: model(x, t, condition, mask)
+        return lambda x, t: model(x, t, condition, mask, input_latents=input_latents)
 
     null = torch.zeros_like(condition)  # (B, L, D): the unconditional branch of true CFG
 
     def unconditional(x: Tensor, t: Tensor) -> Tensor:
-        v: Tensor = teacher(x, t, null, mask)  # (B, C, H, W)
+        v: Tensor = teacher(x, t, null, mask, input_latents=input_latents)  # (B, C, H, W)
         return v
 
     sampler = config.teacher
     guided = sampler.guidance_scale != 1.0
 
     def guided_teacher(x: Tensor, t: Tensor) -> Tensor:
-        v: Tensor = teacher(x, t, condition, mask)  # (B, C, H, W)
+        v: Tensor = teacher(x, t, condition, mask, input_latents=input_latents)  # (B, C, H, W)
         if not guided:
             return v
         return cfg_combine(

@@ -74,11 +74,11 @@ from model.sampling import (
 )
 from model.transformer import DiffusionTransformer, TransformerConfig
 from model.vae import ResidualVAE, VAEConfig, vae_debug
-from training.checkpoint import load_model_weights
 from training.data import read_dataset
 from training.loop import LoopConfig, Objective, StepOutput, seeded
 from training.pretrain import build_transformer
 from training.synthetic import SyntheticDataConfig, write_synthetic_dataset
+from training.vae_training import load_vae_weights
 
 REWARD_NAMES = ("colour", "alignment")
 """The rewards :attr:`GRPORewardConfig.weights` may weigh."""
@@ -131,8 +131,9 @@ class GRPORewardConfig:
     vae: VAEConfig = field(default_factory=vae_debug)
     """The VAE that decodes the latents (frozen)."""
     vae_init_from: Path | None = None
-    """Its weights (a VAE run, its checkpoints/ or one checkpoint); None: seeded random
-    weights (``vae_seed``), as the synthetic caches are encoded with."""
+    """Its weights (a VAE training run, its checkpoints/ or one checkpoint, or a safetensors
+    file of ResidualVAE weights); None: seeded random weights (``vae_seed``), as the synthetic
+    caches are encoded with."""
     vae_seed: int = 0
     """Seed of the VAE's random weights when ``vae_init_from`` is None."""
     alignment: AlignmentRewardConfig = field(default_factory=alignment_reward_debug)
@@ -282,7 +283,7 @@ def build_decoder(config: GRPORewardConfig, *, device: str) -> Callable[[Tensor]
     """The frozen VAE as ``latents (B, C, h, w), normalized -> images (B, 3, H, W) in [0, 1]``."""
     vae = seeded(config.vae_seed, lambda: ResidualVAE(config.vae))
     if config.vae_init_from is not None:
-        vae.load_state_dict(load_model_weights(config.vae_init_from))
+        vae.load_state_dict(load_vae_weights(config.vae_init_from))
     vae.to(torch.device(device)).eval().requires_grad_(False)
 
     def decode(latents: Tensor) -> Tensor:

@@ -67,9 +67,10 @@ from model.reward import (
 from model.sampling import sample_few_step
 from model.transformer import DiffusionTransformer, TransformerConfig, transformer_debug
 from model.vae import ResidualVAE, VAEConfig, vae_debug
-from training.checkpoint import load_model_weights
 from training.loop import LoopConfig, Objective, StepOutput, seeded
 from training.pe_sft import PromptPairsConfig, load_causal_lm, load_pairs, prepare_base, prompt_ids
+from training.pretrain import build_transformer
+from training.vae_training import load_vae_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -107,8 +108,9 @@ class FrozenGeneratorConfig:
     vae: VAEConfig = field(default_factory=vae_debug)
     """The VAE that decodes the latents."""
     vae_init_from: Path | None = None
-    """Its weights (a VAE run or checkpoint); None: seeded random weights (``vae_seed``), as
-    the synthetic caches are encoded with."""
+    """Its weights (a VAE training run or checkpoint, or a safetensors file of ResidualVAE
+    weights); None: seeded random weights (``vae_seed``), as the synthetic caches are encoded
+    with."""
     vae_seed: int = 0
     """Seed of the VAE's random weights when ``vae_init_from`` is None."""
     condition: ConditionEncoderConfig = field(default_factory=minilm_condition)
@@ -254,12 +256,12 @@ def build_frozen_generator(
     config: FrozenGeneratorConfig, reward: PERewardConfig, *, device: str
 ) -> FrozenGenerator:
     """The generator and reward model of the configs, seeded or loaded, frozen, in eval mode."""
-    transformer = seeded(config.seed, lambda: DiffusionTransformer(config.transformer))
-    if config.init_from is not None:
-        transformer.load_state_dict(load_model_weights(config.init_from))
+    transformer = build_transformer(  # weights that do not fit: a one-line CheckpointError
+        config.transformer, seed=config.seed, init_from=config.init_from, device=device
+    )
     vae = seeded(config.vae_seed, lambda: ResidualVAE(config.vae))
     if config.vae_init_from is not None:
-        vae.load_state_dict(load_model_weights(config.vae_init_from))
+        vae.load_state_dict(load_vae_weights(config.vae_init_from))
     alignment = seeded(reward.alignment_seed, lambda: build_alignment_reward(reward.alignment))
     encoder = ConditionEncoder.load(config.condition, device=device)
     if encoder.hidden_size != config.transformer.condition_dim:

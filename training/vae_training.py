@@ -478,6 +478,16 @@ def export_vae_weights(path: str | Path) -> dict[str, Tensor]:
     return vae
 
 
+def load_vae_weights(path: str | Path) -> dict[str, Tensor]:
+    """ResidualVAE weights from ``path``: a ``.safetensors`` file of them (what
+    :func:`save_vae_weights` writes, ``--vae-weights``), or a VAE training run, its
+    checkpoints/ or one checkpoint (:func:`export_vae_weights`)."""
+    source = Path(path)
+    if source.is_file():
+        return load_file(str(source))
+    return export_vae_weights(source)
+
+
 def save_vae_weights(run: str | Path, out: str | Path) -> Path:
     """Write :func:`export_vae_weights` of ``run`` as a safetensors file (``--vae-weights``)."""
     target = Path(out)

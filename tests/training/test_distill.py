@@ -18,6 +18,7 @@ from training.distill import DistillConfig, distill_step, student_sigmas
 from training.loop import METRICS_FILE, TrainResult
 from training.pretrain import CACHE_DIR, build_transformer
 from training.recipes import distill_debug, pretrain_debug
+from training.synthetic import SyntheticDataConfig, build_synthetic_cache
 from training.trainer import train
 
 TEACHER_STEPS = 30  # pretraining steps of the teacher (a random teacher is nearly linear)
@@ -112,6 +113,29 @@ def test_initial_student_is_the_teacher(teacher_run: Path) -> None:
     ).metrics
     assert abs(guided["teacher_ms"] - metrics["teacher_ms"]) > 1e-4
     assert abs(guided["loss"] - guided["baseline_mse"]) > 1e-6
+
+
+def test_editing_rows_give_their_inputs_to_teacher_and_student(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    build_synthetic_cache(cache, SyntheticDataConfig(images=2, editing_images=2))
+    batch = next(iter(CachedBatches(cache, ConsumerConfig(batch_size=4, task="image_editing"))))
+    assert "input_latents" in batch
+    config = _config(teacher_run)
+    teacher = build_transformer(config.model, seed=0, init_from=teacher_run, device="cpu")
+    student = build_transformer(config.model, seed=0, init_from=teacher_run, device="cpu")
+    teacher.requires_grad_(False).eval()
+
+    def metrics(b: dict[str, Any]) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(1)
+        return distill_step(student, teacher, b, config=config, generator=generator).metrics
+
+    given = metrics(batch)
+    blank = metrics({**batch, "input_latents": torch.zeros_like(batch["input_latents"])})
+    # The teacher's target depends on the input images; the initial student still equals it.
+    assert abs(given["teacher_ms"] - blank["teacher_ms"]) > 1e-6
+    assert given["loss"] == pytest.approx(given["baseline_mse"], rel=1e-5)
 
 
 def test_config_validates(teacher_run: Path) -> None:

@@ -27,6 +27,7 @@ from training.vae_training import (
     VAEWithAlignment,
     build_teacher,
     build_vae_model,
+    load_vae_weights,
     psnr,
     save_vae_weights,
     vae_debug_recipe,
@@ -108,6 +109,26 @@ def test_exported_weights_load_into_residual_vae_and_reconstruct(run: Path, tmp_
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in from_file.vae.state_dict().items())
     from_run = build_vae_model(replace(config, init_from=run), feature_dim=32)
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in from_run.state_dict().items())
+
+
+def test_generator_objectives_decode_with_a_vae_run(run: Path, tmp_path: Path) -> None:
+    """GRPO's decoder (and the PE generator's VAE) take a VAE run or an exported file."""
+    from training.grpo import GRPORewardConfig, build_decoder
+
+    path = save_vae_weights(run, tmp_path / "vae.safetensors")
+    weights = load_vae_weights(run)
+    assert weights.keys() == load_vae_weights(path).keys()
+    vae = ResidualVAE(vae_debug())
+    vae.load_state_dict(weights, strict=True)
+    vae.eval()
+    latents = torch.randn(2, vae_debug().latent_channels, 4, 4, generator=torch.Generator())
+    with torch.no_grad():
+        expected = ((vae.decode(vae.denormalize_latents(latents))[:, :3] + 1) / 2).clamp(0, 1)
+    for source in (run, path):
+        decode = build_decoder(GRPORewardConfig(vae_init_from=source), device="cpu")
+        assert torch.equal(decode(latents), expected)
+    untrained = build_decoder(GRPORewardConfig(), device="cpu")
+    assert not torch.allclose(untrained(latents), expected)
 
 
 def test_step_trains_vae_and_projection_only(teacher: ClipFeatures, run: Path) -> None:
