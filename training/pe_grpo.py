@@ -500,19 +500,22 @@ def pe_grpo_step(
     ``clip_fraction``, the fraction of rewrite tokens whose ratio lies outside the clip range;
     ``rewrite_tokens``, the mean rewrite length in tokens.
     """
-    total = torch.zeros(())
+    device = next(policy.parameters()).device
+    total = torch.zeros((), device=device)
     kl_sum = clipped = tokens = 0.0
     count = 0
     for group in rollout:
-        mask = group["mask"].float()  # (G, N)
+        # The rollout lives on the CPU (it is checkpointed); the loss stays on the policy's
+        # device, so backward does not cross devices.
+        mask = group["mask"].float().to(device)  # (G, N)
         logprobs = token_logprobs(
             policy, group["sequence"], group["prompt_length"], config.temperature
-        ).cpu()  # (G, N)
-        ratio = torch.exp(logprobs - group["old_logprobs"])  # (G, N)
-        advantages = group["advantages"][:, None]  # (G, 1)
+        )  # (G, N)
+        ratio = torch.exp(logprobs - group["old_logprobs"].to(device))  # (G, N)
+        advantages = group["advantages"][:, None].to(device)  # (G, 1)
         clipped_ratio = ratio.clamp(1 - config.clip_epsilon, 1 + config.clip_epsilon)
         surrogate = torch.minimum(ratio * advantages, clipped_ratio * advantages)  # (G, N)
-        log_ref_ratio = group["ref_logprobs"] - logprobs  # (G, N)
+        log_ref_ratio = group["ref_logprobs"].to(device) - logprobs  # (G, N)
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (G, N)
         per_token = -surrogate + config.kl_coef * kl  # (G, N)
         lengths = mask.sum(dim=1).clamp(min=1)  # (G,)
