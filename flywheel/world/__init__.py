@@ -1,0 +1,1 @@
+"""The verifiable world of the embedded default: scenes whose truth is known."""
