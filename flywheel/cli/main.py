@@ -32,6 +32,10 @@ db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="Per-app API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+world_app = typer.Typer(
+    help="The verifiable world: scenes, corpora, benchmark suites.", no_args_is_help=True
+)
+app.add_typer(world_app, name="world")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -338,6 +342,82 @@ def train(
         highlight=False,
         soft_wrap=True,
     )
+
+
+# ---- the world ---------------------------------------------------------------------
+
+
+@world_app.command("render")
+def world_render(
+    seed: Annotated[int, typer.Option("--seed", help="The scene's seed.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    size: Annotated[int, typer.Option("--size", min=8, max=4096, help="Side in pixels.")] = 128,
+) -> None:
+    """Render the scene of --seed and print its spec and captions."""
+    from flywheel.world.scenes import captions, render, sample_scene
+
+    if out.suffix.lower() != ".png":
+        fail(f"--out {out}: give a .png file")
+    scene = sample_scene(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(scene, size, size).save(out)
+    texts = captions(scene)
+    console.print_json(scene.model_dump_json())
+    console.print(f"rich:  {texts.rich}\nraw:   {texts.raw}\nterse: {texts.terse}", highlight=False)
+
+
+@world_app.command("corpus")
+def world_corpus(
+    out: Annotated[Path, typer.Option("--out", help="New dataset directory.")],
+    count: Annotated[int, typer.Option("--count", min=1, help="Samples to write.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the scene seeds.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=8, max=4096, help="Side in pixels.")] = 64,
+    caption: Annotated[
+        str, typer.Option("--caption", help="Each sample's caption: rich, raw or terse.")
+    ] = "rich",
+    edit_fraction: Annotated[
+        float, typer.Option("--edit-fraction", min=0.0, max=1.0, help="Share of edits.")
+    ] = 0.0,
+) -> None:
+    """Write a world corpus in the training dataset format (with every sample's spec)."""
+    from flywheel.world.corpus import CAPTION_KINDS, write_world_corpus
+
+    if caption not in CAPTION_KINDS:
+        fail(f"--caption {caption!r}: one of {', '.join(CAPTION_KINDS)}")
+    try:
+        samples = write_world_corpus(
+            out,
+            count=count,
+            seed=seed,
+            size=size,
+            caption=caption,
+            edit_fraction=edit_fraction,
+        )
+    except (FileExistsError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    edits = sum(1 for s in samples if s.is_editing)
+    console.print(f"wrote {len(samples)} samples ({edits} edits) to {out}", highlight=False)
+
+
+@world_app.command("suite")
+def world_suite(
+    name: Annotated[str, typer.Argument(help="standard or regression.")] = "standard",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cases as JSON.")] = False,
+) -> None:
+    """List a benchmark suite's cases (skill, id, prompt)."""
+    from flywheel.world.benchmark import suite, suite_digest, suite_names
+
+    if name not in suite_names():
+        fail(f"unknown suite {name!r}; known: {', '.join(suite_names())}")
+    cases = suite(name)
+    if as_json:
+        console.print_json(data=[case.model_dump(mode="json") for case in cases])
+        return
+    for case in cases:
+        console.print(
+            f"{case.skill:<16} {case.id:<28} {case.prompt}", highlight=False, soft_wrap=True
+        )
+    console.print(f"{len(cases)} cases, digest {suite_digest(cases)}", highlight=False)
 
 
 # ---- serve / demo ------------------------------------------------------------------

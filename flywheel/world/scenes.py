@@ -76,6 +76,10 @@ RELATION_MARGIN = 0.15
 
 Relation = Literal["left of", "right of", "above", "below"]
 
+CORPUS_SEED_LIMIT = 2**40
+"""World corpora (:mod:`flywheel.world.corpus`) draw scene seeds below this; the benchmark
+suites (:mod:`flywheel.world.benchmark`) draw theirs above it: no benchmark scene is trained on."""
+
 
 class SceneObject(BaseModel):
     """One filled shape."""
@@ -185,8 +189,23 @@ def _place(
     return None
 
 
-def _text_extent(text: str, size: str) -> float:
-    return TEXT_SIZES[size] * max(2, len(text)) * 0.62
+_LATIN_ADVANCE = {"m": 1.0, "w": 0.9}
+"""Latin letters wider than :data:`_LATIN_EM` in some Latin font (em)."""
+_LATIN_EM = 0.65
+"""An upper bound on the advance of the other lowercase letters in every Latin font (em)."""
+
+
+def _text_extent(text: str, size: str, script: Script) -> float:
+    """An upper bound on the width of ``text`` at ``size`` in any font of ``script``.
+
+    In canvas-height fractions. Han glyphs are one em wide; the bound on Latin letters is
+    fixed (not measured) so that a scene's layout does not depend on the font engine.
+    """
+    if script == "han":
+        em = float(len(text))
+    else:
+        em = sum(_LATIN_ADVANCE.get(c, _LATIN_EM) for c in text)
+    return TEXT_SIZES[size] * em
 
 
 def sample_scene(seed: int, config: SceneConfig | None = None, *, scene_id: str = "") -> SceneSpec:
@@ -208,9 +227,11 @@ def _try_scene(rng: random.Random, config: SceneConfig, scene_id: str) -> SceneS
         script: Script = "han" if rng.random() < config.han_probability else "latin"
         word = rng.choice(HAN_WORDS if script == "han" else LATIN_WORDS)
         size = rng.choice(list(TEXT_SIZES))
-        width = _text_extent(word, size)
+        width = _text_extent(word, size, script)
         if width < 0.9:
-            y = rng.choice((0.12, 0.88))
+            # A top or bottom line, clear of the edge (glyphs reach half an em from the middle).
+            margin = round(0.6 * TEXT_SIZES[size] + 0.02, 4)
+            y = rng.choice((margin, 1 - margin))
             x = rng.uniform(width / 2 + 0.04, 1 - width / 2 - 0.04)
             placed.append((x, y, width))
             texts.append(
@@ -242,6 +263,8 @@ def _try_scene(rng: random.Random, config: SceneConfig, scene_id: str) -> SceneS
             objects.append(
                 SceneObject(shape=shape, colour=colour, size=size, x=centre[0], y=centre[1])
             )
+    if len(kinds) < config.min_kinds:
+        return None
     background = rng.choice(list(BACKGROUNDS))
     return SceneSpec(id=scene_id, background=background, objects=tuple(objects), texts=tuple(texts))
 
@@ -434,16 +457,22 @@ class EditPair:
 def sample_edit(
     seed: int, config: SceneConfig | None = None, *, kind: EditKind | None = None
 ) -> EditPair:
-    """An editing triple of ``kind`` (or a kind drawn by the seed) on the scene of ``seed``."""
+    """An editing triple of ``kind`` (or a kind drawn by the seed) on the scene of ``seed``.
+
+    When the scene does not admit the edit (no text to replace, no object to remove), the
+    next attempt draws another scene (and, with ``kind`` None, another kind: a config
+    without texts still yields edits).
+    """
     config = config or SceneConfig()
     rng = random.Random(seed * 7919 + 17)
-    chosen: EditKind = rng.choice(EDIT_KINDS) if kind is None else kind
     for attempt in range(100):
+        chosen: EditKind = rng.choice(EDIT_KINDS) if kind is None else kind
         source = sample_scene(seed + attempt * 1_000_003, config, scene_id=f"edit-{seed}-source")
         pair = _try_edit(rng, source, chosen, config)
         if pair is not None:
             return pair
-    raise RuntimeError(f"seed {seed}: no {chosen} edit found")
+    what = f"{kind} edit" if kind else "edit"
+    raise RuntimeError(f"seed {seed}: no {what} found in 100 scenes")
 
 
 def _try_edit(
@@ -460,6 +489,8 @@ def _try_edit(
         old = objects[i]
         taken = {(o.colour, o.shape) for o in objects}
         colours = [c for c in COLOURS if c != old.colour and (c, old.shape) not in taken]
+        if not colours:
+            return None
         new_colour = rng.choice(colours)
         objects[i] = old.model_copy(update={"colour": new_colour})
         instruction = f"make the {old.colour} {old.shape} {new_colour}"
@@ -471,7 +502,7 @@ def _try_edit(
         instruction = f"remove the {old.colour} {old.shape}"
     elif kind == "add":
         placed = [(o.x, o.y, SIZES[o.size]) for o in objects]
-        placed += [(t.x, t.y, _text_extent(t.text, t.size)) for t in source.texts]
+        placed += [(t.x, t.y, _text_extent(t.text, t.size, t.script)) for t in source.texts]
         taken = {(o.colour, o.shape) for o in objects}
         shape = _weighted(rng, config.shape_weights)
         colour = _weighted(rng, config.colour_weights)
@@ -489,7 +520,16 @@ def _try_edit(
             return None
         old_text = source.texts[0]
         words = HAN_WORDS if old_text.script == "han" else LATIN_WORDS
-        fitting = [w for w in words if w != old_text.text and len(w) <= len(old_text.text) + 1]
+        # A word no wider than the old one keeps clear of the objects and inside the canvas.
+        width = _text_extent(old_text.text, old_text.size, old_text.script)
+        fitting = [
+            w
+            for w in words
+            if w != old_text.text
+            and _text_extent(w, old_text.size, old_text.script) <= width + 1e-9
+        ]
+        if not fitting:
+            return None
         new_word = rng.choice(fitting)
         texts = (old_text.model_copy(update={"text": new_word}), *source.texts[1:])
         target = source.model_copy(update={"id": target_id, "texts": texts})
