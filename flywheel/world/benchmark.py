@@ -15,7 +15,7 @@ benchmark scene), each suite in its own band. Case ``k`` of a skill tries seeds
 ``band + skill_index * 10**6 + k * 10**3 + attempt`` until the scene fits the skill.
 
 Skills (:data:`SKILLS`), what a case holds, and what it is scored on (:data:`SKILL_ELEMENTS`,
-element kinds of :data:`flywheel.world.evaluator.ELEMENT_KINDS`):
+element kinds of :data:`ElementKind`):
 
 ========================  =================================================  ===============
 skill                     the case                                           scored on
@@ -43,7 +43,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -62,8 +62,9 @@ from flywheel.world.scenes import (
     sample_scene,
 )
 
-if TYPE_CHECKING:
-    from flywheel.world.evaluator import ElementKind
+ElementKind = Literal["object", "shape", "colour", "count", "relation", "text"]
+"""What the ground-truth evaluator scores: an object's presence, its shape, its colour, a
+kind's count, a relation between two objects, a text."""
 
 Skill = Literal[
     "shape", "colour", "count", "relation", "text-latin", "text-logographic", "editing", "terse"

@@ -6,6 +6,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from flywheel.world.benchmark import (
     SKILLS,
     STANDARD_CASES,
     BenchmarkCase,
+    ElementKind,
     skill_elements,
     suite,
     suite_digest,
@@ -264,17 +266,16 @@ def test_every_prompt_states_what_its_skill_tests() -> None:
 
 
 def test_skill_elements() -> None:
-    from flywheel.world.evaluator import ELEMENT_KINDS
-
+    element_kinds = get_args(ElementKind)
     assert set(SKILL_ELEMENTS) == set(SKILLS)
     for case in suite("regression"):
         kinds = skill_elements(case)
         assert kinds
-        assert set(kinds) <= set(ELEMENT_KINDS)
+        assert set(kinds) <= set(element_kinds)
     by_skill = {c.skill: skill_elements(c) for c in suite("regression")}
     assert by_skill["count"] == ("count",)
     assert by_skill["terse"] == ("object",)
-    assert set(by_skill["editing"]) == set(ELEMENT_KINDS)
+    assert set(by_skill["editing"]) == set(element_kinds)
 
 
 def test_cases_round_trip_as_json() -> None:
