@@ -33,7 +33,8 @@ keys_app = typer.Typer(help="Per-app API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 world_app = typer.Typer(
-    help="The verifiable world: scenes, corpora, benchmark suites.", no_args_is_help=True
+    help="The verifiable world: scenes, corpora, benchmark suites, the evaluator.",
+    no_args_is_help=True,
 )
 app.add_typer(world_app, name="world")
 
@@ -418,6 +419,61 @@ def world_suite(
             f"{case.skill:<16} {case.id:<28} {case.prompt}", highlight=False, soft_wrap=True
         )
     console.print(f"{len(cases)} cases, digest {suite_digest(cases)}", highlight=False)
+
+
+@world_app.command("check")
+def world_check(
+    image: Annotated[Path, typer.Option("--image", help="The image to score (PNG, JPEG, ...).")],
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Score against the scene of this seed.")
+    ] = None,
+    spec: Annotated[
+        Path | None, typer.Option("--spec", help="Score against this scene spec (JSON file).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation as JSON.")] = False,
+) -> None:
+    """Score an image against a scene spec with the ground-truth evaluator."""
+    from PIL import Image, UnidentifiedImageError
+    from pydantic import ValidationError
+
+    from flywheel.world.evaluator import evaluate
+    from flywheel.world.scenes import SceneSpec, sample_scene
+
+    if (seed is None) == (spec is None):
+        fail("give exactly one of --seed and --spec")
+    if spec is not None:
+        try:
+            scene = SceneSpec.model_validate_json(spec.read_bytes())
+        except OSError as exc:
+            fail(f"--spec {spec}: {exc.strerror or exc}")
+        except ValidationError as exc:
+            fail(f"--spec {spec}: not a scene spec ({exc.errors()[0]['msg']})")
+    else:
+        assert seed is not None
+        scene = sample_scene(seed)
+    try:
+        with Image.open(image) as opened:
+            picture = opened.convert("RGB")
+    except OSError as exc:
+        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else exc.strerror
+        fail(f"--image {image}: {reason or exc}")
+    result = evaluate(scene, picture)
+    if as_json:
+        console.print_json(result.model_dump_json())
+        return
+    table = Table("kind", "element", "asked", "found", "score", "passed")
+    for element in result.elements:
+        table.add_row(
+            element.kind,
+            element.subject,
+            element.asked,
+            "-" if element.found is None else element.found,
+            f"{element.score:.2f}",
+            "yes" if element.passed else "[red]no[/]",
+        )
+    console.print(table)
+    skills = ", ".join(f"{k} {v.passed}/{v.elements}" for k, v in result.skills.items())
+    console.print(f"score {result.score:.3f}; {skills}", highlight=False)
 
 
 # ---- serve / demo ------------------------------------------------------------------

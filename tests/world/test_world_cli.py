@@ -52,3 +52,37 @@ def test_corpus_and_suite(tmp_path: Path) -> None:
     unknown = runner.invoke(app, ["world", "suite", "nope"])
     assert unknown.exit_code == 2
     assert "unknown suite" in unknown.output
+
+
+def test_check_scores_an_image_against_a_scene(tmp_path: Path) -> None:
+    scene = sample_scene(11)
+    faithful, other = tmp_path / "faithful.png", tmp_path / "other.png"
+    render(scene, 128, 128).save(faithful)
+    render(sample_scene(12), 128, 128).save(other)
+    spec = tmp_path / "spec.json"
+    spec.write_text(scene.model_dump_json())
+
+    good = runner.invoke(
+        app, ["world", "check", "--image", str(faithful), "--seed", "11", "--json"]
+    )
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.output)["score"] == 1.0
+    same = runner.invoke(app, ["world", "check", "--image", str(faithful), "--spec", str(spec)])
+    assert same.exit_code == 0, same.output
+    assert "score 1.000" in same.output
+    bad = runner.invoke(app, ["world", "check", "--image", str(other), "--seed", "11", "--json"])
+    assert bad.exit_code == 0, bad.output
+    assert json.loads(bad.output)["score"] < 0.5
+
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    broken = {
+        "both": ["--image", str(faithful), "--seed", "1", "--spec", str(spec)],
+        "neither": ["--image", str(faithful)],
+        "no image": ["--image", str(tmp_path / "missing.png"), "--seed", "1"],
+        "junk image": ["--image", str(tmp_path / "junk.png"), "--seed", "1"],
+        "junk spec": ["--image", str(faithful), "--spec", str(faithful)],
+    }
+    for why, args in broken.items():
+        result = runner.invoke(app, ["world", "check", *args])
+        assert result.exit_code == 2, (why, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (why, result.output)
