@@ -124,7 +124,7 @@ class EvaluatorConfig:
     """Smallest object, as a fraction of the canvas area; smaller components are text pieces."""
     relation_tolerance: float = 0.5
     """A relation holds when the centroids separate by this fraction of ``RELATION_MARGIN``."""
-    max_side: int = 256
+    max_side: int = 128
     """Images whose shorter side is larger are box-filtered down to it first."""
     ink: float = 0.2
     """Least coverage of a text stroke's pixel (text lines are grouped from such pixels)."""

@@ -98,8 +98,12 @@ class EvaluatorTrainConfig:
     """Chance a training text is Han."""
     random_text_probability: float = 0.2
     """Chance a sheet's text becomes a random string of its script's characters."""
-    augment_probability: float = 0.1
-    """Chance a render is blurred, noised and colour-shifted."""
+    augment_probability: float = 0.5
+    """Chance a render is blurred, noised and colour-shifted (generated images are softer
+    than renders: a VAE's reconstructions, a small generator's samples)."""
+    max_blur: float = 0.9
+    """Largest Gaussian blur radius of an augmented render, in pixels at 64 x 64 (scaled
+    with the resolution)."""
     shape_steps: int = 800
     """Optimizer steps of the shape classifier."""
     shape_batch: int = 64
@@ -122,6 +126,8 @@ class EvaluatorTrainConfig:
             raise ValueError("EvaluatorTrainConfig: steps >= 0 and batches >= 1")
         if not 0 < self.validation_fraction < 1 or self.learning_rate <= 0:
             raise ValueError("EvaluatorTrainConfig: validation_fraction in (0, 1), lr > 0")
+        if not 0 <= self.augment_probability <= 1 or self.max_blur < 0:
+            raise ValueError("EvaluatorTrainConfig: augment_probability in [0, 1], max_blur >= 0")
         if not 0 <= self.text_ema < 1:
             raise ValueError("EvaluatorTrainConfig: text_ema in [0, 1)")
 
@@ -164,9 +170,9 @@ def text_box(text: SceneText, width: int, height: int) -> tuple[float, float, fl
     return ((cx + left) / s, (cy + top) / s, (cx + right) / s, (cy + bottom) / s)
 
 
-def _augment(image: Image.Image, rng: random.Random) -> Image.Image:
+def _augment(image: Image.Image, rng: random.Random, max_blur: float) -> Image.Image:
     """Blur, Gaussian noise and a colour shift, scaled to the resolution."""
-    radius = rng.uniform(0.0, 0.5) * image.height / 64
+    radius = rng.uniform(0.0, max_blur) * image.height / 64
     if radius > 0.05:
         image = image.filter(ImageFilter.GaussianBlur(radius))
     noise = np.random.default_rng(rng.getrandbits(32))
@@ -293,7 +299,7 @@ def _render_data(config: EvaluatorTrainConfig, seed: int, display: Progress) -> 
             scene = _sheet(rng, config, size)
         image = render(scene, size, size)
         if rng.random() < config.augment_probability:
-            image = _augment(image, rng)
+            image = _augment(image, rng, config.max_blur)
         _collect(scene, image, data, components=i < config.scenes)
         display.update(task, advance=1, info=f"{len(data.crops)} crops, {len(data.lines)} lines")
     return data

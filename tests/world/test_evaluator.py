@@ -219,7 +219,7 @@ def test_image_types_and_sizes_agree() -> None:
         assert evaluate(BASE, same) == reference
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         evaluate(BASE, tensor[:2])
-    large = evaluate(BASE, render(BASE, 512, 512))  # box-filtered to 256 first
+    large = evaluate(BASE, render(BASE, 512, 512))  # box-filtered to 128 first
     assert (large.width, large.height) == (512, 512)
     assert large.score == 1.0
     wide = evaluate(BASE, render(BASE, 160, 96))
@@ -289,7 +289,7 @@ def test_a_line_reads_the_same_alone_and_in_a_batch() -> None:
 
 def _tiny() -> EvaluatorTrainConfig:
     return EvaluatorTrainConfig(
-        scenes=40, sheets=30, sizes=(64,), shape_steps=60, text_steps=80, text_batch=16
+        scenes=40, sheets=30, sizes=(64,), shape_steps=100, text_steps=80, text_batch=16
     )
 
 
