@@ -32,6 +32,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flywheel.world.evaluator import (
@@ -79,6 +80,7 @@ from flywheel.world.scenes import (
     render,
     sample_scene,
 )
+from training.loop import OptimizerConfig, seeded
 
 
 @dataclass(kw_only=True, slots=True)
@@ -305,9 +307,14 @@ def _render_data(config: EvaluatorTrainConfig, seed: int, display: Progress) -> 
     return data
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, peak: float, step: int, total: int) -> None:
+def _set_lr(optimizer: torch.optim.Optimizer, schedule: OptimizerConfig, step: int) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+        group["lr"] = schedule.learning_rate(step)
+
+
+def _cosine(peak: float, total: int) -> OptimizerConfig:
+    """The learning rate of a network's steps: a cosine from ``peak`` to 0 over ``total``."""
+    return OptimizerConfig(lr=peak, decay_steps=max(1, total), min_lr_ratio=0.0)
 
 
 def _train_shapes(
@@ -322,12 +329,13 @@ def _train_shapes(
     classes = torch.tensor(data.classes)  # (N,)
     pool = torch.tensor(train)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    schedule = _cosine(config.learning_rate, config.shape_steps)
     task = display.add_task("shapes", total=config.shape_steps, info="")
     losses = []
     net.train()
     for step in range(config.shape_steps):
         batch = pool[torch.randint(len(pool), (config.shape_batch,), generator=generator)]
-        _set_lr(optimizer, config.learning_rate, step, config.shape_steps)
+        _set_lr(optimizer, schedule, step)
         loss = F.cross_entropy(net(crops[batch], scales[batch]), classes[batch])
         optimizer.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
@@ -348,6 +356,7 @@ def _train_text(
 ) -> list[float]:
     targets = [torch.tensor([ALPHABET.index(c) + 1 for c in text]) for text in data.texts]
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    schedule = _cosine(config.learning_rate, config.text_steps)
     task = display.add_task("text", total=config.text_steps, info="")
     losses = []
     ema = get_ema_multi_avg_fn(config.text_ema)  # type: ignore[no-untyped-call]
@@ -359,7 +368,7 @@ def _train_text(
         lines, widths = stack_lines([data.lines[i] for i in batch])
         log_probs, lengths = net(lines, widths)  # (T, B, classes), (B,)
         wanted = [targets[i] for i in batch]
-        _set_lr(optimizer, config.learning_rate, step, config.text_steps)
+        _set_lr(optimizer, schedule, step)
         loss = F.ctc_loss(
             log_probs,
             torch.cat(wanted),
@@ -430,9 +439,8 @@ def train_evaluator(
         rng = random.Random(seed + 1)
         shape_train, shape_held = _split(len(data.classes), config.validation_fraction, rng)
         line_train, line_held = _split(len(data.texts), config.validation_fraction, rng)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            shape_net, text_net = ShapeNet(), TextNet()
+        nets = seeded(seed, lambda: nn.ModuleList([ShapeNet(), TextNet()]))
+        shape_net, text_net = cast(ShapeNet, nets[0]), cast(TextNet, nets[1])
         generator = torch.Generator().manual_seed(seed)
         shape_loss = _train_shapes(shape_net, data, shape_train, config, generator, display)
         text_loss = _train_text(text_net, data, line_train, config, generator, display)
