@@ -513,11 +513,12 @@ def eval_command(
     scores."""
     from datetime import UTC, datetime
 
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
     from rich.progress import Progress
 
     from flywheel.db import migrate
     from flywheel.db.engine import session_factory
+    from flywheel.signals.schemas import Identifier, RunIdentifier
     from flywheel.signals.service import EventConflict, ingest_evaluation
     from flywheel.world.benchmark import suite, suite_names
     from flywheel.world.evaluation import (
@@ -534,6 +535,14 @@ def eval_command(
     version = model_version or _model_version(directory)
     now = datetime.now(UTC)
     run = run_id or f"{suite_name}-{version[:80]}-{now:%Y%m%dT%H%M%S%fZ}"
+    for option, value, kind in (
+        ("--model-version", version, Identifier),
+        ("--run-id", run, RunIdentifier),
+    ):  # checked before minutes of generation, not after
+        try:
+            TypeAdapter(kind).validate_python(value)
+        except ValidationError as exc:
+            fail(f"{option} {value!r}: {exc.errors()[0]['msg']}")
     try:
         generator = Generator.load(directory)
     except GeneratorError as exc:
@@ -552,18 +561,13 @@ def eval_command(
                 progress=display,
             )
         images = settings.home / "eval" / re.sub(r"[^\w.-]+", "_", run)
-        try:
-            payload = evaluation_run(
-                result,
-                save_images(generated, images),
-                run_id=run,
-                model_version=version,
-                timestamp=now,
-            )
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            fail(f"cannot store the run: {where}: {error['msg']}")
+        payload = evaluation_run(
+            result,
+            save_images(generated, images),
+            run_id=run,
+            model_version=version,
+            timestamp=now,
+        )
         with session_factory(engine)() as session:
             try:
                 stored = ingest_evaluation(session, app=EVAL_APP, run=payload)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +38,7 @@ from flywheel.world.benchmark import SKILLS, BenchmarkCase, skill_elements, suit
 from flywheel.world.evaluator import Evaluation, Evaluator, evaluate, load_evaluator
 from flywheel.world.scenes import render
 from model.pipeline import Generator
+from training.io import atomic_write_bytes
 
 BENCHMARK = "flywheel-world"
 """The benchmark name evaluation runs are stored under."""
@@ -210,18 +210,14 @@ def run_suite(
 
 
 def _write_png(image: Tensor, path: Path) -> ImageRef:
-    """Write ``image`` (3, H, W) in [0, 1] as a PNG (fsynced); its file:// URI and SHA-256."""
+    """Write ``image`` (3, H, W) in [0, 1] as a PNG (atomically, fsynced); its file:// URI and
+    SHA-256."""
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)
+    atomic_write_bytes(path, data)
     return ImageRef(uri=path.resolve().as_uri(), sha256=hashlib.sha256(data).hexdigest())
 
 

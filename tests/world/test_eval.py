@@ -162,6 +162,8 @@ def test_faithful_images_score_full_marks() -> None:
     [
         (["--suite", "nope"], "unknown suite", 2),
         (["--model", "/nonexistent/model"], "not a generator directory", 2),
+        (["--run-id", "has spaces"], "--run-id", 2),
+        (["--model-version", "x" * 201], "--model-version", 2),
     ],
 )
 def test_bad_input_exits_with_one_line(
