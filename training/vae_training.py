@@ -339,9 +339,10 @@ def vae_step(
     graph on the clean images and with one (to the pixels) on the reconstructions.
 
     Metrics: ``loss``; ``recon_l1`` (mean absolute error); ``psnr`` (dB, of the clamped
-    reconstruction); ``perceptual`` (L_perc); ``semantic`` (mean cosine between projected
+    reconstruction); ``kl`` (L_kl); unless both teacher weights are 0 (then the teacher is
+    not run at all): ``perceptual`` (L_perc), ``semantic`` (mean cosine between projected
     latents and teacher features; with ``semantic=0`` the projection is untrained, so it
-    stays near its random value); ``semantic_loss`` (L_mcos + L_mdms); ``kl`` (L_kl).
+    stays near its random value) and ``semantic_loss`` (L_mcos + L_mdms).
     """
     device = next(model.parameters()).device
     images = batch["images"].to(device=device, dtype=torch.float32)  # (B, C, H, W)
@@ -359,9 +360,34 @@ def vae_step(
     kl = kl_divergence(posterior)
     loss = loss + config.kl * kl
 
+    metrics: dict[str, float] = {}
+    if config.perceptual > 0 or config.semantic > 0:
+        loss = loss + _teacher_losses(
+            model, teacher, images, reconstruction, latents, config, metrics
+        )
+    with torch.no_grad():
+        metrics["loss"] = float(loss)
+        metrics["recon_l1"] = float(recon_l1)
+        metrics["psnr"] = float(psnr(reconstruction, images).mean())
+        metrics["kl"] = float(kl)
+    return StepOutput(loss=loss, metrics=metrics)
+
+
+def _teacher_losses(
+    model: VAEWithAlignment,
+    teacher: ClipFeatures,
+    images: Tensor,
+    reconstruction: Tensor,
+    latents: Tensor,
+    config: VAELossConfig,
+    metrics: dict[str, float],
+) -> Tensor:
+    """w_perc L_perc + w_sem L_sem of one batch; adds ``perceptual``, ``semantic`` and
+    ``semantic_loss`` to ``metrics``."""
+    loss = torch.zeros((), device=images.device)
     with torch.no_grad():
         real_maps, real_pooled = teacher(images)  # [(B, D_l, h_l, w_l)], (B, E)
-    perceptual = torch.zeros((), device=device)
+    perceptual = torch.zeros((), device=images.device)
     if config.perceptual > 0:
         fake_maps, _ = teacher(reconstruction)
         perceptual = perceptual_distance(fake_maps, real_maps).mean()
@@ -387,18 +413,10 @@ def vae_step(
     )
     if config.semantic > 0:
         loss = loss + config.semantic * semantic_loss
-
-    with torch.no_grad():
-        metrics = {
-            "loss": float(loss),
-            "recon_l1": float(recon_l1),
-            "psnr": float(psnr(reconstruction, images).mean()),
-            "perceptual": float(perceptual),
-            "semantic": float(semantic),
-            "semantic_loss": float(semantic_loss),
-            "kl": float(kl),
-        }
-    return StepOutput(loss=loss, metrics=metrics)
+    metrics["perceptual"] = float(perceptual.detach())
+    metrics["semantic"] = float(semantic.detach())
+    metrics["semantic_loss"] = float(semantic_loss.detach())
+    return loss
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -494,6 +512,39 @@ def save_vae_weights(run: str | Path, out: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in export_vae_weights(run).items()}, str(target))
     return target
+
+
+def latent_statistics(
+    vae: ResidualVAE, dataset: str | Path, *, size: tuple[int, int], batch_size: int = 64
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of the posterior means of ``dataset``'s target
+    images (resized and centre-cropped to ``size`` = (width, height)): the values of
+    ``VAEConfig.latents_mean`` / ``latents_std`` that make the latents a transformer is
+    trained on zero-mean and unit-variance per channel (measured after the VAE is trained)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    root = Path(dataset)
+    paths = [root / sample.image for sample in read_dataset(root)]
+    device = next(vae.parameters()).device
+    channels = vae.config.in_channels
+    total = torch.zeros(vae.config.latent_channels, dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    count = 0
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            images = torch.stack(
+                [
+                    image_to_tensor(resize_and_crop(load_image(p, channels=channels), size))
+                    for p in paths[start : start + batch_size]
+                ]
+            )  # (b, C, H, W)
+            mean = vae.encode(images.to(device)).mean.double().cpu()  # (b, z, h, w)
+            total += mean.sum(dim=(0, 2, 3))
+            squares += mean.square().sum(dim=(0, 2, 3))
+            count += mean.shape[0] * mean.shape[2] * mean.shape[3]
+    average = total / count
+    std = (squares / count - average.square()).clamp_min(1e-12).sqrt()
+    return tuple(average.tolist()), tuple(std.tolist())
 
 
 def build_vae_model(config: VAETrainConfig, feature_dim: int) -> VAEWithAlignment:

@@ -424,6 +424,31 @@ def world_suite(
     console.print(f"{len(cases)} cases, digest {suite_digest(cases)}", highlight=False)
 
 
+@world_app.command("base")
+def world_base(
+    out: Annotated[Path, typer.Option("--out", help="Build directory (resumed if it exists).")],
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="world-base (shipped) or world-base-debug (toy).")
+    ] = "world-base",
+    ship: Annotated[
+        bool, typer.Option("--ship", help="Copy the generator to the shipped base model.")
+    ] = False,
+) -> None:
+    """Train the world's base generator from scratch (corpus, VAE, cache, transformer)."""
+    from flywheel.world.base_model import RECIPES, build_world_base
+    from flywheel.world.base_model import ship as ship_generator
+
+    if recipe not in RECIPES:
+        fail(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    try:
+        generator = build_world_base(RECIPES[recipe](), out, progress=True)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    console.print(f"generator: {generator}", highlight=False)
+    if ship:
+        console.print(f"shipped: {ship_generator(generator)}", highlight=False)
+
+
 @world_app.command("check")
 def world_check(
     image: Annotated[Path, typer.Option("--image", help="The image to score (PNG, JPEG, ...).")],

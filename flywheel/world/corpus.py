@@ -106,6 +106,8 @@ class WorldCorpusInfo(BaseModel):
     split: str
     config: dict[str, Any]
     """The :class:`SceneConfig` as a dict."""
+    caption_dropout: float = 0.0
+    """The share of text-to-image samples written with an empty caption."""
 
     def scene_config(self) -> SceneConfig:
         """The :class:`SceneConfig` the scenes were drawn with."""
@@ -139,9 +141,10 @@ def scene_seeds(seed: int, count: int) -> list[int]:
     return list(seeds)
 
 
-def is_edit(index: int, edit_fraction: float) -> bool:
-    """Whether sample ``index`` is an editing sample (evenly spread, ``edit_fraction`` of all)."""
-    return int((index + 1) * edit_fraction) > int(index * edit_fraction)
+def evenly_picked(index: int, fraction: float) -> bool:
+    """Whether item ``index`` is picked when ``fraction`` of all items are, evenly spread
+    (the editing samples of a corpus, the empty captions of its text-to-image samples)."""
+    return int((index + 1) * fraction) > int(index * fraction)
 
 
 def annotation_for(scene: SceneSpec) -> Annotation:
@@ -165,14 +168,18 @@ def write_world_corpus(
     caption: CaptionKind = "rich",
     edit_fraction: float = 0.0,
     split: str = "train",
+    caption_dropout: float = 0.0,
     progress: bool | None = None,
 ) -> list[Sample]:
     """Write a world corpus of ``count`` samples into ``directory``; returns its samples.
 
     ``config``: what the scenes hold (default :class:`SceneConfig`); ``size``: image side in
     pixels; ``caption``: which caption is each sample's; ``edit_fraction``: the share of
-    editing samples; ``progress``: show a progress bar (None: for ``count`` >=
-    :data:`PROGRESS_THRESHOLD`). Refuses a directory that already holds a dataset.
+    editing samples; ``caption_dropout``: the share of text-to-image samples whose caption is
+    empty (evenly spread; the unconditional prompt that classifier-free guidance needs, learnt
+    from real images; their spec still holds the truth); ``progress``: show a progress bar
+    (None: for ``count`` >= :data:`PROGRESS_THRESHOLD`). Refuses a directory that already
+    holds a dataset.
     """
     config = config or SceneConfig()
     config.validate()
@@ -180,8 +187,9 @@ def write_world_corpus(
         raise ValueError(f"count must be >= 1 and size >= 8, got {count} and {size}")
     if caption not in CAPTION_KINDS:
         raise ValueError(f"caption must be one of {CAPTION_KINDS}, got {caption!r}")
-    if not 0 <= edit_fraction <= 1:
-        raise ValueError(f"edit_fraction must be in [0, 1], got {edit_fraction}")
+    for name, fraction in (("edit_fraction", edit_fraction), ("caption_dropout", caption_dropout)):
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     root = Path(directory)
     for name in (SAMPLES_FILE, SPECS_FILE):
         if (root / name).exists():
@@ -198,11 +206,15 @@ def write_world_corpus(
         )
     samples: list[Sample] = []
     records: list[WorldRecord] = []
+    scenes = 0  # text-to-image samples so far
     for index, scene_seed in indexed:
-        if is_edit(index, edit_fraction):
+        if evenly_picked(index, edit_fraction):
             sample, record = _edit_sample(root, scene_seed, config, size, caption, split)
         else:
             sample, record = _scene_sample(root, scene_seed, config, size, caption, split)
+            if evenly_picked(scenes, caption_dropout):
+                sample = sample.model_copy(update={"caption": ""})
+            scenes += 1
         samples.append(sample)
         records.append(record)
 
@@ -215,6 +227,7 @@ def write_world_corpus(
         edit_fraction=edit_fraction,
         split=split,
         config=asdict(config),
+        caption_dropout=caption_dropout,
     )
     atomic_write_text(root / INFO_FILE, info.model_dump_json(indent=2) + "\n")
     write_dataset(root, samples)

@@ -1,0 +1,332 @@
+"""The world's base generator: the embedded default model, made by the project's own recipes.
+
+:func:`build_world_base` runs :class:`WorldBaseConfig` stage by stage into one directory::
+
+    <out>/corpus/       the world corpus (flywheel.world.corpus): rich captions, no text,
+                        the rare concepts of ``rare_shapes`` (the pretraining gap), a share
+                        of empty captions (the unconditional prompt CFG needs)
+    <out>/vae/          VAE training run (training.vae_training): reconstruction + KL
+    <out>/cache/        training cache (training.cache): normalized posterior means and the
+                        MiniLM conditions, with the latent statistics measured after the
+                        VAE is trained (training.vae_training.latent_statistics)
+    <out>/transformer/  flow-matching run (training.pretrain) of the diffusion transformer
+    <out>/generator/    the generator directory (model.pipeline): what ``flywheel eval``
+                        and the cycle load; :data:`BASE_MODEL` is the shipped copy
+
+Every stage is skipped when its output is complete and the training runs resume from their
+checkpoints, so an interrupted build continues where it stopped. The same seed gives the
+same model on the same machine and torch build.
+
+The corpus is what makes the weaknesses: a rare shape (the star, 0.5 % of the objects) is
+drawn badly, and captions are always the rich ones, so terse prompts fall outside what the
+transformer has seen. No text is rendered in the corpus: legible glyphs are beyond a model of
+this size and budget, so both text skills are expected to fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+
+from flywheel.world.corpus import read_info, reweighted, write_world_corpus
+from flywheel.world.evaluation import BASE_MODEL
+from flywheel.world.scenes import SceneConfig
+from model.condition import ConditionEncoder, minilm_condition
+from model.pipeline import CONFIG_FILE, Generator, GeneratorConfig
+from model.sampling import SamplerConfig
+from model.transformer import DiffusionTransformer, TransformerConfig
+from model.vae import ResidualVAE, VAEConfig
+from training.cache import DONE_FILE, ProducerConfig, produce
+from training.checkpoint import load_model_weights
+from training.data import SAMPLES_FILE, BucketConfig
+from training.flow_matching import FlowMatchingConfig
+from training.loop import LoopConfig, OptimizerConfig
+from training.pretrain import DataConfig, PretrainConfig
+from training.trainer import train
+from training.vae_training import (
+    VAEDataConfig,
+    VAELossConfig,
+    VAETrainConfig,
+    export_vae_weights,
+    latent_statistics,
+)
+
+CORPUS_DIR, VAE_DIR, CACHE_DIR, TRANSFORMER_DIR, GENERATOR_DIR = (
+    "corpus", "vae", "cache", "transformer", "generator",
+)  # fmt: skip
+
+
+@dataclass(kw_only=True, slots=True)
+class WorldBaseConfig:
+    """The recipe of the world's base generator (see the module docstring for the stages)."""
+
+    scenes: int = 6000
+    """Text-to-image samples in the training corpus."""
+    seed: int = 0
+    """Seed of the corpus' scenes and of every training stage."""
+    image_size: int = 64
+    """Side of the corpus images and of the generated ones, pixels."""
+    scene: SceneConfig = field(default_factory=lambda: SceneConfig(text_probability=0.0))
+    """What the corpus' scenes hold (before ``rare_shapes`` is applied)."""
+    rare_shapes: dict[str, float] = field(default_factory=lambda: {"star": 0.005})
+    """Shapes made rare in the corpus: their weight relative to a common shape's 1."""
+    caption_dropout: float = 0.1
+    """Share of corpus samples with an empty caption (the unconditional prompt)."""
+    vae: VAEConfig
+    """The VAE (RGB; its latent statistics are filled in after training)."""
+    vae_loss: VAELossConfig = field(
+        default_factory=lambda: VAELossConfig(l2=1.0, perceptual=0.0, semantic=0.0, kl=1e-6)
+    )
+    """VAE losses: flat-colour scenes need no perceptual or semantic term."""
+    vae_batch_size: int = 16
+    """Images per VAE step."""
+    vae_loop: LoopConfig
+    """VAE steps and optimizer."""
+    transformer: TransformerConfig
+    """The diffusion transformer (``latent_channels`` = the VAE's; MiniLM's 384-d conditions)."""
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    """Flow-time sampling of the transformer's training."""
+    batch_size: int = 32
+    """Samples per transformer step."""
+    transformer_loop: LoopConfig
+    """Transformer steps and optimizer."""
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(steps=20, dynamic_shift=False, guidance_scale=3.0)
+    )
+    """How the generator samples (steps, classifier-free guidance)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.scenes < 1:
+            raise ValueError(f"WorldBaseConfig.scenes must be >= 1, got {self.scenes}")
+        reweighted(self.scene, shapes=self.rare_shapes)  # validates the weights
+        if self.vae.in_channels != 3 or self.vae.out_channels != 3:
+            raise ValueError("WorldBaseConfig.vae must read and write RGB (3 channels)")
+        if self.transformer.latent_channels != self.vae.latent_channels:
+            raise ValueError(
+                f"the transformer reads {self.transformer.latent_channels}-channel latents, "
+                f"the VAE makes {self.vae.latent_channels}"
+            )
+        step = self.vae.spatial_factor * self.transformer.patch_size
+        if self.image_size % step:
+            raise ValueError(f"WorldBaseConfig.image_size must be a multiple of {step}")
+        if self.vae_batch_size < 1 or self.batch_size < 1:
+            raise ValueError("WorldBaseConfig: batch sizes must be >= 1")
+        self.vae_stage(Path(CORPUS_DIR)).validate()
+        self.transformer_stage(Path(CACHE_DIR)).validate()
+        self.sampler.validate()
+
+    def corpus_scenes(self) -> SceneConfig:
+        """The scene config the corpus is drawn with: ``scene`` with the rare shapes."""
+        return reweighted(self.scene, shapes=self.rare_shapes)
+
+    def buckets(self) -> BucketConfig:
+        """The one square bucket every stage reads."""
+        size = self.image_size
+        return BucketConfig(target_area=size * size, aspect_ratios=(1.0,), multiple_of=8)
+
+    def vae_stage(self, corpus: Path) -> VAETrainConfig:
+        """The VAE training of the corpus at ``corpus``."""
+        return VAETrainConfig(
+            vae=self.vae,
+            data=VAEDataConfig(
+                dataset=corpus,
+                buckets=self.buckets(),
+                crop_size=self.image_size,
+                batch_size=self.vae_batch_size,
+            ),
+            loss=self.vae_loss,
+            loop=self.vae_loop,
+        )
+
+    def transformer_stage(self, cache: Path) -> PretrainConfig:
+        """The flow-matching training of the transformer on the cache at ``cache``."""
+        return PretrainConfig(
+            model=self.transformer,
+            flow=self.flow,
+            data=DataConfig(cache_dir=cache, batch_size=self.batch_size),
+            loop=self.transformer_loop,
+        )
+
+
+def world_base() -> WorldBaseConfig:
+    """The shipped base generator: 64 x 64 images, f4 VAE, 1.5 M-parameter transformer."""
+    return WorldBaseConfig(
+        vae=VAEConfig(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=8,
+            encoder_width=48,
+            decoder_width=64,
+            width_multipliers=(1,),
+            blocks_per_stage=1,
+            temporal_downsample=(),
+            patch_size=4,
+        ),
+        vae_loop=LoopConfig(
+            optimizer=OptimizerConfig(
+                lr=2e-3, betas=(0.5, 0.9), warmup_steps=50, decay_steps=950, grad_clip=None
+            ),
+            max_steps=1000,
+            checkpoint_every=250,
+            keep_checkpoints=1,
+            log_every=10,
+        ),
+        transformer=TransformerConfig(
+            latent_channels=8,
+            patch_size=2,
+            condition_dim=384,
+            num_layers=6,
+            num_heads=4,
+            head_dim=32,
+            rope_axes_dims=(8, 12, 12),
+        ),
+        transformer_loop=LoopConfig(
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, decay_steps=3900),
+            max_steps=4000,
+            checkpoint_every=250,
+            keep_checkpoints=1,
+            log_every=10,
+        ),
+    )
+
+
+def world_base_debug() -> WorldBaseConfig:
+    """The same recipe at toy size (tests, ~1 min on 2 cores): 32 x 32, a few steps."""
+    return WorldBaseConfig(
+        scenes=48,
+        image_size=32,
+        vae=VAEConfig(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            encoder_width=16,
+            decoder_width=16,
+            width_multipliers=(1,),
+            blocks_per_stage=1,
+            temporal_downsample=(),
+            patch_size=4,
+        ),
+        vae_batch_size=8,
+        vae_loop=LoopConfig(
+            optimizer=OptimizerConfig(lr=2e-3, betas=(0.5, 0.9), warmup_steps=2),
+            max_steps=30,
+            checkpoint_every=30,
+            keep_checkpoints=1,
+        ),
+        transformer=TransformerConfig(
+            latent_channels=4,
+            patch_size=2,
+            condition_dim=384,
+            num_layers=2,
+            num_heads=2,
+            head_dim=16,
+            rope_axes_dims=(4, 6, 6),
+        ),
+        batch_size=8,
+        transformer_loop=LoopConfig(
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2),
+            max_steps=40,
+            checkpoint_every=40,
+            keep_checkpoints=1,
+        ),
+        sampler=SamplerConfig(steps=4, dynamic_shift=False, guidance_scale=3.0),
+    )
+
+
+RECIPES = {"world-base": world_base, "world-base-debug": world_base_debug}
+"""The base-model recipes by name (``flywheel world base --recipe``)."""
+
+
+def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool = False) -> Path:
+    """Run every stage of ``config`` into ``out``; returns the generator directory."""
+    config.validate()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True, quiet=not progress)
+
+    corpus = root / CORPUS_DIR
+    if not (corpus / SAMPLES_FILE).is_file():
+        console.log(f"world corpus: {config.scenes} scenes")
+        if corpus.exists():  # an interrupted write: start it again
+            shutil.rmtree(corpus)
+        write_world_corpus(
+            corpus,
+            count=config.scenes,
+            config=config.corpus_scenes(),
+            seed=config.seed,
+            size=config.image_size,
+            caption="rich",
+            caption_dropout=config.caption_dropout,
+            progress=progress,
+        )
+    elif read_info(corpus).count != config.scenes:
+        raise ValueError(f"{corpus} holds another corpus; build into a new directory")
+
+    console.log("VAE")
+    vae_stage = config.vae_stage(corpus)
+    train(vae_stage, out=root / VAE_DIR, progress=progress, name="world VAE")
+    vae = ResidualVAE(config.vae)
+    vae.load_state_dict(export_vae_weights(root / VAE_DIR))
+    size = (config.image_size, config.image_size)
+    mean, std = latent_statistics(vae.eval(), corpus, size=size)
+    vae_config = replace(config.vae, latents_mean=mean, latents_std=std)
+    vae = ResidualVAE(vae_config)
+    vae.load_state_dict(export_vae_weights(root / VAE_DIR))
+    vae.eval().requires_grad_(False)
+
+    cache = root / CACHE_DIR
+    encoder = ConditionEncoder.load(minilm_condition())
+    if not (cache / DONE_FILE).is_file():
+        console.log("training cache: latents and conditions")
+        if cache.exists():
+            shutil.rmtree(cache)
+        produce(
+            corpus,
+            cache,
+            vae=vae,
+            encoder=encoder,
+            config=ProducerConfig(buckets=config.buckets(), shard_size=256, batch_size=64),
+        )
+
+    console.log("transformer")
+    train(
+        config.transformer_stage(cache),
+        out=root / TRANSFORMER_DIR,
+        progress=progress,
+        name="world transformer",
+    )
+    transformer = DiffusionTransformer(config.transformer)
+    transformer.load_state_dict(load_model_weights(root / TRANSFORMER_DIR))
+
+    generator_config = GeneratorConfig(
+        transformer=config.transformer,
+        vae=vae_config,
+        condition="minilm",
+        height=config.image_size,
+        width=config.image_size,
+        sampler=config.sampler,
+    )
+    generator = Generator(generator_config, transformer, vae, encoder)
+    target = generator.save(root / GENERATOR_DIR)
+    console.log(f"generator: {target}")
+    return target
+
+
+def ship(generator_dir: str | Path, target: str | Path = BASE_MODEL) -> Path:
+    """Copy a built generator directory to ``target`` (default: the shipped base model)."""
+    source = Path(generator_dir)
+    if not (source / CONFIG_FILE).is_file():
+        raise ValueError(f"{source}: not a generator directory (no {CONFIG_FILE})")
+    destination = Path(target)
+    staging = destination.with_name(destination.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(source, staging)
+    if destination.exists():
+        shutil.rmtree(destination)
+    staging.rename(destination)
+    return destination

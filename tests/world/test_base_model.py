@@ -1,0 +1,124 @@
+"""The base-model recipe chain at toy size: corpus -> VAE -> latent statistics -> cache ->
+transformer -> generator directory, resumable, through the real training stack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from flywheel.cli.main import app
+from flywheel.world.base_model import (
+    CACHE_DIR,
+    CORPUS_DIR,
+    TRANSFORMER_DIR,
+    VAE_DIR,
+    build_world_base,
+    ship,
+    world_base,
+    world_base_debug,
+)
+from flywheel.world.corpus import read_info, read_specs
+from model.pipeline import Generator
+from model.vae import ResidualVAE
+from training.data import read_dataset
+from training.vae_training import export_vae_weights, latent_statistics
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world-base")
+    build_world_base(world_base_debug(), root)
+    return root
+
+
+def _metrics(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recipes_validate() -> None:
+    world_base().validate()
+    world_base_debug().validate()
+
+
+def test_corpus_has_the_rare_shape_and_empty_captions(built: Path) -> None:
+    corpus = built / CORPUS_DIR
+    info = read_info(corpus)
+    config = world_base_debug()
+    assert info.caption_dropout == config.caption_dropout
+    assert info.config["shape_weights"]["star"] == config.rare_shapes["star"]
+    assert info.config["text_probability"] == 0.0
+    samples = read_dataset(corpus)
+    empty = [s for s in samples if s.caption == ""]
+    assert len(empty) == int(len(samples) * config.caption_dropout)  # floor, evenly spread
+    specs = read_specs(corpus)
+    assert all(specs[s.id].spec.objects for s in empty)  # the truth is kept
+
+
+def test_latent_statistics_normalize_the_corpus(built: Path) -> None:
+    generator = Generator.load(built / "generator")
+    vae_config = generator.config.vae
+    assert vae_config.latents_mean is not None
+    assert vae_config.latents_std is not None
+    vae = ResidualVAE(vae_config)
+    vae.load_state_dict(export_vae_weights(built / VAE_DIR))
+    size = (generator.config.width, generator.config.height)
+    mean, std = latent_statistics(vae.eval(), built / CORPUS_DIR, size=size, batch_size=7)
+    assert mean == pytest.approx(vae_config.latents_mean, abs=1e-5)  # batching does not matter
+    assert std == pytest.approx(vae_config.latents_std, abs=1e-5)
+    manifest = json.loads((built / CACHE_DIR / "manifest.json").read_text())
+    assert manifest["latent_channels"] == vae_config.latent_channels
+    shard = next((built / CACHE_DIR).rglob("*.safetensors"))
+    latents = load_file(str(shard))["latents"]  # normalized: about zero mean, unit spread
+    assert latents.mean(dim=(0, 2, 3)).abs().max() < 0.5
+    assert 0.5 < float(latents.std(dim=(0, 2, 3)).mean()) < 1.5
+
+
+def test_training_stages_learn(built: Path) -> None:
+    vae = _metrics(built / VAE_DIR)
+    assert "semantic" not in vae[0]  # no teacher term: the teacher is not run
+    assert vae[-1]["psnr"] > vae[0]["psnr"] + 3
+    losses = [m["loss"] for m in _metrics(built / TRANSFORMER_DIR)]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_generator_loads_and_generates(built: Path) -> None:
+    generator = Generator.load(built / "generator")
+    size = world_base_debug().image_size
+    images = generator.generate(["A picture with a white background showing a red circle."])
+    assert images.shape == (1, 3, size, size)
+    assert torch.isfinite(images).all()
+    again = generator.generate(["A picture with a white background showing a red circle."])
+    assert torch.equal(images, again)
+
+
+def test_rebuild_resumes_without_training(built: Path) -> None:
+    stages = [built / CORPUS_DIR / "samples.jsonl", built / CACHE_DIR / "DONE"]
+    stages += sorted((built / VAE_DIR / "checkpoints").rglob("*.safetensors"))
+    stages += sorted((built / TRANSFORMER_DIR / "checkpoints").rglob("*.safetensors"))
+    before = {path: path.stat().st_mtime_ns for path in stages}
+    generator = build_world_base(world_base_debug(), built)
+    assert generator == built / "generator"
+    assert {path: path.stat().st_mtime_ns for path in stages} == before  # nothing redone
+    assert len(_metrics(built / TRANSFORMER_DIR)) == world_base_debug().transformer_loop.max_steps
+
+
+def test_ship_copies_a_generator(built: Path, tmp_path: Path) -> None:
+    target = ship(built / "generator", tmp_path / "base")
+    assert Generator.load(target).config.height == world_base_debug().image_size
+    with pytest.raises(ValueError, match="not a generator directory"):
+        ship(tmp_path / "nothing", tmp_path / "other")
+
+
+def test_cli_refuses_an_unknown_recipe(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["world", "base", "--out", str(tmp_path), "--recipe", "huge"])
+    assert result.exit_code == 2
+    assert "unknown recipe 'huge'" in result.stderr
