@@ -5,6 +5,8 @@
     <out>/corpus/       the world corpus (flywheel.world.corpus): rich captions, no text,
                         the rare concepts of ``rare_shapes`` (the pretraining gap), a share
                         of empty captions (the unconditional prompt CFG needs)
+    <out>/pool/         the candidate pool: another corpus (seed + 1, split "pool") in
+                        which the rare shapes are common; never trained on here
     <out>/vae/          VAE training run (training.vae_training): reconstruction + KL
     <out>/cache/        training cache (training.cache): normalized posterior means and the
                         MiniLM conditions, with the latent statistics measured after the
@@ -54,8 +56,8 @@ from training.vae_training import (
     latent_statistics,
 )
 
-CORPUS_DIR, VAE_DIR, CACHE_DIR, TRANSFORMER_DIR, GENERATOR_DIR = (
-    "corpus", "vae", "cache", "transformer", "generator",
+CORPUS_DIR, POOL_DIR, VAE_DIR, CACHE_DIR, TRANSFORMER_DIR, GENERATOR_DIR = (
+    "corpus", "pool", "vae", "cache", "transformer", "generator",
 )  # fmt: skip
 
 
@@ -75,6 +77,11 @@ class WorldBaseConfig:
     """Shapes made rare in the corpus: their weight relative to a common shape's 1."""
     caption_dropout: float = 0.1
     """Share of corpus samples with an empty caption (the unconditional prompt)."""
+    pool_scenes: int = 2000
+    """Samples in the candidate pool (what the pretraining-gap track retrieves from; not
+    trained on)."""
+    pool_shapes: dict[str, float] = field(default_factory=lambda: {"star": 3.0})
+    """Shape weights of the pool: the corpus' rare shapes are common there."""
     vae: VAEConfig
     """The VAE (RGB; its latent statistics are filled in after training)."""
     vae_loss: VAELossConfig = field(
@@ -100,9 +107,10 @@ class WorldBaseConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
-        if self.scenes < 1:
-            raise ValueError(f"WorldBaseConfig.scenes must be >= 1, got {self.scenes}")
+        if self.scenes < 1 or self.pool_scenes < 1:
+            raise ValueError("WorldBaseConfig: scenes and pool_scenes must be >= 1")
         reweighted(self.scene, shapes=self.rare_shapes)  # validates the weights
+        reweighted(self.scene, shapes=self.pool_shapes)
         if self.vae.in_channels != 3 or self.vae.out_channels != 3:
             raise ValueError("WorldBaseConfig.vae must read and write RGB (3 channels)")
         if self.transformer.latent_channels != self.vae.latent_channels:
@@ -122,6 +130,10 @@ class WorldBaseConfig:
     def corpus_scenes(self) -> SceneConfig:
         """The scene config the corpus is drawn with: ``scene`` with the rare shapes."""
         return reweighted(self.scene, shapes=self.rare_shapes)
+
+    def pool_scenes_config(self) -> SceneConfig:
+        """The scene config of the candidate pool: ``scene`` with ``pool_shapes``."""
+        return reweighted(self.scene, shapes=self.pool_shapes)
 
     def buckets(self) -> BucketConfig:
         """The one square bucket every stage reads."""
@@ -168,10 +180,10 @@ def world_base() -> WorldBaseConfig:
         ),
         vae_loop=LoopConfig(
             optimizer=OptimizerConfig(
-                lr=2e-3, betas=(0.5, 0.9), warmup_steps=50, decay_steps=950, grad_clip=None
+                lr=2e-3, betas=(0.5, 0.9), warmup_steps=50, decay_steps=1450, grad_clip=None
             ),
-            max_steps=1000,
-            checkpoint_every=250,
+            max_steps=1500,
+            checkpoint_every=500,
             keep_checkpoints=1,
             log_every=10,
         ),
@@ -187,8 +199,8 @@ def world_base() -> WorldBaseConfig:
         transformer_loop=LoopConfig(
             optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, decay_steps=3900),
             max_steps=4000,
-            checkpoint_every=250,
-            keep_checkpoints=1,
+            checkpoint_every=500,
+            keep_checkpoints=8,
             log_every=10,
         ),
     )
@@ -198,6 +210,7 @@ def world_base_debug() -> WorldBaseConfig:
     """The same recipe at toy size (tests, ~1 min on 2 cores): 32 x 32, a few steps."""
     return WorldBaseConfig(
         scenes=48,
+        pool_scenes=24,
         image_size=32,
         vae=VAEConfig(
             in_channels=3,
@@ -265,6 +278,22 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
         )
     elif read_info(corpus).count != config.scenes:
         raise ValueError(f"{corpus} holds another corpus; build into a new directory")
+
+    pool = root / POOL_DIR
+    if not (pool / SAMPLES_FILE).is_file():
+        console.log(f"candidate pool: {config.pool_scenes} scenes")
+        if pool.exists():
+            shutil.rmtree(pool)
+        write_world_corpus(
+            pool,
+            count=config.pool_scenes,
+            config=config.pool_scenes_config(),
+            seed=config.seed + 1,
+            size=config.image_size,
+            caption="rich",
+            split="pool",
+            progress=progress,
+        )
 
     console.log("VAE")
     vae_stage = config.vae_stage(corpus)

@@ -15,6 +15,7 @@ from flywheel.cli.main import app
 from flywheel.world.base_model import (
     CACHE_DIR,
     CORPUS_DIR,
+    POOL_DIR,
     TRANSFORMER_DIR,
     VAE_DIR,
     build_world_base,
@@ -63,6 +64,21 @@ def test_corpus_has_the_rare_shape_and_empty_captions(built: Path) -> None:
     assert all(specs[s.id].spec.objects for s in empty)  # the truth is kept
 
 
+def test_the_pool_has_the_rare_shape_in_plenty(built: Path) -> None:
+    def star_share(directory: Path) -> float:
+        objects = [o for r in read_specs(directory).values() for o in r.spec.objects]
+        return sum(o.shape == "star" for o in objects) / len(objects)
+
+    info = read_info(built / POOL_DIR)
+    assert info.split == "pool"
+    assert info.seed != read_info(built / CORPUS_DIR).seed
+    assert info.config["shape_weights"]["star"] == world_base_debug().pool_shapes["star"]
+    assert star_share(built / POOL_DIR) > 0.2  # weight 3 of 8: ~0.375
+    assert star_share(built / CORPUS_DIR) < 0.05
+    pool_ids = set(read_specs(built / POOL_DIR))
+    assert not pool_ids & set(read_specs(built / CORPUS_DIR))
+
+
 def test_latent_statistics_normalize_the_corpus(built: Path) -> None:
     generator = Generator.load(built / "generator")
     vae_config = generator.config.vae
@@ -101,7 +117,8 @@ def test_generator_loads_and_generates(built: Path) -> None:
 
 
 def test_rebuild_resumes_without_training(built: Path) -> None:
-    stages = [built / CORPUS_DIR / "samples.jsonl", built / CACHE_DIR / "DONE"]
+    stages = [built / d / "samples.jsonl" for d in (CORPUS_DIR, POOL_DIR)]
+    stages.append(built / CACHE_DIR / "DONE")
     stages += sorted((built / VAE_DIR / "checkpoints").rglob("*.safetensors"))
     stages += sorted((built / TRANSFORMER_DIR / "checkpoints").rglob("*.safetensors"))
     before = {path: path.stat().st_mtime_ns for path in stages}
