@@ -449,6 +449,67 @@ def world_base(
         console.print(f"shipped: {ship_generator(generator)}", highlight=False)
 
 
+@world_app.command("weaknesses")
+def world_weaknesses(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Generator directory (default: the shipped world base)."),
+    ] = None,
+    rare: Annotated[
+        str, typer.Option("--rare", help="The shapes the corpus made rare, comma-separated.")
+    ] = "star",
+    per_shape: Annotated[int, typer.Option("--per-shape", min=1, help="Probes per shape.")] = 8,
+    per_skill: Annotated[
+        int, typer.Option("--per-skill", min=1, help="Probes per other skill.")
+    ] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Measure a generator's known weaknesses against the controls it should pass."""
+    from flywheel.world.evaluation import BASE_MODEL
+    from flywheel.world.scenes import SHAPES
+    from flywheel.world.weaknesses import measure_weaknesses
+    from model.pipeline import Generator, GeneratorError
+
+    rare_shapes = tuple(s.strip() for s in rare.split(",") if s.strip())
+    if not rare_shapes or set(rare_shapes) - set(SHAPES):
+        fail(f"--rare {rare!r}: comma-separated shapes of {', '.join(SHAPES)}")
+    try:
+        generator = Generator.load(model or BASE_MODEL)
+    except GeneratorError as exc:
+        fail(str(exc).splitlines()[0])
+    report = measure_weaknesses(
+        generator, rare_shapes=rare_shapes, per_shape=per_shape, per_skill=per_skill, seed=seed
+    )
+    if as_json:
+        console.print_json(report.model_dump_json())
+        return
+    table = Table("probe", "control", "score", "weakness", "score")
+    table.add_row(
+        "shape",
+        "common shapes",
+        f"{report.common_shape_score:.2f}",
+        f"rare: {', '.join(report.rare_shapes)}",
+        f"{report.rare_shape_score:.2f}",
+    )
+    table.add_row(
+        "objects",
+        "rich prompts",
+        f"{report.rich_prompt_score:.2f}",
+        "terse prompts",
+        f"{report.terse_prompt_score:.2f}",
+    )
+    for name, value in (
+        ("colour", report.colour_score),
+        ("count", report.count_score),
+        ("relation", report.relation_score),
+    ):
+        table.add_row(name, name, f"{value:.2f}", "", "")
+    console.print(table)
+    shapes = ", ".join(f"{k} {v:.2f}" for k, v in report.shapes.items())
+    console.print(f"per shape: {shapes} ({report.cases} images)", highlight=False)
+
+
 @world_app.command("check")
 def world_check(
     image: Annotated[Path, typer.Option("--image", help="The image to score (PNG, JPEG, ...).")],

@@ -164,19 +164,26 @@ def suite_digest(cases: Sequence[BenchmarkCase]) -> str:
 
 @functools.cache
 def _suite(name: SuiteName) -> tuple[BenchmarkCase, ...]:
-    cases: list[BenchmarkCase] = []
-    for skill_index, skill in enumerate(SKILLS):
-        for k in range(_SIZES[name]):
-            first = _BANDS[name] + skill_index * 10**6 + k * 10**3
-            case_id = f"{name}/{skill}/{k:02d}"
-            for seed in range(first, first + _ATTEMPTS):
-                case = _BUILDERS[skill](seed, k, case_id, name)
-                if case is not None:
-                    cases.append(case)
-                    break
-            else:  # pragma: no cover - the builders accept far sooner
-                raise RuntimeError(f"{case_id}: no fitting scene in {_ATTEMPTS} seeds")
-    return tuple(cases)
+    return tuple(
+        build_case(skill, k, band=_BANDS[name], case_id=f"{name}/{skill}/{k:02d}", suite_name=name)
+        for skill in SKILLS
+        for k in range(_SIZES[name])
+    )
+
+
+def build_case(
+    skill: Skill, k: int, *, band: int, case_id: str, suite_name: SuiteName = "standard"
+) -> BenchmarkCase:
+    """Case ``k`` of ``skill`` drawn from the seeds at ``band``, as every suite draws its own
+    (seeds ``band + skill_index * 10**6 + k * 10**3 + attempt``); probes use other bands."""
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r}; known: {', '.join(SKILLS)}")
+    first = band + SKILLS.index(skill) * 10**6 + k * 10**3
+    for seed in range(first, first + _ATTEMPTS):
+        case = _BUILDERS[skill](seed, k, case_id, suite_name)
+        if case is not None:
+            return case
+    raise RuntimeError(f"{case_id}: no fitting scene in {_ATTEMPTS} seeds")  # pragma: no cover
 
 
 def _plain() -> SceneConfig:

@@ -1,0 +1,111 @@
+"""The base model's known weaknesses, each measured against the control it should pass.
+
+A weakness is only a weakness next to what works: :func:`measure_weaknesses` generates
+paired probes and scores them with the ground-truth evaluator.
+
+- **Rare concept** (the pretraining gap): one object of each shape, ``per_shape`` prompts per
+  shape; the rare shapes' shape score against the common shapes'.
+- **Terse prompts** (the prompt enhancer's job): scenes of the benchmark's terse skill,
+  each prompted twice, with its terse caption and with its rich caption; object scores.
+- **Common concepts**: the colour of one object, the count of two or three copies, and the
+  relation between two kinds, as the standard suite draws them.
+
+Probe scenes are drawn by the standard suite's builders from their own seed band
+(:data:`PROBE_BAND`), above every corpus seed and apart from the suites' bands: new to the
+model and to the benchmark alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from statistics import fmean
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.world.benchmark import BenchmarkCase, Skill, build_case
+from flywheel.world.evaluation import generate_cases, score_case
+from flywheel.world.scenes import CORPUS_SEED_LIMIT, SHAPES, captions
+from model.pipeline import Generator
+
+PROBE_BAND = CORPUS_SEED_LIMIT + 3 * 10**10
+"""The probes' seed band (above the suites' bands; each skill has its own sub-band)."""
+
+
+class WeaknessReport(BaseModel):
+    """Scores (0..1) of the paired probes; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shapes: dict[str, float]
+    """Shape score per shape (``per_shape`` one-object prompts each)."""
+    rare_shapes: tuple[str, ...]
+    """The shapes the training corpus made rare."""
+    common_shape_score: float
+    """Mean shape score of the other shapes."""
+    rare_shape_score: float
+    """Mean shape score of the rare shapes."""
+    rich_prompt_score: float
+    """Object score of the terse probes' scenes, prompted with their rich captions."""
+    terse_prompt_score: float
+    """Object score of the same scenes, prompted with their terse captions."""
+    colour_score: float
+    count_score: float
+    relation_score: float
+    cases: int
+    """Images generated."""
+
+
+def probes(skill: Skill, n: int, *, band: int) -> list[BenchmarkCase]:
+    """``n`` cases of ``skill`` drawn as the standard suite draws them, from seeds at ``band``
+    (shape probes take the shapes in turn: case ``k`` is ``SHAPES[k % 6]``)."""
+    return [build_case(skill, k, band=band, case_id=f"probe/{skill}/{k:02d}") for k in range(n)]
+
+
+def measure_weaknesses(
+    generator: Generator,
+    *,
+    rare_shapes: Sequence[str] = ("star",),
+    per_shape: int = 8,
+    per_skill: int = 16,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> WeaknessReport:
+    """Generate every probe with ``generator`` and score it (see the module docstring)."""
+    unknown = set(rare_shapes) - set(SHAPES)
+    if unknown or not rare_shapes:
+        raise ValueError(f"rare_shapes must be some of {SHAPES}, got {tuple(rare_shapes)}")
+    if per_shape < 1 or per_skill < 1:
+        raise ValueError("per_shape and per_skill must be >= 1")
+    shapes = probes("shape", per_shape * len(SHAPES), band=PROBE_BAND)
+    terse = probes("terse", per_skill, band=PROBE_BAND)
+    rich = [
+        case.model_copy(update={"prompt": captions(case.spec).rich, "id": f"{case.id}/rich"})
+        for case in terse
+    ]
+    common: dict[Skill, list[BenchmarkCase]] = {
+        skill: probes(skill, per_skill, band=PROBE_BAND)
+        for skill in ("colour", "count", "relation")
+    }
+    everything = shapes + terse + rich + [c for cases in common.values() for c in cases]
+    generated = generate_cases(generator, everything, seed=seed, batch_size=batch_size)
+    scores = {g.case.id: score_case(g.case, g.image).score for g in generated}
+
+    def mean(cases: Sequence[BenchmarkCase]) -> float:
+        return fmean(scores[c.id] for c in cases)
+
+    per_shape_score: dict[str, float] = {
+        shape: mean([c for c in shapes if c.focus == shape]) for shape in SHAPES
+    }
+    common_shapes = [s for s in SHAPES if s not in rare_shapes]
+    return WeaknessReport(
+        shapes=per_shape_score,
+        rare_shapes=tuple(rare_shapes),
+        common_shape_score=fmean(per_shape_score[s] for s in common_shapes),
+        rare_shape_score=fmean(per_shape_score[s] for s in rare_shapes),
+        rich_prompt_score=mean(rich),
+        terse_prompt_score=mean(terse),
+        colour_score=mean(common["colour"]),
+        count_score=mean(common["count"]),
+        relation_score=mean(common["relation"]),
+        cases=len(everything),
+    )
