@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from training.alignment import AlignmentTrainConfig, build_alignment_training
 from training.distill import DistillConfig, build_distill
 from training.dpo import DPOTrainConfig, build_dpo
 from training.grpo import GRPOConfig, build_grpo
@@ -31,6 +32,7 @@ TrainConfig = (
     | PEGRPOConfig
     | VAETrainConfig
     | GRPOConfig
+    | AlignmentTrainConfig
 )
 """Every configuration :func:`train` takes."""
 
@@ -42,6 +44,7 @@ _BUILDERS: dict[type[Any], Callable[[Any, Path], Objective]] = {
     DPOTrainConfig: build_dpo,
     GRPOConfig: build_grpo,
     VAETrainConfig: build_vae_training,
+    AlignmentTrainConfig: build_alignment_training,
 }
 """The builder of each configuration type's objective."""
 
