@@ -431,12 +431,13 @@ def world_base(
         str, typer.Option("--recipe", help="world-base (shipped) or world-base-debug (toy).")
     ] = "world-base",
     ship: Annotated[
-        bool, typer.Option("--ship", help="Copy the generator to the shipped base model.")
+        bool,
+        typer.Option("--ship", help="Copy the generator and reward model to where they ship."),
     ] = False,
 ) -> None:
     """Train the world's base generator from scratch (corpus, VAE, cache, transformer)."""
     from flywheel.world.base_model import RECIPES, build_world_base
-    from flywheel.world.base_model import ship as ship_generator
+    from flywheel.world.base_model import ship as ship_build
 
     if recipe not in RECIPES:
         fail(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -446,7 +447,8 @@ def world_base(
         fail(str(exc).splitlines()[0])
     console.print(f"generator: {generator}", highlight=False)
     if ship:
-        console.print(f"shipped: {ship_generator(generator)}", highlight=False)
+        shipped = ship_build(out)
+        console.print(f"shipped: {shipped[0]} and {shipped[1]}", highlight=False)
 
 
 @world_app.command("weaknesses")
@@ -463,26 +465,34 @@ def world_weaknesses(
         int, typer.Option("--per-skill", min=1, help="Probes per other skill.")
     ] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed.")] = 0,
+    reward: Annotated[
+        Path | None,
+        typer.Option("--reward", help="Reward model directory (default: the shipped one)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Measure a generator's known weaknesses against the controls it should pass."""
+    """Measure a generator's and a reward model's known weaknesses against their controls."""
+    from flywheel.world.base_model import BASE_REWARD, load_world_reward
     from flywheel.world.evaluation import BASE_MODEL
     from flywheel.world.scenes import SHAPES
-    from flywheel.world.weaknesses import measure_weaknesses
-    from model.pipeline import Generator, GeneratorError
+    from flywheel.world.weaknesses import measure_weaknesses, reward_agreement
+    from model.pipeline import Generator
 
     rare_shapes = tuple(s.strip() for s in rare.split(",") if s.strip())
     if not rare_shapes or set(rare_shapes) - set(SHAPES):
         fail(f"--rare {rare!r}: comma-separated shapes of {', '.join(SHAPES)}")
     try:
         generator = Generator.load(model or BASE_MODEL)
-    except GeneratorError as exc:
+        scorer = load_world_reward(reward or BASE_REWARD)
+    except ValueError as exc:  # GeneratorError is one
         fail(str(exc).splitlines()[0])
     report = measure_weaknesses(
         generator, rare_shapes=rare_shapes, per_shape=per_shape, per_skill=per_skill, seed=seed
     )
+    agreement = reward_agreement(scorer.score, per_skill=per_skill * 2)
     if as_json:
-        console.print_json(report.model_dump_json())
+        both = {"generator": report.model_dump(), "reward": agreement.model_dump()}
+        console.print_json(data=both)
         return
     table = Table("probe", "control", "score", "weakness", "score")
     table.add_row(
@@ -508,6 +518,11 @@ def world_weaknesses(
     console.print(table)
     shapes = ", ".join(f"{k} {v:.2f}" for k, v in report.shapes.items())
     console.print(f"per shape: {shapes} ({report.cases} images)", highlight=False)
+    prefers = ", ".join(f"{k} {v:.2f}" for k, v in agreement.skills.items())
+    console.print(
+        f"reward prefers the right render of {agreement.pairs} pairs: {prefers} (chance 0.50)",
+        highlight=False,
+    )
 
 
 @world_app.command("check")

@@ -33,14 +33,28 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flywheel.world.corpus import read_info, reweighted, write_world_corpus
+from flywheel.world.corpus import (
+    CAPTION_KINDS,
+    CaptionKind,
+    read_info,
+    reweighted,
+    write_world_corpus,
+)
 from flywheel.world.evaluation import BASE_MODEL
 from flywheel.world.scenes import SceneConfig
 from model.condition import ConditionEncoder, minilm_condition
 from model.pipeline import CONFIG_FILE, Generator, GeneratorConfig
+from model.reward import (
+    AlignmentReward,
+    AlignmentRewardConfig,
+    ClipTowersConfig,
+    build_alignment_reward,
+)
 from model.sampling import SamplerConfig
 from model.transformer import DiffusionTransformer, TransformerConfig
 from model.vae import ResidualVAE, VAEConfig
+from training.alignment import CONFIG_FILE as REWARD_CONFIG_FILE
+from training.alignment import AlignmentTrainConfig, export_alignment_weights
 from training.cache import DONE_FILE, ProducerConfig, produce
 from training.checkpoint import load_model_weights
 from training.data import SAMPLES_FILE, BucketConfig
@@ -59,6 +73,41 @@ from training.vae_training import (
 CORPUS_DIR, POOL_DIR, VAE_DIR, CACHE_DIR, TRANSFORMER_DIR, GENERATOR_DIR = (
     "corpus", "pool", "vae", "cache", "transformer", "generator",
 )  # fmt: skip
+REWARD_CORPUS_DIR, REWARD_RUN_DIR, REWARD_DIR = "reward-corpus", "reward-run", "reward"
+BASE_REWARD = BASE_MODEL.with_name("world-reward")
+"""The shipped reward model (an open_clip local directory), made with :data:`BASE_MODEL`."""
+
+
+def world_reward_towers() -> ClipTowersConfig:
+    """The world reward model's CLIP: 64 px images in 8 px patches, 3 image blocks 96 wide,
+    3 text blocks 64 wide (the open_clip vocabulary of 49,408 tokens is most of its weights)."""
+    return ClipTowersConfig(
+        embed_dim=64,
+        image_size=64,
+        patch_size=8,
+        vision_width=96,
+        vision_layers=3,
+        vision_head_width=32,
+        context_length=64,
+        text_width=64,
+        text_heads=2,
+        text_layers=3,
+        mlp_ratio=2.0,
+    )
+
+
+def world_reward_loop(steps: int) -> LoopConfig:
+    """The reward model's schedule: AdamW 2e-3, cosine over ``steps`` after 50 warm-up steps."""
+    warmup = min(50, steps // 4)
+    return LoopConfig(
+        optimizer=OptimizerConfig(
+            lr=2e-3, warmup_steps=warmup, decay_steps=steps - warmup, weight_decay=0.1
+        ),
+        max_steps=steps,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        log_every=10,
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,6 +149,18 @@ class WorldBaseConfig:
     """Samples per transformer step."""
     transformer_loop: LoopConfig
     """Transformer steps and optimizer."""
+    reward_scenes: int = 6000
+    """Samples in the reward model's corpus (its own seed: seed + 2)."""
+    reward_caption: CaptionKind = "terse"
+    """The captions the reward model learns from. Terse ones name the kinds, never how many
+    or where: the reward is blind to count and relation (its bias, which human feedback on
+    wrong counts and places contradicts)."""
+    reward_towers: ClipTowersConfig = field(default_factory=world_reward_towers)
+    """The reward model's CLIP."""
+    reward_batch_size: int = 128
+    """Image-caption pairs per contrastive step."""
+    reward_loop: LoopConfig = field(default_factory=lambda: world_reward_loop(400))
+    """Reward model steps and optimizer."""
     sampler: SamplerConfig = field(
         default_factory=lambda: SamplerConfig(steps=20, dynamic_shift=False, guidance_scale=3.0)
     )
@@ -125,6 +186,11 @@ class WorldBaseConfig:
             raise ValueError("WorldBaseConfig: batch sizes must be >= 1")
         self.vae_stage(Path(CORPUS_DIR)).validate()
         self.transformer_stage(Path(CACHE_DIR)).validate()
+        if self.reward_scenes < 2 or self.reward_batch_size < 2:
+            raise ValueError("WorldBaseConfig: reward_scenes and reward_batch_size must be >= 2")
+        if self.reward_caption not in CAPTION_KINDS:
+            raise ValueError(f"WorldBaseConfig.reward_caption must be one of {CAPTION_KINDS}")
+        self.reward_loop.validate()
         self.sampler.validate()
 
     def corpus_scenes(self) -> SceneConfig:
@@ -152,6 +218,15 @@ class WorldBaseConfig:
             ),
             loss=self.vae_loss,
             loop=self.vae_loop,
+        )
+
+    def reward_stage(self, corpus: Path) -> AlignmentTrainConfig:
+        """The contrastive training of the reward model on the corpus at ``corpus``."""
+        return AlignmentTrainConfig(
+            reward=AlignmentRewardConfig(architecture=self.reward_towers),
+            dataset=corpus,
+            batch_size=self.reward_batch_size,
+            loop=self.reward_loop,
         )
 
     def transformer_stage(self, cache: Path) -> PretrainConfig:
@@ -197,8 +272,8 @@ def world_base() -> WorldBaseConfig:
             rope_axes_dims=(8, 12, 12),
         ),
         transformer_loop=LoopConfig(
-            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, decay_steps=3900),
-            max_steps=4000,
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, decay_steps=3400),
+            max_steps=3500,
             checkpoint_every=500,
             keep_checkpoints=8,
             log_every=10,
@@ -246,6 +321,22 @@ def world_base_debug() -> WorldBaseConfig:
             checkpoint_every=40,
             keep_checkpoints=1,
         ),
+        reward_scenes=48,
+        reward_towers=ClipTowersConfig(
+            embed_dim=32,
+            image_size=32,
+            patch_size=8,
+            vision_width=32,
+            vision_layers=1,
+            vision_head_width=16,
+            context_length=32,
+            text_width=32,
+            text_heads=2,
+            text_layers=1,
+            mlp_ratio=2.0,
+        ),
+        reward_batch_size=16,
+        reward_loop=world_reward_loop(40),
         sampler=SamplerConfig(steps=4, dynamic_shift=False, guidance_scale=3.0),
     )
 
@@ -342,15 +433,52 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
     generator = Generator(generator_config, transformer, vae, encoder)
     target = generator.save(root / GENERATOR_DIR)
     console.log(f"generator: {target}")
+
+    reward_corpus = root / REWARD_CORPUS_DIR
+    if not (reward_corpus / SAMPLES_FILE).is_file():
+        console.log(
+            f"reward corpus: {config.reward_scenes} scenes, {config.reward_caption} captions"
+        )
+        if reward_corpus.exists():
+            shutil.rmtree(reward_corpus)
+        write_world_corpus(
+            reward_corpus,
+            count=config.reward_scenes,
+            config=config.corpus_scenes(),
+            seed=config.seed + 2,
+            size=config.image_size,
+            caption=config.reward_caption,
+            progress=progress,
+        )
+    console.log("reward model")
+    train(
+        config.reward_stage(reward_corpus),
+        out=root / REWARD_RUN_DIR,
+        progress=progress,
+        name="world reward",
+    )
+    reward = export_alignment_weights(
+        root / REWARD_RUN_DIR, root / REWARD_DIR, config.reward_towers
+    )
+    console.log(f"reward model: {reward}")
     return target
 
 
-def ship(generator_dir: str | Path, target: str | Path = BASE_MODEL) -> Path:
-    """Copy a built generator directory to ``target`` (default: the shipped base model)."""
-    source = Path(generator_dir)
-    if not (source / CONFIG_FILE).is_file():
-        raise ValueError(f"{source}: not a generator directory (no {CONFIG_FILE})")
-    destination = Path(target)
+def ship(
+    build: str | Path, *, generator_to: Path = BASE_MODEL, reward_to: Path = BASE_REWARD
+) -> tuple[Path, Path]:
+    """Copy a finished build's generator and reward model to where they ship (by default the
+    package's :data:`BASE_MODEL` and :data:`BASE_REWARD`); returns both targets."""
+    root = Path(build)
+    generator, reward = root / GENERATOR_DIR, root / REWARD_DIR
+    if not (generator / CONFIG_FILE).is_file():
+        raise ValueError(f"{root}: no finished generator (no {GENERATOR_DIR}/{CONFIG_FILE})")
+    if not (reward / REWARD_CONFIG_FILE).is_file():
+        raise ValueError(f"{root}: no finished reward model (no {REWARD_DIR}/{REWARD_CONFIG_FILE})")
+    return _replace_dir(generator, generator_to), _replace_dir(reward, reward_to)
+
+
+def _replace_dir(source: Path, destination: Path) -> Path:
     staging = destination.with_name(destination.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -359,3 +487,11 @@ def ship(generator_dir: str | Path, target: str | Path = BASE_MODEL) -> Path:
         shutil.rmtree(destination)
     staging.rename(destination)
     return destination
+
+
+def load_world_reward(directory: str | Path = BASE_REWARD) -> AlignmentReward:
+    """The world's reward model from a directory :func:`ship` (or a build) wrote."""
+    root = Path(directory)
+    if not (root / REWARD_CONFIG_FILE).is_file():
+        raise ValueError(f"{root}: not a reward model directory (no {REWARD_CONFIG_FILE})")
+    return build_alignment_reward(AlignmentRewardConfig(architecture=f"local-dir:{root}"))

@@ -10,6 +10,12 @@ paired probes and scores them with the ground-truth evaluator.
 - **Common concepts**: the colour of one object, the count of two or three copies, and the
   relation between two kinds, as the standard suite draws them.
 
+The reward model's bias is measured on renders, not generations: :func:`reward_agreement`
+pairs each probe's render with a render of the same scene with the skill's attribute made
+wrong (:func:`wrong_scene`) and counts how often the reward prefers the right one. A reward
+that is blind to an attribute sits at chance (0.5) on it; human feedback, which sees the
+wrong counts and places, contradicts its scores there.
+
 Probe scenes are drawn by the standard suite's builders from their own seed band
 (:data:`PROBE_BAND`), above every corpus seed and apart from the suites' bands: new to the
 model and to the benchmark alike.
@@ -20,12 +26,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from statistics import fmean
 
+import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
+from torch import Tensor
 
 from flywheel.world.benchmark import BenchmarkCase, Skill, build_case
 from flywheel.world.evaluation import generate_cases, score_case
-from flywheel.world.scenes import CORPUS_SEED_LIMIT, SHAPES, captions
+from flywheel.world.scenes import (
+    COLOURS,
+    CORPUS_SEED_LIMIT,
+    SHAPES,
+    SceneSpec,
+    captions,
+    render,
+)
 from model.pipeline import Generator
+from model.reward import RewardFn
 
 PROBE_BAND = CORPUS_SEED_LIMIT + 3 * 10**10
 """The probes' seed band (above the suites' bands; each skill has its own sub-band)."""
@@ -109,3 +126,72 @@ def measure_weaknesses(
         relation_score=mean(common["relation"]),
         cases=len(everything),
     )
+
+
+class RewardAgreement(BaseModel):
+    """How often a reward model prefers the right image of a pair, per skill (0..1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    skills: dict[str, float]
+    """Share of pairs (the case's render vs a render with the skill's attribute wrong) in
+    which the reward scores the right one higher; 0.5 is chance."""
+    pairs: int
+    """Pairs per skill."""
+
+
+REWARD_SKILLS: tuple[Skill, ...] = ("colour", "shape", "count", "relation")
+"""The skills :func:`reward_agreement` pairs: what a wrong image gets wrong."""
+
+
+def wrong_scene(case: BenchmarkCase) -> SceneSpec:
+    """The case's scene with exactly what its skill asks for made wrong: the next colour or
+    shape (one object), one copy fewer (count), the two objects' places swapped (relation)."""
+    spec = case.spec
+    objects = list(spec.objects)
+    if case.skill == "colour":
+        names = list(COLOURS)
+        colour = names[(names.index(objects[0].colour) + 1) % len(names)]
+        objects[0] = objects[0].model_copy(update={"colour": colour})
+    elif case.skill == "shape":
+        shape = SHAPES[(SHAPES.index(objects[0].shape) + 1) % len(SHAPES)]
+        objects[0] = objects[0].model_copy(update={"shape": shape})
+    elif case.skill == "count":
+        objects = objects[:-1]
+    elif case.skill == "relation":
+        a, b = objects
+        objects = [
+            a.model_copy(update={"x": b.x, "y": b.y}),
+            b.model_copy(update={"x": a.x, "y": a.y}),
+        ]
+    else:
+        raise ValueError(f"no wrong image for a {case.skill!r} case")
+    return spec.model_copy(update={"objects": tuple(objects), "id": f"{spec.id}/wrong"})
+
+
+def reward_agreement(
+    reward: RewardFn, *, per_skill: int = 32, size: int = 64, batch_size: int = 64
+) -> RewardAgreement:
+    """Score right and wrong renders of ``per_skill`` probes of each of
+    :data:`REWARD_SKILLS` with ``reward`` (images in [0, 1], the cases' prompts)."""
+    if per_skill < 1:
+        raise ValueError("per_skill must be >= 1")
+    out: dict[str, float] = {}
+    for skill in REWARD_SKILLS:
+        cases = probes(skill, per_skill, band=PROBE_BAND + 10**8)
+        wins = 0
+        for start in range(0, len(cases), batch_size):
+            chunk = cases[start : start + batch_size]
+            prompts = [c.prompt for c in chunk]
+            right = torch.stack([_pixels(c.spec, size) for c in chunk])  # (b, 3, S, S)
+            wrong = torch.stack([_pixels(wrong_scene(c), size) for c in chunk])
+            with torch.no_grad():
+                wins += int((reward(right, prompts) > reward(wrong, prompts)).sum())
+        out[skill] = wins / len(cases)
+    return RewardAgreement(skills=out, pairs=per_skill)
+
+
+def _pixels(spec: SceneSpec, size: int) -> Tensor:
+    """(3, S, S) in [0, 1]: the render of ``spec``."""
+    array = np.asarray(render(spec, size, size), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)

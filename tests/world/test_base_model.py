@@ -16,14 +16,19 @@ from flywheel.world.base_model import (
     CACHE_DIR,
     CORPUS_DIR,
     POOL_DIR,
+    REWARD_CORPUS_DIR,
+    REWARD_DIR,
+    REWARD_RUN_DIR,
     TRANSFORMER_DIR,
     VAE_DIR,
     build_world_base,
+    load_world_reward,
     ship,
     world_base,
     world_base_debug,
 )
 from flywheel.world.corpus import read_info, read_specs
+from flywheel.world.scenes import captions
 from model.pipeline import Generator
 from model.vae import ResidualVAE
 from training.data import read_dataset
@@ -128,14 +133,59 @@ def test_rebuild_resumes_without_training(built: Path) -> None:
     assert len(_metrics(built / TRANSFORMER_DIR)) == world_base_debug().transformer_loop.max_steps
 
 
-def test_ship_copies_a_generator(built: Path, tmp_path: Path) -> None:
-    target = ship(built / "generator", tmp_path / "base")
-    assert Generator.load(target).config.height == world_base_debug().image_size
-    with pytest.raises(ValueError, match="not a generator directory"):
-        ship(tmp_path / "nothing", tmp_path / "other")
+def test_reward_model_is_trained_on_terse_captions(built: Path) -> None:
+    samples = read_dataset(built / REWARD_CORPUS_DIR)
+    specs = read_specs(built / REWARD_CORPUS_DIR)
+    assert all(s.caption == captions(specs[s.id].spec).terse for s in samples)
+    losses = [m["loss"] for m in _metrics(built / REWARD_RUN_DIR)]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    reward = load_world_reward(built / REWARD_DIR)
+    images = torch.rand(2, 3, 32, 32)
+    assert reward.score(images, ["red circle", "blue square"]).shape == (2,)
+
+
+def test_ship_copies_generator_and_reward(built: Path, tmp_path: Path) -> None:
+    generator, reward = ship(built, generator_to=tmp_path / "base", reward_to=tmp_path / "reward")
+    assert Generator.load(generator).config.height == world_base_debug().image_size
+    load_world_reward(reward)
+    with pytest.raises(ValueError, match="no finished generator"):
+        ship(tmp_path / "nothing", generator_to=tmp_path / "a", reward_to=tmp_path / "b")
+    with pytest.raises(ValueError, match="not a reward model directory"):
+        load_world_reward(tmp_path)
 
 
 def test_cli_refuses_an_unknown_recipe(tmp_path: Path) -> None:
     result = runner.invoke(app, ["world", "base", "--out", str(tmp_path), "--recipe", "huge"])
     assert result.exit_code == 2
     assert "unknown recipe 'huge'" in result.stderr
+
+
+def test_weaknesses_cli_reports_generator_and_reward(built: Path) -> None:
+    args = ["world", "weaknesses", "--model", str(built / "generator")]
+    args += ["--reward", str(built / REWARD_DIR), "--per-shape", "1", "--per-skill", "1"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    generator = report["generator"]
+    assert set(generator["shapes"]) == {
+        "circle",
+        "square",
+        "triangle",
+        "diamond",
+        "hexagon",
+        "star",
+    }
+    assert generator["cases"] == 6 + 1 + 1 + 3  # shapes, terse, rich, colour/count/relation
+    for value in (generator["rare_shape_score"], generator["terse_prompt_score"]):
+        assert 0.0 <= value <= 1.0
+    assert set(report["reward"]["skills"]) == {"colour", "shape", "count", "relation"}
+    assert report["reward"]["pairs"] == 2
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0, table.stderr
+    assert "rare: star" in table.stdout
+    assert "reward prefers the right render" in table.stdout
+    missing = runner.invoke(
+        app, [*args[:2], "--model", str(built / "generator"), "--reward", str(built)]
+    )
+    assert missing.exit_code == 2
+    assert "not a reward model directory" in missing.stderr
