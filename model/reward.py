@@ -118,23 +118,26 @@ def alignment_reward_default() -> AlignmentRewardConfig:
     return AlignmentRewardConfig(architecture=ClipTowersConfig())
 
 
-def alignment_reward_debug() -> AlignmentRewardConfig:
-    """A tiny custom CLIP for tests: 32 px images, one block per tower, 8 text tokens."""
-    return AlignmentRewardConfig(
-        architecture=ClipTowersConfig(
-            embed_dim=32,
-            image_size=32,
-            patch_size=8,
-            vision_width=32,
-            vision_layers=1,
-            vision_head_width=16,
-            context_length=8,
-            text_width=32,
-            text_heads=2,
-            text_layers=1,
-            mlp_ratio=2.0,
-        )
+def debug_towers() -> ClipTowersConfig:
+    """Tiny custom CLIP towers: 32 px images, one block per tower 32 wide, 8 text tokens."""
+    return ClipTowersConfig(
+        embed_dim=32,
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_head_width=16,
+        context_length=8,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+        mlp_ratio=2.0,
     )
+
+
+def alignment_reward_debug() -> AlignmentRewardConfig:
+    """A tiny custom CLIP for tests (:func:`debug_towers`)."""
+    return AlignmentRewardConfig(architecture=debug_towers())
 
 
 def alignment_reward_pretrained(

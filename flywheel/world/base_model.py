@@ -30,6 +30,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -49,6 +50,7 @@ from model.reward import (
     AlignmentRewardConfig,
     ClipTowersConfig,
     build_alignment_reward,
+    debug_towers,
 )
 from model.sampling import SamplerConfig
 from model.transformer import DiffusionTransformer, TransformerConfig
@@ -322,19 +324,7 @@ def world_base_debug() -> WorldBaseConfig:
             keep_checkpoints=1,
         ),
         reward_scenes=48,
-        reward_towers=ClipTowersConfig(
-            embed_dim=32,
-            image_size=32,
-            patch_size=8,
-            vision_width=32,
-            vision_layers=1,
-            vision_head_width=16,
-            context_length=32,
-            text_width=32,
-            text_heads=2,
-            text_layers=1,
-            mlp_ratio=2.0,
-        ),
+        reward_towers=replace(debug_towers(), context_length=32),  # terse captions fit in 32
         reward_batch_size=16,
         reward_loop=world_reward_loop(40),
         sampler=SamplerConfig(steps=4, dynamic_shift=False, guidance_scale=3.0),
@@ -353,38 +343,28 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
     console = Console(stderr=True, quiet=not progress)
 
     corpus = root / CORPUS_DIR
-    if not (corpus / SAMPLES_FILE).is_file():
-        console.log(f"world corpus: {config.scenes} scenes")
-        if corpus.exists():  # an interrupted write: start it again
-            shutil.rmtree(corpus)
-        write_world_corpus(
-            corpus,
-            count=config.scenes,
-            config=config.corpus_scenes(),
-            seed=config.seed,
-            size=config.image_size,
-            caption="rich",
-            caption_dropout=config.caption_dropout,
-            progress=progress,
-        )
-    elif read_info(corpus).count != config.scenes:
-        raise ValueError(f"{corpus} holds another corpus; build into a new directory")
-
-    pool = root / POOL_DIR
-    if not (pool / SAMPLES_FILE).is_file():
-        console.log(f"candidate pool: {config.pool_scenes} scenes")
-        if pool.exists():
-            shutil.rmtree(pool)
-        write_world_corpus(
-            pool,
-            count=config.pool_scenes,
-            config=config.pool_scenes_config(),
-            seed=config.seed + 1,
-            size=config.image_size,
-            caption="rich",
-            split="pool",
-            progress=progress,
-        )
+    _write_corpus_once(
+        corpus,
+        console,
+        count=config.scenes,
+        config=config.corpus_scenes(),
+        seed=config.seed,
+        size=config.image_size,
+        caption="rich",
+        caption_dropout=config.caption_dropout,
+        progress=progress,
+    )
+    _write_corpus_once(
+        root / POOL_DIR,
+        console,
+        count=config.pool_scenes,
+        config=config.pool_scenes_config(),
+        seed=config.seed + 1,
+        size=config.image_size,
+        caption="rich",
+        split="pool",
+        progress=progress,
+    )
 
     console.log("VAE")
     vae_stage = config.vae_stage(corpus)
@@ -394,9 +374,9 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
     size = (config.image_size, config.image_size)
     mean, std = latent_statistics(vae.eval(), corpus, size=size)
     vae_config = replace(config.vae, latents_mean=mean, latents_std=std)
-    vae = ResidualVAE(vae_config)
-    vae.load_state_dict(export_vae_weights(root / VAE_DIR))
-    vae.eval().requires_grad_(False)
+    vae_config.validate()
+    vae.config = vae_config  # the statistics are read from the config: no new weights
+    vae.requires_grad_(False)
 
     cache = root / CACHE_DIR
     encoder = ConditionEncoder.load(minilm_condition())
@@ -435,21 +415,16 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
     console.log(f"generator: {target}")
 
     reward_corpus = root / REWARD_CORPUS_DIR
-    if not (reward_corpus / SAMPLES_FILE).is_file():
-        console.log(
-            f"reward corpus: {config.reward_scenes} scenes, {config.reward_caption} captions"
-        )
-        if reward_corpus.exists():
-            shutil.rmtree(reward_corpus)
-        write_world_corpus(
-            reward_corpus,
-            count=config.reward_scenes,
-            config=config.corpus_scenes(),
-            seed=config.seed + 2,
-            size=config.image_size,
-            caption=config.reward_caption,
-            progress=progress,
-        )
+    _write_corpus_once(
+        reward_corpus,
+        console,
+        count=config.reward_scenes,
+        config=config.corpus_scenes(),
+        seed=config.seed + 2,
+        size=config.image_size,
+        caption=config.reward_caption,
+        progress=progress,
+    )
     console.log("reward model")
     train(
         config.reward_stage(reward_corpus),
@@ -462,6 +437,20 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
     )
     console.log(f"reward model: {reward}")
     return target
+
+
+def _write_corpus_once(directory: Path, console: Console, *, count: int, **options: Any) -> None:
+    """``write_world_corpus(directory, count=count, **options)`` unless a complete corpus of
+    ``count`` samples is there (an interrupted write is started again); another corpus there
+    is refused."""
+    if (directory / SAMPLES_FILE).is_file():
+        if read_info(directory).count != count:
+            raise ValueError(f"{directory} holds another corpus; build into a new directory")
+        return
+    console.log(f"{directory.name}: {count} scenes")
+    if directory.exists():
+        shutil.rmtree(directory)
+    write_world_corpus(directory, count=count, **options)
 
 
 def ship(

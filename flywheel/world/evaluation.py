@@ -100,7 +100,7 @@ class GeneratedCase:
     """Editing: the render of the source scene the instruction was applied to."""
 
 
-def _as_tensor(image: Image.Image) -> Tensor:
+def image_tensor(image: Image.Image) -> Tensor:
     """(3, H, W) float in [0, 1] of an RGB PIL image."""
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
 
@@ -132,7 +132,7 @@ def generate_cases(
         inputs: Tensor | None = None
         if batch[0].source is not None:
             sources = [c.source for c in batch if c.source is not None]
-            inputs = torch.stack([_as_tensor(render(s, width, height)) for s in sources])
+            inputs = torch.stack([image_tensor(render(s, width, height)) for s in sources])
         images = generator.generate([c.prompt for c in batch], seed=seed + k, input_images=inputs)
         for i, case in enumerate(batch):
             made[case.id] = GeneratedCase(

@@ -26,13 +26,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from statistics import fmean
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
 
 from flywheel.world.benchmark import BenchmarkCase, Skill, build_case
-from flywheel.world.evaluation import generate_cases, score_case
+from flywheel.world.evaluation import generate_cases, image_tensor, score_case
 from flywheel.world.scenes import (
     COLOURS,
     CORPUS_SEED_LIMIT,
@@ -183,15 +181,11 @@ def reward_agreement(
         for start in range(0, len(cases), batch_size):
             chunk = cases[start : start + batch_size]
             prompts = [c.prompt for c in chunk]
-            right = torch.stack([_pixels(c.spec, size) for c in chunk])  # (b, 3, S, S)
-            wrong = torch.stack([_pixels(wrong_scene(c), size) for c in chunk])
+            right = torch.stack(
+                [image_tensor(render(c.spec, size, size)) for c in chunk]
+            )  # (b, 3, S, S)
+            wrong = torch.stack([image_tensor(render(wrong_scene(c), size, size)) for c in chunk])
             with torch.no_grad():
                 wins += int((reward(right, prompts) > reward(wrong, prompts)).sum())
         out[skill] = wins / len(cases)
     return RewardAgreement(skills=out, pairs=per_skill)
-
-
-def _pixels(spec: SceneSpec, size: int) -> Tensor:
-    """(3, S, S) in [0, 1]: the render of ``spec``."""
-    array = np.asarray(render(spec, size, size), dtype=np.float32) / 255.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
