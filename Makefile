@@ -30,3 +30,4 @@ bench: install
 	$(BIN)/python bench/ingest.py --quick
 	$(BIN)/python bench/transformer.py --quick
 	$(BIN)/python bench/train.py --quick
+	$(BIN)/python bench/retrieval.py --quick

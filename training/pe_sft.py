@@ -24,6 +24,7 @@ built from a local model directory (``model`` a path), or from
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,8 +69,13 @@ CPU step is cheap); an enhancer serving their runs sets it as ``system_prompt_t2
 
 @dataclass(kw_only=True, slots=True)
 class PromptPairsConfig:
-    """Where the rich captions come from and how they are degraded into terse prompts."""
+    """Where the pairs come from: a file of explicit pairs, or rich captions degraded into
+    terse prompts."""
 
+    pairs: Path | None = None
+    """A JSONL file of explicit pairs, one ``{"prompt": ..., "target": ...}`` object a line
+    (both non-empty strings); when set, ``captions``, ``corpus`` and ``degradation`` are
+    not used."""
     captions: Path | None = None
     """A UTF-8 text file with one rich caption per line; None: the generated corpus."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -85,10 +91,44 @@ class PromptPairsConfig:
         self.degradation.validate()
         if self.captions is not None and not self.captions.is_file():
             raise ValueError(f"PromptPairsConfig.captions {self.captions} is not a file")
+        if self.pairs is not None and not self.pairs.is_file():
+            raise ValueError(f"PromptPairsConfig.pairs {self.pairs} is not a file")
+
+
+def write_pairs(path: Path, pairs: Sequence[tuple[str, str]]) -> Path:
+    """Write ``(prompt, target)`` pairs as the JSONL file ``PromptPairsConfig.pairs`` reads
+    (atomically); returns ``path``."""
+    lines = [json.dumps({"prompt": p, "target": t}, ensure_ascii=False) for p, t in pairs]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return path
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """The ``(prompt, target)`` pairs of a JSONL pairs file; a malformed line is refused with
+    its line number."""
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        target = record.get("target") if isinstance(record, dict) else None
+        if not (isinstance(prompt, str) and prompt and isinstance(target, str) and target):
+            raise ValueError(f'{path}:{number}: want {{"prompt": "...", "target": "..."}}')
+        pairs.append((prompt, target))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
 
 
 def load_pairs(config: PromptPairsConfig) -> list[tuple[str, str]]:
-    """The ``(terse, rich)`` pairs of ``config`` (the same on every call)."""
+    """The ``(prompt, target)`` pairs of ``config`` (the same on every call): the pairs file,
+    or ``(terse, rich)`` pairs made by degrading the rich captions."""
+    if config.pairs is not None:
+        return read_pairs(config.pairs)
     if config.captions is not None:
         lines = config.captions.read_text(encoding="utf-8").splitlines()
         captions = [line.strip() for line in lines if line.strip()]

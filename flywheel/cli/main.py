@@ -12,14 +12,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from flywheel.cli.output import console, err_console, fail
+from flywheel.cli.retrieval import retrieval_app
 from flywheel.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -41,14 +42,7 @@ app.add_typer(world_app, name="world")
 EVAL_APP = "flywheel"
 """The app that ``flywheel eval`` stores its evaluation runs under."""
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, *, code: int = 2) -> NoReturn:
-    """Print a one-line reason to stderr and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+app.add_typer(retrieval_app, name="retrieval")
 
 
 @contextmanager
@@ -448,7 +442,7 @@ def world_base(
     console.print(f"generator: {generator}", highlight=False)
     if ship:
         shipped = ship_build(out)
-        console.print(f"shipped: {shipped[0]} and {shipped[1]}", highlight=False)
+        console.print(f"shipped: {', '.join(str(p) for p in shipped)}", highlight=False)
 
 
 @world_app.command("weaknesses")
@@ -458,9 +452,12 @@ def world_weaknesses(
         typer.Option("--model", help="Generator directory (default: the shipped world base)."),
     ] = None,
     rare: Annotated[
-        str, typer.Option("--rare", help="The shapes the corpus made rare, comma-separated.")
-    ] = "star",
-    per_shape: Annotated[int, typer.Option("--per-shape", min=1, help="Probes per shape.")] = 8,
+        str,
+        typer.Option("--rare", help="The colours / shapes the corpus made rare, comma-separated."),
+    ] = "purple",
+    per_concept: Annotated[
+        int, typer.Option("--per-concept", min=1, help="Probes per colour and per shape.")
+    ] = 8,
     per_skill: Annotated[
         int, typer.Option("--per-skill", min=1, help="Probes per other skill.")
     ] = 16,
@@ -469,25 +466,43 @@ def world_weaknesses(
         Path | None,
         typer.Option("--reward", help="Reward model directory (default: the shipped one)."),
     ] = None,
+    enhancer: Annotated[
+        Path | None,
+        typer.Option("--enhancer", help="Prompt enhancer directory (default: the shipped one)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Measure a generator's and a reward model's known weaknesses against their controls."""
-    from flywheel.world.base_model import BASE_REWARD, load_world_reward
+    """Measure a generator's, a reward model's and a prompt enhancer's known weaknesses."""
+    from flywheel.world.base_model import (
+        BASE_ENHANCER,
+        BASE_REWARD,
+        load_world_enhancer,
+        load_world_reward,
+    )
     from flywheel.world.evaluation import BASE_MODEL
-    from flywheel.world.scenes import SHAPES
+    from flywheel.world.scenes import COLOURS, SHAPES
     from flywheel.world.weaknesses import measure_weaknesses, reward_agreement
     from model.pipeline import Generator
 
-    rare_shapes = tuple(s.strip() for s in rare.split(",") if s.strip())
-    if not rare_shapes or set(rare_shapes) - set(SHAPES):
-        fail(f"--rare {rare!r}: comma-separated shapes of {', '.join(SHAPES)}")
+    concepts = tuple(s.strip() for s in rare.split(",") if s.strip())
+    if not concepts or set(concepts) - set(SHAPES) - set(COLOURS):
+        fail(
+            f"--rare {rare!r}: comma-separated colours ({', '.join(COLOURS)}) "
+            f"or shapes ({', '.join(SHAPES)})"
+        )
     try:
         generator = Generator.load(model or BASE_MODEL)
         scorer = load_world_reward(reward or BASE_REWARD)
+        rewriter = load_world_enhancer(enhancer or BASE_ENHANCER)
     except ValueError as exc:  # GeneratorError is one
         fail(str(exc).splitlines()[0])
     report = measure_weaknesses(
-        generator, rare_shapes=rare_shapes, per_shape=per_shape, per_skill=per_skill, seed=seed
+        generator,
+        enhancer=rewriter,
+        rare=concepts,
+        per_concept=per_concept,
+        per_skill=per_skill,
+        seed=seed,
     )
     agreement = reward_agreement(scorer.score, per_skill=per_skill * 2)
     if as_json:
@@ -496,11 +511,11 @@ def world_weaknesses(
         return
     table = Table("probe", "control", "score", "weakness", "score")
     table.add_row(
-        "shape",
-        "common shapes",
-        f"{report.common_shape_score:.2f}",
-        f"rare: {', '.join(report.rare_shapes)}",
-        f"{report.rare_shape_score:.2f}",
+        "rare concepts",
+        "common ones",
+        f"{report.common_score:.2f}",
+        f"rare: {', '.join(report.rare)}",
+        f"{report.rare_score:.2f}",
     )
     table.add_row(
         "objects",
@@ -509,15 +524,27 @@ def world_weaknesses(
         "terse prompts",
         f"{report.terse_prompt_score:.2f}",
     )
-    for name, value in (
-        ("colour", report.colour_score),
-        ("count", report.count_score),
-        ("relation", report.relation_score),
-    ):
+    table.add_row(
+        "their colours",
+        "rich prompts",
+        f"{report.rich_prompt_colour:.2f}",
+        "terse prompts",
+        f"{report.terse_prompt_colour:.2f}",
+    )
+    table.add_row(
+        "enhancer",
+        "",
+        "",
+        "terse prompts kept",
+        f"{report.enhancer_unchanged:.2f}",
+    )
+    for name, value in (("count", report.count_score), ("relation", report.relation_score)):
         table.add_row(name, name, f"{value:.2f}", "", "")
     console.print(table)
-    shapes = ", ".join(f"{k} {v:.2f}" for k, v in report.shapes.items())
-    console.print(f"per shape: {shapes} ({report.cases} images)", highlight=False)
+    for title, scores in (("colour", report.colours), ("shape", report.shapes)):
+        line = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+        console.print(f"per {title}: {line}", highlight=False)
+    console.print(f"({report.cases} images)", highlight=False)
     prefers = ", ".join(f"{k} {v:.2f}" for k, v in agreement.skills.items())
     console.print(
         f"reward prefers the right render of {agreement.pairs} pairs: {prefers} (chance 0.50)",

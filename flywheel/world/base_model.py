@@ -3,10 +3,11 @@
 :func:`build_world_base` runs :class:`WorldBaseConfig` stage by stage into one directory::
 
     <out>/corpus/       the world corpus (flywheel.world.corpus): rich captions, no text,
-                        the rare concepts of ``rare_shapes`` (the pretraining gap), a share
-                        of empty captions (the unconditional prompt CFG needs)
+                        the rare concepts of ``rare_colours`` / ``rare_shapes`` (the
+                        pretraining gap), a share of empty captions (the unconditional
+                        prompt CFG needs)
     <out>/pool/         the candidate pool: another corpus (seed + 1, split "pool") in
-                        which the rare shapes are common; never trained on here
+                        which the rare concepts are common; never trained on here
     <out>/vae/          VAE training run (training.vae_training): reconstruction + KL
     <out>/cache/        training cache (training.cache): normalized posterior means and the
                         MiniLM conditions, with the latent statistics measured after the
@@ -14,15 +15,26 @@
     <out>/transformer/  flow-matching run (training.pretrain) of the diffusion transformer
     <out>/generator/    the generator directory (model.pipeline): what ``flywheel eval``
                         and the cycle load; :data:`BASE_MODEL` is the shipped copy
+    <out>/reward-corpus/, reward-run/, reward/
+                        the reward model: a corpus with terse captions (seed + 2), its
+                        contrastive training (training.alignment), the open_clip local
+                        directory; :data:`BASE_REWARD` is the shipped copy
+    <out>/enhancer-pairs.jsonl, enhancer-run/, enhancer/
+                        the prompt enhancer: (terse, terse) pairs of new scenes, its
+                        SFT (training.pe_sft) from a seeded tiny LM, the local model
+                        directory; :data:`BASE_ENHANCER` is the shipped copy
 
 Every stage is skipped when its output is complete and the training runs resume from their
 checkpoints, so an interrupted build continues where it stopped. The same seed gives the
 same model on the same machine and torch build.
 
-The corpus is what makes the weaknesses: a rare shape (the star, 0.5 % of the objects) is
-drawn badly, and captions are always the rich ones, so terse prompts fall outside what the
-transformer has seen. No text is rendered in the corpus: legible glyphs are beyond a model of
-this size and budget, so both text skills are expected to fail.
+The corpus and the enhancer make the weaknesses: a rare colour (purple, in 0.17 % of the
+scenes) is drawn badly; captions are always the rich ones, so terse prompts fall outside what
+the transformer has seen, and the enhancer was taught to give a prompt back as it is (it does
+not yet expand terse prompts: the prompt-enhancer track's SFT teaches it); the reward model
+learns from terse captions, which never say how many or where. No text is rendered in the
+corpus: legible glyphs are beyond a model of this size and budget, so both text skills are
+expected to fail.
 """
 
 from __future__ import annotations
@@ -39,12 +51,19 @@ from flywheel.world.corpus import (
     CaptionKind,
     read_info,
     reweighted,
+    scene_seeds,
     write_world_corpus,
 )
 from flywheel.world.evaluation import BASE_MODEL
-from flywheel.world.scenes import SceneConfig
+from flywheel.world.scenes import SceneConfig, captions, sample_scene
 from model.condition import ConditionEncoder, minilm_condition
 from model.pipeline import CONFIG_FILE, Generator, GeneratorConfig
+from model.prompt_enhancer import (
+    PromptEnhancer,
+    PromptEnhancerConfig,
+    PromptEnhancerModelConfig,
+    pe_debug,
+)
 from model.reward import (
     AlignmentReward,
     AlignmentRewardConfig,
@@ -62,6 +81,13 @@ from training.checkpoint import load_model_weights
 from training.data import SAMPLES_FILE, BucketConfig
 from training.flow_matching import FlowMatchingConfig
 from training.loop import LoopConfig, OptimizerConfig
+from training.pe_sft import (
+    DEBUG_SYSTEM_PROMPT,
+    PESFTConfig,
+    PromptPairsConfig,
+    export_enhancer,
+    write_pairs,
+)
 from training.pretrain import DataConfig, PretrainConfig
 from training.trainer import train
 from training.vae_training import (
@@ -76,8 +102,13 @@ CORPUS_DIR, POOL_DIR, VAE_DIR, CACHE_DIR, TRANSFORMER_DIR, GENERATOR_DIR = (
     "corpus", "pool", "vae", "cache", "transformer", "generator",
 )  # fmt: skip
 REWARD_CORPUS_DIR, REWARD_RUN_DIR, REWARD_DIR = "reward-corpus", "reward-run", "reward"
+ENHANCER_PAIRS_FILE, ENHANCER_RUN_DIR, ENHANCER_DIR = (
+    "enhancer-pairs.jsonl", "enhancer-run", "enhancer",
+)  # fmt: skip
 BASE_REWARD = BASE_MODEL.with_name("world-reward")
 """The shipped reward model (an open_clip local directory), made with :data:`BASE_MODEL`."""
+BASE_ENHANCER = BASE_MODEL.with_name("world-enhancer")
+"""The shipped prompt enhancer (a local causal-LM directory), made with :data:`BASE_MODEL`."""
 
 
 def world_reward_towers() -> ClipTowersConfig:
@@ -112,6 +143,18 @@ def world_reward_loop(steps: int) -> LoopConfig:
     )
 
 
+def world_enhancer_loop(steps: int) -> LoopConfig:
+    """The enhancer's schedule: AdamW 3e-3, cosine over ``steps`` after 20 warm-up steps."""
+    warmup = min(20, steps // 4)
+    return LoopConfig(
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=warmup, decay_steps=steps - warmup),
+        max_steps=steps,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        log_every=10,
+    )
+
+
 @dataclass(kw_only=True, slots=True)
 class WorldBaseConfig:
     """The recipe of the world's base generator (see the module docstring for the stages)."""
@@ -123,16 +166,21 @@ class WorldBaseConfig:
     image_size: int = 64
     """Side of the corpus images and of the generated ones, pixels."""
     scene: SceneConfig = field(default_factory=lambda: SceneConfig(text_probability=0.0))
-    """What the corpus' scenes hold (before ``rare_shapes`` is applied)."""
-    rare_shapes: dict[str, float] = field(default_factory=lambda: {"star": 0.005})
+    """What the corpus' scenes hold (before the rare concepts are applied)."""
+    rare_colours: dict[str, float] = field(default_factory=lambda: {"purple": 0.01})
+    """Colours made rare in the corpus: their weight relative to a common colour's 1 (0.01:
+    purple in 0.17 % of the scenes)."""
+    rare_shapes: dict[str, float] = field(default_factory=dict)
     """Shapes made rare in the corpus: their weight relative to a common shape's 1."""
     caption_dropout: float = 0.1
     """Share of corpus samples with an empty caption (the unconditional prompt)."""
     pool_scenes: int = 2000
     """Samples in the candidate pool (what the pretraining-gap track retrieves from; not
     trained on)."""
-    pool_shapes: dict[str, float] = field(default_factory=lambda: {"star": 3.0})
-    """Shape weights of the pool: the corpus' rare shapes are common there."""
+    pool_colours: dict[str, float] = field(default_factory=lambda: {"purple": 3.0})
+    """Colour weights of the pool: the corpus' rare colours are common there."""
+    pool_shapes: dict[str, float] = field(default_factory=dict)
+    """Shape weights of the pool (the corpus' rare shapes made common there)."""
     vae: VAEConfig
     """The VAE (RGB; its latent statistics are filled in after training)."""
     vae_loss: VAELossConfig = field(
@@ -167,13 +215,23 @@ class WorldBaseConfig:
         default_factory=lambda: SamplerConfig(steps=20, dynamic_shift=False, guidance_scale=3.0)
     )
     """How the generator samples (steps, classifier-free guidance)."""
+    enhancer: PromptEnhancerModelConfig = field(default_factory=pe_debug)
+    """The prompt enhancer's causal LM (seeded random start, byte-level vocabulary)."""
+    enhancer_prompts: int = 1000
+    """Distinct terse captions the enhancer learns to give back as they are: of scenes drawn
+    with ``scene`` (every colour and shape as common as the others; seed + 3), so that the
+    enhancer echoes the corpus' rare concepts too."""
+    enhancer_batch_size: int = 16
+    """Pairs per enhancer SFT step."""
+    enhancer_loop: LoopConfig = field(default_factory=lambda: world_enhancer_loop(600))
+    """Enhancer steps and optimizer."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
         if self.scenes < 1 or self.pool_scenes < 1:
             raise ValueError("WorldBaseConfig: scenes and pool_scenes must be >= 1")
-        reweighted(self.scene, shapes=self.rare_shapes)  # validates the weights
-        reweighted(self.scene, shapes=self.pool_shapes)
+        self.corpus_scenes().validate()
+        self.pool_scenes_config().validate()
         if self.vae.in_channels != 3 or self.vae.out_channels != 3:
             raise ValueError("WorldBaseConfig.vae must read and write RGB (3 channels)")
         if self.transformer.latent_channels != self.vae.latent_channels:
@@ -194,14 +252,21 @@ class WorldBaseConfig:
             raise ValueError(f"WorldBaseConfig.reward_caption must be one of {CAPTION_KINDS}")
         self.reward_loop.validate()
         self.sampler.validate()
+        if self.enhancer_prompts < 1 or self.enhancer_batch_size < 1:
+            raise ValueError("WorldBaseConfig: enhancer_prompts and enhancer_batch_size >= 1")
+        self.enhancer_loop.validate()
 
     def corpus_scenes(self) -> SceneConfig:
-        """The scene config the corpus is drawn with: ``scene`` with the rare shapes."""
-        return reweighted(self.scene, shapes=self.rare_shapes)
+        """The scene config the corpus is drawn with: ``scene`` with the rare concepts."""
+        return reweighted(self.scene, shapes=self.rare_shapes, colours=self.rare_colours)
 
     def pool_scenes_config(self) -> SceneConfig:
-        """The scene config of the candidate pool: ``scene`` with ``pool_shapes``."""
-        return reweighted(self.scene, shapes=self.pool_shapes)
+        """The scene config of the candidate pool: ``scene`` with the pool's weights."""
+        return reweighted(self.scene, shapes=self.pool_shapes, colours=self.pool_colours)
+
+    def rare_concepts(self) -> tuple[str, ...]:
+        """The names of the corpus' rare colours and shapes."""
+        return (*self.rare_colours, *self.rare_shapes)
 
     def buckets(self) -> BucketConfig:
         """The one square bucket every stage reads."""
@@ -231,6 +296,17 @@ class WorldBaseConfig:
             loop=self.reward_loop,
         )
 
+    def enhancer_stage(self, pairs: Path) -> PESFTConfig:
+        """The SFT of the prompt enhancer on the pairs file ``pairs``."""
+        return PESFTConfig(
+            model=self.enhancer,
+            data=PromptPairsConfig(pairs=pairs),
+            system_prompt=DEBUG_SYSTEM_PROMPT,
+            batch_size=self.enhancer_batch_size,
+            max_length=256,
+            loop=self.enhancer_loop,
+        )
+
     def transformer_stage(self, cache: Path) -> PretrainConfig:
         """The flow-matching training of the transformer on the cache at ``cache``."""
         return PretrainConfig(
@@ -257,9 +333,9 @@ def world_base() -> WorldBaseConfig:
         ),
         vae_loop=LoopConfig(
             optimizer=OptimizerConfig(
-                lr=2e-3, betas=(0.5, 0.9), warmup_steps=50, decay_steps=1450, grad_clip=None
+                lr=2e-3, betas=(0.5, 0.9), warmup_steps=50, decay_steps=950, grad_clip=None
             ),
-            max_steps=1500,
+            max_steps=1000,
             checkpoint_every=500,
             keep_checkpoints=1,
             log_every=10,
@@ -273,11 +349,12 @@ def world_base() -> WorldBaseConfig:
             head_dim=32,
             rope_axes_dims=(8, 12, 12),
         ),
+        batch_size=16,  # more, smaller steps learn faster in a fixed budget than batch 32
         transformer_loop=LoopConfig(
-            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, decay_steps=3400),
-            max_steps=3500,
-            checkpoint_every=500,
-            keep_checkpoints=8,
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, decay_steps=3100),
+            max_steps=3200,
+            checkpoint_every=800,
+            keep_checkpoints=4,
             log_every=10,
         ),
     )
@@ -328,6 +405,9 @@ def world_base_debug() -> WorldBaseConfig:
         reward_batch_size=16,
         reward_loop=world_reward_loop(40),
         sampler=SamplerConfig(steps=4, dynamic_shift=False, guidance_scale=3.0),
+        enhancer_prompts=24,
+        enhancer_batch_size=4,
+        enhancer_loop=world_enhancer_loop(20),
     )
 
 
@@ -436,7 +516,37 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
         root / REWARD_RUN_DIR, root / REWARD_DIR, config.reward_towers
     )
     console.log(f"reward model: {reward}")
+
+    pairs = root / ENHANCER_PAIRS_FILE
+    if not pairs.is_file():
+        prompts = terse_prompts(config.scene, seed=config.seed + 3, count=config.enhancer_prompts)
+        write_pairs(pairs, [(p, p) for p in prompts])
+    console.log("prompt enhancer")
+    train(
+        config.enhancer_stage(pairs),
+        out=root / ENHANCER_RUN_DIR,
+        progress=progress,
+        name="world enhancer",
+    )
+    enhancer = export_enhancer(root / ENHANCER_RUN_DIR, root / ENHANCER_DIR)
+    console.log(f"prompt enhancer: {enhancer}")
     return target
+
+
+def terse_prompts(scene: SceneConfig, *, seed: int, count: int) -> list[str]:
+    """``count`` distinct terse captions of scenes drawn with ``scene`` from the seeds of a
+    corpus of ``seed`` (:func:`flywheel.world.corpus.scene_seeds`), in seed order."""
+    distinct: dict[str, None] = {}
+    batch = count
+    while len(distinct) < count:
+        batch *= 2
+        if batch > 64 * count:
+            raise ValueError(f"the scenes have {len(distinct)} terse captions, not {count}")
+        for scene_seed in scene_seeds(seed, batch):
+            distinct[captions(sample_scene(scene_seed, scene)).terse] = None
+            if len(distinct) == count:
+                break
+    return list(distinct)
 
 
 def _write_corpus_once(directory: Path, console: Console, *, count: int, **options: Any) -> None:
@@ -454,17 +564,28 @@ def _write_corpus_once(directory: Path, console: Console, *, count: int, **optio
 
 
 def ship(
-    build: str | Path, *, generator_to: Path = BASE_MODEL, reward_to: Path = BASE_REWARD
-) -> tuple[Path, Path]:
-    """Copy a finished build's generator and reward model to where they ship (by default the
-    package's :data:`BASE_MODEL` and :data:`BASE_REWARD`); returns both targets."""
+    build: str | Path,
+    *,
+    generator_to: Path = BASE_MODEL,
+    reward_to: Path = BASE_REWARD,
+    enhancer_to: Path = BASE_ENHANCER,
+) -> tuple[Path, Path, Path]:
+    """Copy a finished build's generator, reward model and prompt enhancer to where they ship
+    (by default the package's :data:`BASE_MODEL`, :data:`BASE_REWARD`, :data:`BASE_ENHANCER`);
+    returns the three targets."""
     root = Path(build)
-    generator, reward = root / GENERATOR_DIR, root / REWARD_DIR
+    generator, reward, enhancer = root / GENERATOR_DIR, root / REWARD_DIR, root / ENHANCER_DIR
     if not (generator / CONFIG_FILE).is_file():
         raise ValueError(f"{root}: no finished generator (no {GENERATOR_DIR}/{CONFIG_FILE})")
     if not (reward / REWARD_CONFIG_FILE).is_file():
         raise ValueError(f"{root}: no finished reward model (no {REWARD_DIR}/{REWARD_CONFIG_FILE})")
-    return _replace_dir(generator, generator_to), _replace_dir(reward, reward_to)
+    if not (enhancer / "config.json").is_file():
+        raise ValueError(f"{root}: no finished prompt enhancer (no {ENHANCER_DIR}/config.json)")
+    return (
+        _replace_dir(generator, generator_to),
+        _replace_dir(reward, reward_to),
+        _replace_dir(enhancer, enhancer_to),
+    )
 
 
 def _replace_dir(source: Path, destination: Path) -> Path:
@@ -484,3 +605,23 @@ def load_world_reward(directory: str | Path = BASE_REWARD) -> AlignmentReward:
     if not (root / REWARD_CONFIG_FILE).is_file():
         raise ValueError(f"{root}: not a reward model directory (no {REWARD_CONFIG_FILE})")
     return build_alignment_reward(AlignmentRewardConfig(architecture=f"local-dir:{root}"))
+
+
+def world_enhancer_config(directory: str | Path = BASE_ENHANCER) -> PromptEnhancerConfig:
+    """How the world's prompt enhancer rewrites: greedy, with the system prompt it was trained
+    with (``training.pe_sft.DEBUG_SYSTEM_PROMPT``)."""
+    return PromptEnhancerConfig(
+        path=Path(directory),
+        system_prompt_t2i=DEBUG_SYSTEM_PROMPT,
+        max_input_tokens=384,  # the default editing instruction's template takes 271
+        max_new_tokens=256,
+        batch_size=32,
+    )
+
+
+def load_world_enhancer(directory: str | Path = BASE_ENHANCER) -> PromptEnhancer:
+    """The world's prompt enhancer from a directory :func:`ship` (or a build) wrote."""
+    root = Path(directory)
+    if not (root / "config.json").is_file():
+        raise ValueError(f"{root}: not a prompt enhancer directory (no config.json)")
+    return PromptEnhancer.load(world_enhancer_config(root))

@@ -302,3 +302,13 @@ def read_info(directory: str | os.PathLike[str]) -> WorldCorpusInfo:
     """The parameters a world corpus was written with."""
     path = Path(directory) / INFO_FILE
     return WorldCorpusInfo.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def scene_tags(spec: SceneSpec) -> tuple[str, ...]:
+    """A scene's filterable tags: ``colour:<c>``, ``shape:<s>``, ``kind:<c> <s>`` of each
+    object, ``count:<n>`` of each kind with copies, ``text:<script>`` of each text."""
+    tags = [f"colour:{o.colour}" for o in spec.objects] + [f"shape:{o.shape}" for o in spec.objects]
+    tags += [f"kind:{o.colour} {o.shape}" for o in spec.objects]
+    tags += [f"count:{n}" for n in spec.counts().values() if n > 1]
+    tags += [f"text:{t.script}" for t in spec.texts]
+    return tuple(dict.fromkeys(tags))

@@ -189,6 +189,20 @@ def _place(
     return None
 
 
+def free_centre(scene: SceneSpec, extent: float, *, grid: int = 24) -> tuple[float, float] | None:
+    """The first centre, scanning a ``grid`` x ``grid`` lattice row by row, at which a thing
+    of ``extent`` keeps clear of the scene's objects and of the edges as :func:`sample_scene`
+    keeps them (None if there is none); the scene's texts are not considered."""
+    placed = [(o.x, o.y, _extent(o)) for o in scene.objects]
+    half = extent / 2 + 0.02
+    steps = [half + (1 - 2 * half) * i / (grid - 1) for i in range(grid)]
+    for y in steps:
+        for x in steps:
+            if not _overlaps(x, y, extent, placed):
+                return round(x, 4), round(y, 4)
+    return None
+
+
 _LATIN_ADVANCE = {"m": 1.0, "w": 0.9}
 """Latin letters wider than :data:`_LATIN_EM` in some Latin font (em)."""
 _LATIN_EM = 0.65

@@ -34,13 +34,17 @@ from training.pe_grpo import (
 from training.pe_sft import (
     DEBUG_SYSTEM_PROMPT,
     IGNORE_INDEX,
+    PromptPairsConfig,
     collate,
     encode_pair,
     export_enhancer,
     load_causal_lm,
+    load_pairs,
     pe_sft_step,
     prompt_ids,
+    read_pairs,
     render_prompt,
+    write_pairs,
 )
 from training.recipes import pe_grpo_debug, pe_sft_debug
 from training.trainer import train
@@ -148,6 +152,33 @@ def test_corpus_and_pairs() -> None:
         assert len(terse) < len(rich)
         assert terse[0].islower()
         assert not terse.endswith(".")
+
+
+def test_a_pairs_file_is_used_as_given(tmp_path: Path) -> None:
+    pairs = [("red circle", "A large red circle."), ("ciel « bleu »", "Un ciel « bleu ».")]
+    path = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    config = PromptPairsConfig(pairs=path)
+    config.validate()
+    assert load_pairs(config) == pairs
+    with pytest.raises(ValueError, match="is not a file"):
+        PromptPairsConfig(pairs=tmp_path / "missing.jsonl").validate()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"prompt": "a"}\n', "pairs.jsonl:1: want"),
+        ('{"prompt": "a", "target": "b"}\nnot json\n', "pairs.jsonl:2: not JSON"),
+        ('{"prompt": "", "target": "b"}\n', "pairs.jsonl:1: want"),
+        ("[1, 2]\n", "pairs.jsonl:1: want"),
+        ("\n", "no pairs"),
+    ],
+)
+def test_a_bad_pairs_file_is_refused_with_its_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_pairs(path)
 
 
 # ---- SFT --------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from flywheel.cli.main import app
 from flywheel.world.base_model import (
     CACHE_DIR,
     CORPUS_DIR,
+    ENHANCER_DIR,
+    ENHANCER_PAIRS_FILE,
+    ENHANCER_RUN_DIR,
     POOL_DIR,
     REWARD_CORPUS_DIR,
     REWARD_DIR,
@@ -22,16 +25,19 @@ from flywheel.world.base_model import (
     TRANSFORMER_DIR,
     VAE_DIR,
     build_world_base,
+    load_world_enhancer,
     load_world_reward,
     ship,
+    terse_prompts,
     world_base,
     world_base_debug,
 )
-from flywheel.world.corpus import read_info, read_specs
-from flywheel.world.scenes import captions
+from flywheel.world.corpus import read_info, read_specs, scene_seeds
+from flywheel.world.scenes import captions, sample_scene
 from model.pipeline import Generator
 from model.vae import ResidualVAE
 from training.data import read_dataset
+from training.pe_sft import read_pairs
 from training.vae_training import export_vae_weights, latent_statistics
 
 pytestmark = pytest.mark.usefixtures("offline")
@@ -55,12 +61,13 @@ def test_recipes_validate() -> None:
     world_base_debug().validate()
 
 
-def test_corpus_has_the_rare_shape_and_empty_captions(built: Path) -> None:
+def test_corpus_has_the_rare_colour_and_empty_captions(built: Path) -> None:
     corpus = built / CORPUS_DIR
     info = read_info(corpus)
     config = world_base_debug()
     assert info.caption_dropout == config.caption_dropout
-    assert info.config["shape_weights"]["star"] == config.rare_shapes["star"]
+    assert info.config["colour_weights"]["purple"] == config.rare_colours["purple"]
+    assert config.rare_concepts() == ("purple",)
     assert info.config["text_probability"] == 0.0
     samples = read_dataset(corpus)
     empty = [s for s in samples if s.caption == ""]
@@ -69,17 +76,17 @@ def test_corpus_has_the_rare_shape_and_empty_captions(built: Path) -> None:
     assert all(specs[s.id].spec.objects for s in empty)  # the truth is kept
 
 
-def test_the_pool_has_the_rare_shape_in_plenty(built: Path) -> None:
-    def star_share(directory: Path) -> float:
+def test_the_pool_has_the_rare_colour_in_plenty(built: Path) -> None:
+    def purple_share(directory: Path) -> float:
         objects = [o for r in read_specs(directory).values() for o in r.spec.objects]
-        return sum(o.shape == "star" for o in objects) / len(objects)
+        return sum(o.colour == "purple" for o in objects) / len(objects)
 
     info = read_info(built / POOL_DIR)
     assert info.split == "pool"
     assert info.seed != read_info(built / CORPUS_DIR).seed
-    assert info.config["shape_weights"]["star"] == world_base_debug().pool_shapes["star"]
-    assert star_share(built / POOL_DIR) > 0.2  # weight 3 of 8: ~0.375
-    assert star_share(built / CORPUS_DIR) < 0.05
+    assert info.config["colour_weights"]["purple"] == world_base_debug().pool_colours["purple"]
+    assert purple_share(built / POOL_DIR) > 0.2  # weight 3 of 9: ~0.33
+    assert purple_share(built / CORPUS_DIR) < 0.05
     pool_ids = set(read_specs(built / POOL_DIR))
     assert not pool_ids & set(read_specs(built / CORPUS_DIR))
 
@@ -144,12 +151,35 @@ def test_reward_model_is_trained_on_terse_captions(built: Path) -> None:
     assert reward.score(images, ["red circle", "blue square"]).shape == (2,)
 
 
-def test_ship_copies_generator_and_reward(built: Path, tmp_path: Path) -> None:
-    generator, reward = ship(built, generator_to=tmp_path / "base", reward_to=tmp_path / "reward")
+def test_enhancer_learns_to_give_terse_prompts_back(built: Path) -> None:
+    pairs = read_pairs(built / ENHANCER_PAIRS_FILE)
+    config = world_base_debug()
+    assert len(pairs) == config.enhancer_prompts
+    assert len({p for p, _ in pairs}) == len(pairs)  # distinct
+    assert all(prompt == target for prompt, target in pairs)
+    expected = terse_prompts(config.scene, seed=config.seed + 3, count=config.enhancer_prompts)
+    assert [p for p, _ in pairs] == expected
+    first = sample_scene(scene_seeds(config.seed + 3, 1)[0], config.scene)
+    assert pairs[0][0] == captions(first).terse  # new scenes, every colour as common
+    with pytest.raises(ValueError, match="terse captions, not 5000"):
+        terse_prompts(config.scene, seed=0, count=5000)  # 42 kinds, at most two a scene
+    losses = [m["loss"] for m in _metrics(built / ENHANCER_RUN_DIR)]
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    enhancer = load_world_enhancer(built / ENHANCER_DIR)
+    assert len(enhancer.enhance(["red circle", "blue square"])) == 2
+    with pytest.raises(ValueError, match="not a prompt enhancer directory"):
+        load_world_enhancer(built)
+
+
+def test_ship_copies_generator_reward_and_enhancer(built: Path, tmp_path: Path) -> None:
+    targets = {"generator_to": tmp_path / "base", "reward_to": tmp_path / "reward"}
+    targets["enhancer_to"] = tmp_path / "enhancer"
+    generator, reward, enhancer = ship(built, **targets)
     assert Generator.load(generator).config.height == world_base_debug().image_size
     load_world_reward(reward)
+    load_world_enhancer(enhancer)
     with pytest.raises(ValueError, match="no finished generator"):
-        ship(tmp_path / "nothing", generator_to=tmp_path / "a", reward_to=tmp_path / "b")
+        ship(tmp_path / "nothing", **targets)
     with pytest.raises(ValueError, match="not a reward model directory"):
         load_world_reward(tmp_path)
 
@@ -162,7 +192,8 @@ def test_cli_refuses_an_unknown_recipe(tmp_path: Path) -> None:
 
 def test_weaknesses_cli_reports_generator_and_reward(built: Path) -> None:
     args = ["world", "weaknesses", "--model", str(built / "generator")]
-    args += ["--reward", str(built / REWARD_DIR), "--per-shape", "1", "--per-skill", "1"]
+    args += ["--reward", str(built / REWARD_DIR), "--enhancer", str(built / ENHANCER_DIR)]
+    args += ["--per-concept", "1", "--per-skill", "1"]
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -175,15 +206,34 @@ def test_weaknesses_cli_reports_generator_and_reward(built: Path) -> None:
         "hexagon",
         "star",
     }
-    assert generator["cases"] == 6 + 1 + 1 + 3  # shapes, terse, rich, colour/count/relation
-    for value in (generator["rare_shape_score"], generator["terse_prompt_score"]):
+    assert set(generator["colours"]) == {
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "purple",
+        "orange",
+        "black",
+    }
+    assert generator["rare"] == ["purple"]
+    assert generator["rare_score"] == generator["colours"]["purple"]
+    assert generator["cases"] == 6 + 7 + 1 + 1 + 2  # shapes, colours, terse, rich, count, relation
+    for value in (
+        generator["rare_score"],
+        generator["terse_prompt_colour"],
+        generator["enhancer_unchanged"],
+    ):
         assert 0.0 <= value <= 1.0
     assert set(report["reward"]["skills"]) == {"colour", "shape", "count", "relation"}
     assert report["reward"]["pairs"] == 2
     table = runner.invoke(app, args)
     assert table.exit_code == 0, table.stderr
-    assert "rare: star" in table.stdout
+    assert "rare: purple" in table.stdout
+    assert "terse prompts kept" in table.stdout
     assert "reward prefers the right render" in table.stdout
+    unknown = runner.invoke(app, [*args, "--rare", "plaid"])
+    assert unknown.exit_code == 2
+    assert "--rare 'plaid'" in unknown.stderr
     missing = runner.invoke(
         app, [*args[:2], "--model", str(built / "generator"), "--reward", str(built)]
     )

@@ -8,18 +8,37 @@ import pytest
 from flywheel.world.benchmark import Skill, suite
 from flywheel.world.evaluation import score_case
 from flywheel.world.scenes import render
-from flywheel.world.weaknesses import PROBE_BAND, REWARD_SKILLS, probes, wrong_scene
+from flywheel.world.weaknesses import (
+    PROBE_BAND,
+    REWARD_SKILLS,
+    NoRoomError,
+    paired_probes,
+    probes,
+    wrong_scene,
+)
 
 
 @pytest.mark.parametrize("skill", REWARD_SKILLS)
 def test_a_wrong_render_fails_only_its_skill(skill: Skill) -> None:
-    for case in probes(skill, 4, band=PROBE_BAND + 10**8):
+    for case, wrong_spec in paired_probes(skill, 6):
         right = score_case(case, render(case.spec, 128, 128))
-        wrong = score_case(case, render(wrong_scene(case), 128, 128))
+        wrong = score_case(case, render(wrong_spec, 128, 128))
         assert right.passed
         assert not wrong.passed
         if skill in ("shape", "relation"):  # the objects are all there, in their colours
             assert all(e.passed for e in wrong.evaluation.elements if e.kind == "colour")
+        if skill == "count":  # one copy more, of the same kind and size
+            assert len(wrong_spec.objects) == len(case.spec.objects) + 1
+            assert len({(o.shape, o.colour, o.size) for o in wrong_spec.objects}) == 1
+
+
+def test_a_full_canvas_has_no_count_pair() -> None:
+    crowded = [case for case, _ in paired_probes("count", 16)]
+    drawn = probes("count", len(crowded) + 8, band=PROBE_BAND + 10**8)
+    skipped = [case for case in drawn if case.id not in {c.id for c in crowded}]
+    assert skipped  # some three-large-copies canvases have no room
+    with pytest.raises(NoRoomError):
+        wrong_scene(skipped[0])
 
 
 def test_probes_are_new_to_the_suites() -> None:

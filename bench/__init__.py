@@ -1,0 +1,1 @@
+"""Benchmarks: each a script with a ``--quick`` mode (see the README)."""

@@ -1,0 +1,17 @@
+"""What every command prints with, and how a command fails."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, *, code: int = 2) -> NoReturn:
+    """Print a one-line reason to stderr and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
