@@ -74,7 +74,7 @@ def run_size(
     rng: np.random.Generator,
 ) -> float:
     """Index ``points`` jittered vectors into a fresh collection, query, print; returns recall."""
-    config = QdrantConfig(url=config.url, path=config.path, prefix=f"bench{points}")
+    config = QdrantConfig(url=config.url, path=config.path, prefix=f"bench{points}")  # own
     name = ensure_collection(client, config, "prompts", {"text": (embedder.model_id, embedder.dim)})
     vectors = jittered(base, points, 0.02, rng)
     started = time.perf_counter()
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = distinct_captions(args.base + args.queries, args.seed)
     url = os.environ.get("FLYWHEEL_QDRANT_URL")
     with tempfile.TemporaryDirectory() as tmp:
-        config = QdrantConfig(url=url, path=None if url else Path(tmp) / "qdrant")
+        # Its own collections (prefix "bench..."): never a deployment's flywheel_* ones.
+        config = QdrantConfig(url=url, path=None if url else Path(tmp) / "qdrant", prefix="bench")
         client = open_qdrant(config)
         try:
             items = [IndexItem(dataset="bench", split=CORPUS, text=t) for t in texts[: args.base]]

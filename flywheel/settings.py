@@ -26,6 +26,9 @@ class Settings(BaseSettings):
         default=None,
         description="Qdrant server URL. Unset: qdrant-client local mode under FLYWHEEL_HOME.",
     )
+    qdrant_api_key: str | None = Field(
+        default=None, description="API key of the Qdrant server, if it asks for one."
+    )
     redis_url: str | None = Field(
         default=None,
         description="Redis URL for the Celery broker. Unset: Celery runs tasks eagerly in-process.",

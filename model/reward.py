@@ -223,7 +223,12 @@ class AlignmentReward(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> unit-norm embeddings ``(B, D)``."""
-        return self._towers().encode_image(self.preprocess(images), normalize=True)
+        return self.encode_preprocessed(self.preprocess(images))
+
+    def encode_preprocessed(self, pixels: Tensor) -> Tensor:
+        """Images already through :meth:`preprocess` ``(B, 3, h, w)`` -> unit-norm embeddings
+        ``(B, D)`` (images of different sizes are preprocessed one by one, then batched)."""
+        return self._towers().encode_image(pixels, normalize=True)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         """Token ids ``(B, L)`` -> unit-norm embeddings ``(B, D)``."""

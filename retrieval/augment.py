@@ -40,13 +40,15 @@ class AugmentConfig:
     """MMR's diversity in [0, 1]; 0: plain nearest neighbours."""
     candidates: int = 100
     """Nearest points MMR chooses from."""
+    extra: int = 8
+    """Candidates fetched beyond ``limit`` so that dropped duplicates leave ``limit``."""
     duplicate_similarity: float = 0.98
     """A pool candidate this similar to a corpus item is a duplicate of it."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
-        if self.limit < 1 or self.candidates < self.limit:
-            raise ValueError("AugmentConfig: limit >= 1 and candidates >= limit")
+        if self.limit < 1 or self.extra < 0 or self.candidates < self.limit + self.extra:
+            raise ValueError("AugmentConfig: limit >= 1, extra >= 0, candidates >= limit + extra")
         if not 0.0 <= self.diversity <= 1.0:
             raise ValueError(f"AugmentConfig.diversity must be in [0, 1], got {self.diversity}")
         if not self.splits or set(self.splits) - {CORPUS, POOL}:
@@ -111,7 +113,7 @@ def retrieve_for_augmentation(
         query=nearest,
         using=vector,
         query_filter=_filter(config),
-        limit=config.limit,
+        limit=config.limit + config.extra,
         with_payload=True,
         with_vectors=[vector],
     ).points
@@ -151,7 +153,7 @@ def retrieve_for_augmentation(
                 nearest_corpus_similarity=closest.get(i),
             )
         )
-    return out
+    return out[: config.limit]
 
 
 def redundancy(vectors: Vectors | Sequence[Sequence[float]]) -> float:

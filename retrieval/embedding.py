@@ -153,11 +153,15 @@ class ImageEmbedder:
         """``(len(images), dim)`` unit-norm vectors of the image files."""
         out: list[Vectors] = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack(
-                [_image_tensor(path) for path in images[start : start + self.batch_size]]
-            )  # (b, 3, H, W)
             with torch.no_grad():
-                out.append(self._model.encode_image(batch).float().numpy())
+                # Each image to the tower's size first: a dataset's images differ in size.
+                batch = torch.cat(
+                    [
+                        self._model.preprocess(_image_tensor(path)[None])
+                        for path in images[start : start + self.batch_size]
+                    ]
+                )  # (b, 3, h, w), normalised
+                out.append(self._model.encode_preprocessed(batch).float().numpy())
         if not out:
             return np.zeros((0, self._dim), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)

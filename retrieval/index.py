@@ -2,7 +2,8 @@
 
 An :class:`IndexItem` is one sample as a collection sees it: a text (caption, prompt or
 instruction) and / or an image, with its payload. Its point id is derived from its identity
-(``uuid5`` of collection, dataset and key; a key defaults to the digest of the content), so
+(``uuid5`` of collection, split, dataset and key; a key defaults to the digest of the
+content), so
 indexing the same item twice writes one point; ``digest`` (SHA-256 over the text, the image
 bytes and the payload) tells whether a stored point is still current. :func:`index_items`
 reads the stored digests of a batch first and embeds and upserts only the new and the
@@ -86,8 +87,10 @@ class IndexItem:
         return self.key if self.key is not None else digest
 
     def point_id(self, collection: CollectionName, digest: str) -> str:
-        """The point's id: ``uuid5`` of collection, dataset and identity."""
-        return str(uuid.uuid5(_NAMESPACE, f"{collection}\0{self.dataset}\0{self.identity(digest)}"))
+        """The point's id: ``uuid5`` of collection, split, dataset and identity (a corpus and
+        a pool drawn from one dataset keep apart)."""
+        name = f"{collection}\0{self.split}\0{self.dataset}\0{self.identity(digest)}"
+        return str(uuid.uuid5(_NAMESPACE, name))
 
 
 class IndexReport(BaseModel):

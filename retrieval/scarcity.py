@@ -20,6 +20,7 @@ changes.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -154,10 +155,10 @@ def calibration_for(
     client: QdrantClient, name: str, vector: str, model_id: str, config: ScarcityConfig
 ) -> Calibration:
     """The collection's stored calibration when it still fits (same embedder, ``k``, sample
-    size and seed, and as many corpus points as when it was measured), else a new one, stored
-    in the collection's metadata (``calibration.<vector>``) for the next caller."""
+    size and seed, and the same corpus points: ids and content digests), else a new one,
+    stored in the collection's metadata (``calibration.<vector>``) for the next caller."""
     check_embedders(client, name, {vector: model_id})
-    corpus_points = client.count(name, count_filter=CORPUS_FILTER, exact=True).count
+    corpus_points, fingerprint = _corpus_fingerprint(client, name)
     metadata = client.get_collection(name).config.metadata or {}
     calibrations = dict(metadata.get("calibration") or {})
     stored = calibrations.get(vector)
@@ -167,6 +168,7 @@ def calibration_for(
         "calibration_points": config.calibration_points,
         "seed": config.seed,
         "corpus_points": corpus_points,
+        "corpus_fingerprint": fingerprint,
     }
     if isinstance(stored, dict) and all(stored.get(key) == value for key, value in wanted.items()):
         return Calibration(
@@ -239,6 +241,21 @@ def _neighbour(hit: models.ScoredPoint) -> Neighbour:
         image=payload.get("image"),
         tags=list(payload.get("tags") or []),
     )
+
+
+def _corpus_fingerprint(client: QdrantClient, name: str) -> tuple[int, str]:
+    """How many corpus points there are, and a SHA-256 over their ids and digests."""
+    records: list[str] = []
+    offset = None
+    while True:
+        page, offset = client.scroll(
+            name, scroll_filter=CORPUS_FILTER, limit=1024, offset=offset, with_payload=["digest"]
+        )
+        records += [f"{point.id}:{(point.payload or {}).get('digest')}" for point in page]
+        if offset is None:
+            break
+    digest = hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()
+    return len(records), digest
 
 
 def _corpus_ids(client: QdrantClient, name: str) -> list[str]:

@@ -87,14 +87,21 @@ class QdrantConfig:
 def qdrant_config(settings: Settings) -> QdrantConfig:
     """The config the settings name: ``FLYWHEEL_QDRANT_URL``, else local mode on disk."""
     if settings.qdrant_url:
-        return QdrantConfig(url=settings.qdrant_url)
+        return QdrantConfig(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
     return QdrantConfig(path=settings.qdrant_path)
 
 
 def open_qdrant(config: QdrantConfig) -> QdrantClient:
     """A client for ``config``: the server, local mode on disk, or in memory."""
     if config.url is not None:
-        return QdrantClient(url=config.url, api_key=config.api_key, timeout=int(config.timeout))
+        # No client-server version probe: it runs in a thread at construction and can only
+        # warn; an unreachable or incompatible server fails the first request instead.
+        return QdrantClient(
+            url=config.url,
+            api_key=config.api_key,
+            timeout=int(config.timeout),
+            check_compatibility=False,
+        )
     if config.path is None:
         return QdrantClient(location=":memory:")
     config.path.mkdir(parents=True, exist_ok=True)

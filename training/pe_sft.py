@@ -107,7 +107,8 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     """The ``(prompt, target)`` pairs of a JSONL pairs file; a malformed line is refused with
     its line number."""
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # "\n" only: a prompt may hold U+2028 and the like, which splitlines() would break at.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -490,6 +490,8 @@ def world_weaknesses(
             f"--rare {rare!r}: comma-separated colours ({', '.join(COLOURS)}) "
             f"or shapes ({', '.join(SHAPES)})"
         )
+    if set(COLOURS) <= set(concepts) or set(SHAPES) <= set(concepts):
+        fail(f"--rare {rare!r}: leave some colours and shapes common (the control)")
     try:
         generator = Generator.load(model or BASE_MODEL)
         scorer = load_world_reward(reward or BASE_REWARD)

@@ -18,6 +18,7 @@ from flywheel.cli.output import console, fail
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
 
+    from retrieval.embedding import TextEmbedder
     from retrieval.store import QdrantConfig
     from training.data import Sample
 
@@ -31,17 +32,21 @@ COLLECTION_HELP = "prompts (captions), images (targets) or edit_pairs (instructi
 
 @contextmanager
 def _qdrant() -> Iterator[tuple[QdrantClient, QdrantConfig]]:
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
     from flywheel.settings import get_settings
     from retrieval.store import open_qdrant, qdrant_config
 
     config = qdrant_config(get_settings())
+    where = config.url or config.path
     try:
         client = open_qdrant(config)
     except (RuntimeError, OSError, ValueError) as exc:
-        where = config.url or config.path
         fail(f"cannot open Qdrant ({where}): {str(exc).splitlines()[0]}", code=1)
     try:
         yield client, config
+    except (ResponseHandlingException, UnexpectedResponse) as exc:  # unreachable, 401, 5xx
+        fail(f"Qdrant ({where}) did not answer: {str(exc).splitlines()[0]}", code=1)
     finally:
         client.close()
 
@@ -53,6 +58,15 @@ def _world_tags(dataset: Path) -> Callable[[Sample], Sequence[str]] | None:
         return None
     specs = read_specs(dataset)
     return lambda sample: scene_tags(specs[sample.id].spec) if sample.id in specs else ()
+
+
+def _text_embedder() -> TextEmbedder:
+    from retrieval.embedding import TextEmbedder
+
+    try:
+        return TextEmbedder()
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
 
 
 @retrieval_app.command("index")
@@ -108,8 +122,8 @@ def index(
                 embedders,
                 progress=not as_json,
             )
-        except EmbedderMismatchError as exc:
-            fail(str(exc))
+        except (EmbedderMismatchError, OSError) as exc:  # OSError: a missing or bad image
+            fail(str(exc).splitlines()[0])
     if as_json:
         console.print_json(report.model_dump_json())
         return
@@ -127,12 +141,11 @@ def diagnose_prompts(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """How scarce each prompt's concept is in the training corpus (0 common .. 1 absent)."""
-    from retrieval.embedding import TextEmbedder
     from retrieval.scarcity import ScarcityConfig, calibration_for, diagnose
     from retrieval.store import EmbedderMismatchError, collection_name
 
-    embedder = TextEmbedder()
     config = ScarcityConfig(k=k)
+    embedder = _text_embedder()
     with _qdrant() as (client, qconfig):
         name = collection_name(qconfig, "prompts")
         if not client.collection_exists(name):
@@ -176,18 +189,17 @@ def augment(
 ) -> None:
     """Diverse candidates for a prompt from the pool, deduplicated against the corpus."""
     from retrieval.augment import AugmentConfig, retrieve_for_augmentation
-    from retrieval.embedding import TextEmbedder
     from retrieval.index import CORPUS, POOL
     from retrieval.store import EmbedderMismatchError, collection_name
 
     config = AugmentConfig(
         limit=limit,
         diversity=diversity,
-        candidates=max(100, limit),
+        candidates=max(100, limit + 8),
         tags_all=tuple(tag or ()),
         splits=(POOL, CORPUS) if with_corpus else (POOL,),
     )
-    embedder = TextEmbedder()
+    embedder = _text_embedder()
     with _qdrant() as (client, qconfig):
         name = collection_name(qconfig, "prompts")
         if not client.collection_exists(name):

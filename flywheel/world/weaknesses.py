@@ -118,6 +118,8 @@ def measure_weaknesses(
         )
     if per_concept < 1 or per_skill < 1:
         raise ValueError("per_concept and per_skill must be >= 1")
+    if set(COLOURS) <= set(rare) or set(SHAPES) <= set(rare):
+        raise ValueError("rare must leave some colours and shapes common (the control)")
     shapes = probes("shape", per_concept * len(SHAPES), band=PROBE_BAND)
     colours = probes("colour", per_concept * len(COLOURS), band=PROBE_BAND)
     terse = probes("terse", per_skill, band=PROBE_BAND)
@@ -220,6 +222,8 @@ def paired_probes(skill: Skill, n: int) -> list[tuple[BenchmarkCase, SceneSpec]]
     pairs: list[tuple[BenchmarkCase, SceneSpec]] = []
     k = 0
     while len(pairs) < n:
+        if k >= 100 * n:  # pragma: no cover - count probes have room far more often
+            raise RuntimeError(f"{skill}: {len(pairs)} pairable probes in {k}, wanted {n}")
         case = build_case(skill, k, band=PROBE_BAND + 10**8, case_id=f"probe/{skill}/{k:02d}")
         k += 1
         try:

@@ -311,15 +311,25 @@ def test_the_calibration_is_kept_until_the_corpus_changes(
     assert metadata["embedders"]["text"]["model_id"] == text.model_id  # kept alongside
     again = calibration_for(client, name, "text", text.model_id, scarcity)
     assert np.array_equal(again.knn_similarities, first.knn_similarities)
-    more = [IndexItem(dataset="d", split=CORPUS, text=f"a yellow {s}") for s in ("circle", "star")]
+    more = [
+        IndexItem(dataset="d", split=CORPUS, key=f"yellow-{s}", text=f"a yellow {s}")
+        for s in ("circle", "star")
+    ]
     index_items(client, config, "prompts", more, embedders)
     index_items(
         client, config, "prompts", [IndexItem(dataset="p", split=POOL, text="x")], embedders
     )
     renewed = calibration_for(client, name, "text", text.model_id, scarcity)
     metadata = client.get_collection(name).config.metadata or {}
-    assert metadata["calibration"]["text"]["corpus_points"] == 14  # pool points do not count
-    assert renewed.radius == metadata["calibration"]["text"]["radius"]
+    stored = metadata["calibration"]["text"]
+    assert stored["corpus_points"] == 14  # pool points do not count
+    assert renewed.radius == stored["radius"]
+    # A changed caption, same count: measured again.
+    index_items(client, config, "prompts", [replace(more[0], text="a yellow hexagon")], embedders)
+    calibration_for(client, name, "text", text.model_id, scarcity)
+    metadata = client.get_collection(name).config.metadata or {}
+    assert metadata["calibration"]["text"]["corpus_points"] == 14
+    assert metadata["calibration"]["text"]["corpus_fingerprint"] != stored["corpus_fingerprint"]
 
 
 def test_cli_index_diagnose_augment(
@@ -385,3 +395,44 @@ def test_cli_asks_for_an_index_first(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert "run `flywheel retrieval index` first" in result.stderr
     finally:
         get_settings.cache_clear()
+
+
+def test_an_unreachable_server_is_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    monkeypatch.setenv("FLYWHEEL_QDRANT_URL", "http://127.0.0.1:9")  # nothing listens there
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["retrieval", "augment", "a red circle"])
+        assert result.exit_code == 1
+        assert "did not answer" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        get_settings.cache_clear()
+
+
+def test_corpus_and_pool_items_with_one_key_stay_apart(
+    text: TextEmbedder, qdrant: tuple[QdrantClient, QdrantConfig]
+) -> None:
+    client, config = qdrant
+    corpus = IndexItem(dataset="world", split=CORPUS, key="world-7", text="a red circle")
+    pool = replace(corpus, split=POOL, text="a purple circle")
+    report = index_items(client, config, "prompts", [corpus, pool], Embedders(text=text))
+    assert report.added == 2
+    assert client.count(collection_name(config, "prompts")).count == 2
+
+
+def test_images_of_different_sizes_embed_together(tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for size in ((32, 32), (64, 48)):
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (200, 40, 40)).save(path)
+        paths.append(path)
+    image = ImageEmbedder(BASE_REWARD, batch_size=8)
+    vectors = image.embed(paths)
+    assert vectors.shape == (2, image.dim)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert float(vectors[0] @ vectors[1]) > 0.9  # the same flat red, resized
