@@ -5,7 +5,8 @@ instruction) and / or an image, with its payload. Its point id is derived from i
 (``uuid5`` of collection, split, dataset and key; a key defaults to the digest of the
 content), so
 indexing the same item twice writes one point; ``digest`` (SHA-256 over the text, the image
-bytes and the payload) tells whether a stored point is still current. :func:`index_items`
+bytes and the payload) tells whether a stored point is still current, and :func:`prune`
+deletes the points of a dataset that its current items no longer make. :func:`index_items`
 reads the stored digests of a batch first and embeds and upserts only the new and the
 changed items (``wait=True``: a returned report means the points are stored).
 
@@ -36,6 +37,7 @@ from retrieval.store import (
     VECTOR_KINDS,
     CollectionName,
     QdrantConfig,
+    collection_name,
     ensure_collection,
 )
 from training.data import Sample, read_dataset
@@ -198,6 +200,42 @@ def index_items(
         seconds=time.perf_counter() - start,
         embed_seconds=embed_seconds,
     )
+
+
+def prune(
+    client: QdrantClient,
+    config: QdrantConfig,
+    collection: CollectionName,
+    items: Sequence[IndexItem],
+    *,
+    dataset: str,
+    split: Split,
+) -> int:
+    """Delete the points of ``dataset`` / ``split`` in ``collection`` that none of ``items``
+    (the dataset as it is now) makes: samples removed from the dataset, and the old points of
+    keyless items whose content changed. Returns how many were deleted."""
+    name = collection_name(config, collection)
+    if not client.collection_exists(name):
+        return 0
+    keep = {item.point_id(collection, item.content_digest()) for item in items}
+    which = models.Filter(
+        must=[
+            models.FieldCondition(key="dataset", match=models.MatchValue(value=dataset)),
+            models.FieldCondition(key="split", match=models.MatchValue(value=split)),
+        ]
+    )
+    stale: list[models.ExtendedPointId] = []
+    offset = None
+    while True:
+        page, offset = client.scroll(
+            name, scroll_filter=which, limit=1024, offset=offset, with_payload=False
+        )
+        stale += [point.id for point in page if str(point.id) not in keep]
+        if offset is None:
+            break
+    if stale:
+        client.delete(name, points_selector=models.PointIdsList(points=stale), wait=True)
+    return len(stale)
 
 
 def _batches(items: Sequence[IndexItem], size: int) -> Iterator[Sequence[IndexItem]]:

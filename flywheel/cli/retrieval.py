@@ -83,12 +83,20 @@ def index(
         Path | None,
         typer.Option("--image-model", help="open_clip directory (default: the world reward)."),
     ] = None,
+    prune_stale: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Then delete this dataset's points (same dataset name and split) that the "
+            "directory no longer makes.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Index a dataset's samples (only new or changed ones are embedded)."""
     from flywheel.world.base_model import BASE_REWARD
     from retrieval.embedding import ImageEmbedder, TextEmbedder
-    from retrieval.index import CORPUS, POOL, Embedders, dataset_items, index_items
+    from retrieval.index import CORPUS, POOL, Embedders, dataset_items, index_items, prune
     from retrieval.store import COLLECTIONS, VECTOR_KINDS, EmbedderMismatchError
 
     if split not in (CORPUS, POOL):
@@ -122,14 +130,21 @@ def index(
                 embedders,
                 progress=not as_json,
             )
+            pruned = 0
+            if prune_stale:
+                datasets = {item.dataset for item in items}
+                pruned = sum(
+                    prune(client, config, collection, items, dataset=name, split=split)
+                    for name in datasets
+                )
         except (EmbedderMismatchError, OSError) as exc:  # OSError: a missing or bad image
             fail(str(exc).splitlines()[0])
     if as_json:
-        console.print_json(report.model_dump_json())
+        console.print_json(json.dumps({**report.model_dump(), "pruned": pruned}))
         return
     console.print(
         f"{report.collection}: {report.added} added, {report.updated} updated, "
-        f"{report.unchanged} unchanged in {report.seconds:.1f} s",
+        f"{report.unchanged} unchanged, {pruned} pruned in {report.seconds:.1f} s",
         highlight=False,
     )
 

@@ -21,7 +21,15 @@ from flywheel.world.corpus import read_specs, reweighted, scene_tags, write_worl
 from flywheel.world.scenes import SceneConfig
 from retrieval.augment import AugmentConfig, redundancy, retrieve_for_augmentation
 from retrieval.embedding import ImageEmbedder, TextEmbedder
-from retrieval.index import CORPUS, POOL, Embedders, IndexItem, dataset_items, index_items
+from retrieval.index import (
+    CORPUS,
+    POOL,
+    Embedders,
+    IndexItem,
+    dataset_items,
+    index_items,
+    prune,
+)
 from retrieval.scarcity import ScarcityConfig, calibrate, calibration_for, diagnose
 from retrieval.store import (
     EmbedderMismatchError,
@@ -347,7 +355,8 @@ def test_cli_index_diagnose_augment(
         result = runner.invoke(app, [*args[:3], str(pool), "--split", "pool", "--json"])
         assert json.loads(result.stdout)["added"] == 120
         assert runner.invoke(app, args).exit_code == 0
-        assert json.loads(runner.invoke(app, args).stdout)["unchanged"] == 360
+        again = json.loads(runner.invoke(app, [*args, "--prune"]).stdout)
+        assert (again["unchanged"], again["pruned"]) == (360, 0)
 
         prompts = [
             "a watercolour portrait of an old fisherman at dawn",
@@ -436,3 +445,22 @@ def test_images_of_different_sizes_embed_together(tmp_path: Path) -> None:
     assert vectors.shape == (2, image.dim)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert float(vectors[0] @ vectors[1]) > 0.9  # the same flat red, resized
+
+
+def test_prune_deletes_what_the_dataset_no_longer_makes(
+    text: TextEmbedder, qdrant: tuple[QdrantClient, QdrantConfig]
+) -> None:
+    client, config = qdrant
+    embedders = Embedders(text=text)
+    items = [
+        IndexItem(dataset="d", split=CORPUS, key=f"k{i}", text=f"a red circle {i}")
+        for i in range(6)
+    ]
+    other = IndexItem(dataset="d", split=POOL, key="k0", text="a red circle 0")
+    index_items(client, config, "prompts", [*items, other], embedders)
+    name = collection_name(config, "prompts")
+    now = items[:4]  # two samples left the dataset
+    assert prune(client, config, "prompts", now, dataset="d", split=CORPUS) == 2
+    assert client.count(name).count == 5  # the pool's point is another split's
+    assert prune(client, config, "prompts", now, dataset="d", split=CORPUS) == 0
+    assert prune(client, config, "images", now, dataset="d", split=CORPUS) == 0  # no collection
