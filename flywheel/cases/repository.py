@@ -1,0 +1,120 @@
+"""Queries over ``failure_cases`` and ``case_signals``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from flywheel.db.models import CaseSignal, CaseStatus, FailureCase, Signal, Task
+
+
+def failing_unlinked_signals(
+    session: Session, *, condition: ColumnElement[bool], after_id: int, limit: int
+) -> Sequence[Signal]:
+    """Signals past ``after_id`` that meet ``condition`` and belong to no case, oldest first."""
+    statement = (
+        select(Signal)
+        .outerjoin(CaseSignal, CaseSignal.signal_id == Signal.id)
+        .where(CaseSignal.signal_id.is_(None), Signal.id > after_id, condition)
+        .order_by(Signal.id)
+        .limit(limit)
+    )
+    return session.scalars(statement).all()
+
+
+def case_id_by_key(session: Session, *, dedup_key: str) -> int | None:
+    """The case with this deduplication key."""
+    found: int | None = session.scalar(
+        select(FailureCase.id).where(FailureCase.dedup_key == dedup_key)
+    )
+    return found
+
+
+def open_case_id_by_image(session: Session, *, image_sha256: str) -> int | None:
+    """The oldest case not yet fixed or dismissed that shows this exact image."""
+    found: int | None = session.scalar(
+        select(FailureCase.id)
+        .where(
+            FailureCase.image_sha256 == image_sha256,
+            FailureCase.status.not_in([CaseStatus.FIXED, CaseStatus.DISMISSED]),
+        )
+        .order_by(FailureCase.id)
+        .limit(1)
+    )
+    return found
+
+
+def insert_case(
+    session: Session,
+    *,
+    dedup_key: str,
+    task: Task,
+    prompt: str,
+    image_uri: str | None,
+    image_sha256: str | None,
+    model_version_id: int | None,
+    skill: str | None,
+    seen_at: datetime,
+) -> int:
+    """Create the open case of ``dedup_key`` (or find the one a concurrent writer made)."""
+    created: int | None = session.scalar(
+        insert(FailureCase)
+        .values(
+            dedup_key=dedup_key,
+            status=CaseStatus.OPEN,
+            task=task,
+            prompt=prompt,
+            image_uri=image_uri,
+            image_sha256=image_sha256,
+            model_version_id=model_version_id,
+            skill=skill,
+            signal_count=0,
+            first_seen_at=seen_at,
+            last_seen_at=seen_at,
+        )
+        .on_conflict_do_nothing(index_elements=[FailureCase.dedup_key])
+        .returning(FailureCase.id)
+    )
+    if created is not None:
+        return created
+    existing = case_id_by_key(session, dedup_key=dedup_key)
+    assert existing is not None  # ON CONFLICT waited for the other writer's commit
+    return existing
+
+
+def link_signal(session: Session, *, case_id: int, signal_id: int, seen_at: datetime) -> bool:
+    """Link a signal to a case (once: a signal belongs to one case) and count it; False if it
+    was linked already."""
+    linked = session.scalar(
+        insert(CaseSignal)
+        .values(case_id=case_id, signal_id=signal_id)
+        .on_conflict_do_nothing(index_elements=[CaseSignal.signal_id])
+        .returning(CaseSignal.signal_id)
+    )
+    if linked is None:
+        return False
+    session.execute(
+        update(FailureCase)
+        .where(FailureCase.id == case_id)
+        .values(
+            signal_count=FailureCase.signal_count + 1,
+            first_seen_at=func.least(FailureCase.first_seen_at, seen_at),
+            last_seen_at=func.greatest(FailureCase.last_seen_at, seen_at),
+        )
+    )
+    return True
+
+
+def case_signal_ids(session: Session, *, case_id: int) -> list[int]:
+    """The ids of the signals that made a case, oldest first."""
+    return list(
+        session.scalars(
+            select(CaseSignal.signal_id)
+            .where(CaseSignal.case_id == case_id)
+            .order_by(CaseSignal.signal_id)
+        )
+    )

@@ -1,0 +1,170 @@
+"""Signals -> failure cases against a real PostgreSQL (a fresh migrated database per test):
+the per-source rules (SQL and Python agree), deduplication, image merges, links, reruns and
+two collectors at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from flywheel.cases.repository import case_signal_ids
+from flywheel.cases.rules import FailureRules, failure_condition, failure_reason
+from flywheel.cases.service import collect_failures, dedup_key, normalized_prompt
+from flywheel.db import migrate
+from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.models import CaseStatus, FailureCase, Signal, SignalKind, SignalSource, Task
+from flywheel.settings import Settings
+from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
+
+
+@pytest.fixture
+def engine(create_database: Callable[[], str]) -> Iterator[Engine]:
+    engine = create_db_engine(Settings(database_url=create_database()), pool_size=4)
+    migrate.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _signal(
+    number: int, source: SignalSource, kind: SignalKind, prompt: str, **fields: Any
+) -> NewSignal:
+    payload = json.dumps({"n": number, "prompt": prompt}, sort_keys=True)
+    return NewSignal(
+        source=source,
+        kind=kind,
+        app="tests",
+        event_id=f"event-{number}",
+        task=Task.TEXT_TO_IMAGE,
+        prompt=prompt,
+        payload_json=payload,
+        payload_sha256=hashlib.sha256(payload.encode()).hexdigest(),
+        **fields,
+    )
+
+
+EVAL, FEEDBACK, MINING = SignalSource.EVALUATION, SignalSource.FEEDBACK, SignalSource.MINING
+RED = "A picture with a white background showing a large red circle at the centre."
+
+
+def _seed(session: Session) -> dict[str, int]:
+    base = model_version_id(session, name="base")
+    other = model_version_id(session, name="candidate")
+    sample = SignalKind.EVALUATION_SAMPLE
+    rows = [
+        # Two evaluation failures of one prompt (spacing / case / full stop differ): one case.
+        _signal(1, EVAL, sample, RED, passed=False, scores={"colour": 0.0, "overall": 0.0},
+                model_version_id=base, image_sha256="a" * 64),
+        _signal(2, EVAL, sample, RED.upper().rstrip(".") + "  ", passed=True,
+                scores={"colour": 0.3, "overall": 0.3}, model_version_id=base),
+        _signal(3, EVAL, sample, RED, passed=False, scores={"colour": 0.0, "overall": 0.0},
+                model_version_id=other),  # another model version: another case
+        _signal(4, EVAL, sample, "a blue square", passed=True,
+                scores={"shape": 0.9, "overall": 0.9}, model_version_id=base),  # not a failure
+        _signal(5, FEEDBACK, SignalKind.THUMBS, "a cat", thumbs_up=False, model_version_id=base),
+        _signal(6, FEEDBACK, SignalKind.THUMBS, "a dog", thumbs_up=True, model_version_id=base),
+        _signal(7, FEEDBACK, SignalKind.RATING, "a dog", rating=4, model_version_id=base),
+        _signal(8, FEEDBACK, SignalKind.RATING, "a fox", rating=1, model_version_id=base),
+        _signal(9, FEEDBACK, SignalKind.FLAGS, "a bird", flags=["artifact"], model_version_id=base),
+        _signal(10, FEEDBACK, SignalKind.PAIRWISE, "a cow", model_version_id=base,
+                chosen_image_uri="s3://a.png", rejected_image_uri="s3://b.png"),
+        _signal(11, FEEDBACK, SignalKind.COMMENT, "a cow", comment="meh", model_version_id=base),
+        _signal(12, MINING, SignalKind.MINING_HIT, "a red star", model_version_id=base),
+        # Another prompt, the same image as signal 1: merged into its open case.
+        _signal(13, FEEDBACK, SignalKind.THUMBS, "red circle", thumbs_up=False,
+                model_version_id=base, image_sha256="a" * 64),
+    ]  # fmt: skip
+    stored = insert_signals(session, signals=rows)
+    session.commit()
+    return {row.event_id: row.id for row in stored}
+
+
+def test_the_sql_and_python_rules_agree(engine: Engine) -> None:
+    with session_factory(engine)() as session:
+        ids = _seed(session)
+        for rules in (FailureRules(), FailureRules(evaluation_threshold=0.2, rating_at_most=4)):
+            by_sql = set(session.scalars(select(Signal.id).where(failure_condition(rules))))
+            by_python = {
+                s.id
+                for s in session.scalars(select(Signal))
+                if failure_reason(s, rules) is not None
+            }
+            assert by_sql == by_python
+        default = set(session.scalars(select(Signal.id).where(failure_condition(FailureRules()))))
+        failing = {1, 2, 3, 5, 8, 9, 12, 13}
+        assert default == {ids[f"event-{n}"] for n in failing}
+        with pytest.raises(ValueError, match="rating_at_most"):
+            FailureRules(rating_at_most=0).validate()
+
+
+def test_failures_become_cases_once(engine: Engine) -> None:
+    with session_factory(engine)() as session:
+        ids = _seed(session)
+        report = collect_failures(session, batch_size=3)
+        assert report.signals_linked == 8
+        assert report.cases_created == 6  # red circle x2 versions, cat, fox, bird, red star
+        assert report.merged_by_image == 1
+        assert report.reasons == {"evaluation": 3, "feedback": 4, "mining hit": 1}
+        cases = session.scalars(select(FailureCase).order_by(FailureCase.id)).all()
+        assert all(c.status == CaseStatus.OPEN for c in cases)
+        red = cases[0]
+        assert red.skill == "colour"
+        assert red.signal_count == 3
+        linked = [ids["event-1"], ids["event-2"], ids["event-13"]]
+        assert case_signal_ids(session, case_id=red.id) == linked
+        assert sum(c.signal_count for c in cases) == 8
+
+        again = collect_failures(session)
+        assert (again.signals_linked, again.cases_created) == (0, 0)
+
+        base = model_version_id(session, name="base")
+        later = _signal(20, FEEDBACK, SignalKind.RATING, "A  cat!", rating=2, model_version_id=base)
+        insert_signals(session, signals=[later])
+        session.commit()
+        report = collect_failures(session)
+        assert (report.signals_linked, report.cases_created) == (1, 0)
+        session.expire_all()
+        cat = session.scalar(
+            select(FailureCase).where(
+                FailureCase.dedup_key == dedup_key(Task.TEXT_TO_IMAGE, "a cat", base)
+            )
+        )
+        assert cat is not None
+        assert cat.signal_count == 2
+
+
+def test_two_collectors_at_once_link_each_signal_once(engine: Engine) -> None:
+    with session_factory(engine)() as session:
+        _seed(session)
+    reports = []
+
+    def run() -> None:
+        with session_factory(engine)() as session:
+            reports.append(collect_failures(session, batch_size=2))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(r.signals_linked for r in reports) == 8
+    with session_factory(engine)() as session:
+        cases = session.scalars(select(FailureCase)).all()
+        assert len(cases) == 6
+        assert sum(c.signal_count for c in cases) == 8
+
+
+def test_prompts_normalize() -> None:
+    assert normalized_prompt("  A  Red\tCircle. ") == "a red circle"
+    assert dedup_key(Task.TEXT_TO_IMAGE, "A red circle!", 1) == dedup_key(
+        Task.TEXT_TO_IMAGE, "a red circle", 1
+    )
+    assert dedup_key(Task.TEXT_TO_IMAGE, "a red circle", 1) != dedup_key(
+        Task.IMAGE_EDITING, "a red circle", 1
+    )
