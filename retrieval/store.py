@@ -6,14 +6,12 @@ One code path for both backends: :func:`open_qdrant` gives a ``QdrantClient`` on
 
 The collections (:data:`COLLECTIONS`), all cosine distance, named vectors:
 
-=============  ===========================  ==========================================
-collection     vectors                      one point is
-=============  ===========================  ==========================================
-``prompts``    ``text``                     a caption / prompt of a sample
-``images``     ``image``                    a sample's target image
-``edit_pairs`` ``instruction``, ``image``   an editing sample: its instruction and its
-                                            source image
-=============  ===========================  ==========================================
+- ``prompts`` (vector ``text``): a caption / prompt of a sample;
+- ``images`` (``image``): a sample's target image;
+- ``edit_pairs`` (``instruction``, ``image``): an editing sample, its instruction and its
+  source image;
+- ``failure_cases`` (``text``): a failure case's prompt (:mod:`flywheel.cases`: a failure
+  whose prompt nearly repeats an open case's joins that case).
 
 Each collection's metadata records which embedder built each vector (``model_id``, see
 :mod:`retrieval.embedding`) and its width; :func:`ensure_collection` creates a collection
@@ -34,12 +32,13 @@ from qdrant_client import QdrantClient, models
 
 from flywheel.settings import Settings
 
-CollectionName = Literal["prompts", "images", "edit_pairs"]
+CollectionName = Literal["prompts", "images", "edit_pairs", "failure_cases"]
 
 COLLECTIONS: dict[CollectionName, tuple[str, ...]] = {
     "prompts": ("text",),
     "images": ("image",),
     "edit_pairs": ("instruction", "image"),
+    "failure_cases": ("text",),
 }
 """The collections and their named vectors."""
 

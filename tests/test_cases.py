@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from qdrant_client import QdrantClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from flywheel.cases.near import CasePrompts
 from flywheel.cases.repository import case_signal_ids
 from flywheel.cases.rules import FailureRules, failure_condition, failure_reason
 from flywheel.cases.service import collect_failures, dedup_key, normalized_prompt
@@ -22,6 +24,8 @@ from flywheel.db.engine import create_db_engine, session_factory
 from flywheel.db.models import CaseStatus, FailureCase, Signal, SignalKind, SignalSource, Task
 from flywheel.settings import Settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
+from retrieval.embedding import TextEmbedder
+from retrieval.store import QdrantConfig
 
 
 @pytest.fixture
@@ -168,3 +172,49 @@ def test_prompts_normalize() -> None:
     assert dedup_key(Task.TEXT_TO_IMAGE, "a red circle", 1) != dedup_key(
         Task.IMAGE_EDITING, "a red circle", 1
     )
+
+
+def test_near_duplicate_prompts_join_one_case(engine: Engine, offline: None) -> None:
+    prompts = CasePrompts(
+        client=QdrantClient(location=":memory:"),
+        config=QdrantConfig(),
+        embedder=TextEmbedder(),
+    )
+    thumbs = SignalKind.THUMBS
+    with session_factory(engine)() as session:
+        base = model_version_id(session, name="base")
+        other = model_version_id(session, name="candidate")
+        rows = [
+            _signal(1, FEEDBACK, thumbs, RED, thumbs_up=False, model_version_id=base),
+            _signal(2, FEEDBACK, thumbs, RED.replace("at the", "in the"), thumbs_up=False,
+                    model_version_id=base),  # a paraphrase: the same case
+            _signal(3, FEEDBACK, thumbs, RED.replace("red", "blue"), thumbs_up=False,
+                    model_version_id=base),  # another colour: another case
+            _signal(4, FEEDBACK, thumbs, RED.replace("at the", "in the"), thumbs_up=False,
+                    model_version_id=other),  # another model version: another case
+        ]  # fmt: skip
+        insert_signals(session, signals=rows)
+        session.commit()
+        report = collect_failures(session, prompts=prompts, batch_size=2)
+        assert (report.signals_linked, report.cases_created, report.merged_by_prompt) == (4, 3, 1)
+        red = session.scalar(select(FailureCase).order_by(FailureCase.id).limit(1))
+        assert red is not None
+        assert red.prompt == RED
+        assert red.signal_count == 2
+        # A fixed case takes no new near-duplicates.
+        red.status = CaseStatus.FIXED
+        session.commit()
+        late = _signal(5, FEEDBACK, thumbs, RED + " ", thumbs_up=False, model_version_id=base)
+        insert_signals(session, signals=[late])
+        session.commit()
+        # The exact key still finds the fixed case: the same prompt on the same model.
+        assert collect_failures(session, prompts=prompts).cases_created == 0
+        paraphrase = _signal(6, FEEDBACK, thumbs, RED.replace("at the", "in the") + "!",
+                             thumbs_up=False, model_version_id=base)  # fmt: skip
+        insert_signals(session, signals=[paraphrase])
+        session.commit()
+        again = collect_failures(session, prompts=prompts)
+        # Its only near case is fixed: a new case (a fix is a new model version; failures of
+        # the old one after the fix are new evidence, not the old case's).
+        assert (again.cases_created, again.merged_by_prompt) == (1, 0)
+    prompts.client.close()

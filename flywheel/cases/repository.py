@@ -48,6 +48,21 @@ def open_case_id_by_image(session: Session, *, image_sha256: str) -> int | None:
     return found
 
 
+def first_open_case(session: Session, *, case_ids: Sequence[int]) -> int | None:
+    """The first of ``case_ids`` (in their order) that is neither fixed nor dismissed."""
+    if not case_ids:
+        return None
+    open_ids = set(
+        session.scalars(
+            select(FailureCase.id).where(
+                FailureCase.id.in_(case_ids),
+                FailureCase.status.not_in([CaseStatus.FIXED, CaseStatus.DISMISSED]),
+            )
+        )
+    )
+    return next((case_id for case_id in case_ids if case_id in open_ids), None)
+
+
 def insert_case(
     session: Session,
     *,

@@ -7,13 +7,16 @@ and that no case holds yet, in batches (oldest first), and files each under a ca
   punctuation) and the model version — the same prompt failing on the same model is one
   case however many signals report it;
 - failing that, an open case showing the **same image** (SHA-256) takes it;
+- failing that, with ``prompts`` (:class:`flywheel.cases.near.CasePrompts`), an open case
+  whose prompt is a **near-duplicate** (embedding similarity >= its threshold, same task
+  and model version) takes it;
 - else a new open case (its skill: the signal's first score other than ``overall``, as
   ``flywheel eval`` writes them).
 
 Each link is written once (a signal belongs to one case; ``ON CONFLICT DO NOTHING``), the
 case counts it and widens its first / last seen times, and a batch is committed before the
 next is read: a rerun, or a collector running beside this one, links nothing twice.
-Near-duplicates by prompt *embedding* and themed clusters come next (issue 7).
+Themed clusters come next (issue 7).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
 
 from flywheel.cases import repository
+from flywheel.cases.near import CasePrompts
 from flywheel.cases.rules import FailureRules, failure_condition, failure_reason
 from flywheel.db.models import Signal, Task
 
@@ -41,6 +45,8 @@ class CollectReport(BaseModel):
     cases_created: int
     merged_by_image: int
     """Of the linked signals, those filed under another prompt's case by their image."""
+    merged_by_prompt: int
+    """Of the linked signals, those filed under a case whose prompt they nearly repeat."""
     reasons: dict[str, int]
     """Linked signals per kind of reason (``evaluation``, ``feedback``, ``mining hit``)."""
 
@@ -62,7 +68,11 @@ def signal_skill(signal: Signal) -> str | None:
 
 
 def collect_failures(
-    session: Session, *, rules: FailureRules | None = None, batch_size: int = 500
+    session: Session,
+    *,
+    rules: FailureRules | None = None,
+    prompts: CasePrompts | None = None,
+    batch_size: int = 500,
 ) -> CollectReport:
     """File every failing signal that no case holds under its case (see the module doc)."""
     rules = rules or FailureRules()
@@ -70,7 +80,7 @@ def collect_failures(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     condition = failure_condition(rules)
-    linked = created = by_image = 0
+    linked = created = by_image = by_prompt = 0
     reasons: dict[str, int] = {}
     after = 0
     while True:
@@ -82,9 +92,11 @@ def collect_failures(
                 signals_linked=linked,
                 cases_created=created,
                 merged_by_image=by_image,
+                merged_by_prompt=by_prompt,
                 reasons=reasons,
             )
-        for signal in batch:
+        vectors = prompts.embed([s.prompt for s in batch]) if prompts is not None else None
+        for row, signal in enumerate(batch):
             reason = failure_reason(signal, rules)
             if reason is None:  # the SQL and Python rules disagree: a bug, not data
                 raise AssertionError(f"signal {signal.id} matched the SQL rules only")
@@ -96,6 +108,12 @@ def collect_failures(
                     session, image_sha256=signal.image_sha256
                 )
                 by_image += case_id is not None
+            if case_id is None and prompts is not None and vectors is not None:
+                near = prompts.near(
+                    vectors[row], task=signal.task, model_version_id=signal.model_version_id
+                )
+                case_id = repository.first_open_case(session, case_ids=near)
+                by_prompt += case_id is not None
             if case_id is None:
                 case_id = repository.insert_case(
                     session,
@@ -109,6 +127,13 @@ def collect_failures(
                     seen_at=seen,
                 )
                 created += 1
+                if prompts is not None and vectors is not None:
+                    prompts.add(
+                        case_id,
+                        vectors[row],
+                        task=signal.task,
+                        model_version_id=signal.model_version_id,
+                    )
             if repository.link_signal(session, case_id=case_id, signal_id=signal.id, seen_at=seen):
                 linked += 1
                 kind = reason.split(":")[0]
