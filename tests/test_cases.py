@@ -12,16 +12,31 @@ from typing import Any
 
 import pytest
 from qdrant_client import QdrantClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from flywheel.cases.near import CasePrompts
 from flywheel.cases.repository import case_signal_ids
 from flywheel.cases.rules import FailureRules, failure_condition, failure_reason
 from flywheel.cases.service import collect_failures, dedup_key, normalized_prompt
+from flywheel.cases.themes import (
+    PROMPT_THEME,
+    ThemeConfig,
+    assign_themes,
+    distinctive_words,
+    evaluation_theme,
+)
 from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, session_factory
-from flywheel.db.models import CaseStatus, FailureCase, Signal, SignalKind, SignalSource, Task
+from flywheel.db.models import (
+    CaseStatus,
+    FailureCase,
+    FailureCluster,
+    Signal,
+    SignalKind,
+    SignalSource,
+    Task,
+)
 from flywheel.settings import Settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
 from retrieval.embedding import TextEmbedder
@@ -218,3 +233,73 @@ def test_near_duplicate_prompts_join_one_case(engine: Engine, offline: None) -> 
         # the old one after the fix are new evidence, not the old case's).
         assert (again.cases_created, again.merged_by_prompt) == (1, 0)
     prompts.client.close()
+
+
+def _verdicts(skill: str, asked: str, found: str) -> dict[str, Any]:
+    element = {"kind": skill, "subject": "object 0", "asked": asked, "found": found}
+    return {
+        "benchmark": "flywheel-world",
+        "skill": skill,
+        "spec": {"elements": [{**element, "passed": False, "score": 0.0}]},
+    }
+
+
+def test_cases_get_readable_themes(engine: Engine, offline: None) -> None:
+    embedder = TextEmbedder()
+    sample, thumbs = SignalKind.EVALUATION_SAMPLE, SignalKind.THUMBS
+    failed = {"passed": False, "scores": {"overall": 0.0}}
+    with session_factory(engine)() as session:
+        base = model_version_id(session, name="base")
+        rows = [
+            _signal(1, EVAL, sample, RED.replace("red", "purple"), model_version_id=base,
+                    details=_verdicts("colour", "purple", "blue"), **failed),
+            _signal(2, EVAL, sample, "A picture with a grey background showing a purple star.",
+                    model_version_id=base, details=_verdicts("colour", "purple", "red"), **failed),
+            _signal(3, EVAL, sample, "three large red stars", model_version_id=base,
+                    details=_verdicts("count", "3", "4"), **failed),
+            _signal(4, FEEDBACK, thumbs, "a cat wearing a tall hat", thumbs_up=False,
+                    model_version_id=base),
+            _signal(5, FEEDBACK, thumbs, "a cat in a hat", thumbs_up=False, model_version_id=base),
+            _signal(6, FEEDBACK, thumbs, "a sunset over the calm sea", thumbs_up=False,
+                    model_version_id=base),
+            _signal(7, FEEDBACK, thumbs, "sunset above a quiet sea", thumbs_up=False,
+                    model_version_id=base),
+        ]  # fmt: skip
+        insert_signals(session, signals=rows)
+        session.commit()
+        collect_failures(session)
+        report = assign_themes(session, embedder=embedder)
+        assert report.cases_themed == 7
+        assert report.labels["colour: purple"] == 2
+        assert report.labels["count: 3"] == 1
+        prompt_labels = {k: v for k, v in report.labels.items() if k.startswith(PROMPT_THEME)}
+        assert sorted(prompt_labels.values()) == [2, 2]
+        cat = next(k for k in prompt_labels if "cat" in k)
+        assert "hat" in cat
+        assert any("sunset" in k or "sea" in k for k in prompt_labels if k != cat)
+        assert report.clusters_created == 4
+
+        assert assign_themes(session, embedder=embedder).cases_themed == 0
+        later = _signal(8, FEEDBACK, thumbs, "a grey cat with a hat", thumbs_up=False,
+                        model_version_id=base)  # fmt: skip
+        insert_signals(session, signals=[later])
+        session.commit()
+        collect_failures(session)
+        again = assign_themes(session, embedder=embedder)
+        assert again.labels == {cat: 1}  # joins the cat theme
+        assert again.clusters_created == 0
+        assert session.scalar(select(func.count()).select_from(FailureCluster)) == 4
+
+
+def test_theme_helpers() -> None:
+    assert evaluation_theme(_verdicts("shape", "star", "circle")) == "shape: star"
+    assert evaluation_theme({"skill": "colour", "spec": {"elements": []}}) is None
+    assert evaluation_theme(None) is None  # type: ignore[arg-type]
+    words = distinctive_words(
+        ["a cat in a hat", "a cat with a hat"],
+        ["a cat in a hat", "a cat with a hat", "a dog in a park", "a hat on a dog"],
+        2,
+    )
+    assert words == ["cat", "hat"]
+    with pytest.raises(ValueError, match="similarity"):
+        ThemeConfig(similarity=1.0).validate()

@@ -9,7 +9,16 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from flywheel.db.models import CaseSignal, CaseStatus, FailureCase, Signal, Task
+from flywheel.db.models import (
+    CaseSignal,
+    CaseStatus,
+    FailureCase,
+    FailureCluster,
+    Json,
+    Signal,
+    SignalSource,
+    Task,
+)
 
 
 def failing_unlinked_signals(
@@ -131,5 +140,93 @@ def case_signal_ids(session: Session, *, case_id: int) -> list[int]:
             select(CaseSignal.signal_id)
             .where(CaseSignal.case_id == case_id)
             .order_by(CaseSignal.signal_id)
+        )
+    )
+
+
+def unthemed_open_cases(session: Session) -> list[FailureCase]:
+    """Cases in no cluster that are neither fixed nor dismissed, oldest first."""
+    return list(
+        session.scalars(
+            select(FailureCase)
+            .where(
+                FailureCase.cluster_id.is_(None),
+                FailureCase.status.not_in([CaseStatus.FIXED, CaseStatus.DISMISSED]),
+            )
+            .order_by(FailureCase.id)
+        )
+    )
+
+
+def evaluation_details(session: Session, *, case_ids: Sequence[int]) -> dict[int, list[Json]]:
+    """The ``details`` of each case's evaluation signals, oldest first."""
+    rows = session.execute(
+        select(CaseSignal.case_id, Signal.details)
+        .join(Signal, Signal.id == CaseSignal.signal_id)
+        .where(
+            CaseSignal.case_id.in_(case_ids),
+            Signal.source == SignalSource.EVALUATION,
+            Signal.details.is_not(None),
+        )
+        .order_by(Signal.id)
+    )
+    out: dict[int, list[Json]] = {}
+    for case_id, details in rows:
+        if details is not None:
+            out.setdefault(case_id, []).append(details)
+    return out
+
+
+def clusters_by_label(session: Session) -> dict[str, int]:
+    """Every cluster's id by label (the first, where labels repeat)."""
+    out: dict[str, int] = {}
+    for cluster_id, label in session.execute(
+        select(FailureCluster.id, FailureCluster.label).order_by(FailureCluster.id)
+    ):
+        out.setdefault(label, cluster_id)
+    return out
+
+
+def insert_cluster(session: Session, *, label: str) -> int:
+    """A new cluster's id."""
+    created = session.scalar(
+        insert(FailureCluster).values(label=label).returning(FailureCluster.id)
+    )
+    assert created is not None
+    return int(created)
+
+
+def set_cluster(session: Session, *, case_ids: Sequence[int], cluster_id: int) -> None:
+    """Put cases in a cluster."""
+    session.execute(
+        update(FailureCase).where(FailureCase.id.in_(case_ids)).values(cluster_id=cluster_id)
+    )
+
+
+def cluster_prompts(session: Session, *, label_prefix: str) -> dict[int, list[str]]:
+    """The prompts of the open cases of each cluster whose label starts with the prefix."""
+    rows = session.execute(
+        select(FailureCase.cluster_id, FailureCase.prompt)
+        .join(FailureCluster, FailureCluster.id == FailureCase.cluster_id)
+        .where(
+            FailureCluster.label.startswith(label_prefix, autoescape=True),
+            FailureCase.status.not_in([CaseStatus.FIXED, CaseStatus.DISMISSED]),
+        )
+        .order_by(FailureCase.cluster_id, FailureCase.id)
+    )
+    out: dict[int, list[str]] = {}
+    for cluster_id, prompt in rows:
+        if cluster_id is not None:
+            out.setdefault(cluster_id, []).append(prompt)
+    return out
+
+
+def open_case_prompts(session: Session) -> list[str]:
+    """The prompts of every case neither fixed nor dismissed."""
+    return list(
+        session.scalars(
+            select(FailureCase.prompt).where(
+                FailureCase.status.not_in([CaseStatus.FIXED, CaseStatus.DISMISSED])
+            )
         )
     )

@@ -101,9 +101,9 @@ def index(
 
     if split not in (CORPUS, POOL):
         fail(f"--split {split!r}: corpus or pool")
-    datasets = [name for name in COLLECTIONS if name != "failure_cases"]
-    if collection not in datasets:
-        fail(f"--collection {collection!r}: one of {', '.join(datasets)}")
+    indexable = [name for name in COLLECTIONS if name != "failure_cases"]
+    if collection not in indexable:
+        fail(f"--collection {collection!r}: one of {', '.join(indexable)}")
     if not (dataset / "samples.jsonl").is_file():
         fail(f"--dataset {dataset}: no samples.jsonl")
     kinds = {VECTOR_KINDS[v] for v in COLLECTIONS[collection]}

@@ -382,6 +382,9 @@ def test_cli_index_diagnose_augment(
         assert table.exit_code == 0
         assert "pool" in table.stdout
 
+        bad = runner.invoke(app, [*args[:6], "--collection", "failure_cases"])
+        assert bad.exit_code == 2
+        assert "--collection 'failure_cases'" in bad.stderr
         bad = runner.invoke(app, [*args[:5], "train"])
         assert bad.exit_code == 2
         assert "--split 'train'" in bad.stderr
