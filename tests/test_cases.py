@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from flywheel.cases.near import CasePrompts
 from flywheel.cases.repository import case_signal_ids
 from flywheel.cases.rules import FailureRules, failure_condition, failure_reason
-from flywheel.cases.service import collect_failures, dedup_key, normalized_prompt
+from flywheel.cases.service import collect_failures, dedup_key, normalized_prompt, signal_skill
 from flywheel.cases.themes import (
     PROMPT_THEME,
     ThemeConfig,
@@ -173,6 +173,8 @@ def test_two_collectors_at_once_link_each_signal_once(engine: Engine) -> None:
     for thread in threads:
         thread.join()
     assert sum(r.signals_linked for r in reports) == 8
+    assert sum(r.cases_created for r in reports) == 6  # a case found, not made, is not counted
+    assert sum(r.merged_by_image for r in reports) == 1
     with session_factory(engine)() as session:
         cases = session.scalars(select(FailureCase)).all()
         assert len(cases) == 6
@@ -216,6 +218,9 @@ def test_near_duplicate_prompts_join_one_case(engine: Engine, offline: None) -> 
         assert red is not None
         assert red.prompt == RED
         assert red.signal_count == 2
+        # Stored after the commit, one point per case made.
+        stored = prompts.client.scroll(prompts.collection(), limit=10)[0]
+        assert sorted(int(p.id) for p in stored) == sorted(session.scalars(select(FailureCase.id)))
         # A fixed case takes no new near-duplicates.
         red.status = CaseStatus.FIXED
         session.commit()
@@ -303,3 +308,48 @@ def test_theme_helpers() -> None:
     assert words == ["cat", "hat"]
     with pytest.raises(ValueError, match="similarity"):
         ThemeConfig(similarity=1.0).validate()
+
+
+def test_the_skill_comes_from_the_details() -> None:
+    signal = Signal(
+        scores={"text-latin": 0.2, "ocr": 0.1, "overall": 0.2}, details={"skill": "text-latin"}
+    )
+    assert signal_skill(signal) == "text-latin"
+    assert signal_skill(Signal(scores={"colour": 0.0, "overall": 0.0})) == "colour"
+    assert signal_skill(Signal(scores={"a": 0.0, "b": 0.0})) is None  # which one: unknown
+
+
+def test_a_fixed_prompt_theme_label_is_reused(engine: Engine, offline: None) -> None:
+    embedder = TextEmbedder()
+    thumbs = SignalKind.THUMBS
+    with session_factory(engine)() as session:
+        base = model_version_id(session, name="base")
+        first = [
+            _signal(1, FEEDBACK, thumbs, "a cat in a hat", thumbs_up=False, model_version_id=base),
+            _signal(2, FEEDBACK, thumbs, "a cat wearing a hat", thumbs_up=False,
+                    model_version_id=base),
+        ]  # fmt: skip
+        insert_signals(session, signals=first)
+        session.commit()
+        collect_failures(session)
+        (label,) = assign_themes(session, embedder=embedder).labels
+        for case in session.scalars(select(FailureCase)):
+            case.status = CaseStatus.FIXED
+        session.commit()
+        later = [
+            _signal(3, FEEDBACK, thumbs, "a cat with a hat on", thumbs_up=False,
+                    model_version_id=base),
+            _signal(4, FEEDBACK, thumbs, "one cat in one hat", thumbs_up=False,
+                    model_version_id=base),
+        ]  # fmt: skip
+        insert_signals(session, signals=later)
+        session.commit()
+        collect_failures(session)
+        again = assign_themes(session, embedder=embedder)
+        assert again.cases_themed == 2
+        assert set(again.labels) <= {label} | {
+            k for k in again.labels if k.startswith(PROMPT_THEME)
+        }
+        labels = list(session.scalars(select(FailureCluster.label)))
+        assert len(labels) == len(set(labels))  # no label twice
+        assert assign_themes(session, embedder=embedder).cases_themed == 0

@@ -64,7 +64,7 @@ class CasePrompts:
                     ),
                 ]
             ),
-            limit=8,
+            limit=32,  # closed cases stay in the collection; the caller keeps open ones
             score_threshold=self.threshold,
         ).points
         return [int(hit.id) for hit in hits]

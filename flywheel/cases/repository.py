@@ -83,8 +83,9 @@ def insert_case(
     model_version_id: int | None,
     skill: str | None,
     seen_at: datetime,
-) -> int:
-    """Create the open case of ``dedup_key`` (or find the one a concurrent writer made)."""
+) -> tuple[int, bool]:
+    """Create the open case of ``dedup_key``, or find the one a concurrent writer made:
+    ``(id, created)``."""
     created: int | None = session.scalar(
         insert(FailureCase)
         .values(
@@ -104,33 +105,35 @@ def insert_case(
         .returning(FailureCase.id)
     )
     if created is not None:
-        return created
+        return created, True
     existing = case_id_by_key(session, dedup_key=dedup_key)
     assert existing is not None  # ON CONFLICT waited for the other writer's commit
-    return existing
+    return existing, False
 
 
-def link_signal(session: Session, *, case_id: int, signal_id: int, seen_at: datetime) -> bool:
-    """Link a signal to a case (once: a signal belongs to one case) and count it; False if it
-    was linked already."""
+def link_signal(session: Session, *, case_id: int, signal_id: int) -> bool:
+    """Link a signal to a case (once: a signal belongs to one case); False if it was linked
+    already."""
     linked = session.scalar(
         insert(CaseSignal)
         .values(case_id=case_id, signal_id=signal_id)
         .on_conflict_do_nothing(index_elements=[CaseSignal.signal_id])
         .returning(CaseSignal.signal_id)
     )
-    if linked is None:
-        return False
+    return linked is not None
+
+
+def count_signals(session: Session, *, case_id: int, seen: Sequence[datetime]) -> None:
+    """Count newly linked signals into a case and widen its first / last seen times."""
     session.execute(
         update(FailureCase)
         .where(FailureCase.id == case_id)
         .values(
-            signal_count=FailureCase.signal_count + 1,
-            first_seen_at=func.least(FailureCase.first_seen_at, seen_at),
-            last_seen_at=func.greatest(FailureCase.last_seen_at, seen_at),
+            signal_count=FailureCase.signal_count + len(seen),
+            first_seen_at=func.least(FailureCase.first_seen_at, min(seen)),
+            last_seen_at=func.greatest(FailureCase.last_seen_at, max(seen)),
         )
     )
-    return True
 
 
 def case_signal_ids(session: Session, *, case_id: int) -> list[int]:
@@ -230,3 +233,13 @@ def open_case_prompts(session: Session) -> list[str]:
             )
         )
     )
+
+
+def cluster_labels(session: Session, *, cluster_ids: Sequence[int]) -> dict[int, str]:
+    """The labels of these clusters, by id."""
+    if not cluster_ids:
+        return {}
+    rows = session.execute(
+        select(FailureCluster.id, FailureCluster.label).where(FailureCluster.id.in_(cluster_ids))
+    )
+    return {row[0]: row[1] for row in rows}

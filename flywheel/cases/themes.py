@@ -154,6 +154,8 @@ def assign_themes(
         vectors = embedder.embed([c.prompt for c in by_prompt])  # (n, d)
         members = repository.cluster_prompts(session, label_prefix=PROMPT_THEME)
         ids = list(members)
+        label_of = {cluster_id: label for label, cluster_id in clusters.items()}
+        label_of.update(repository.cluster_labels(session, cluster_ids=ids))
         centroids = _centroids(embedder, [members[i] for i in ids])  # (m, d)
         rest = []
         for row, case in enumerate(by_prompt):
@@ -162,7 +164,7 @@ def assign_themes(
                 best = int(np.argmax(similarities))
                 if similarities[best] >= config.similarity:
                     repository.set_cluster(session, case_ids=[case.id], cluster_id=ids[best])
-                    labels[_label_of(clusters, ids[best])] += 1
+                    labels[label_of[ids[best]]] += 1
                     continue
             rest.append(row)
         everything = repository.open_case_prompts(session)
@@ -170,19 +172,16 @@ def assign_themes(
             chosen = [by_prompt[rest[i]] for i in group]
             words = distinctive_words([c.prompt for c in chosen], everything, config.label_words)
             label = PROMPT_THEME + (", ".join(words) or chosen[0].prompt[:60])
-            cluster_id = repository.insert_cluster(session, label=label)
-            clusters.setdefault(label, cluster_id)
-            created += 1
+            if label not in clusters:  # a theme of that label (its cases fixed, say) is reused
+                clusters[label] = repository.insert_cluster(session, label=label)
+                created += 1
+            cluster_id = clusters[label]
             repository.set_cluster(session, case_ids=[c.id for c in chosen], cluster_id=cluster_id)
             labels[label] += len(chosen)
     session.commit()
     return ThemeReport(
         cases_themed=sum(labels.values()), clusters_created=created, labels=dict(labels)
     )
-
-
-def _label_of(clusters: dict[str, int], cluster_id: int) -> str:
-    return next(label for label, found in clusters.items() if found == cluster_id)
 
 
 def _centroids(embedder: TextEmbedder, prompts: Sequence[Sequence[str]]) -> np.ndarray:
