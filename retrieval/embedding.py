@@ -17,34 +17,20 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from PIL import Image
 
 from model.torchvision_compat import import_torchvision
+from training.data import image_to_tensor, load_image
 
 if TYPE_CHECKING:
     from model.reward import AlignmentReward
 
 Vectors = NDArray[np.float32]
 """(N, dim) unit-norm float32 rows."""
-
-
-class Embedder(Protocol):
-    """What the indexes need of an embedder."""
-
-    @property
-    def model_id(self) -> str:
-        """Which model and weights make the vectors (recorded in the collection)."""
-        ...
-
-    @property
-    def dim(self) -> int:
-        """Vector width."""
-        ...
 
 
 def weights_digest(directory: Path, pattern: str = "*.safetensors") -> str:
@@ -98,21 +84,15 @@ class TextEmbedder:
         dim = self._model.get_embedding_dimension()
         if dim is None:
             raise ValueError(f"{path}: the model does not say its embedding width")
-        self._dim = int(dim)
-        self._model_id = f"sentence-transformers:{path.name}@{weights_digest(path)}"
-
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+        self.dim = int(dim)
+        """Vector width."""
+        self.model_id = f"sentence-transformers:{path.name}@{weights_digest(path)}"
+        """Which model and weights make the vectors (recorded in the collections)."""
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         """``(len(texts), dim)`` unit-norm vectors."""
         if not texts:
-            return np.zeros((0, self._dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
         vectors = self._model.encode(
             list(texts),
             batch_size=self.config.batch_size,
@@ -136,18 +116,12 @@ class ImageEmbedder:
         self._model: AlignmentReward = build_alignment_reward(
             AlignmentRewardConfig(architecture=f"local-dir:{self.directory}")
         )
-        self._model_id = f"open_clip:{self.directory.name}@{weights_digest(self.directory)}"
+        self.model_id = f"open_clip:{self.directory.name}@{weights_digest(self.directory)}"
+        """Which model and weights make the vectors (recorded in the collections)."""
         with torch.no_grad():
             probe = torch.zeros(1, 3, *self._model.image_size)
-            self._dim = int(self._model.encode_image(probe).shape[-1])
-
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+            self.dim = int(self._model.encode_image(probe).shape[-1])
+            """Vector width."""
 
     def embed(self, images: Sequence[Path]) -> Vectors:
         """``(len(images), dim)`` unit-norm vectors of the image files."""
@@ -163,11 +137,10 @@ class ImageEmbedder:
                 )  # (b, 3, h, w), normalised
                 out.append(self._model.encode_preprocessed(batch).float().numpy())
         if not out:
-            return np.zeros((0, self._dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
 
 def _image_tensor(path: Path) -> torch.Tensor:
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+    """(3, H, W) in [0, 1] of an image file, read as training reads it."""
+    return (image_to_tensor(load_image(path, channels=3)) + 1) / 2

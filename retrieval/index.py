@@ -39,6 +39,7 @@ from retrieval.store import (
     QdrantConfig,
     collection_name,
     ensure_collection,
+    scroll_all,
 )
 from training.data import Sample, read_dataset
 
@@ -224,15 +225,9 @@ def prune(
             models.FieldCondition(key="split", match=models.MatchValue(value=split)),
         ]
     )
-    stale: list[models.ExtendedPointId] = []
-    offset = None
-    while True:
-        page, offset = client.scroll(
-            name, scroll_filter=which, limit=1024, offset=offset, with_payload=False
-        )
-        stale += [point.id for point in page if str(point.id) not in keep]
-        if offset is None:
-            break
+    stale = [
+        point.id for point in scroll_all(client, name, where=which) if str(point.id) not in keep
+    ]
     if stale:
         client.delete(name, points_selector=models.PointIdsList(points=stale), wait=True)
     return len(stale)

@@ -30,7 +30,7 @@ from qdrant_client import QdrantClient, models
 
 from retrieval.embedding import Vectors
 from retrieval.index import CORPUS
-from retrieval.store import check_embedders
+from retrieval.store import check_embedders, scroll_all
 
 CORPUS_FILTER = models.Filter(
     must=[models.FieldCondition(key="split", match=models.MatchValue(value=CORPUS))]
@@ -117,7 +117,7 @@ def calibrate(
     ``model_id``)."""
     config.validate()
     check_embedders(client, name, {vector: model_id})
-    ids = _corpus_ids(client, name)
+    ids = [str(point.id) for point in scroll_all(client, name, where=CORPUS_FILTER)]
     if len(ids) <= config.k:
         raise ValueError(f"{name}: {len(ids)} corpus points, need more than k = {config.k}")
     chosen = sorted(
@@ -245,29 +245,9 @@ def _neighbour(hit: models.ScoredPoint) -> Neighbour:
 
 def _corpus_fingerprint(client: QdrantClient, name: str) -> tuple[int, str]:
     """How many corpus points there are, and a SHA-256 over their ids and digests."""
-    records: list[str] = []
-    offset = None
-    while True:
-        page, offset = client.scroll(
-            name, scroll_filter=CORPUS_FILTER, limit=1024, offset=offset, with_payload=["digest"]
-        )
-        records += [f"{point.id}:{(point.payload or {}).get('digest')}" for point in page]
-        if offset is None:
-            break
-    digest = hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()
-    return len(records), digest
-
-
-def _corpus_ids(client: QdrantClient, name: str) -> list[str]:
-    ids: list[str] = []
-    offset = None
-    while True:
-        page, offset = client.scroll(
-            name, scroll_filter=CORPUS_FILTER, limit=1024, offset=offset, with_payload=False
-        )
-        ids += [str(point.id) for point in page]
-        if offset is None:
-            return ids
+    points = scroll_all(client, name, where=CORPUS_FILTER, with_payload=["digest"])
+    records = sorted(f"{point.id}:{(point.payload or {}).get('digest')}" for point in points)
+    return len(records), hashlib.sha256("\n".join(records).encode()).hexdigest()
 
 
 def _vector_of(point: models.Record, vector: str) -> list[float]:

@@ -146,6 +146,25 @@ def ensure_collection(
     return name
 
 
+def scroll_all(
+    client: QdrantClient,
+    name: str,
+    *,
+    where: models.Filter,
+    with_payload: bool | list[str] = False,
+) -> list[models.Record]:
+    """Every point of collection ``name`` that ``where`` selects, page by page (no vectors)."""
+    records: list[models.Record] = []
+    offset = None
+    while True:
+        page, offset = client.scroll(
+            name, scroll_filter=where, limit=1024, offset=offset, with_payload=with_payload
+        )
+        records += page
+        if offset is None:
+            return records
+
+
 def recorded_embedders(client: QdrantClient, name: str) -> dict[str, str]:
     """Vector name -> the ``model_id`` that built it, as the collection's metadata says."""
     metadata = client.get_collection(name).config.metadata or {}

@@ -18,7 +18,13 @@ from sqlalchemy.orm import Session
 from flywheel.cases.near import CasePrompts
 from flywheel.cases.repository import case_signal_ids
 from flywheel.cases.rules import FailureRules, failure_condition, failure_reason
-from flywheel.cases.service import collect_failures, dedup_key, normalized_prompt, signal_skill
+from flywheel.cases.service import (
+    CollectReport,
+    collect_failures,
+    dedup_key,
+    normalized_prompt,
+    signal_skill,
+)
 from flywheel.cases.themes import (
     PROMPT_THEME,
     ThemeConfig,
@@ -70,6 +76,13 @@ def _signal(
 
 EVAL, FEEDBACK, MINING = SignalSource.EVALUATION, SignalSource.FEEDBACK, SignalSource.MINING
 RED = "A picture with a white background showing a large red circle at the centre."
+
+
+def _ingest(session: Session, rows: list[NewSignal], **options: Any) -> CollectReport:
+    """Store ``rows``, then collect failures from them."""
+    insert_signals(session, signals=rows)
+    session.commit()
+    return collect_failures(session, **options)
 
 
 def _seed(session: Session) -> dict[str, int]:
@@ -144,9 +157,7 @@ def test_failures_become_cases_once(engine: Engine) -> None:
 
         base = model_version_id(session, name="base")
         later = _signal(20, FEEDBACK, SignalKind.RATING, "A  cat!", rating=2, model_version_id=base)
-        insert_signals(session, signals=[later])
-        session.commit()
-        report = collect_failures(session)
+        report = _ingest(session, [later])
         assert (report.signals_linked, report.cases_created) == (1, 0)
         session.expire_all()
         cat = session.scalar(
@@ -210,9 +221,7 @@ def test_near_duplicate_prompts_join_one_case(engine: Engine, offline: None) -> 
             _signal(4, FEEDBACK, thumbs, RED.replace("at the", "in the"), thumbs_up=False,
                     model_version_id=other),  # another model version: another case
         ]  # fmt: skip
-        insert_signals(session, signals=rows)
-        session.commit()
-        report = collect_failures(session, prompts=prompts, batch_size=2)
+        report = _ingest(session, rows, prompts=prompts, batch_size=2)
         assert (report.signals_linked, report.cases_created, report.merged_by_prompt) == (4, 3, 1)
         red = session.scalar(select(FailureCase).order_by(FailureCase.id).limit(1))
         assert red is not None
@@ -225,15 +234,11 @@ def test_near_duplicate_prompts_join_one_case(engine: Engine, offline: None) -> 
         red.status = CaseStatus.FIXED
         session.commit()
         late = _signal(5, FEEDBACK, thumbs, RED + " ", thumbs_up=False, model_version_id=base)
-        insert_signals(session, signals=[late])
-        session.commit()
         # The exact key still finds the fixed case: the same prompt on the same model.
-        assert collect_failures(session, prompts=prompts).cases_created == 0
+        assert _ingest(session, [late], prompts=prompts).cases_created == 0
         paraphrase = _signal(6, FEEDBACK, thumbs, RED.replace("at the", "in the") + "!",
                              thumbs_up=False, model_version_id=base)  # fmt: skip
-        insert_signals(session, signals=[paraphrase])
-        session.commit()
-        again = collect_failures(session, prompts=prompts)
+        again = _ingest(session, [paraphrase], prompts=prompts)
         # Its only near case is fixed: a new case (a fix is a new model version; failures of
         # the old one after the fix are new evidence, not the old case's).
         assert (again.cases_created, again.merged_by_prompt) == (1, 0)
@@ -270,9 +275,7 @@ def test_cases_get_readable_themes(engine: Engine, offline: None) -> None:
             _signal(7, FEEDBACK, thumbs, "sunset above a quiet sea", thumbs_up=False,
                     model_version_id=base),
         ]  # fmt: skip
-        insert_signals(session, signals=rows)
-        session.commit()
-        collect_failures(session)
+        _ingest(session, rows)
         report = assign_themes(session, embedder=embedder)
         assert report.cases_themed == 7
         assert report.labels["colour: purple"] == 2
@@ -287,9 +290,7 @@ def test_cases_get_readable_themes(engine: Engine, offline: None) -> None:
         assert assign_themes(session, embedder=embedder).cases_themed == 0
         later = _signal(8, FEEDBACK, thumbs, "a grey cat with a hat", thumbs_up=False,
                         model_version_id=base)  # fmt: skip
-        insert_signals(session, signals=[later])
-        session.commit()
-        collect_failures(session)
+        _ingest(session, [later])
         again = assign_themes(session, embedder=embedder)
         assert again.labels == {cat: 1}  # joins the cat theme
         assert again.clusters_created == 0
@@ -329,27 +330,22 @@ def test_a_fixed_prompt_theme_label_is_reused(engine: Engine, offline: None) -> 
             _signal(2, FEEDBACK, thumbs, "a cat wearing a hat", thumbs_up=False,
                     model_version_id=base),
         ]  # fmt: skip
-        insert_signals(session, signals=first)
-        session.commit()
-        collect_failures(session)
+        _ingest(session, first)
         (label,) = assign_themes(session, embedder=embedder).labels
         for case in session.scalars(select(FailureCase)):
             case.status = CaseStatus.FIXED
         session.commit()
         later = [
-            _signal(3, FEEDBACK, thumbs, "a cat with a hat on", thumbs_up=False,
+            _signal(3, FEEDBACK, thumbs, "the cat wearing the hat", thumbs_up=False,
                     model_version_id=base),
-            _signal(4, FEEDBACK, thumbs, "one cat in one hat", thumbs_up=False,
+            _signal(4, FEEDBACK, thumbs, "one cat wearing one hat", thumbs_up=False,
                     model_version_id=base),
         ]  # fmt: skip
-        insert_signals(session, signals=later)
-        session.commit()
-        collect_failures(session)
+        _ingest(session, later)
         again = assign_themes(session, embedder=embedder)
         assert again.cases_themed == 2
-        assert set(again.labels) <= {label} | {
-            k for k in again.labels if k.startswith(PROMPT_THEME)
-        }
+        assert again.labels == {label: 2}  # the fixed theme's label, its cluster reused
+        assert again.clusters_created == 0
         labels = list(session.scalars(select(FailureCluster.label)))
         assert len(labels) == len(set(labels))  # no label twice
         assert assign_themes(session, embedder=embedder).cases_themed == 0

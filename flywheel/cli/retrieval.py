@@ -60,6 +60,16 @@ def _world_tags(dataset: Path) -> Callable[[Sample], Sequence[str]] | None:
     return lambda sample: scene_tags(specs[sample.id].spec) if sample.id in specs else ()
 
 
+def _indexed_prompts(client: QdrantClient, config: QdrantConfig) -> str:
+    """The name of the prompts collection; exits 2 when nothing was indexed yet."""
+    from retrieval.store import collection_name
+
+    name = collection_name(config, "prompts")
+    if not client.collection_exists(name):
+        fail(f"no {name} collection: run `flywheel retrieval index` first")
+    return name
+
+
 def _text_embedder() -> TextEmbedder:
     from retrieval.embedding import TextEmbedder
 
@@ -158,14 +168,12 @@ def diagnose_prompts(
 ) -> None:
     """How scarce each prompt's concept is in the training corpus (0 common .. 1 absent)."""
     from retrieval.scarcity import ScarcityConfig, calibration_for, diagnose
-    from retrieval.store import EmbedderMismatchError, collection_name
+    from retrieval.store import EmbedderMismatchError
 
     config = ScarcityConfig(k=k)
     embedder = _text_embedder()
     with _qdrant() as (client, qconfig):
-        name = collection_name(qconfig, "prompts")
-        if not client.collection_exists(name):
-            fail(f"no {name} collection: run `flywheel retrieval index` first")
+        name = _indexed_prompts(client, qconfig)
         try:
             calibration = calibration_for(client, name, "text", embedder.model_id, config)
             results = diagnose(client, calibration, embedder.embed(prompts), config)
@@ -206,20 +214,18 @@ def augment(
     """Diverse candidates for a prompt from the pool, deduplicated against the corpus."""
     from retrieval.augment import AugmentConfig, retrieve_for_augmentation
     from retrieval.index import CORPUS, POOL
-    from retrieval.store import EmbedderMismatchError, collection_name
+    from retrieval.store import EmbedderMismatchError
 
     config = AugmentConfig(
         limit=limit,
         diversity=diversity,
-        candidates=max(100, limit + 8),
         tags_all=tuple(tag or ()),
         splits=(POOL, CORPUS) if with_corpus else (POOL,),
     )
+    config.candidates = max(config.candidates, config.limit + config.extra)
     embedder = _text_embedder()
     with _qdrant() as (client, qconfig):
-        name = collection_name(qconfig, "prompts")
-        if not client.collection_exists(name):
-            fail(f"no {name} collection: run `flywheel retrieval index` first")
+        name = _indexed_prompts(client, qconfig)
         try:
             found = retrieve_for_augmentation(
                 client, name, "text", embedder.model_id, embedder.embed([prompt])[0], config
