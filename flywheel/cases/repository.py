@@ -162,13 +162,14 @@ def unthemed_open_cases(session: Session) -> list[FailureCase]:
 
 
 def evaluation_details(session: Session, *, case_ids: Sequence[int]) -> dict[int, list[Json]]:
-    """The ``details`` of each case's evaluation signals, oldest first."""
+    """The ``details`` of each case's evaluation samples and miner hits (both may carry the
+    evaluator's verdicts), oldest first."""
     rows = session.execute(
         select(CaseSignal.case_id, Signal.details)
         .join(Signal, Signal.id == CaseSignal.signal_id)
         .where(
             CaseSignal.case_id.in_(case_ids),
-            Signal.source == SignalSource.EVALUATION,
+            Signal.source.in_([SignalSource.EVALUATION, SignalSource.MINING]),
             Signal.details.is_not(None),
         )
         .order_by(Signal.id)

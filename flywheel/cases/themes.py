@@ -2,10 +2,11 @@
 
 :func:`assign_themes` gives every open case without a cluster one:
 
-- **Evaluation failures** carry the evaluator's element verdicts (``details.spec.elements``
-  of their signals, as ``flywheel eval`` stores them): their theme is the skill and what was
-  asked and missed, e.g. ``colour: purple`` or ``count: 3`` — one cluster per such label.
-- **Other failures** (feedback, miner hits) are themed by prompt: each joins the prompt
+- **Evaluated failures** carry the evaluator's element verdicts (``details.spec.elements``
+  of their signals, as ``flywheel eval`` and the probe miner store them): their theme is the
+  skill and what was asked and missed, e.g. ``colour: purple`` or ``count: 3`` — one cluster
+  per such label.
+- **Other failures** (feedback, other miner hits) are themed by prompt: each joins the prompt
   cluster whose centroid (mean unit embedding of its members' prompts) is within
   ``similarity``; the rest are grouped by average-linkage clustering at that similarity
   (scipy) and each new cluster is labelled by its most distinctive words (class-based

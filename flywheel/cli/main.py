@@ -19,6 +19,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from flywheel.cli.mining import mine_app, worker
 from flywheel.cli.output import console, err_console, fail
 from flywheel.cli.retrieval import retrieval_app
 from flywheel.settings import Settings, get_settings
@@ -43,6 +44,8 @@ EVAL_APP = "flywheel"
 """The app that ``flywheel eval`` stores its evaluation runs under."""
 
 app.add_typer(retrieval_app, name="retrieval")
+app.add_typer(mine_app, name="mine")
+app.command("worker")(worker)
 
 
 @contextmanager

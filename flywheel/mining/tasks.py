@@ -1,0 +1,178 @@
+"""The miners as Celery tasks, and the Celery app they run on.
+
+:func:`create_celery` builds the app from the settings: with ``FLYWHEEL_REDIS_URL`` the
+tasks go through Redis (broker and result backend) to ``flywheel worker`` processes; without
+it (the embedded default) they run eagerly, in the calling process.
+
+Delivery is at least once: a task is acknowledged only after it returns (``acks_late``), a
+task whose worker process died is handed out again (``reject_on_worker_lost``), and a task
+that a whole worker took down with it returns to the queue after
+``FLYWHEEL_TASK_VISIBILITY_TIMEOUT`` seconds. Every miner is idempotent (hits keyed by what
+was mined, images content-addressed), so a task run twice stores each hit once.
+
+Models, the evaluator and the database engine are loaded once per worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, shared_task
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from flywheel.settings import Settings, get_settings
+
+PROBE_TASK = "flywheel.mining.probe"
+SCAN_TASK = "flywheel.mining.scan"
+NEAR_TASK = "flywheel.mining.near"
+
+_AT_LEAST_ONCE: dict[str, Any] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    # A database that hiccups (restart, failover) is retried, not lost.
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "max_retries": 5,
+}
+
+
+def create_celery(settings: Settings) -> Celery:
+    """The Celery app of the miners: on Redis when the settings name one, else eager."""
+    app = Celery("flywheel", set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        worker_prefetch_multiplier=1,
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        imports=("flywheel.mining.tasks",),
+    )
+    if settings.redis_url:
+        app.conf.update(
+            broker_url=settings.redis_url,
+            result_backend=settings.redis_url,
+            broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
+            result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        )
+    else:
+        app.conf.update(
+            task_always_eager=True,
+            task_eager_propagates=True,
+            broker_url="memory://localhost/",
+            result_backend="cache+memory://",
+        )
+    # The shared tasks below bind to every app; importing this module registered them.
+    app.loader.import_default_modules()
+    return app
+
+
+# ---- per-process resources ---------------------------------------------------------------------
+
+
+@functools.cache
+def _engine(url: str) -> Engine:
+    """One engine per database URL (the settings' URL at the time of the call)."""
+    from flywheel.db.engine import create_db_engine
+
+    return create_db_engine(get_settings().model_copy(update={"database_url": url}), pool_size=2)
+
+
+def _sessions() -> Any:
+    from flywheel.db.engine import database_url, session_factory
+
+    settings = get_settings()
+    return session_factory(_engine(database_url(settings)))
+
+
+@functools.cache
+def _generator(directory: str) -> Any:
+    from model.pipeline import Generator
+
+    return Generator.load(directory)
+
+
+@functools.cache
+def _reward(directory: str) -> Any:
+    from flywheel.world.base_model import load_world_reward
+
+    return load_world_reward(directory)
+
+
+@functools.cache
+def _evaluator() -> Any:
+    from flywheel.world.evaluator import load_evaluator
+
+    return load_evaluator()
+
+
+def _image_dir() -> Path:
+    return get_settings().home / "mining"
+
+
+# ---- the tasks ---------------------------------------------------------------------------------
+
+
+@shared_task(name=PROBE_TASK, **_AT_LEAST_ONCE)
+def probe_task(
+    *,
+    model_version: str,
+    generator_dir: str,
+    reward_dir: str,
+    skill: str,
+    count: int,
+    band: int,
+    seed: int = 0,
+    chunk: int = 16,
+) -> dict[str, Any]:
+    """Targeted mining of one skill's probes (:func:`~flywheel.mining.miners.mine_probes`)."""
+    from flywheel.mining.miners import ProbeBatch, mine_probes
+
+    batch = ProbeBatch(skill=skill, count=count, band=band, seed=seed)  # type: ignore[arg-type]
+    report = mine_probes(
+        _sessions(),
+        generator=_generator(generator_dir),
+        evaluator=_evaluator(),
+        reward=_reward(reward_dir),
+        model_version=model_version,
+        batch=batch,
+        image_dir=_image_dir(),
+        chunk=chunk,
+    )
+    return report.as_dict()
+
+
+@shared_task(name=SCAN_TASK, **_AT_LEAST_ONCE)
+def scan_task(*, reward_dir: str, after_id: int = 0, limit: int = 256) -> dict[str, Any]:
+    """Reward scan of stored generations (:func:`~flywheel.mining.miners.scan_generations`)."""
+    from flywheel.mining.miners import scan_generations
+
+    report = scan_generations(
+        _sessions(), reward=_reward(reward_dir), after_id=after_id, limit=limit
+    )
+    return report.as_dict()
+
+
+@shared_task(name=NEAR_TASK, **_AT_LEAST_ONCE)
+def near_task(*, after_id: int = 0, limit: int = 1024) -> dict[str, Any]:
+    """Near-duplicates of known failures (:func:`~flywheel.mining.miners.mine_near_duplicates`)."""
+    from flywheel.cases.near import CasePrompts
+    from flywheel.mining.miners import mine_near_duplicates
+    from retrieval.embedding import TextEmbedder
+    from retrieval.store import open_qdrant, qdrant_config
+
+    settings = get_settings()
+    config = qdrant_config(settings)
+    client = open_qdrant(config)
+    try:
+        prompts = CasePrompts(client=client, config=config, embedder=TextEmbedder())
+        report = mine_near_duplicates(_sessions(), prompts=prompts, after_id=after_id, limit=limit)
+    finally:
+        client.close()
+    return report.as_dict()
