@@ -9,20 +9,19 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 
+from flywheel.cli.attribution import attribution_app
 from flywheel.cli.mining import mine_app, worker
 from flywheel.cli.output import console, err_console, fail
 from flywheel.cli.retrieval import retrieval_app
-from flywheel.settings import Settings, get_settings
+from flywheel.cli.services import database
+from flywheel.settings import get_settings
 
 app = typer.Typer(
     name="flywheel",
@@ -45,29 +44,8 @@ EVAL_APP = "flywheel"
 
 app.add_typer(retrieval_app, name="retrieval")
 app.add_typer(mine_app, name="mine")
+app.add_typer(attribution_app, name="attribution")
 app.command("worker")(worker)
-
-
-@contextmanager
-def _database(settings: Settings | None = None) -> Iterator[Engine]:
-    """An engine whose database answers, disposed on exit.
-
-    Exits 2 on a bad URL and 1 when the database is unreachable.
-    """
-    from flywheel.db.engine import create_db_engine
-
-    try:
-        engine = create_db_engine(settings or get_settings(), pool_size=2)
-    except ValueError as exc:
-        fail(str(exc))
-    try:
-        try:
-            engine.connect().close()
-        except OperationalError as exc:
-            fail(f"database unreachable: {str(exc.orig).strip().splitlines()[0]}", code=1)
-        yield engine
-    finally:
-        engine.dispose()
 
 
 # ---- db ----------------------------------------------------------------------------
@@ -78,7 +56,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     """Migrate the database up (to head by default)."""
     from flywheel.db import migrate
 
-    with _database() as engine:
+    with database() as engine:
         _run_migration(lambda: migrate.upgrade(engine, revision), revision)
         console.print(f"database at revision {migrate.current_revision(engine)}")
 
@@ -90,7 +68,7 @@ def db_downgrade(
     """Migrate the database down to REVISION."""
     from flywheel.db import migrate
 
-    with _database() as engine:
+    with database() as engine:
         _run_migration(lambda: migrate.downgrade(engine, revision), revision)
         console.print(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
@@ -102,7 +80,7 @@ def db_revision(
     """For developers: write a migration for what the models changed (database must be at head)."""
     from flywheel.db import migrate
 
-    with _database() as engine:
+    with database() as engine:
         if migrate.current_revision(engine) != migrate.head_revision():
             fail("the database is not at head: run `flywheel db upgrade` first")
         path = migrate.autogenerate_revision(engine, message)
@@ -114,7 +92,7 @@ def db_current() -> None:
     """Print the database's revision and the code's head."""
     from flywheel.db import migrate
 
-    with _database() as engine:
+    with database() as engine:
         current = migrate.current_revision(engine)
     head = migrate.head_revision()
     state = "up to date" if current == head else "behind: run `flywheel db upgrade`"
@@ -148,7 +126,7 @@ def keys_create(
         parsed = parse_scopes(scopes.split(","))
     except ValueError as exc:
         fail(str(exc))
-    with _database() as engine, session_factory(engine)() as session:
+    with database() as engine, session_factory(engine)() as session:
         try:
             created = create_api_key(session, app=app_name, scopes=parsed)
         except ValueError as exc:
@@ -170,7 +148,7 @@ def keys_list(
     from flywheel.auth.repository import list_api_keys
     from flywheel.db.engine import session_factory
 
-    with _database() as engine, session_factory(engine)() as session:
+    with database() as engine, session_factory(engine)() as session:
         keys = list_api_keys(session, include_revoked=include_revoked)
     table = Table("prefix", "app", "scopes", "created", "revoked")
     for key in keys:
@@ -194,7 +172,7 @@ def keys_revoke(
 
     if prefix.startswith("fwk_"):
         prefix = prefix.split("_")[1]
-    with _database() as engine, session_factory(engine)() as session:
+    with database() as engine, session_factory(engine)() as session:
         key = revoke_api_key(session, prefix=prefix)
         session.commit()
     if key is None:
@@ -681,7 +659,7 @@ def eval_command(
     except GeneratorError as exc:
         fail(str(exc).splitlines()[0])
     settings = get_settings()
-    with _database(settings) as engine:
+    with database(settings) as engine:
         migrate.upgrade(engine)
         cases = suite(suite_name)
         with Progress(console=err_console, disable=not progress, transient=True) as display:
@@ -767,7 +745,7 @@ def serve(
     os.environ["FLYWHEEL_DATABASE_URL"] = url
     get_settings.cache_clear()
     if migrate_first:
-        with _database() as engine:
+        with database() as engine:
             _run_migration(lambda: migrate.upgrade(engine), "head")
     uvicorn.run(
         "flywheel.api.app:create_app",
@@ -792,7 +770,7 @@ def demo(
     from flywheel.demo import run_demo
 
     settings = get_settings()
-    with _database(settings):
+    with database(settings):
         pass  # fail early, in one line, when the database is unreachable
     run_demo(settings, events=events, seed=seed, console=console)
 

@@ -5,8 +5,7 @@ augmentation. The backend is the settings': ``FLYWHEEL_QDRANT_URL``, else local 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +13,7 @@ import typer
 from rich.table import Table
 
 from flywheel.cli.output import console, fail
+from flywheel.cli.services import qdrant
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -28,27 +28,6 @@ retrieval_app = typer.Typer(
 )
 
 COLLECTION_HELP = "prompts (captions), images (targets) or edit_pairs (instruction + source)."
-
-
-@contextmanager
-def _qdrant() -> Iterator[tuple[QdrantClient, QdrantConfig]]:
-    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
-    from flywheel.settings import get_settings
-    from retrieval.store import open_qdrant, qdrant_config
-
-    config = qdrant_config(get_settings())
-    where = config.url or config.path
-    try:
-        client = open_qdrant(config)
-    except (RuntimeError, OSError, ValueError) as exc:
-        fail(f"cannot open Qdrant ({where}): {str(exc).splitlines()[0]}", code=1)
-    try:
-        yield client, config
-    except (ResponseHandlingException, UnexpectedResponse) as exc:  # unreachable, 401, 5xx
-        fail(f"Qdrant ({where}) did not answer: {str(exc).splitlines()[0]}", code=1)
-    finally:
-        client.close()
 
 
 def _world_tags(dataset: Path) -> Callable[[Sample], Sequence[str]] | None:
@@ -131,7 +110,7 @@ def index(
         )
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
-    with _qdrant() as (client, config):
+    with qdrant() as (client, config):
         try:
             report = index_items(
                 client,
@@ -172,7 +151,7 @@ def diagnose_prompts(
 
     config = ScarcityConfig(k=k)
     embedder = _text_embedder()
-    with _qdrant() as (client, qconfig):
+    with qdrant() as (client, qconfig):
         name = _indexed_prompts(client, qconfig)
         try:
             calibration = calibration_for(client, name, "text", embedder.model_id, config)
@@ -224,7 +203,7 @@ def augment(
     )
     config.candidates = max(config.candidates, config.limit + config.extra)
     embedder = _text_embedder()
-    with _qdrant() as (client, qconfig):
+    with qdrant() as (client, qconfig):
         name = _indexed_prompts(client, qconfig)
         try:
             found = retrieve_for_augmentation(

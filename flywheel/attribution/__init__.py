@@ -1,0 +1,1 @@
+"""Attribution: evidence per failure case, the track classifier, routing and overrides."""

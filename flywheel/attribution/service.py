@@ -1,0 +1,252 @@
+"""Routing failure cases to tracks, human triage and overrides.
+
+:func:`attribute_open_cases` takes open cases in batches (locked, so two routers never route
+one case), gathers their evidence, lets the classifier decide, and records a model route
+per case with its evidence and probabilities. A case decided with at least
+``min_confidence`` becomes ``routed``; one below waits for human triage
+(``awaiting_triage``, with a ``triage_case`` review item holding the evidence).
+
+:func:`override_route` records a human's route (``decided_by = human``) — for a case in
+triage or one the model routed — settles its pending triage items, and from then on the
+case is a labeled example: :func:`override_examples` hands every human route, with the
+features of the model route it overrode, to the next fit (:func:`routing_classifier`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy.orm import Session
+
+from flywheel.attribution import repository
+from flywheel.attribution.classifier import (
+    ClassifierConfig,
+    Decision,
+    TrackClassifier,
+    fit_classifier,
+)
+from flywheel.attribution.evidence import CaseView, Evidence, EvidenceTools, gather_evidence
+from flywheel.db.models import (
+    CaseRoute,
+    CaseStatus,
+    Decider,
+    FailureCase,
+    ReviewStatus,
+    Signal,
+    SignalKind,
+    SignalSource,
+    Track,
+)
+from flywheel.world.benchmark import BenchmarkCase
+
+_NEGATIVE_RATING = 2
+
+
+class CaseNotFoundError(LookupError):
+    """No failure case has that id."""
+
+
+class CaseClosedError(ValueError):
+    """The case is fixed, dismissed or in a training round: its route can no longer change."""
+
+
+class AttributionReport(BaseModel):
+    """What one :func:`attribute_open_cases` call did."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cases: int
+    routed: dict[str, int]
+    """Cases routed per track (confidence at least the threshold)."""
+    awaiting_triage: int
+    by_rule: int
+    """Of the routed, those a decisive rule settled."""
+    seconds: float
+
+
+def _scene(signals: Sequence[Signal]) -> BenchmarkCase | None:
+    for signal in signals:
+        details = signal.details if isinstance(signal.details, dict) else {}
+        spec = details.get("spec")
+        if isinstance(spec, dict) and isinstance(spec.get("case"), dict):
+            try:
+                return BenchmarkCase.model_validate(spec["case"])
+            except ValidationError:
+                continue
+    return None
+
+
+def _negative(signal: Signal) -> bool:
+    if signal.source != SignalSource.FEEDBACK:
+        return False
+    if signal.kind == SignalKind.THUMBS:
+        return signal.thumbs_up is False
+    return signal.kind == SignalKind.RATING and (signal.rating or 5) <= _NEGATIVE_RATING
+
+
+def case_views(session: Session, cases: Sequence[FailureCase]) -> list[CaseView]:
+    """What attribution reads of each case: prompt, task, skill, the intended scene (from an
+    evaluated signal), signals per source, negative feedback and flags."""
+    signals = repository.case_signals(session, case_ids=[c.id for c in cases])
+    views = []
+    for case in cases:
+        mine = signals.get(case.id, [])
+        views.append(
+            CaseView(
+                case_id=case.id,
+                task=case.task,
+                prompt=case.prompt,
+                skill=case.skill,
+                scene=_scene(mine),
+                sources=dict(Counter(s.source.value for s in mine)),
+                negative_feedback=sum(_negative(s) for s in mine),
+                flags=tuple(sorted({f for s in mine for f in (s.flags or [])})),
+            )
+        )
+    return views
+
+
+def _route_evidence(evidence: Evidence, decision: Decision) -> dict[str, object]:
+    return {
+        "features": evidence.model_dump(mode="json"),
+        "probabilities": decision.probabilities,
+        "rule": decision.rule,
+    }
+
+
+def attribute_open_cases(
+    session: Session,
+    *,
+    tools: EvidenceTools,
+    classifier: TrackClassifier,
+    limit: int | None = None,
+    batch_size: int = 64,
+) -> AttributionReport:
+    """Route open cases (see the module docstring); commits batch by batch."""
+    started = time.perf_counter()
+    routed: Counter[str] = Counter()
+    triage = by_rule = total = 0
+    threshold = classifier.config.min_confidence
+    reference = f"classifier:{sum(classifier.examples.values())}-examples"
+    while limit is None or total < limit:
+        take = batch_size if limit is None else min(batch_size, limit - total)
+        cases = repository.open_cases(session, limit=take)
+        if not cases:
+            break
+        evidence = gather_evidence(case_views(session, cases), tools)
+        for case, found, decision in zip(cases, evidence, classifier.decide(evidence), strict=True):
+            payload = _route_evidence(found, decision)
+            repository.add_route(
+                session,
+                case_id=case.id,
+                track=decision.track,
+                confidence=decision.confidence,
+                evidence=payload,
+                decided_by=Decider.MODEL,
+                decider_ref="rule:rewrite" if decision.rule else reference,
+                reason=decision.rule,
+            )
+            if decision.confidence >= threshold:
+                case.status = CaseStatus.ROUTED
+                routed[decision.track.value] += 1
+                by_rule += decision.rule is not None
+            else:
+                case.status = CaseStatus.AWAITING_TRIAGE
+                triage += 1
+                repository.add_triage_item(
+                    session,
+                    case=case,
+                    title=(
+                        f"Route case {case.id}: {decision.track.value}? "
+                        f"(confidence {decision.confidence:.2f} < {threshold:g})"
+                    ),
+                    artefact={"case_id": case.id, "prompt": case.prompt, **payload},
+                )
+        session.commit()
+        total += len(cases)
+    return AttributionReport(
+        cases=total,
+        routed=dict(routed),
+        awaiting_triage=triage,
+        by_rule=by_rule,
+        seconds=time.perf_counter() - started,
+    )
+
+
+_CHANGEABLE = (CaseStatus.OPEN, CaseStatus.ROUTED, CaseStatus.AWAITING_TRIAGE)
+
+
+def override_route(
+    session: Session, *, case_id: int, track: Track, reviewer: str, reason: str | None = None
+) -> CaseRoute:
+    """Record ``reviewer``'s route for the case and settle its triage (commits)."""
+    if not reviewer.strip():
+        raise ValueError("the reviewer must be named")
+    case = repository.get_case(session, case_id=case_id, lock=True)
+    if case is None:
+        raise CaseNotFoundError(f"no failure case {case_id}")
+    if case.status not in _CHANGEABLE:
+        raise CaseClosedError(
+            f"case {case_id} is {case.status.value}: only open, routed or awaiting-triage "
+            "cases can be routed"
+        )
+    previous = repository.latest_route(session, case_id=case_id)
+    evidence: dict[str, object] = {"overrides_route": previous.id if previous else None}
+    if previous is not None and isinstance(previous.evidence, dict):
+        evidence["features"] = previous.evidence.get("features")
+        evidence["model_track"] = previous.track.value
+    route = repository.add_route(
+        session,
+        case_id=case_id,
+        track=track,
+        confidence=1.0,
+        evidence=evidence,
+        decided_by=Decider.HUMAN,
+        decider_ref=reviewer,
+        reason=reason,
+    )
+    case.status = CaseStatus.ROUTED
+    now = datetime.now(UTC)
+    for item in repository.pending_triage(session, case_id=case_id):
+        repository.decide_item(
+            session,
+            item=item,
+            status=ReviewStatus.APPROVED,
+            actor=reviewer,
+            reason=reason,
+            at=now,
+            edits={"track": track.value},
+        )
+    session.commit()
+    return route
+
+
+def override_examples(session: Session) -> list[tuple[Evidence, Track]]:
+    """Every case's newest human route as a labeled example (the features of the model
+    route it overrode; a human route without one has no features and is left out)."""
+    out = []
+    for human, model in repository.human_routes(session):
+        source = human.evidence if isinstance(human.evidence, dict) else {}
+        features = source.get("features")
+        if features is None and model is not None and isinstance(model.evidence, dict):
+            features = model.evidence.get("features")
+        if not isinstance(features, dict):
+            continue
+        try:
+            out.append((Evidence.model_validate(features), human.track))
+        except ValidationError:
+            continue
+    return out
+
+
+def routing_classifier(
+    session: Session,
+    seed_examples: Sequence[tuple[Evidence, Track]],
+    config: ClassifierConfig | None = None,
+) -> TrackClassifier:
+    """The classifier fitted on the seed examples plus every human override."""
+    return fit_classifier([*seed_examples, *override_examples(session)], config)

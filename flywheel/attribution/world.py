@@ -1,0 +1,245 @@
+"""Attribution in the world: the scarcity index of the base corpus, and the labeled set
+drawn from the world's injected weaknesses.
+
+The three weaknesses and the track each belongs to:
+
+- **pretraining_gap**: the rare colour (purple: 0.17 % of the corpus) — colour probes of it;
+- **prompt_enhancer**: the users' colour words (:mod:`flywheel.world.vocabulary`) — colour
+  probes of the common colours, put in the users' words (rich or terse captions);
+- **rl**: what the reward cannot see (it was trained on terse captions: no counts, no
+  places) — count and relation probes.
+
+A labeled case is a probe whose image (from the base model) fails the evaluator. A share of
+them is presented as user feedback — a thumbs down with a flag, no intended scene — so the
+classifier also learns to route cases the evaluator never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qdrant_client import QdrantClient
+
+from flywheel.attribution.evidence import (
+    CaseView,
+    Evidence,
+    EvidenceTools,
+    ScarcityProbe,
+    gather_evidence,
+)
+from flywheel.db.models import Task, Track
+from flywheel.world.base_model import WorldBaseConfig, world_base
+from flywheel.world.benchmark import BenchmarkCase, build_case
+from flywheel.world.corpus import scene_seeds
+from flywheel.world.evaluation import generate_cases, score_case
+from flywheel.world.scenes import captions, sample_scene
+from flywheel.world.vocabulary import to_user_words
+from retrieval.embedding import TextEmbedder, weights_digest
+from retrieval.index import CORPUS, Embedders, IndexItem, index_items
+from retrieval.scarcity import ScarcityConfig, calibration_for
+from retrieval.store import QdrantConfig, collection_name
+from training.io import atomic_write_bytes
+
+WORLD_CORPUS = "world-base"
+"""The dataset name the base corpus' captions are indexed under."""
+
+
+def corpus_captions(config: WorldBaseConfig, count: int) -> list[str]:
+    """The rich captions of the first ``count`` scenes of ``config``'s training corpus (the
+    scenes the base was trained on, without rendering them)."""
+    scene = config.corpus_scenes()
+    return [captions(sample_scene(s, scene)).rich for s in scene_seeds(config.seed, count)]
+
+
+def world_scarcity(
+    client: QdrantClient,
+    config: QdrantConfig,
+    embedder: TextEmbedder,
+    *,
+    corpus: int = 1500,
+    base: WorldBaseConfig | None = None,
+) -> ScarcityProbe:
+    """Index the first ``corpus`` captions of the base corpus into ``prompts`` (only what is
+    missing is embedded) and return the scarcity probe over them."""
+    captions_ = corpus_captions(base or world_base(), corpus)
+    items = [
+        IndexItem(dataset=WORLD_CORPUS, split=CORPUS, text=text, key=f"corpus/{i}")
+        for i, text in enumerate(captions_)
+    ]
+    index_items(client, config, "prompts", items, Embedders(text=embedder))
+    scarcity_config = ScarcityConfig()
+    name = collection_name(config, "prompts")
+    calibration = calibration_for(client, name, "text", embedder.model_id, scarcity_config)
+    return ScarcityProbe(
+        client=client, calibration=calibration, embedder=embedder, config=scarcity_config
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class LabeledSetConfig:
+    """How many labeled cases to draw, and from where."""
+
+    per_track: int = 24
+    """Failing cases kept per track."""
+    band: int = 70_000_000
+    """Seed band of the probes (a held-out set takes another band)."""
+    feedback_share: float = 0.34
+    """Share of the cases presented as user feedback (no intended scene)."""
+    rare: str = "purple"
+    """The corpus' rare colour."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the fields are inconsistent."""
+        if self.per_track < 2:
+            raise ValueError("LabeledSetConfig.per_track must be >= 2")
+        if not 0.0 <= self.feedback_share <= 1.0:
+            raise ValueError("LabeledSetConfig.feedback_share must be in [0, 1]")
+
+
+def _candidates(config: LabeledSetConfig, rng: random.Random) -> list[tuple[BenchmarkCase, Track]]:
+    """Probes of each weakness, more than needed (some pass and are dropped)."""
+    n = config.per_track * 2
+    out: list[tuple[BenchmarkCase, Track]] = []
+    colours = [
+        build_case("colour", k, band=config.band, case_id=f"labeled/colour/{k}")
+        for k in range(7 * n)
+    ]
+    out += [(c, Track.PRETRAINING_GAP) for c in colours if c.focus == config.rare][:n]
+    common = [c for c in colours if c.focus != config.rare][:n]
+    for k, case in enumerate(common):
+        caption = captions(case.spec).terse if k % 2 else case.prompt
+        worded = case.model_copy(update={"prompt": to_user_words(caption, rng)})
+        out.append((worded, Track.PROMPT_ENHANCER))
+    for skill in ("count", "relation"):
+        out += [
+            (build_case(skill, k, band=config.band, case_id=f"labeled/{skill}/{k}"), Track.RL)
+            for k in range(n // 2)
+        ]
+    return out
+
+
+_FLAG = {"colour": "wrong_color", "count": "wrong_count"}
+
+
+def labeled_views(tools: EvidenceTools, config: LabeledSetConfig) -> list[tuple[CaseView, Track]]:
+    """The labeled cases: probes the base fails, ``per_track`` of each track (fewer where
+    the candidates run out), a share of them as feedback."""
+    config.validate()
+    rng = random.Random(config.seed)
+    candidates = _candidates(config, rng)
+    generated = generate_cases(
+        tools.generator, [c for c, _ in candidates], seed=config.seed, batch_size=tools.batch_size
+    )
+    kept: dict[Track, list[BenchmarkCase]] = {t: [] for t in Track}
+    for item, (_, track) in zip(generated, candidates, strict=True):
+        full = len(kept[track]) >= config.per_track
+        if not full and not score_case(item.case, item.image, evaluator=tools.evaluator).passed:
+            kept[track].append(item.case)
+    out = []
+    for track, cases in kept.items():
+        for case in cases:
+            if rng.random() < config.feedback_share:
+                view = CaseView(
+                    case_id=None,
+                    task=Task.TEXT_TO_IMAGE,
+                    prompt=case.prompt,
+                    skill=None,
+                    sources={"feedback": 1},
+                    negative_feedback=1,
+                    flags=(_FLAG.get(case.skill, "other"),),
+                )
+            else:
+                view = CaseView(
+                    case_id=None,
+                    task=Task.TEXT_TO_IMAGE,
+                    prompt=case.prompt,
+                    skill=case.skill,
+                    scene=case,
+                    sources={"mining": 1},
+                )
+            out.append((view, track))
+    rng.shuffle(out)  # batches mix the tracks, as a cycle's cases do
+    return out
+
+
+def labeled_examples(
+    tools: EvidenceTools, config: LabeledSetConfig
+) -> list[tuple[Evidence, Track]]:
+    """:func:`labeled_views` with their evidence gathered."""
+    views = labeled_views(tools, config)
+    evidence = gather_evidence([v for v, _ in views], tools)
+    return [(e, t) for e, (_, t) in zip(evidence, views, strict=True)]
+
+
+def write_examples(path: Path, examples: Sequence[tuple[Evidence, Track]]) -> None:
+    """Store labeled examples as JSON lines (``{"track": ..., "evidence": {...}}``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"track": t.value, "evidence": e.model_dump(mode="json")}) + "\n"
+        for e, t in examples
+    ]
+    atomic_write_bytes(path, "".join(lines).encode())
+
+
+def read_examples(path: Path) -> list[tuple[Evidence, Track]]:
+    """Labeled examples :func:`write_examples` stored."""
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            out.append((Evidence.model_validate(row["evidence"]), Track(row["track"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a labeled example ({exc})") from None
+    return out
+
+
+def world_evidence_tools(
+    generator_dir: Path,
+    *,
+    reward_dir: Path,
+    scarcity: ScarcityProbe | None,
+    seed: int = 0,
+) -> EvidenceTools:
+    """The evidence tools of the world: the generator under test, the ground-truth evaluator,
+    the reward model, the reference rewriter and the corpus' scarcity."""
+    from flywheel.world.base_model import load_world_reward
+    from flywheel.world.evaluator import load_evaluator
+    from flywheel.world.vocabulary import reference_rewrites
+    from model.pipeline import Generator
+
+    return EvidenceTools(
+        generator=Generator.load(generator_dir),
+        evaluator=load_evaluator(),
+        reward=load_world_reward(reward_dir),
+        rewriter=reference_rewrites,
+        scarcity=scarcity,
+        seed=seed,
+    )
+
+
+def seed_examples(
+    tools: EvidenceTools,
+    *,
+    generator_dir: Path,
+    directory: Path,
+    config: LabeledSetConfig | None = None,
+) -> list[tuple[Evidence, Track]]:
+    """The labeled set as the classifier's seed examples, built once per generator and
+    config and kept under ``directory`` (``labeled-<weights digest>-<config digest>.jsonl``)."""
+    config = config or LabeledSetConfig()
+    key = json.dumps(
+        {f: getattr(config, f) for f in LabeledSetConfig.__dataclass_fields__}, sort_keys=True
+    )
+    name = f"labeled-{weights_digest(generator_dir)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    path = directory / f"{name}.jsonl"
+    if path.is_file():
+        return read_examples(path)
+    examples = labeled_examples(tools, config)
+    write_examples(path, examples)
+    return examples
