@@ -254,6 +254,22 @@ class AlignmentReward(nn.Module):
         return scores
 
 
+def ranks_from_scores(scores: Tensor) -> Tensor:
+    """``scores[i, j]`` of image ``i`` against prompt ``j`` ``(B, B)`` -> ``ranks[i, j]``: the
+    share of the other prompts ``k != j`` that image ``i`` scores below prompt ``j`` (1: ``j``
+    fits it best; a lone image gets 1)."""
+    n = scores.shape[-1]
+    below = (scores.unsqueeze(-1) > scores.unsqueeze(-2)).sum(dim=-1).float()  # (B, B)
+    return below / (n - 1) if n > 1 else torch.ones_like(below)
+
+
+def rank_matrix(reward: AlignmentReward, images: Tensor, prompts: Sequence[str]) -> Tensor:
+    """:func:`ranks_from_scores` of ``reward``'s scores of ``images`` against ``prompts``;
+    its diagonal ranks each image's own prompt."""
+    with torch.no_grad():
+        return ranks_from_scores(reward.similarity(images, reward.tokenize(prompts)))
+
+
 def build_alignment_reward(config: AlignmentRewardConfig) -> AlignmentReward:
     """Create the open_clip model the config names, load local weights, wrap it (eval mode).
 

@@ -232,9 +232,16 @@ def load_model_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The model state dict a later run starts from (``init_from``), found at ``path``.
 
     ``path`` is a training run's output directory (its ``checkpoints/`` latest is read), a
-    checkpoint directory (its ``latest``), or one ``step-NNNNNNNN`` checkpoint.
+    checkpoint directory (its ``latest``), one ``step-NNNNNNNN`` checkpoint, or a
+    ``.safetensors`` file of the weights (a generator directory's ``transformer.safetensors``).
     """
     root = Path(path)
+    if root.suffix == ".safetensors" and root.is_file():
+        try:
+            return load_file(str(root))
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{root}: unreadable model weights ({reason})") from exc
     if (root / "model.safetensors").is_file():
         step_dir = root
     else:

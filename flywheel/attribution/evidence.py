@@ -30,7 +30,7 @@ from flywheel.world.benchmark import BenchmarkCase
 from flywheel.world.evaluation import score_case
 from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
-from model.reward import AlignmentReward
+from model.reward import AlignmentReward, rank_matrix
 from retrieval.embedding import TextEmbedder
 from retrieval.scarcity import Calibration, ScarcityConfig, diagnose
 
@@ -118,14 +118,6 @@ class EvidenceTools:
     batch_size: int = 32
 
 
-def _rank_matrix(reward: AlignmentReward, images: Tensor, prompts: list[str]) -> Tensor:
-    """``ranks[i, j]``: share of the other prompts image ``i`` scores below prompt ``j``."""
-    with torch.no_grad():
-        scores = reward.similarity(images, reward.tokenize(prompts))  # (B, B)
-    below = (scores.unsqueeze(2) > scores.unsqueeze(1)).sum(dim=2).float()  # (B, B)
-    return below / max(len(prompts) - 1, 1)
-
-
 def _scene_score(scene: BenchmarkCase, image: Tensor, evaluator: Evaluator) -> tuple[float, bool]:
     result = score_case(scene, image, evaluator=evaluator)
     return result.score, result.passed
@@ -158,10 +150,10 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
     ranks: dict[int, list[float]] = {}
     if len(drawn) > 1:
         shown = torch.stack([original[i] for i in drawn])
-        matrix = _rank_matrix(tools.reward, shown, [rewritten[i] for i in drawn])
+        matrix = rank_matrix(tools.reward, shown, [rewritten[i] for i in drawn])
         ranks = {i: matrix[n].tolist() for n, i in enumerate(drawn)}
         if changed:
-            fixed = _rank_matrix(
+            fixed = rank_matrix(
                 tools.reward,
                 torch.stack([again.get(i, original[i]) for i in drawn]),
                 [rewritten[i] for i in drawn],

@@ -35,12 +35,12 @@ from flywheel.attribution.evidence import (
 from flywheel.db.models import Task, Track
 from flywheel.world.base_model import WorldBaseConfig, world_base
 from flywheel.world.benchmark import BenchmarkCase, build_case
-from flywheel.world.corpus import scene_seeds
+from flywheel.world.corpus import scene_seeds, scene_tags
 from flywheel.world.evaluation import generate_cases, score_case
-from flywheel.world.scenes import captions, sample_scene
+from flywheel.world.scenes import SceneConfig, captions, sample_scene
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder, weights_digest
-from retrieval.index import CORPUS, Embedders, IndexItem, index_items
+from retrieval.index import CORPUS, Embedders, IndexItem, Split, index_items
 from retrieval.scarcity import ScarcityConfig, calibration_for
 from retrieval.store import QdrantConfig, collection_name
 from training.io import atomic_write_bytes
@@ -49,11 +49,26 @@ WORLD_CORPUS = "world-base"
 """The dataset name the base corpus' captions are indexed under."""
 
 
-def corpus_captions(config: WorldBaseConfig, count: int) -> list[str]:
-    """The rich captions of the first ``count`` scenes of ``config``'s training corpus (the
-    scenes the base was trained on, without rendering them)."""
-    scene = config.corpus_scenes()
-    return [captions(sample_scene(s, scene)).rich for s in scene_seeds(config.seed, count)]
+def corpus_scene_items(
+    scene: SceneConfig, *, seed: int, count: int, split: Split, dataset: str
+) -> list[IndexItem]:
+    """The first ``count`` scenes of a world corpus of ``seed`` drawn with ``scene``, as index
+    items of their rich captions with their scene tags (no rendering); key ``<split>/<i>``,
+    the scene seed in the provenance."""
+    items = []
+    for i, scene_seed in enumerate(scene_seeds(seed, count)):
+        spec = sample_scene(scene_seed, scene)
+        items.append(
+            IndexItem(
+                dataset=dataset,
+                split=split,
+                text=captions(spec).rich,
+                key=f"{split}/{i}",
+                tags=scene_tags(spec),
+                provenance={"scene_seed": str(scene_seed)},
+            )
+        )
+    return items
 
 
 def world_scarcity(
@@ -66,11 +81,10 @@ def world_scarcity(
 ) -> ScarcityProbe:
     """Index the first ``corpus`` captions of the base corpus into ``prompts`` (only what is
     missing is embedded) and return the scarcity probe over them."""
-    captions_ = corpus_captions(base or world_base(), corpus)
-    items = [
-        IndexItem(dataset=WORLD_CORPUS, split=CORPUS, text=text, key=f"corpus/{i}")
-        for i, text in enumerate(captions_)
-    ]
+    base = base or world_base()
+    items = corpus_scene_items(
+        base.corpus_scenes(), seed=base.seed, count=corpus, split=CORPUS, dataset=WORLD_CORPUS
+    )
     index_items(client, config, "prompts", items, Embedders(text=embedder))
     scarcity_config = ScarcityConfig()
     name = collection_name(config, "prompts")

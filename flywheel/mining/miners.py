@@ -57,7 +57,7 @@ from flywheel.world.benchmark import SKILLS, BenchmarkCase, Skill, build_case
 from flywheel.world.evaluation import CaseResult, generate_cases, image_tensor, score_case
 from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
-from model.reward import AlignmentReward
+from model.reward import AlignmentReward, rank_matrix, ranks_from_scores
 from training.io import atomic_write_bytes
 
 MINER_APP = "miner"
@@ -109,19 +109,6 @@ def store_png(image: Tensor, directory: Path) -> tuple[str, str]:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
     return path.resolve().as_uri(), digest
-
-
-def reward_ranks(reward: AlignmentReward, images: Tensor, prompts: Sequence[str]) -> list[float]:
-    """Per image, the share of the *other* prompts it scores below its own prompt under
-    ``reward`` (1.0: the reward is sure the image shows its prompt; 0.0: every other prompt
-    fits better). A lone image gets 1.0 (nothing to compare with)."""
-    if len(prompts) < 2:
-        return [1.0] * len(prompts)
-    with torch.no_grad():
-        scores = reward.similarity(images, reward.tokenize(prompts))  # (B, B)
-    own = scores.diagonal().unsqueeze(1)  # (B, 1)
-    below = (scores < own).sum(dim=1).float()  # (B,) the diagonal never counts
-    return (below / (len(prompts) - 1)).tolist()
 
 
 def _hit(
@@ -274,7 +261,7 @@ def mine_probes(
         generated = generate_cases(generator, part, seed=batch.seed + k, batch_size=chunk)
         images = torch.stack([g.image for g in generated])  # (B, 3, H, W)
         prompts = [g.case.prompt for g in generated]
-        ranks = reward_ranks(reward, images, prompts)
+        ranks = rank_matrix(reward, images, prompts).diagonal().tolist()
         with torch.no_grad():
             rewards = reward.score(images, prompts).tolist()
         hits = []
@@ -363,9 +350,7 @@ def scan_generations(
             text_emb = reward.encode_text(reward.tokenize([s.prompt for s, _ in found]))
             scores = reward.scale * image_emb @ text_emb.T  # (B, B)
         own = scores.diagonal()
-        ranks = [1.0] * len(found)
-        if len(found) > 1:
-            ranks = ((scores < own.unsqueeze(1)).sum(1).float() / (len(found) - 1)).tolist()
+        ranks = ranks_from_scores(scores).diagonal().tolist()
         hits = [
             _hit(
                 event_id=f"scan:{signal.id}",

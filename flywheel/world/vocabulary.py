@@ -50,6 +50,11 @@ def has_user_words(prompt: str) -> bool:
     return _USER_WORD.search(prompt) is not None
 
 
+def renamed_colours(prompt: str) -> set[str]:
+    """The caption colours ``prompt`` names in the users' words."""
+    return {_CANONICAL[m.group(1).casefold()] for m in _USER_WORD.finditer(prompt)}
+
+
 def reference_rewrite(prompt: str) -> str:
     """``prompt`` in the captions' colour words (the world's reference rewriter)."""
     return _USER_WORD.sub(

@@ -1,0 +1,104 @@
+"""Failure slices: the routed cases of a track, regenerated and judged again.
+
+A slice case is judged by the ground-truth evaluator on its skill's elements when it carries
+its intended scene (evaluation samples, probe hits), else by the reward model: the image
+passes when its rank under the case's *reference* prompt (the prompt in the captions' words,
+the rewrite test's rewrite) against the slice's other references is at least ``min_rank``.
+A candidate is judged on the same cases, noise seeds and judges as the model it may
+replace, so the before / after rates differ by the model alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.attribution.evidence import CaseView, Evidence
+from flywheel.world.benchmark import BenchmarkCase
+from flywheel.world.evaluation import score_case
+from flywheel.world.evaluator import Evaluator
+from model.pipeline import Generator
+from model.prompt_enhancer import PromptEnhancer
+from model.reward import AlignmentReward, rank_matrix
+
+
+@dataclass(kw_only=True, slots=True)
+class SliceCase:
+    """One case of a slice."""
+
+    case_id: int | None
+    prompt: str
+    """What the user (or the suite) asked."""
+    reference: str
+    """The prompt in the captions' words (what the reward judges against)."""
+    scene: BenchmarkCase | None = None
+    """The intended scene, when known (the evaluator judges)."""
+
+
+def slice_cases(views: Sequence[CaseView], evidence: Sequence[Evidence]) -> list[SliceCase]:
+    """The slice of routed cases (their views and the evidence they were routed on)."""
+    return [
+        SliceCase(case_id=v.case_id, prompt=v.prompt, reference=e.rewritten_prompt, scene=v.scene)
+        for v, e in zip(views, evidence, strict=True)
+    ]
+
+
+class SliceResult(BaseModel):
+    """How a model fares on a slice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cases: int
+    failures: int
+    failure_rate: float
+    failed: list[int | None]
+    """Case ids of the failures (None: cases without one)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SliceJudges:
+    """Who judges a slice."""
+
+    evaluator: Evaluator
+    reward: AlignmentReward
+    min_rank: float = 0.65
+    """A judged-by-reward image passes from this rank of its reference prompt."""
+    seed: int = 1000
+    """Noise seed of the slice's first batch (unlike the rewrite test's)."""
+    batch_size: int = 32
+
+
+def failure_rate(
+    generator: Generator,
+    cases: Sequence[SliceCase],
+    judges: SliceJudges,
+    *,
+    enhancer: PromptEnhancer | None = None,
+) -> SliceResult:
+    """Generate every case (through ``enhancer`` first, when given) and judge it."""
+    if not cases:
+        return SliceResult(cases=0, failures=0, failure_rate=0.0, failed=[])
+    prompts = [c.prompt for c in cases]
+    if enhancer is not None:
+        prompts = enhancer.enhance(prompts)
+    passed: list[bool] = []
+    step = judges.batch_size
+    for k in range(0, len(cases), step):
+        part = list(cases[k : k + step])
+        images = generator.generate(prompts[k : k + step], seed=judges.seed + k // step).cpu()
+        references = [c.reference for c in part]
+        ranks = rank_matrix(judges.reward, images, references).diagonal().tolist()
+        for case, image, rank in zip(part, images, ranks, strict=True):
+            if case.scene is not None:
+                passed.append(score_case(case.scene, image, evaluator=judges.evaluator).passed)
+            else:
+                passed.append(rank >= judges.min_rank)
+    failed = [c.case_id for c, ok in zip(cases, passed, strict=True) if not ok]
+    return SliceResult(
+        cases=len(cases),
+        failures=len(failed),
+        failure_rate=len(failed) / len(cases),
+        failed=failed,
+    )

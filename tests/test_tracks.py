@@ -1,0 +1,189 @@
+"""The three tracks on the shipped base, at small sizes: their artefacts (enhancer pairs,
+gap diagnosis and augmentation plan, reward recalibration) and their rounds (each trains,
+its figure moves the right way, and the candidate loads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from qdrant_client import QdrantClient
+
+from flywheel.attribution.world import world_scarcity
+from flywheel.tracks.pretraining_gap import (
+    GapTrackConfig,
+    diagnose_gap,
+    index_world_pool,
+    plan_augmentation,
+)
+from flywheel.tracks.prompt_enhancer import (
+    PromptEnhancerTrackConfig,
+    enhancer_pairs,
+    failing_concepts,
+)
+from flywheel.tracks.rl import (
+    ALIGNMENT,
+    VERIFIER,
+    RLTrackConfig,
+    default_weights,
+    recalibrate,
+    round_reward,
+)
+from flywheel.tracks.rounds import run_enhancer_round, run_gap_round, run_rl_round
+from flywheel.tracks.slices import SliceCase, SliceJudges, failure_rate
+from flywheel.world.base_model import (
+    BASE_ENHANCER,
+    load_world_enhancer,
+    load_world_reward,
+    world_base,
+)
+from flywheel.world.benchmark import build_case
+from flywheel.world.evaluation import BASE_MODEL
+from flywheel.world.evaluator import load_evaluator
+from flywheel.world.scenes import captions
+from flywheel.world.vocabulary import USER_COLOURS, has_user_words, to_user_words
+from model.pipeline import Generator
+from retrieval.embedding import TextEmbedder
+from retrieval.store import QdrantConfig
+from training.data import read_dataset
+
+BAND = 33_000_000
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_enhancer_pairs_and_round(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    cases = [
+        SliceCase(case_id=1, prompt="crimson star", reference="red star"),
+        SliceCase(case_id=2, prompt="Navy circle, red square", reference="blue circle, red square"),
+        SliceCase(case_id=3, prompt="purple hexagon", reference="purple hexagon"),
+    ]
+    assert failing_concepts(cases) == ["blue", "red"]
+    config = PromptEnhancerTrackConfig(pairs_per_concept=60, steps=120, seed=1)
+    pairs = enhancer_pairs(["blue", "red"], config)
+    user = [(i, o) for i, o in pairs if i != o]
+    echo = [(i, o) for i, o in pairs if i == o]
+    assert len(user) == 120
+    assert len(echo) >= 60
+    assert all(has_user_words(i) and not has_user_words(o) for i, o in user)
+    assert {w for i, _ in user for w in i.split() if w.strip(",") in USER_COLOURS["red"]}
+    with pytest.raises(ValueError, match="concepts"):
+        enhancer_pairs(["purple"], config)
+    candidate = run_enhancer_round(
+        pairs, enhancer=BASE_ENHANCER, out=tmp_path / "pe", config=config
+    )
+    losses = _losses(tmp_path / "pe" / "run")
+    assert losses[-1] < losses[0]
+    # Held-out user prompts of those colours: the candidate says them in the captions' words.
+    held_out = [
+        captions(build_case("colour", k, band=BAND, case_id=f"h/{k}").spec).terse for k in range(28)
+    ]
+    held_out = [t for t in held_out if t.split()[0] in ("red", "blue")]
+    worded = [to_user_words(t, rng) for t in held_out]
+    before = load_world_enhancer().enhance(worded)
+    after = load_world_enhancer(candidate).enhance(worded)
+
+    def right(outputs: list[str]) -> float:
+        return sum(o == t for o, t in zip(outputs, held_out, strict=True)) / len(held_out)
+
+    assert right(after) >= right(before) + 0.3, (before, after)
+
+
+def test_gap_diagnosis_plan_and_round(tmp_path: Path, offline: None) -> None:
+    client, qdrant, embedder = QdrantClient(location=":memory:"), QdrantConfig(), TextEmbedder()
+    world_scarcity(client, qdrant, embedder, corpus=400)
+    assert index_world_pool(client, qdrant, embedder, count=200) == 200
+    colours = [build_case("colour", k, band=BAND, case_id=f"c/{k}") for k in range(28)]
+    cases = [
+        SliceCase(case_id=k, prompt=c.prompt, reference=c.prompt, scene=c)
+        for k, c in enumerate(colours)
+        if c.focus in ("purple", "red")
+    ]
+    config = GapTrackConfig(replay=30, mixture_weight=0.4, vae_steps=2, steps=4, batch_size=4)
+    diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=config)
+    assert diagnosis.scarce == ["purple"]  # red is asked too, but common in the corpus
+    assert diagnosis.concepts[0].concept == "purple"
+    assert diagnosis.corpus_items == 400
+    plan = plan_augmentation(
+        cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=config
+    )
+    assert plan.concepts == ["purple"]
+    assert len(plan.retrieved) + plan.synthesized["purple"] == config.augmentation() == 20
+    assert len(plan.retrieved) == 10
+    assert all("colour:purple" in c.tags and c.split == "pool" for c in plan.retrieved)
+    candidate = run_gap_round(
+        plan, generator=BASE_MODEL, out=tmp_path / "gap", base=world_base(), config=config
+    )
+    samples = read_dataset(tmp_path / "gap" / "data")
+    assert len(samples) == 30 + 20
+    augmented = [s for s in samples if not s.id.startswith("replay-")]
+    assert all("purple" in (s.caption or "") for s in augmented)
+    assert Generator.load(candidate).config == Generator.load(BASE_MODEL).config
+    assert len(_losses(tmp_path / "gap" / "transformer")) == 4
+
+
+def test_rl_recalibration_and_round(tmp_path: Path) -> None:
+    reward, evaluator = load_world_reward(), load_evaluator()
+    config = RLTrackConfig(pairs_per_category=8, steps=2, group_size=2, prompts_per_step=2)
+    recalibration = recalibrate(
+        ["count"], reward=reward, evaluator=evaluator, weights=default_weights(), config=config
+    )
+    agreement = recalibration.agreement["count"]
+    assert agreement[VERIFIER] == 1.0
+    assert agreement[ALIGNMENT] < 0.5  # the reward prefers one copy more
+    assert recalibration.after["count"] == {ALIGNMENT: 0.0, VERIFIER: 1.0}
+    assert recalibration.after["default"] == recalibration.before["default"]
+    cases = [
+        build_case(skill, k, band=BAND, case_id=f"{skill}/{k}")
+        for skill in ("count", "colour")
+        for k in range(2)
+    ]
+    slice_cases = [
+        SliceCase(case_id=k, prompt=c.prompt, reference=c.prompt, scene=c)
+        for k, c in enumerate(cases)
+    ]
+    scenes = {c.prompt: c for c in cases}
+    reward_fn = round_reward(recalibration, scenes=scenes, reward=reward, evaluator=evaluator)
+    generator = Generator.load(BASE_MODEL)
+    images = generator.generate([c.prompt for c in cases], seed=0)
+    values = reward_fn(images, [c.prompt for c in cases])
+    assert values.shape == (4,)
+    assert all(0.0 <= float(v) <= 1.0 for v in values[:2])  # count: the verifier alone
+    candidate = run_rl_round(
+        slice_cases, generator=BASE_MODEL, reward=reward_fn, out=tmp_path / "rl", config=config
+    )
+    assert len(_losses(tmp_path / "rl" / "run")) == 2
+    judges = SliceJudges(evaluator=evaluator, reward=reward, batch_size=4)
+    result = failure_rate(Generator.load(candidate), slice_cases, judges)
+    assert result.cases == 4
+    assert 0.0 <= result.failure_rate <= 1.0
+
+
+def test_slices_judge_by_scene_or_by_reward() -> None:
+    generator = Generator.load(BASE_MODEL)
+    judges = SliceJudges(evaluator=load_evaluator(), reward=load_world_reward())
+    assert failure_rate(generator, [], judges).cases == 0
+    colours = [build_case("colour", k, band=BAND, case_id=f"c/{k}") for k in range(42)]
+    common = [c for c in colours if c.focus != "purple"]
+    terse = [captions(c.spec).terse for c in common]  # what users type
+    known = [
+        SliceCase(case_id=i, prompt=p, reference=p, scene=c)
+        for i, (c, p) in enumerate(zip(common, terse, strict=True))
+    ]
+    unknown = [SliceCase(case_id=i, prompt=p, reference=p) for i, p in enumerate(terse)]
+    by_scene = failure_rate(generator, known, judges)
+    by_reward = failure_rate(generator, unknown, judges)
+    assert by_scene.cases == by_reward.cases == len(common) == 36
+    assert by_scene.failures == len(by_scene.failed)
+    # The same images, two judges: both see the base draw most common colours, and they
+    # mostly agree on which it missed (measured: 0.31 and 0.17).
+    assert by_scene.failure_rate < 0.5
+    assert by_reward.failure_rate < 0.5
+    agree = sum((i in by_scene.failed) == (i in by_reward.failed) for i in range(36)) / 36
+    assert agree >= 0.7
