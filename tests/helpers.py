@@ -9,10 +9,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from flywheel.db.models import SignalKind, SignalSource, Task
 from flywheel.settings import Settings
+from flywheel.signals.repository import NewSignal
+from flywheel.signals.service import canonical_json
 
 
 def auth(key: str) -> dict[str, str]:
@@ -34,6 +38,30 @@ def thumbs_event(**overrides: object) -> dict[str, object]:
     }
     event.update(overrides)
     return event
+
+
+def stored_signal(
+    event_id: str,
+    prompt: str,
+    *,
+    source: SignalSource = SignalSource.FEEDBACK,
+    kind: SignalKind = SignalKind.THUMBS,
+    app: str = "web",
+    **fields: Any,
+) -> NewSignal:
+    """A text-to-image signal to insert directly (its payload: the event id and prompt)."""
+    payload_json, digest = canonical_json({"event_id": event_id, "prompt": prompt})
+    return NewSignal(
+        source=source,
+        kind=kind,
+        app=app,
+        event_id=event_id,
+        task=Task.TEXT_TO_IMAGE,
+        prompt=prompt,
+        payload_json=payload_json,
+        payload_sha256=digest,
+        **fields,
+    )
 
 
 def free_port() -> int:

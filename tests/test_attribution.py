@@ -55,12 +55,10 @@ from flywheel.db.models import (
     ReviewStatus,
     SignalKind,
     SignalSource,
-    Task,
     Track,
 )
 from flywheel.settings import Settings, get_settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
-from flywheel.signals.service import canonical_json
 from flywheel.world.base_model import BASE_REWARD
 from flywheel.world.benchmark import BenchmarkCase, build_case
 from flywheel.world.evaluation import BASE_MODEL
@@ -72,6 +70,7 @@ from flywheel.world.vocabulary import (
 )
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
+from tests.helpers import stored_signal
 
 PER_TRACK = 12
 
@@ -171,37 +170,23 @@ def engine(create_database: Callable[[], str]) -> Iterator[Engine]:
 
 
 def _evaluated(number: int, case: BenchmarkCase, version: int) -> NewSignal:
-    details = {"skill": case.skill, "spec": {"case": case.model_dump(mode="json")}}
-    payload_json, digest = canonical_json({"n": number, "prompt": case.prompt})
-    return NewSignal(
+    """A probe hit carrying its scene, as the miner stores it."""
+    return stored_signal(
+        f"hit-{number}",
+        case.prompt,
         source=SignalSource.MINING,
         kind=SignalKind.MINING_HIT,
         app="miner",
-        event_id=f"hit-{number}",
-        task=Task.TEXT_TO_IMAGE,
-        prompt=case.prompt,
         passed=False,
         scores={case.skill: 0.0},
-        details=details,
+        details={"skill": case.skill, "spec": {"case": case.model_dump(mode="json")}},
         model_version_id=version,
-        payload_json=payload_json,
-        payload_sha256=digest,
     )
 
 
 def _complaint(number: int, prompt: str, version: int, flag: str) -> NewSignal:
-    payload_json, digest = canonical_json({"n": number, "prompt": prompt})
-    return NewSignal(
-        source=SignalSource.FEEDBACK,
-        kind=SignalKind.FLAGS,
-        app="web",
-        event_id=f"fb-{number}",
-        task=Task.TEXT_TO_IMAGE,
-        prompt=prompt,
-        flags=[flag],
-        model_version_id=version,
-        payload_json=payload_json,
-        payload_sha256=digest,
+    return stored_signal(
+        f"fb-{number}", prompt, kind=SignalKind.FLAGS, flags=[flag], model_version_id=version
     )
 
 

@@ -28,7 +28,7 @@ from flywheel.cases.service import collect_failures
 from flywheel.cases.themes import assign_themes
 from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, session_factory
-from flywheel.db.models import FailureCase, FailureCluster, Signal, SignalKind, SignalSource, Task
+from flywheel.db.models import FailureCase, FailureCluster, Signal, SignalKind, SignalSource
 from flywheel.mining.miners import (
     MINER_APP,
     ProbeBatch,
@@ -41,8 +41,8 @@ from flywheel.mining.miners import (
 from flywheel.mining.tasks import NEAR_TASK, PROBE_TASK, SCAN_TASK, create_celery
 from flywheel.settings import Settings, get_settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
-from flywheel.signals.service import canonical_json
 from flywheel.world.base_model import BASE_REWARD, load_world_reward
+from flywheel.world.benchmark import BenchmarkCase
 from flywheel.world.evaluation import BASE_MODEL, image_tensor
 from flywheel.world.evaluator import load_evaluator
 from flywheel.world.scenes import render
@@ -50,6 +50,7 @@ from flywheel.world.weaknesses import probes
 from model.pipeline import Generator
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
+from tests.helpers import stored_signal
 
 BAND = 50_000_000
 
@@ -145,21 +146,25 @@ def test_probe_mining_stores_each_failure_once(
 
 
 def _generation(number: int, prompt: str, image: torch.Tensor, directory: Path) -> NewSignal:
+    """A liked generation (not a failure, so the scan looks at it) with its image file."""
     uri, digest = store_png(image, directory)
-    payload_json, payload_sha = canonical_json({"n": number, "prompt": prompt})
-    return NewSignal(
-        source=SignalSource.FEEDBACK,
-        kind=SignalKind.THUMBS,
-        app="web",
-        event_id=f"gen-{number}",
-        task=Task.TEXT_TO_IMAGE,
-        prompt=prompt,
-        image_uri=uri,
-        image_sha256=digest,
-        thumbs_up=True,  # liked (not a failure), so the scan looks at it
-        payload_json=payload_json,
-        payload_sha256=payload_sha,
+    return stored_signal(
+        f"gen-{number}", prompt, image_uri=uri, image_sha256=digest, thumbs_up=True
     )
+
+
+def _store_generations(
+    engine: Engine, cases: list[BenchmarkCase], directory: Path, prompts: list[str]
+) -> tuple[list[NewSignal], list[int]]:
+    """Renders of ``cases`` stored as generations of ``prompts``; the rows and their ids."""
+    rows = [
+        _generation(k, prompt, image_tensor(render(case.spec, 64, 64)), directory)
+        for k, (case, prompt) in enumerate(zip(cases, prompts, strict=True))
+    ]
+    with session_factory(engine)() as session:
+        ids = [row.id for row in insert_signals(session, signals=rows)]
+        session.commit()
+    return rows, ids
 
 
 def test_scan_flags_generations_the_reward_rejects(
@@ -173,13 +178,8 @@ def test_scan_flags_generations_the_reward_rejects(
     random.Random(BAND).shuffle(order)
     pairs = list(zip(order[0:8:2], order[1:8:2], strict=True))  # four images swap captions
     swapped = {a: b for pair in pairs for a, b in (pair, pair[::-1])}
-    rows = []
-    for k, case in enumerate(cases):
-        prompt = cases[swapped.get(k, k)].prompt
-        rows.append(_generation(k, prompt, image_tensor(render(case.spec, 64, 64)), tmp_path))
-    with session_factory(engine)() as session:
-        ids = [row.id for row in insert_signals(session, signals=rows)]
-        session.commit()
+    prompts = [cases[swapped.get(k, k)].prompt for k in range(len(cases))]
+    rows, ids = _store_generations(engine, cases, tmp_path, prompts)
     # A signal whose image is gone is skipped, not a failure of the scan.
     local_path(rows[1].image_uri or "").unlink()  # type: ignore[union-attr]
     sessions = session_factory(engine)
@@ -204,19 +204,7 @@ RED = "A picture with a white background showing a large red circle at the centr
 
 
 def _feedback(number: int, prompt: str, version: int, *, up: bool) -> NewSignal:
-    payload_json, payload_sha = canonical_json({"n": number})
-    return NewSignal(
-        source=SignalSource.FEEDBACK,
-        kind=SignalKind.THUMBS,
-        app="web",
-        event_id=f"fb-{number}",
-        task=Task.TEXT_TO_IMAGE,
-        prompt=prompt,
-        thumbs_up=up,
-        model_version_id=version,
-        payload_json=payload_json,
-        payload_sha256=payload_sha,
-    )
+    return stored_signal(f"fb-{number}", prompt, thumbs_up=up, model_version_id=version)
 
 
 def test_near_duplicates_of_known_failures_become_hits(
@@ -286,13 +274,7 @@ def test_tasks_on_a_worker_over_redis(
     assert not app.conf.task_always_eager
     _, engine = database
     cases = probes("colour", 8, band=BAND)
-    rows = [
-        _generation(k, case.prompt, image_tensor(render(case.spec, 64, 64)), tmp_path)
-        for k, case in enumerate(cases)
-    ]
-    with session_factory(engine)() as session:
-        insert_signals(session, signals=rows)
-        session.commit()
+    _store_generations(engine, cases, tmp_path, [c.prompt for c in cases])
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
         scan = app.tasks[SCAN_TASK].apply_async(kwargs={"reward_dir": str(BASE_REWARD)})
         near = app.tasks[NEAR_TASK].apply_async(kwargs={})

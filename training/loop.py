@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -232,6 +232,32 @@ def identity_differences(stored: Any, current: dict[str, Any], prefix: str = "")
 
 
 # ---- the loop ---------------------------------------------------------------------------
+
+
+def round_loop(
+    steps: int,
+    *,
+    lr: float,
+    seed: int = 0,
+    warmup: int = 20,
+    checkpoints: int = 2,
+    optimizer: OptimizerConfig | None = None,
+) -> LoopConfig:
+    """The loop of a short fine-tuning round: ``min(warmup, steps // 4)`` warm-up steps, a
+    cosine decay over the rest, ``checkpoints`` checkpoints over the run (the last one kept),
+    ``optimizer``'s other fields (betas, clipping) where given."""
+    if steps < 1 or checkpoints < 1:
+        raise ValueError(f"steps and checkpoints must be >= 1, got {steps} and {checkpoints}")
+    ramp = min(warmup, steps // 4)
+    base = optimizer or OptimizerConfig()
+    return LoopConfig(
+        optimizer=replace(base, lr=lr, warmup_steps=ramp, decay_steps=max(1, steps - ramp)),
+        max_steps=steps,
+        checkpoint_every=max(1, steps // checkpoints),
+        keep_checkpoints=1,
+        log_every=5,
+        seed=seed,
+    )
 
 
 def run_loop(

@@ -45,7 +45,7 @@ from retrieval.embedding import TextEmbedder
 from retrieval.index import CORPUS, POOL, Embedders, index_items
 from retrieval.store import QdrantConfig, collection_name
 from training.data import Provenance, Sample, read_dataset, write_dataset
-from training.loop import LoopConfig, OptimizerConfig
+from training.loop import OptimizerConfig, round_loop
 from training.pretrain import DataConfig, PretrainConfig
 from training.vae_training import VAETrainConfig
 
@@ -319,24 +319,16 @@ def vae_round(
     """The VAE fine-tuning on the round's dataset, from the generator's VAE (its latent
     statistics kept, so the transformer's latent space stays where it was)."""
     vae = Generator.load(generator).config.vae
-    warmup = min(20, config.vae_steps // 4)
     return replace(
         base.vae_stage(dataset),
         vae=vae,
         init_from=generator / "vae.safetensors",
-        loop=LoopConfig(
-            optimizer=OptimizerConfig(
-                lr=config.vae_lr,
-                betas=(0.5, 0.9),
-                warmup_steps=warmup,
-                decay_steps=max(1, config.vae_steps - warmup),
-                grad_clip=None,
-            ),
-            max_steps=config.vae_steps,
-            checkpoint_every=max(1, config.vae_steps),
-            keep_checkpoints=1,
-            log_every=10,
+        loop=round_loop(
+            config.vae_steps,
+            lr=config.vae_lr,
             seed=config.seed,
+            checkpoints=1,
+            optimizer=OptimizerConfig(betas=(0.5, 0.9), grad_clip=None),
         ),
     )
 
@@ -345,22 +337,12 @@ def transformer_round(
     cache: Path, *, generator: Path, base: WorldBaseConfig, config: GapTrackConfig
 ) -> PretrainConfig:
     """Continued flow-matching pretraining from the generator's transformer on ``cache``."""
-    warmup = min(20, config.steps // 4)
     return PretrainConfig(
         model=base.transformer,
         flow=base.flow,
         init_from=generator / "transformer.safetensors",
         data=DataConfig(cache_dir=cache, batch_size=config.batch_size),
-        loop=LoopConfig(
-            optimizer=OptimizerConfig(
-                lr=config.lr, warmup_steps=warmup, decay_steps=max(1, config.steps - warmup)
-            ),
-            max_steps=config.steps,
-            checkpoint_every=max(1, config.steps // 2),
-            keep_checkpoints=1,
-            log_every=10,
-            seed=config.seed,
-        ),
+        loop=round_loop(config.steps, lr=config.lr, seed=config.seed),
     )
 
 

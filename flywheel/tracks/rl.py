@@ -37,7 +37,7 @@ from flywheel.world.weaknesses import paired_probes
 from model.pipeline import Generator
 from model.reward import AlignmentReward, MultiReward, MultiRewardConfig
 from training.grpo import GRPOConfig, GRPOPromptsConfig, GRPORewardConfig
-from training.loop import LoopConfig, OptimizerConfig
+from training.loop import round_loop
 
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
 
@@ -176,7 +176,6 @@ def rl_round(
         noise_level=0.7,
         sde_window=(0, config.sampler_steps - 1),
     )
-    warmup = min(5, config.steps // 4)
     root = directory
     return GRPOConfig(
         model=gen.transformer,
@@ -187,14 +186,5 @@ def rl_round(
         prompts_per_step=min(config.prompts_per_step, len(prompts)),
         sampler=sampler,
         reward=GRPORewardConfig(vae=gen.vae, vae_init_from=root / "vae.safetensors"),
-        loop=LoopConfig(
-            optimizer=OptimizerConfig(
-                lr=config.lr, warmup_steps=warmup, decay_steps=max(1, config.steps - warmup)
-            ),
-            max_steps=config.steps,
-            checkpoint_every=max(1, config.steps // 2),
-            keep_checkpoints=1,
-            log_every=5,
-            seed=config.seed,
-        ),
+        loop=round_loop(config.steps, lr=config.lr, seed=config.seed, warmup=5),
     )
