@@ -256,11 +256,31 @@ class AlignmentReward(nn.Module):
 
 def ranks_from_scores(scores: Tensor) -> Tensor:
     """``scores[i, j]`` of image ``i`` against prompt ``j`` ``(B, B)`` -> ``ranks[i, j]``: the
-    share of the other prompts ``k != j`` that image ``i`` scores below prompt ``j`` (1: ``j``
-    fits it best; a lone image gets 1)."""
+    share of the other prompts ``k != j`` that image ``i`` scores below prompt ``j``, a tie
+    counting half (so repeated prompts neither help nor hurt; 1: ``j`` fits it best). With one
+    prompt there is nothing to compare: 0.5."""
     n = scores.shape[-1]
-    below = (scores.unsqueeze(-1) > scores.unsqueeze(-2)).sum(dim=-1).float()  # (B, B)
-    return below / (n - 1) if n > 1 else torch.ones_like(below)
+    if n < 2:
+        return torch.full_like(scores, 0.5, dtype=torch.float32)
+    own = scores.unsqueeze(-1)  # (B, B, 1): image i against prompt j
+    others = scores.unsqueeze(-2)  # (B, 1, B): image i against prompt k
+    below = (own > others).sum(dim=-1).float()  # (B, B)
+    ties = (own == others).sum(dim=-1).float() - 1  # (B, B), k = j left out
+    return (below + 0.5 * ties) / (n - 1)
+
+
+def rank_batches(count: int, size: int) -> list[range]:
+    """``range(count)`` in batches of at most ``size``, none of one item unless ``count`` is
+    1: a rank within a batch of one says nothing, so a lone tail joins the batch before it."""
+    if size < 2:
+        raise ValueError(f"a ranking batch needs size >= 2, got {size}")
+    if count < 1:
+        return []
+    starts = list(range(0, count, size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    ends = [*starts[1:], count]
+    return [range(a, b) for a, b in zip(starts, ends, strict=True)]
 
 
 def rank_matrix(reward: AlignmentReward, images: Tensor, prompts: Sequence[str]) -> Tensor:

@@ -148,11 +148,14 @@ def test_seed_examples_are_built_once(
     tools: EvidenceTools, tmp_path: Path, seeds: list[tuple[Evidence, Track]]
 ) -> None:
     config = LabeledSetConfig(per_track=2, band=90_000_000)
-    first = seed_examples(tools, generator_dir=BASE_MODEL, directory=tmp_path, config=config)
+    where = {"generator_dir": BASE_MODEL, "reward_dir": BASE_REWARD, "directory": tmp_path}
+    first = seed_examples(tools, config=config, **where)
     (path,) = tmp_path.glob("labeled-*.jsonl")
     assert read_examples(path) == first
-    again = seed_examples(tools, generator_dir=BASE_MODEL, directory=tmp_path, config=config)
+    written = path.stat().st_mtime_ns
+    again = seed_examples(tools, config=config, **where)
     assert again == first
+    assert path.stat().st_mtime_ns == written  # read back, not built again
     path.write_text('{"track": "rl"}\n')
     with pytest.raises(ValueError, match=r":1: not a labeled example"):
         read_examples(path)
@@ -292,6 +295,7 @@ def test_triage_and_overrides_become_examples(
             override_route(session, case_id=case.id, track=Track.RL, reviewer="bob")
         with pytest.raises(CaseNotFoundError):
             override_route(session, case_id=10**9, track=Track.RL, reviewer="bob")
+        assert len(items) >= 2
         with pytest.raises(ValueError, match="named"):
             override_route(session, case_id=items[1].case_id or 0, track=Track.RL, reviewer=" ")
 

@@ -32,7 +32,6 @@ from flywheel.db.models import FailureCase, FailureCluster, Signal, SignalKind, 
 from flywheel.mining.miners import (
     MINER_APP,
     ProbeBatch,
-    local_path,
     mine_near_duplicates,
     mine_probes,
     scan_generations,
@@ -51,6 +50,7 @@ from model.pipeline import Generator
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
 from tests.helpers import stored_signal
+from training.io import local_path
 
 BAND = 50_000_000
 

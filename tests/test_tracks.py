@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from qdrant_client import QdrantClient
 
 from flywheel.attribution.world import world_scarcity
@@ -130,7 +131,7 @@ def test_gap_diagnosis_plan_and_round(tmp_path: Path, offline: None) -> None:
 
 def test_rl_recalibration_and_round(tmp_path: Path) -> None:
     reward, evaluator = load_world_reward(), load_evaluator()
-    config = RLTrackConfig(pairs_per_category=8, steps=2, group_size=2, prompts_per_step=2)
+    config = RLTrackConfig(pairs_per_category=8, steps=2, group_size=4, prompts_per_step=2)
     recalibration = recalibrate(
         ["count"], reward=reward, evaluator=evaluator, weights=default_weights(), config=config
     )
@@ -155,14 +156,20 @@ def test_rl_recalibration_and_round(tmp_path: Path) -> None:
     values = reward_fn(images, [c.prompt for c in cases])
     assert values.shape == (4,)
     assert all(0.0 <= float(v) <= 1.0 for v in values[:2])  # count: the verifier alone
+    # The round on the colour prompts, whose rewards differ within a group (every count
+    # image scores 0 with the base: no advantage, nothing to learn from).
+    colour = [c for c in slice_cases if c.scene is not None and c.scene.skill == "colour"]
     candidate = run_rl_round(
-        slice_cases, generator=BASE_MODEL, reward=reward_fn, out=tmp_path / "rl", config=config
+        colour, generator=BASE_MODEL, reward=reward_fn, out=tmp_path / "rl", config=config
     )
     assert len(_losses(tmp_path / "rl" / "run")) == 2
+    # The round trained the policy: the candidate's transformer moved off the base's.
+    trained = Generator.load(candidate).transformer.state_dict()
+    base = generator.transformer.state_dict()
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
     judges = SliceJudges(evaluator=evaluator, reward=reward, batch_size=4)
     result = failure_rate(Generator.load(candidate), slice_cases, judges)
-    assert result.cases == 4
-    assert 0.0 <= result.failure_rate <= 1.0
+    assert (result.cases, result.failures) == (4, len(result.failed))
 
 
 def test_slices_judge_by_scene_or_by_reward() -> None:

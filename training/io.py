@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 
 def fsync_directory(directory: Path) -> None:
@@ -51,3 +52,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, data: str) -> None:
     """:func:`atomic_write_bytes` of ``data`` encoded as UTF-8."""
     atomic_write_bytes(path, data.encode("utf-8"))
+
+
+def local_path(uri: str) -> Path | None:
+    """The file a ``file://`` URI names, or None for any other scheme."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        return None
+    return Path(unquote(parsed.path))

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from qdrant_client import QdrantClient
 from torch import Tensor
@@ -30,7 +29,7 @@ from flywheel.world.benchmark import BenchmarkCase
 from flywheel.world.evaluation import score_case
 from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
-from model.reward import AlignmentReward, rank_matrix
+from model.reward import AlignmentReward, rank_batches, rank_matrix
 from retrieval.embedding import TextEmbedder
 from retrieval.scarcity import Calibration, ScarcityConfig, diagnose
 
@@ -81,7 +80,8 @@ class Evidence(BaseModel):
     """The corpus captions nearest to the rewritten prompt."""
     reward_rank: float
     """Share of the batch's other rewritten prompts the failing image scores below its own
-    under the reward (1: the reward sees nothing wrong)."""
+    rewritten prompt under the reward (1: the reward sees nothing wrong; 0.5: no other
+    prompt to compare with)."""
     skill: str | None
     sources: dict[str, int]
     negative_feedback: int
@@ -124,48 +124,41 @@ def _scene_score(scene: BenchmarkCase, image: Tensor, evaluator: Evaluator) -> t
 
 
 def gather_evidence(views: Sequence[CaseView], tools: EvidenceTools) -> list[Evidence]:
-    """The :class:`Evidence` of each case, in order (batched generation and scoring)."""
+    """The :class:`Evidence` of each case, in order (batched generation and scoring; no
+    batch of one, whose ranks would say nothing)."""
     out: list[Evidence] = []
-    step = tools.batch_size
-    for k in range(0, len(views), step):
-        out += _gather_batch(list(views[k : k + step]), tools, seed=tools.seed + k // step)
+    for k, batch in enumerate(rank_batches(len(views), tools.batch_size)):
+        out += _gather_batch([views[i] for i in batch], tools, seed=tools.seed + k)
     return out
 
 
 def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> list[Evidence]:
     prompts = [v.prompt for v in views]
     rewritten = tools.rewriter(prompts)
-    text = [v.task == Task.TEXT_TO_IMAGE for v in views]
     # Editing cases have no input image here: no generation, the rewrite test is skipped.
-    drawn = [i for i, t in enumerate(text) if t]
-    changed = [i for i in drawn if rewritten[i] != prompts[i]]
+    drawn = [i for i, v in enumerate(views) if v.task == Task.TEXT_TO_IMAGE]
+    references = [rewritten[i] for i in drawn]
     original: dict[int, Tensor] = {}
     again: dict[int, Tensor] = {}
+    before: list[float] = []
+    after: list[float] = []
     if drawn:
-        images = tools.generator.generate([prompts[i] for i in drawn], seed=seed)
-        original = {i: images[n].cpu() for n, i in enumerate(drawn)}
-    if changed:
-        images = tools.generator.generate([rewritten[i] for i in changed], seed=seed)
-        again = {i: images[n].cpu() for n, i in enumerate(changed)}
-    ranks: dict[int, list[float]] = {}
-    if len(drawn) > 1:
-        shown = torch.stack([original[i] for i in drawn])
-        matrix = rank_matrix(tools.reward, shown, [rewritten[i] for i in drawn])
-        ranks = {i: matrix[n].tolist() for n, i in enumerate(drawn)}
-        if changed:
-            fixed = rank_matrix(
-                tools.reward,
-                torch.stack([again.get(i, original[i]) for i in drawn]),
-                [rewritten[i] for i in drawn],
-            )
-            for n, i in enumerate(drawn):
-                ranks[i] += [float(fixed[n, n])]  # the rewritten image's rank, last
+        images = tools.generator.generate([prompts[i] for i in drawn], seed=seed).cpu()
+        original = {i: images[n] for n, i in enumerate(drawn)}
+        before = rank_matrix(tools.reward, images, references).diagonal().tolist()
+        after = before
+        if any(rewritten[i] != prompts[i] for i in drawn):
+            # The same seed and batch positions as the originals: each case keeps its noise,
+            # so the gain is the rewritten prompt's alone.
+            redrawn = tools.generator.generate(references, seed=seed).cpu()
+            again = {i: redrawn[n] for n, i in enumerate(drawn) if rewritten[i] != prompts[i]}
+            after = rank_matrix(tools.reward, redrawn, references).diagonal().tolist()
     scarcity = tools.scarcity(rewritten) if tools.scarcity is not None else None
     out = []
     for i, view in enumerate(views):
-        position = drawn.index(i) if i in drawn else None
-        own_rank = ranks[i][position] if position is not None and i in ranks else 1.0
-        if i not in original:  # editing: nothing generated
+        n = drawn.index(i) if i in original else -1
+        own_rank = before[n] if n >= 0 else 0.5
+        if n < 0:  # editing: nothing generated
             score, new_score, new_pass, scored_by = 0.0, 0.0, False, "none"
         elif view.scene is not None:
             score, _ = _scene_score(view.scene, original[i], tools.evaluator)
@@ -176,8 +169,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
             )
             scored_by = "evaluator"
         else:
-            score = own_rank
-            new_score = ranks[i][-1] if i in again and i in ranks else score
+            score, new_score = own_rank, after[n]
             new_pass = i in again and new_score >= 1.0
             scored_by = "reward"
         out.append(
@@ -196,7 +188,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
                 sources=dict(view.sources),
                 negative_feedback=view.negative_feedback,
                 flags=sorted(set(view.flags)),
-                editing=not text[i],
+                editing=n < 0,
             )
         )
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -15,24 +14,33 @@ from flywheel.db.models import (
     Decider,
     FailureCase,
     Json,
-    ReviewAudit,
-    ReviewItem,
-    ReviewKind,
-    ReviewStatus,
     Signal,
 )
 
 
-def open_cases(session: Session, *, limit: int | None = None) -> list[FailureCase]:
-    """Open cases (never routed), oldest first, locked against a concurrent router."""
+def open_cases(
+    session: Session, *, limit: int | None = None, after_id: int = 0
+) -> list[FailureCase]:
+    """Open cases (never routed) after ``after_id``, oldest first (no lock: read, then
+    :func:`lock_still_open` before writing)."""
     query = (
         select(FailureCase)
-        .where(FailureCase.status == CaseStatus.OPEN)
+        .where(FailureCase.status == CaseStatus.OPEN, FailureCase.id > after_id)
         .order_by(FailureCase.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
     return list(session.scalars(query))
+
+
+def lock_still_open(session: Session, *, case_ids: Sequence[int]) -> dict[int, FailureCase]:
+    """Of ``case_ids``, the cases still open, locked for this transaction (a case another
+    router or a human holds or has routed meanwhile is left out)."""
+    query = (
+        select(FailureCase)
+        .where(FailureCase.id.in_(case_ids), FailureCase.status == CaseStatus.OPEN)
+        .with_for_update(skip_locked=True)
+    )
+    return {case.id: case for case in session.scalars(query)}
 
 
 def case_signals(session: Session, *, case_ids: Sequence[int]) -> dict[int, list[Signal]]:
@@ -117,68 +125,3 @@ def human_routes(session: Session) -> list[tuple[CaseRoute, CaseRoute | None]]:
         )
         out.append((human, model))
     return out
-
-
-def add_triage_item(
-    session: Session, *, case: FailureCase, title: str, artefact: Json
-) -> ReviewItem:
-    item = ReviewItem(
-        kind=ReviewKind.TRIAGE_CASE,
-        status=ReviewStatus.PENDING,
-        title=title,
-        artefact=artefact,
-        case_id=case.id,
-        cluster_id=case.cluster_id,
-    )
-    session.add(item)
-    session.flush()
-    session.add(
-        ReviewAudit(
-            review_item_id=item.id,
-            actor="attribution",
-            action="created",
-            after={"status": item.status.value},
-        )
-    )
-    return item
-
-
-def pending_triage(session: Session, *, case_id: int) -> list[ReviewItem]:
-    """The case's triage items still waiting for a decision (locked)."""
-    query = (
-        select(ReviewItem)
-        .where(
-            ReviewItem.case_id == case_id,
-            ReviewItem.kind == ReviewKind.TRIAGE_CASE,
-            ReviewItem.status.in_([ReviewStatus.PENDING, ReviewStatus.CLAIMED]),
-        )
-        .with_for_update()
-    )
-    return list(session.scalars(query))
-
-
-def decide_item(
-    session: Session,
-    *,
-    item: ReviewItem,
-    status: ReviewStatus,
-    actor: str,
-    reason: str | None,
-    at: datetime,
-    edits: Json | None = None,
-) -> None:
-    before = {"status": item.status.value}
-    item.status = status
-    item.decided_by = actor
-    item.decided_at = at
-    item.decision_reason = reason
-    item.edits = edits
-    session.add(
-        ReviewAudit(
-            review_item_id=item.id,
-            actor=actor,
-            action=status.value,
-            before=before,
-            after={"status": status.value, "edits": edits},
-        )
-    )

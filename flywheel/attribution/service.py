@@ -1,8 +1,9 @@
 """Routing failure cases to tracks, human triage and overrides.
 
-:func:`attribute_open_cases` takes open cases in batches (locked, so two routers never route
-one case), gathers their evidence, lets the classifier decide, and records a model route
-per case with its evidence and probabilities. A case decided with at least
+:func:`attribute_open_cases` reads open cases in batches, gathers their evidence with no
+transaction open (minutes of generation hold no row lock), then locks the cases that are
+still open and records a model route per case with its evidence and probabilities — a case
+a human or another router settled meanwhile is left as it is. A case decided with at least
 ``min_confidence`` becomes ``routed``; one below waits for human triage
 (``awaiting_triage``, with a ``triage_case`` review item holding the evidence).
 
@@ -30,6 +31,7 @@ from flywheel.attribution.classifier import (
     fit_classifier,
 )
 from flywheel.attribution.evidence import CaseView, Evidence, EvidenceTools, gather_evidence
+from flywheel.cases.rules import FailureRules
 from flywheel.db.models import (
     CaseRoute,
     CaseStatus,
@@ -41,9 +43,8 @@ from flywheel.db.models import (
     SignalSource,
     Track,
 )
+from flywheel.review import repository as review_repository
 from flywheel.world.benchmark import BenchmarkCase
-
-_NEGATIVE_RATING = 2
 
 
 class CaseNotFoundError(LookupError):
@@ -60,6 +61,7 @@ class AttributionReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cases: int
+    """Cases this call routed or sent to triage."""
     routed: dict[str, int]
     """Cases routed per track (confidence at least the threshold)."""
     awaiting_triage: int
@@ -85,7 +87,8 @@ def _negative(signal: Signal) -> bool:
         return False
     if signal.kind == SignalKind.THUMBS:
         return signal.thumbs_up is False
-    return signal.kind == SignalKind.RATING and (signal.rating or 5) <= _NEGATIVE_RATING
+    rating_at_most = FailureRules().rating_at_most
+    return signal.kind == SignalKind.RATING and (signal.rating or 5) <= rating_at_most
 
 
 def case_views(session: Session, cases: Sequence[FailureCase]) -> list[CaseView]:
@@ -132,13 +135,22 @@ def attribute_open_cases(
     triage = by_rule = total = 0
     threshold = classifier.config.min_confidence
     reference = f"classifier:{sum(classifier.examples.values())}-examples"
+    after_id = 0
     while limit is None or total < limit:
         take = batch_size if limit is None else min(batch_size, limit - total)
-        cases = repository.open_cases(session, limit=take)
+        cases = repository.open_cases(session, limit=take, after_id=after_id)
         if not cases:
             break
-        evidence = gather_evidence(case_views(session, cases), tools)
-        for case, found, decision in zip(cases, evidence, classifier.decide(evidence), strict=True):
+        after_id = cases[-1].id
+        views = case_views(session, cases)
+        session.rollback()  # no transaction (and no lock) while the evidence is gathered
+        evidence = gather_evidence(views, tools)
+        decisions = classifier.decide(evidence)
+        locked = repository.lock_still_open(session, case_ids=[v.case_id or 0 for v in views])
+        for view, found, decision in zip(views, evidence, decisions, strict=True):
+            case = locked.get(view.case_id or 0)
+            if case is None:  # routed by someone else meanwhile
+                continue
             payload = _route_evidence(found, decision)
             repository.add_route(
                 session,
@@ -157,7 +169,7 @@ def attribute_open_cases(
             else:
                 case.status = CaseStatus.AWAITING_TRIAGE
                 triage += 1
-                repository.add_triage_item(
+                review_repository.add_triage_item(
                     session,
                     case=case,
                     title=(
@@ -166,8 +178,8 @@ def attribute_open_cases(
                     ),
                     artefact={"case_id": case.id, "prompt": case.prompt, **payload},
                 )
+            total += 1
         session.commit()
-        total += len(cases)
     return AttributionReport(
         cases=total,
         routed=dict(routed),
@@ -198,7 +210,8 @@ def override_route(
     evidence: dict[str, object] = {"overrides_route": previous.id if previous else None}
     if previous is not None and isinstance(previous.evidence, dict):
         evidence["features"] = previous.evidence.get("features")
-        evidence["model_track"] = previous.track.value
+        if previous.decided_by == Decider.MODEL:
+            evidence["model_track"] = previous.track.value
     route = repository.add_route(
         session,
         case_id=case_id,
@@ -211,8 +224,8 @@ def override_route(
     )
     case.status = CaseStatus.ROUTED
     now = datetime.now(UTC)
-    for item in repository.pending_triage(session, case_id=case_id):
-        repository.decide_item(
+    for item in review_repository.pending_triage(session, case_id=case_id):
+        review_repository.decide_item(
             session,
             item=item,
             status=ReviewStatus.APPROVED,

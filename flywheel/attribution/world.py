@@ -241,17 +241,30 @@ def seed_examples(
     tools: EvidenceTools,
     *,
     generator_dir: Path,
+    reward_dir: Path,
     directory: Path,
     config: LabeledSetConfig | None = None,
 ) -> list[tuple[Evidence, Track]]:
-    """The labeled set as the classifier's seed examples, built once per generator and
-    config and kept under ``directory`` (``labeled-<weights digest>-<config digest>.jsonl``)."""
+    """The labeled set as the classifier's seed examples, built once per generator, reward,
+    corpus index, tools and config, and kept under ``directory``
+    (``labeled-<generator digest>-<key digest>.jsonl``)."""
     config = config or LabeledSetConfig()
-    key = json.dumps(
-        {f: getattr(config, f) for f in LabeledSetConfig.__dataclass_fields__}, sort_keys=True
-    )
-    name = f"labeled-{weights_digest(generator_dir)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-    path = directory / f"{name}.jsonl"
+    identity = {
+        **{f: getattr(config, f) for f in LabeledSetConfig.__dataclass_fields__},
+        "reward": weights_digest(reward_dir),
+        "tools": {"seed": tools.seed, "batch_size": tools.batch_size},
+        "corpus": (
+            {
+                "collection": tools.scarcity.calibration.collection,
+                "points": len(tools.scarcity.calibration.knn_similarities),
+                "radius": tools.scarcity.calibration.radius,
+            }
+            if tools.scarcity is not None
+            else None
+        ),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    path = directory / f"labeled-{weights_digest(generator_dir)}-{key}.jsonl"
     if path.is_file():
         return read_examples(path)
     examples = labeled_examples(tools, config)

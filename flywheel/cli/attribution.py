@@ -71,7 +71,7 @@ def measure_command(
 ) -> None:
     """Fit the classifier on one labeled set of the world's weaknesses, measure it on another
     (per-track precision / recall / F1, macro-F1, calibration error)."""
-    from flywheel.attribution.classifier import fit_classifier, measure
+    from flywheel.attribution.classifier import NotEnoughExamplesError, fit_classifier, measure
     from flywheel.attribution.world import (
         LabeledSetConfig,
         labeled_examples,
@@ -90,7 +90,10 @@ def measure_command(
         test = labeled_examples(
             tools, LabeledSetConfig(per_track=per_track, band=test_band, seed=1)
         )
-    classifier = fit_classifier(train)
+    try:
+        classifier = fit_classifier(train)
+    except NotEnoughExamplesError as exc:
+        fail(str(exc))
     metrics = measure(classifier.decide([e for e, _ in test]), [t for _, t in test])
     if as_json:
         typer.echo(metrics.model_dump_json())
@@ -132,12 +135,16 @@ def run_command(
     with database() as engine, qdrant() as (client, config):
         probe = world_scarcity(client, config, TextEmbedder(), corpus=corpus)
         tools = world_evidence_tools(generator, reward_dir=reward_dir, scarcity=probe)
-        seeds = seed_examples(
-            tools,
-            generator_dir=generator,
-            directory=get_settings().home / "attribution",
-            config=LabeledSetConfig(per_track=per_track),
-        )
+        try:
+            seeds = seed_examples(
+                tools,
+                generator_dir=generator,
+                reward_dir=reward_dir,
+                directory=get_settings().home / "attribution",
+                config=LabeledSetConfig(per_track=per_track),
+            )
+        except ValueError as exc:  # a damaged cache file names itself and its line
+            fail(str(exc).splitlines()[0])
         with session_factory(engine)() as session:
             try:
                 classifier = routing_classifier(

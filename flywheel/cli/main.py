@@ -20,6 +20,7 @@ from flywheel.cli.attribution import attribution_app
 from flywheel.cli.mining import mine_app, worker
 from flywheel.cli.output import console, err_console, fail
 from flywheel.cli.retrieval import retrieval_app
+from flywheel.cli.review import review_app, status
 from flywheel.cli.services import database
 from flywheel.settings import get_settings
 
@@ -45,6 +46,8 @@ EVAL_APP = "flywheel"
 app.add_typer(retrieval_app, name="retrieval")
 app.add_typer(mine_app, name="mine")
 app.add_typer(attribution_app, name="attribution")
+app.add_typer(review_app, name="review")
+app.command("status")(status)
 app.command("worker")(worker)
 
 

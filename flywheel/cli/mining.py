@@ -10,8 +10,10 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
 
 from flywheel.cli.output import console, fail
+from flywheel.cli.services import database
 from flywheel.settings import get_settings
 from flywheel.world.benchmark import SKILLS
 
@@ -57,16 +59,29 @@ def worker(
     )
 
 
-def _send(name: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool) -> None:
+def _send(name: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool, timeout: float) -> None:
+    from celery.exceptions import TimeoutError as ResultTimeout
+    from kombu.exceptions import OperationalError as BrokerError
+
     from flywheel.mining.tasks import create_celery
 
     settings = get_settings()
     app = create_celery(settings)
-    result = app.tasks[name].apply_async(kwargs=kwargs)
-    if not wait and settings.redis_url:
-        console.print(f"sent {name} as task {result.id}")
-        return
-    report: dict[str, Any] = result.get()
+    if not settings.redis_url:
+        with database():  # in-process: the database must answer first (exits 1 if not)
+            pass
+    try:
+        result = app.tasks[name].apply_async(kwargs=kwargs)
+        if not wait and settings.redis_url:
+            console.print(f"sent {name} as task {result.id}")
+            return
+        report: dict[str, Any] = result.get(timeout=timeout)
+    except BrokerError as exc:
+        fail(f"broker unreachable ({settings.redis_url}): {str(exc).splitlines()[0]}", code=1)
+    except ResultTimeout:
+        fail(f"no result in {timeout:g} s: is a `flywheel worker` running?", code=1)
+    except (OperationalError, ValueError, OSError) as exc:
+        fail(f"{name} failed: {str(exc).splitlines()[0]}", code=1)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -85,6 +100,9 @@ WaitOption = Annotated[
     bool, typer.Option("--wait/--no-wait", help="Wait for the result (always, without Redis).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+TimeoutOption = Annotated[
+    float, typer.Option(min=1, help="Seconds to wait for the result (with Redis).")
+]
 
 
 @mine_app.command("probe")
@@ -97,7 +115,8 @@ def mine_probe(
         Path | None, typer.Option(help="Generator directory (default: the shipped world base).")
     ] = None,
     model_version: Annotated[
-        str | None, typer.Option(help="Model version the hits belong to (default: the dir name).")
+        str | None,
+        typer.Option(help="Model version of the hits (default: <dir name>-<weights digest>)."),
     ] = None,
     reward: Annotated[
         Path | None, typer.Option(help="Reward model directory (default: the shipped one).")
@@ -105,10 +124,12 @@ def mine_probe(
     chunk: Annotated[int, typer.Option(min=1, help="Probes per generated chunk.")] = 16,
     wait: WaitOption = True,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = 3600,
 ) -> None:
     """Targeted mining: generate a skill's probes, store the failing ones as mining hits."""
     from flywheel.world.base_model import BASE_REWARD
     from flywheel.world.evaluation import BASE_MODEL
+    from retrieval.embedding import weights_digest
 
     if skill not in SKILLS:
         fail(f"unknown skill {skill!r}; known: {', '.join(SKILLS)}")
@@ -121,7 +142,7 @@ def mine_probe(
         if not (path / marker).is_file():
             fail(f"{path}: not a {what} directory (no {marker})")
     kwargs = {
-        "model_version": model_version or generator.name,
+        "model_version": model_version or f"{generator.name}-{weights_digest(generator)}",
         "generator_dir": str(generator),
         "reward_dir": str(reward_dir),
         "skill": skill,
@@ -132,7 +153,7 @@ def mine_probe(
     }
     from flywheel.mining.tasks import PROBE_TASK
 
-    _send(PROBE_TASK, kwargs, wait=wait, as_json=as_json)
+    _send(PROBE_TASK, kwargs, wait=wait, as_json=as_json, timeout=timeout)
 
 
 @mine_app.command("scan")
@@ -144,6 +165,7 @@ def mine_scan(
     ] = None,
     wait: WaitOption = True,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = 3600,
 ) -> None:
     """Score stored generations with the reward model; store the ones it rejects as hits."""
     from flywheel.mining.tasks import SCAN_TASK
@@ -153,7 +175,7 @@ def mine_scan(
     if not (reward_dir / "open_clip_config.json").is_file():
         fail(f"{reward_dir}: not a reward model directory (no open_clip_config.json)")
     kwargs = {"reward_dir": str(reward_dir), "after_id": after_id, "limit": limit}
-    _send(SCAN_TASK, kwargs, wait=wait, as_json=as_json)
+    _send(SCAN_TASK, kwargs, wait=wait, as_json=as_json, timeout=timeout)
 
 
 @mine_app.command("near")
@@ -162,8 +184,10 @@ def mine_near(
     limit: Annotated[int, typer.Option(min=1, help="Signals to look at, at most.")] = 1024,
     wait: WaitOption = True,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = 3600,
 ) -> None:
     """Store signals whose prompt nearly repeats a known failure's as mining hits."""
     from flywheel.mining.tasks import NEAR_TASK
 
-    _send(NEAR_TASK, {"after_id": after_id, "limit": limit}, wait=wait, as_json=as_json)
+    kwargs = {"after_id": after_id, "limit": limit}
+    _send(NEAR_TASK, kwargs, wait=wait, as_json=as_json, timeout=timeout)

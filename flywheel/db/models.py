@@ -132,6 +132,14 @@ class CycleStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+class Component(enum.StrEnum):
+    """The part of a model version a checkpoint holds."""
+
+    GENERATOR = "generator"
+    ENHANCER = "enhancer"
+    REWARD = "reward"
+
+
 class RoundStatus(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
@@ -355,6 +363,10 @@ class Checkpoint(Base):
         ForeignKey("training_rounds.id"), index=True
     )
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    component: Mapped[Component] = mapped_column(
+        _enum(Component, "component"), server_default=Component.GENERATOR.value
+    )
+    """Which part of the model version (a version is a generator, an enhancer, a reward)."""
     uri: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64))
     step: Mapped[int] = mapped_column(Integer)

@@ -15,8 +15,9 @@
   within the near-duplicate threshold of a known failure case (neither fixed nor
   dismissed; retrieval over the ``failure_cases`` collection): likely the same failure.
 
-Every hit's event id is derived from what was mined (``probe:<version>:<case>:<seed>``,
-``scan:<signal id>``, ``near:<signal id>``), so a miner run twice — or a task delivered
+Every hit's event id is derived from what was mined
+(``probe:<version>:<case>:<seed>:<chunk>``: seed and chunk size set the noise;
+``scan:<signal id>``; ``near:<signal id>``), so a miner run twice — or a task delivered
 twice — stores each hit once (the unique ``(app, event_id)`` index), and image files are
 content-addressed (``<sha256>.png``): a re-run never changes what a stored hit points at.
 Each chunk commits before the next starts; a run cut short keeps what it committed.
@@ -30,12 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import torch
 from PIL import Image
 from rich.progress import Progress
-from sqlalchemy import not_, select
+from sqlalchemy import func, not_, select
 from sqlalchemy.orm import Session
 from torch import Tensor
 
@@ -57,8 +57,8 @@ from flywheel.world.benchmark import SKILLS, BenchmarkCase, Skill, build_case
 from flywheel.world.evaluation import CaseResult, generate_cases, image_tensor, score_case
 from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
-from model.reward import AlignmentReward, rank_matrix, ranks_from_scores
-from training.io import atomic_write_bytes
+from model.reward import AlignmentReward, rank_batches, rank_matrix, ranks_from_scores
+from training.io import atomic_write_bytes, local_path
 
 MINER_APP = "miner"
 """The app every mining hit is stored under."""
@@ -206,6 +206,7 @@ def _probe_hit(
     version: str,
     version_id: int,
     input_image: tuple[str, str] | None,
+    chunk: int,
 ) -> NewSignal:
     case = result.case
     # The layout of an evaluation sample's details (``skill``, ``spec.case``,
@@ -222,7 +223,7 @@ def _probe_hit(
     if input_image is not None:
         details["input_image"] = {"uri": input_image[0], "sha256": input_image[1]}
     return _hit(
-        event_id=f"probe:{version}:{case.id}:{batch.seed}",
+        event_id=f"probe:{version}:{case.id}:{batch.seed}:{chunk}",
         version_id=version_id,
         task=Task.IMAGE_EDITING if case.source is not None else Task.TEXT_TO_IMAGE,
         prompt=case.prompt,
@@ -281,6 +282,7 @@ def mine_probes(
                     version=model_version,
                     version_id=version_id,
                     input_image=source,
+                    chunk=chunk,
                 )
             )
         report.examined += len(part)
@@ -293,21 +295,14 @@ def mine_probes(
 # ---- scanning stored generations --------------------------------------------------------------
 
 
-def local_path(uri: str) -> Path | None:
-    """The file a ``file://`` URI names, or None for any other scheme."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        return None
-    return Path(unquote(parsed.path))
-
-
 def _unmined(after_id: int, rules: FailureRules) -> Any:
     return (
         select(Signal)
         .where(
             Signal.id > after_id,
             Signal.source != SignalSource.MINING,
-            not_(failure_condition(rules)),
+            # A signal the rules cannot decide (SQL NULL) is not a failure either.
+            not_(func.coalesce(failure_condition(rules), False)),
         )
         .order_by(Signal.id)
     )
@@ -333,17 +328,20 @@ def scan_generations(
     with sessions() as session:
         query = _unmined(after_id, rules).where(Signal.image_uri.like("file://%")).limit(limit)
         signals = list(session.scalars(query))
-    for part in _chunks(signals, chunk):
+    if len(signals) < 2:  # a rank needs another prompt: wait for more generations
+        return report
+    for batch in rank_batches(len(signals), chunk):
+        part = [signals[i] for i in batch]
         found: list[tuple[Signal, Tensor]] = []
         for signal in part:
             path = local_path(signal.image_uri or "")
             if path is not None and path.is_file():
                 with Image.open(path) as opened:
                     found.append((signal, image_tensor(opened)))
-        report.examined += len(found)
         report.last_signal_id = part[-1].id
-        if not found:
+        if len(found) < 2:  # images gone: nothing to rank this one against
             continue
+        report.examined += len(found)
         pixels = torch.cat([reward.preprocess(t.unsqueeze(0)) for _, t in found])
         with torch.no_grad():
             image_emb = reward.encode_preprocessed(pixels)  # (B, D)

@@ -20,6 +20,7 @@ mixed into a continued-pretraining round.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -189,18 +190,17 @@ def plan_augmentation(
             concepts=[], replay=0, retrieved=[], synthesized={}, mixture_weight=0.0
         )
     budget = config.augmentation()
-    per_concept = budget // len(concepts)
+    shares = [budget // len(concepts) + (k < budget % len(concepts)) for k in range(len(concepts))]
     name = collection_name(qdrant, "prompts")
     retrieved: dict[str, Candidate] = {}
     synthesized: dict[str, int] = {}
-    for concept in concepts:
-        wanted = round(per_concept * config.retrieved_share)
+    for concept, share in zip(concepts, shares, strict=True):
+        wanted = round(share * config.retrieved_share)
         queries = [c.reference for c in cases if concept in c.reference.casefold().split()]
         found: dict[str, Candidate] = {}
         if wanted and queries:
             per_query = max(1, -(-wanted // len(queries)))
-            vectors = embedder.embed(queries)
-            for vector in vectors:
+            for vector in embedder.embed(queries):
                 augment = AugmentConfig(
                     limit=per_query,
                     splits=(POOL,),
@@ -210,12 +210,15 @@ def plan_augmentation(
                 for candidate in retrieve_for_augmentation(
                     client, name, "text", embedder.model_id, vector, augment
                 ):
-                    found.setdefault(candidate.key, candidate)
+                    # Only world pool scenes can be rendered; one retrieved for an earlier
+                    # concept is not counted twice.
+                    if "scene_seed" in candidate.provenance and candidate.key not in retrieved:
+                        found.setdefault(candidate.key, candidate)
                 if len(found) >= wanted:
                     break
         chosen = list(found.values())[:wanted]
         retrieved.update((c.key, c) for c in chosen)
-        synthesized[concept] = per_concept - len(chosen)
+        synthesized[concept] = share - len(chosen)
     return AugmentationPlan(
         concepts=list(concepts),
         replay=config.replay,
@@ -231,6 +234,9 @@ def write_round_dataset(
     """Render the plan's samples into one dataset at ``directory`` (replayed corpus scenes,
     retrieved pool scenes, synthesized ones); returns ``directory``."""
     parts = directory / "parts"
+    for stale in (parts, directory / "images"):  # a run cut short left these: start over
+        if stale.exists():
+            shutil.rmtree(stale)
     write_world_corpus(
         parts / "replay",
         count=plan.replay,
@@ -265,8 +271,7 @@ def write_round_dataset(
     for part in sorted(parts.iterdir()):
         for sample in read_dataset(part):
             target = images / f"{part.name}-{Path(sample.image).name}"
-            if not target.exists():
-                os.link(part / sample.image, target)
+            os.link(part / sample.image, target)
             update = {"id": f"{part.name}-{sample.id}", "image": f"images/{target.name}"}
             samples.append(sample.model_copy(update=update))
     write_dataset(directory, samples)
@@ -279,14 +284,14 @@ def _showing(concept: str, scene: SceneConfig, *, count: int, seed: int) -> list
     found: list[int] = []
     batch = 2 * count
     while len(found) < count:
+        if batch > 1000 * count:
+            raise ValueError(f"scenes of {seed} rarely show {concept}; raise synthesis_weight")
         found = [
             s
             for s in scene_seeds(seed, batch)
             if any(o.colour == concept for o in sample_scene(s, scene).objects)
         ][:count]
         batch *= 2
-        if batch > 1000 * count:
-            raise ValueError(f"scenes of {seed} rarely show {concept}; raise synthesis_weight")
     return found
 
 

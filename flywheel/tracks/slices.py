@@ -3,7 +3,8 @@
 A slice case is judged by the ground-truth evaluator on its skill's elements when it carries
 its intended scene (evaluation samples, probe hits), else by the reward model: the image
 passes when its rank under the case's *reference* prompt (the prompt in the captions' words,
-the rewrite test's rewrite) against the slice's other references is at least ``min_rank``.
+the rewrite test's rewrite) against the other references of its batch is at least
+``min_rank`` (batches of at least two; a slice of one reward-judged case fails: rank 0.5).
 A candidate is judged on the same cases, noise seeds and judges as the model it may
 replace, so the before / after rates differ by the model alone.
 """
@@ -21,7 +22,7 @@ from flywheel.world.evaluation import score_case
 from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
 from model.prompt_enhancer import PromptEnhancer
-from model.reward import AlignmentReward, rank_matrix
+from model.reward import AlignmentReward, rank_batches, rank_matrix
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,10 +85,9 @@ def failure_rate(
     if enhancer is not None:
         prompts = enhancer.enhance(prompts)
     passed: list[bool] = []
-    step = judges.batch_size
-    for k in range(0, len(cases), step):
-        part = list(cases[k : k + step])
-        images = generator.generate(prompts[k : k + step], seed=judges.seed + k // step).cpu()
+    for k, batch in enumerate(rank_batches(len(cases), judges.batch_size)):
+        part = [cases[i] for i in batch]
+        images = generator.generate([prompts[i] for i in batch], seed=judges.seed + k).cpu()
         references = [c.reference for c in part]
         ranks = rank_matrix(judges.reward, images, references).diagonal().tolist()
         for case, image, rank in zip(part, images, ranks, strict=True):

@@ -37,6 +37,8 @@ from model.reward import (
     normalize_text,
     normalized_edit_distance,
     quality_head_debug,
+    rank_batches,
+    ranks_from_scores,
     score_text_rendering,
     substring_edit_distance,
     validate_weights,
@@ -475,3 +477,21 @@ def test_multi_reward_over_the_real_rewards() -> None:
         ]
         torch.testing.assert_close(out.total, torch.tensor(expected))
         torch.testing.assert_close(out.components["alignment"], alignment.score(images, prompts))
+
+
+def test_ranks_count_ties_half_and_batches_keep_no_lone_tail() -> None:
+    scores = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 2.0], [3.0, 2.0, 1.0]])
+    ranks = ranks_from_scores(scores)
+    # Image 0: prompts 0 and 1 tie above prompt 2 -> 0.75 each; prompt 2 beats nothing.
+    assert ranks[0].tolist() == [0.75, 0.75, 0.0]
+    assert ranks.diagonal().tolist() == [0.75, 0.5, 0.0]
+    # The same prompt twice neither helps nor hurts an image that fits it best.
+    repeated = ranks_from_scores(torch.tensor([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert repeated.diagonal().tolist() == [0.75, 0.75, 1.0]
+    assert ranks_from_scores(torch.tensor([[4.0]])).tolist() == [[0.5]]
+    assert rank_batches(65, 32) == [range(0, 32), range(32, 65)]
+    assert rank_batches(64, 32) == [range(0, 32), range(32, 64)]
+    assert rank_batches(1, 32) == [range(0, 1)]
+    assert rank_batches(0, 32) == []
+    with pytest.raises(ValueError, match="size >= 2"):
+        rank_batches(4, 1)

@@ -1,0 +1,1 @@
+"""The human review queue: triage, artefacts for training, model promotion."""
