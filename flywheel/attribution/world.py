@@ -244,10 +244,12 @@ def seed_examples(
     reward_dir: Path,
     directory: Path,
     config: LabeledSetConfig | None = None,
+    keep: bool = True,
 ) -> list[tuple[Evidence, Track]]:
     """The labeled set as the classifier's seed examples, built once per generator, reward,
     corpus index, tools and config, and kept under ``directory``
-    (``labeled-<generator digest>-<key digest>.jsonl``)."""
+    (``labeled-<generator digest>-<key digest>.jsonl``; ``keep=False``: read if there, never
+    written — a dry run)."""
     config = config or LabeledSetConfig()
     identity = {
         **{f: getattr(config, f) for f in LabeledSetConfig.__dataclass_fields__},
@@ -268,5 +270,6 @@ def seed_examples(
     if path.is_file():
         return read_examples(path)
     examples = labeled_examples(tools, config)
-    write_examples(path, examples)
+    if keep:
+        write_examples(path, examples)
     return examples

@@ -1,0 +1,50 @@
+"""The cycle's configuration: one pydantic model whose ``dry_run`` the CLI maps onto."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.tracks.pretraining_gap import GapTrackConfig
+from flywheel.tracks.prompt_enhancer import PromptEnhancerTrackConfig
+from flywheel.tracks.rl import RLTrackConfig
+
+
+class CycleConfig(BaseModel):
+    """What one cycle does and how big its rounds are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dry_run: bool = False
+    """Plan only: print what would happen, write nothing."""
+    auto_approve: bool = False
+    """Approve the final review without a human (the demo only; said so on screen)."""
+    min_confidence: float = Field(default=0.6, ge=0.0, le=1.0)
+    """Routes below this wait for human triage."""
+    min_cases: int = Field(default=2, ge=1)
+    """A track with fewer routed cases gets no round this cycle."""
+    labeled_per_track: int = Field(default=24, ge=2)
+    """Seed labeled examples per track (the classifier's start)."""
+    corpus: int = Field(default=1500, ge=10)
+    """Corpus captions indexed for scarcity and the gap diagnosis."""
+    pool: int = Field(default=2000, ge=10)
+    """Pool captions indexed for retrieval."""
+    pe_steps: int = Field(default=200, ge=1)
+    gap_steps: int = Field(default=600, ge=1)
+    gap_vae_steps: int = Field(default=300, ge=0)
+    gap_replay: int = Field(default=1200, ge=1)
+    rl_steps: int = Field(default=6, ge=1)
+    seed: int = 0
+
+    def prompt_enhancer(self) -> PromptEnhancerTrackConfig:
+        return PromptEnhancerTrackConfig(steps=self.pe_steps, seed=self.seed)
+
+    def pretraining_gap(self) -> GapTrackConfig:
+        return GapTrackConfig(
+            steps=self.gap_steps,
+            vae_steps=self.gap_vae_steps,
+            replay=self.gap_replay,
+            seed=self.seed,
+        )
+
+    def rl(self) -> RLTrackConfig:
+        return RLTrackConfig(steps=self.rl_steps, seed=self.seed)

@@ -1,0 +1,239 @@
+"""The cycle's plan — what ``flywheel cycle --dry-run`` prints — and the steps it shares
+with a real cycle: collect, theme, attribute, and per track the artefact it would build.
+
+:func:`plan_cycle` runs the real steps inside one database transaction that is rolled back
+at the end (the session's own commits become savepoints), with an in-memory vector store
+and no file written: nothing it finds persists — no cases, routes, training data,
+checkpoints or cycle row.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import fmean
+
+from pydantic import BaseModel, ConfigDict
+from qdrant_client import QdrantClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from flywheel.attribution.classifier import ClassifierConfig
+from flywheel.attribution.evidence import Evidence
+from flywheel.attribution.service import attribute_open_cases, case_views, routing_classifier
+from flywheel.attribution.world import (
+    LabeledSetConfig,
+    seed_examples,
+    world_evidence_tools,
+    world_scarcity,
+)
+from flywheel.cases.service import collect_failures
+from flywheel.cases.themes import assign_themes
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.registry import current_model
+from flywheel.db.models import CaseRoute, CaseStatus, FailureCase, FailureCluster, Track
+from flywheel.tracks.pretraining_gap import diagnose_gap, index_world_pool, plan_augmentation
+from flywheel.tracks.prompt_enhancer import enhancer_pairs, failing_concepts
+from flywheel.tracks.slices import SliceCase
+from retrieval.embedding import TextEmbedder
+from retrieval.store import QdrantConfig
+
+SECONDS_PER_STEP = {"pe_sft": 0.075, "vae": 0.13, "pretrain": 0.21, "flow_grpo": 18.0}
+"""Measured on a 2-core AVX-512 CPU at the shipped base's sizes (README, The tracks): what a
+plan's cost estimate multiplies the steps by."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoundPlan(_Frozen):
+    recipe: str
+    steps: dict[str, int]
+    estimated_seconds: float
+
+
+class TrackPlan(_Frozen):
+    track: str
+    cases: int
+    mean_confidence: float | None
+    top_clusters: list[tuple[str, int]]
+    """Theme labels of the routed cases, most common first (three at most)."""
+    data: dict[str, object]
+    """What would be built, retrieved or synthesized for the round."""
+    round: RoundPlan | None
+    """None: too few cases (below ``min_cases``) or nothing to train on."""
+
+
+class CyclePlan(_Frozen):
+    model: str
+    signals_collected: int
+    cases_created: int
+    routed: dict[str, int]
+    awaiting_triage: int
+    tracks: list[TrackPlan]
+    estimated_seconds: float
+
+
+def routed_slices(session: Session) -> dict[Track, tuple[list[SliceCase], list[FailureCase]]]:
+    """The routed cases of each track (their current route), as slices and as rows."""
+    routes = session.execute(
+        select(CaseRoute, FailureCase)
+        .join(FailureCase, FailureCase.id == CaseRoute.case_id)
+        .where(FailureCase.status == CaseStatus.ROUTED)
+        .order_by(CaseRoute.case_id, CaseRoute.id.desc())
+    ).all()
+    latest: dict[int, tuple[CaseRoute, FailureCase]] = {}
+    for route, case in routes:
+        latest.setdefault(case.id, (route, case))
+    out: dict[Track, tuple[list[SliceCase], list[FailureCase]]] = {t: ([], []) for t in Track}
+    pairs = list(latest.values())
+    views = case_views(session, [case for _, case in pairs])
+    for (route, case), view in zip(pairs, views, strict=True):
+        features = route.evidence.get("features") if isinstance(route.evidence, dict) else None
+        reference = (
+            Evidence.model_validate(features).rewritten_prompt
+            if isinstance(features, dict)
+            else case.prompt
+        )
+        slices, rows = out[route.track]
+        slices.append(
+            SliceCase(case_id=case.id, prompt=case.prompt, reference=reference, scene=view.scene)
+        )
+        rows.append(case)
+    return out
+
+
+def _top_clusters(session: Session, cases: Sequence[FailureCase]) -> list[tuple[str, int]]:
+    ids = [c.cluster_id for c in cases if c.cluster_id is not None]
+    labels = dict(
+        session.execute(
+            select(FailureCluster.id, FailureCluster.label).where(FailureCluster.id.in_(ids))
+        ).all()
+    )
+    return Counter(labels[i] for i in ids).most_common(3)
+
+
+def _confidence(session: Session, cases: Sequence[FailureCase]) -> float | None:
+    values = session.scalars(
+        select(CaseRoute.confidence).where(CaseRoute.case_id.in_([c.id for c in cases]))
+    ).all()
+    return fmean(values) if values else None
+
+
+def plan_cycle(engine: Engine, *, config: CycleConfig, home: Path) -> CyclePlan:
+    """Run the cycle's first steps in a transaction that is rolled back; the plan."""
+    embedder = TextEmbedder()
+    client, qdrant = QdrantClient(location=":memory:"), QdrantConfig()
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = Session(bind=connection, join_transaction_mode="create_savepoint")
+        try:
+            return _plan(
+                session, config=config, home=home, client=client, qdrant=qdrant, embedder=embedder
+            )
+        finally:
+            session.close()
+            outer.rollback()
+            client.close()
+
+
+def _plan(
+    session: Session,
+    *,
+    config: CycleConfig,
+    home: Path,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> CyclePlan:
+    model = current_model(session)
+    assert model is not None  # registered on first use
+    collected = collect_failures(session)
+    assign_themes(session, embedder=embedder)
+    probe = world_scarcity(client, qdrant, embedder, corpus=config.corpus)
+    tools = world_evidence_tools(
+        model.generator, reward_dir=model.reward, scarcity=probe, seed=config.seed
+    )
+    seeds = seed_examples(
+        tools,
+        generator_dir=model.generator,
+        reward_dir=model.reward,
+        directory=home / "attribution",
+        config=LabeledSetConfig(per_track=config.labeled_per_track),
+        keep=not config.dry_run,
+    )
+    classifier = routing_classifier(
+        session, seeds, ClassifierConfig(min_confidence=config.min_confidence)
+    )
+    attributed = attribute_open_cases(session, tools=tools, classifier=classifier)
+    slices = routed_slices(session)
+    tracks = []
+    for track in (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER):
+        cases, rows = slices[track]
+        data: dict[str, object] = {}
+        round_plan: RoundPlan | None = None
+        enough = len(cases) >= config.min_cases
+        if track == Track.PROMPT_ENHANCER:
+            concepts = failing_concepts(cases)
+            data["concepts"] = concepts
+            if concepts and enough:
+                pe = config.prompt_enhancer()
+                data["pairs"] = len(enhancer_pairs(concepts, pe))
+                round_plan = RoundPlan(
+                    recipe="pe_sft",
+                    steps={"pe_sft": pe.steps},
+                    estimated_seconds=pe.steps * SECONDS_PER_STEP["pe_sft"],
+                )
+        elif track == Track.PRETRAINING_GAP and cases:
+            gap = config.pretraining_gap()
+            diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
+            data["scarce"] = diagnosis.scarce
+            data["shares"] = {c.concept: round(c.share, 4) for c in diagnosis.concepts[:3]}
+            if diagnosis.scarce and enough:
+                index_world_pool(client, qdrant, embedder, count=config.pool)
+                plan = plan_augmentation(
+                    cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=gap
+                )
+                data.update(
+                    retrieved=len(plan.retrieved),
+                    synthesized=plan.synthesized,
+                    replay=plan.replay,
+                    mixture_weight=plan.mixture_weight,
+                )
+                steps = {"vae": gap.vae_steps, "pretrain": gap.steps}
+                round_plan = RoundPlan(
+                    recipe="continued_pretraining",
+                    steps=steps,
+                    estimated_seconds=sum(n * SECONDS_PER_STEP[k] for k, n in steps.items()),
+                )
+        elif track == Track.RL:
+            categories = sorted({c.scene.skill for c in cases if c.scene is not None})
+            data["categories"] = categories
+            if categories and enough:
+                rl = config.rl()
+                round_plan = RoundPlan(
+                    recipe="flow_grpo",
+                    steps={"flow_grpo": rl.steps},
+                    estimated_seconds=rl.steps * SECONDS_PER_STEP["flow_grpo"],
+                )
+        tracks.append(
+            TrackPlan(
+                track=track.value,
+                cases=len(cases),
+                mean_confidence=_confidence(session, rows),
+                top_clusters=_top_clusters(session, rows),
+                data=data,
+                round=round_plan,
+            )
+        )
+    return CyclePlan(
+        model=model.name,
+        signals_collected=collected.signals_linked,
+        cases_created=collected.cases_created,
+        routed=attributed.routed,
+        awaiting_triage=attributed.awaiting_triage,
+        tracks=tracks,
+        estimated_seconds=sum(t.round.estimated_seconds for t in tracks if t.round),
+    )
