@@ -148,12 +148,21 @@ def test_seed_examples_are_built_once(
     tools: EvidenceTools, tmp_path: Path, seeds: list[tuple[Evidence, Track]]
 ) -> None:
     config = LabeledSetConfig(per_track=2, band=90_000_000)
-    where = {"generator_dir": BASE_MODEL, "reward_dir": BASE_REWARD, "directory": tmp_path}
-    first = seed_examples(tools, config=config, **where)
+
+    def cached() -> list[tuple[Evidence, Track]]:
+        return seed_examples(
+            tools,
+            generator_dir=BASE_MODEL,
+            reward_dir=BASE_REWARD,
+            directory=tmp_path,
+            config=config,
+        )
+
+    first = cached()
     (path,) = tmp_path.glob("labeled-*.jsonl")
     assert read_examples(path) == first
     written = path.stat().st_mtime_ns
-    again = seed_examples(tools, config=config, **where)
+    again = cached()
     assert again == first
     assert path.stat().st_mtime_ns == written  # read back, not built again
     path.write_text('{"track": "rl"}\n')
