@@ -31,3 +31,4 @@ bench: install
 	$(BIN)/python bench/transformer.py --quick
 	$(BIN)/python bench/train.py --quick
 	$(BIN)/python bench/retrieval.py --quick
+	$(BIN)/python bench/mining.py --quick
