@@ -109,6 +109,24 @@ def settings(
     return settings
 
 
+@pytest.fixture
+def migrated_url(create_database: Callable[[], str]) -> str:
+    """The URL of a fresh database of its own, migrated to head."""
+    url = create_database()
+    engine = create_db_engine(Settings(database_url=url), pool_size=1)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def fresh_engine(migrated_url: str) -> Iterator[Engine]:
+    """An engine over :func:`migrated_url`'s database (one per test)."""
+    engine = create_db_engine(Settings(database_url=migrated_url), pool_size=4)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     engine = create_db_engine(settings, pool_size=4)

@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -17,6 +17,9 @@ from flywheel.db.models import SignalKind, SignalSource, Task
 from flywheel.settings import Settings
 from flywheel.signals.repository import NewSignal
 from flywheel.signals.service import canonical_json
+
+if TYPE_CHECKING:
+    from flywheel.world.benchmark import BenchmarkCase
 
 
 def auth(key: str) -> dict[str, str]:
@@ -61,6 +64,21 @@ def stored_signal(
         payload_json=payload_json,
         payload_sha256=digest,
         **fields,
+    )
+
+
+def probe_hit(number: int, case: BenchmarkCase, version: int) -> NewSignal:
+    """A probe miner's hit carrying its intended scene, as the miner stores it."""
+    return stored_signal(
+        f"hit-{number}",
+        case.prompt,
+        source=SignalSource.MINING,
+        kind=SignalKind.MINING_HIT,
+        app="miner",
+        passed=False,
+        scores={case.skill: 0.0},
+        details={"skill": case.skill, "spec": {"case": case.model_dump(mode="json")}},
+        model_version_id=version,
     )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,8 +41,7 @@ from flywheel.attribution.world import (
 )
 from flywheel.cases.service import collect_failures
 from flywheel.cli.main import app
-from flywheel.db import migrate
-from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.engine import session_factory
 from flywheel.db.models import (
     CaseRoute,
     CaseStatus,
@@ -54,13 +52,12 @@ from flywheel.db.models import (
     ReviewKind,
     ReviewStatus,
     SignalKind,
-    SignalSource,
     Track,
 )
-from flywheel.settings import Settings, get_settings
+from flywheel.settings import get_settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
 from flywheel.world.base_model import BASE_REWARD
-from flywheel.world.benchmark import BenchmarkCase, build_case
+from flywheel.world.benchmark import build_case
 from flywheel.world.evaluation import BASE_MODEL
 from flywheel.world.vocabulary import (
     USER_COLOURS,
@@ -70,7 +67,7 @@ from flywheel.world.vocabulary import (
 )
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
-from tests.helpers import stored_signal
+from tests.helpers import probe_hit, stored_signal
 
 PER_TRACK = 12
 
@@ -173,29 +170,6 @@ def test_seed_examples_are_built_once(
 # ---- stored cases ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def engine(create_database: Callable[[], str]) -> Iterator[Engine]:
-    engine = create_db_engine(Settings(database_url=create_database()), pool_size=4)
-    migrate.upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-def _evaluated(number: int, case: BenchmarkCase, version: int) -> NewSignal:
-    """A probe hit carrying its scene, as the miner stores it."""
-    return stored_signal(
-        f"hit-{number}",
-        case.prompt,
-        source=SignalSource.MINING,
-        kind=SignalKind.MINING_HIT,
-        app="miner",
-        passed=False,
-        scores={case.skill: 0.0},
-        details={"skill": case.skill, "spec": {"case": case.model_dump(mode="json")}},
-        model_version_id=version,
-    )
-
-
 def _complaint(number: int, prompt: str, version: int, flag: str) -> NewSignal:
     return stored_signal(
         f"fb-{number}", prompt, kind=SignalKind.FLAGS, flags=[flag], model_version_id=version
@@ -217,7 +191,7 @@ def _store_failures(session: Session) -> dict[str, Track]:
     ]
     rows, truth = [], {}
     for n, case in enumerate(purple + composed):
-        rows.append(_evaluated(n, case, version))
+        rows.append(probe_hit(n, case, version))
         truth[case.prompt] = Track.PRETRAINING_GAP if case in purple else Track.RL
     for n, case in enumerate(worded):
         prompt = to_user_words(case.prompt, rng)
@@ -230,9 +204,9 @@ def _store_failures(session: Session) -> dict[str, Track]:
 
 
 def test_routes_stored_cases_with_evidence(
-    engine: Engine, tools: EvidenceTools, seeds: list[tuple[Evidence, Track]]
+    fresh_engine: Engine, tools: EvidenceTools, seeds: list[tuple[Evidence, Track]]
 ) -> None:
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         truth = _store_failures(session)
         classifier = routing_classifier(session, seeds, ClassifierConfig(min_confidence=0.0))
         report = attribute_open_cases(session, tools=tools, classifier=classifier, batch_size=5)
@@ -254,9 +228,9 @@ def test_routes_stored_cases_with_evidence(
 
 
 def test_triage_and_overrides_become_examples(
-    engine: Engine, tools: EvidenceTools, seeds: list[tuple[Evidence, Track]]
+    fresh_engine: Engine, tools: EvidenceTools, seeds: list[tuple[Evidence, Track]]
 ) -> None:
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         truth = _store_failures(session)
         strict = routing_classifier(session, seeds, ClassifierConfig(min_confidence=1.0))
         assert sum(strict.examples.values()) == len(seeds)
@@ -309,14 +283,8 @@ def test_triage_and_overrides_become_examples(
             override_route(session, case_id=items[1].case_id or 0, track=Track.RL, reviewer=" ")
 
 
-def test_cli_override_refuses_bad_input(
-    create_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url = create_database()
-    engine = create_db_engine(Settings(database_url=url), pool_size=1)
-    migrate.upgrade(engine)
-    engine.dispose()
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
+def test_cli_override_refuses_bad_input(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", migrated_url)
     get_settings.cache_clear()
     try:
         runner = CliRunner()

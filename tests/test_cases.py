@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,8 +31,7 @@ from flywheel.cases.themes import (
     distinctive_words,
     evaluation_theme,
 )
-from flywheel.db import migrate
-from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.engine import session_factory
 from flywheel.db.models import (
     CaseStatus,
     FailureCase,
@@ -43,18 +41,9 @@ from flywheel.db.models import (
     SignalSource,
     Task,
 )
-from flywheel.settings import Settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
-
-
-@pytest.fixture
-def engine(create_database: Callable[[], str]) -> Iterator[Engine]:
-    engine = create_db_engine(Settings(database_url=create_database()), pool_size=4)
-    migrate.upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def _signal(
@@ -117,8 +106,8 @@ def _seed(session: Session) -> dict[str, int]:
     return {row.event_id: row.id for row in stored}
 
 
-def test_the_sql_and_python_rules_agree(engine: Engine) -> None:
-    with session_factory(engine)() as session:
+def test_the_sql_and_python_rules_agree(fresh_engine: Engine) -> None:
+    with session_factory(fresh_engine)() as session:
         ids = _seed(session)
         for rules in (FailureRules(), FailureRules(evaluation_threshold=0.2, rating_at_most=4)):
             by_sql = set(session.scalars(select(Signal.id).where(failure_condition(rules))))
@@ -135,8 +124,8 @@ def test_the_sql_and_python_rules_agree(engine: Engine) -> None:
             FailureRules(rating_at_most=0).validate()
 
 
-def test_failures_become_cases_once(engine: Engine) -> None:
-    with session_factory(engine)() as session:
+def test_failures_become_cases_once(fresh_engine: Engine) -> None:
+    with session_factory(fresh_engine)() as session:
         ids = _seed(session)
         report = collect_failures(session, batch_size=3)
         assert report.signals_linked == 8
@@ -169,13 +158,13 @@ def test_failures_become_cases_once(engine: Engine) -> None:
         assert cat.signal_count == 2
 
 
-def test_two_collectors_at_once_link_each_signal_once(engine: Engine) -> None:
-    with session_factory(engine)() as session:
+def test_two_collectors_at_once_link_each_signal_once(fresh_engine: Engine) -> None:
+    with session_factory(fresh_engine)() as session:
         _seed(session)
     reports = []
 
     def run() -> None:
-        with session_factory(engine)() as session:
+        with session_factory(fresh_engine)() as session:
             reports.append(collect_failures(session, batch_size=2))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -186,7 +175,7 @@ def test_two_collectors_at_once_link_each_signal_once(engine: Engine) -> None:
     assert sum(r.signals_linked for r in reports) == 8
     assert sum(r.cases_created for r in reports) == 6  # a case found, not made, is not counted
     assert sum(r.merged_by_image for r in reports) == 1
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         cases = session.scalars(select(FailureCase)).all()
         assert len(cases) == 6
         assert sum(c.signal_count for c in cases) == 8
@@ -202,14 +191,14 @@ def test_prompts_normalize() -> None:
     )
 
 
-def test_near_duplicate_prompts_join_one_case(engine: Engine, offline: None) -> None:
+def test_near_duplicate_prompts_join_one_case(fresh_engine: Engine, offline: None) -> None:
     prompts = CasePrompts(
         client=QdrantClient(location=":memory:"),
         config=QdrantConfig(),
         embedder=TextEmbedder(),
     )
     thumbs = SignalKind.THUMBS
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         base = model_version_id(session, name="base")
         other = model_version_id(session, name="candidate")
         rows = [
@@ -254,11 +243,11 @@ def _verdicts(skill: str, asked: str, found: str) -> dict[str, Any]:
     }
 
 
-def test_cases_get_readable_themes(engine: Engine, offline: None) -> None:
+def test_cases_get_readable_themes(fresh_engine: Engine, offline: None) -> None:
     embedder = TextEmbedder()
     sample, thumbs = SignalKind.EVALUATION_SAMPLE, SignalKind.THUMBS
     failed = {"passed": False, "scores": {"overall": 0.0}}
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         base = model_version_id(session, name="base")
         rows = [
             _signal(1, EVAL, sample, RED.replace("red", "purple"), model_version_id=base,
@@ -320,10 +309,10 @@ def test_the_skill_comes_from_the_details() -> None:
     assert signal_skill(Signal(scores={"a": 0.0, "b": 0.0})) is None  # which one: unknown
 
 
-def test_a_fixed_prompt_theme_label_is_reused(engine: Engine, offline: None) -> None:
+def test_a_fixed_prompt_theme_label_is_reused(fresh_engine: Engine, offline: None) -> None:
     embedder = TextEmbedder()
     thumbs = SignalKind.THUMBS
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         base = model_version_id(session, name="base")
         first = [
             _signal(1, FEEDBACK, thumbs, "a cat in a hat", thumbs_up=False, model_version_id=base),

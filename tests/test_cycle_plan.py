@@ -5,51 +5,25 @@ exactly as they were."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, func, select, text
 
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan import plan_cycle
-from flywheel.db import migrate
-from flywheel.db.engine import create_db_engine, session_factory
-from flywheel.db.models import Base, SignalKind, SignalSource
-from flywheel.settings import Settings
-from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
-from flywheel.world.benchmark import BenchmarkCase, build_case
+from flywheel.db.engine import session_factory
+from flywheel.db.models import Base, SignalKind
+from flywheel.signals.repository import insert_signals, model_version_id
+from flywheel.world.benchmark import build_case
 from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import to_user_words
-from tests.helpers import stored_signal
+from tests.helpers import probe_hit, stored_signal
 
 BAND = 96_000_000
 
 
-@pytest.fixture
-def engine(create_database: Callable[[], str]) -> Iterator[Engine]:
-    engine = create_db_engine(Settings(database_url=create_database()), pool_size=4)
-    migrate.upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-def _hit(number: int, case: BenchmarkCase, version: int) -> NewSignal:
-    return stored_signal(
-        f"hit-{number}",
-        case.prompt,
-        source=SignalSource.MINING,
-        kind=SignalKind.MINING_HIT,
-        app="miner",
-        passed=False,
-        scores={case.skill: 0.0},
-        details={"skill": case.skill, "spec": {"case": case.model_dump(mode="json")}},
-        model_version_id=version,
-    )
-
-
-def _counts(engine: Engine) -> dict[str, int]:
-    with engine.connect() as connection:
+def _counts(fresh_engine: Engine) -> dict[str, int]:
+    with fresh_engine.connect() as connection:
         return {
             name: int(connection.scalar(select(func.count()).select_from(text(name))) or 0)
             for name in Base.metadata.tables
@@ -57,16 +31,16 @@ def _counts(engine: Engine) -> dict[str, int]:
 
 
 def test_a_dry_run_plans_every_track_and_writes_nothing(
-    engine: Engine, tmp_path: Path, offline: None
+    fresh_engine: Engine, tmp_path: Path, offline: None
 ) -> None:
     rng = random.Random(5)
-    with session_factory(engine)() as session:
+    with session_factory(fresh_engine)() as session:
         version = model_version_id(session, name="world-base")
         colours = [build_case("colour", k, band=BAND, case_id=f"c/{k}") for k in range(35)]
         purple = [c for c in colours if c.focus == "purple"][:4]
         worded = [c for c in colours if c.focus != "purple"][:4]
         counts = [build_case("count", k, band=BAND, case_id=f"n/{k}") for k in range(4)]
-        rows = [_hit(n, c, version) for n, c in enumerate(purple + counts)]
+        rows = [probe_hit(n, c, version) for n, c in enumerate(purple + counts)]
         rows += [
             stored_signal(
                 f"fb-{n}",
@@ -79,13 +53,13 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
         ]
         insert_signals(session, signals=rows)
         session.commit()
-    before = _counts(engine)
+    before = _counts(fresh_engine)
     home = tmp_path / "home"
     home.mkdir()
     config = CycleConfig(
         dry_run=True, labeled_per_track=3, corpus=300, pool=300, min_cases=1, min_confidence=0.0
     )
-    plan = plan_cycle(engine, config=config, home=home)
+    plan = plan_cycle(fresh_engine, config=config, home=home)
     assert plan.model == "world-base"
     assert (plan.signals_collected, plan.cases_created) == (12, 12)
     assert sum(plan.routed.values()) == 12
@@ -97,5 +71,5 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     assert planned
     assert plan.estimated_seconds == sum(t.round.estimated_seconds for t in planned if t.round)
     # Nothing persisted: not a row, not a file.
-    assert _counts(engine) == before
+    assert _counts(fresh_engine) == before
     assert list(home.iterdir()) == []

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import pytest
 import torch
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from qdrant_client import QdrantClient
 from sqlalchemy import Engine, func, select
@@ -26,8 +27,7 @@ from sqlalchemy.orm import Session
 from flywheel.cases.near import CasePrompts
 from flywheel.cases.service import collect_failures
 from flywheel.cases.themes import assign_themes
-from flywheel.db import migrate
-from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.engine import session_factory
 from flywheel.db.models import FailureCase, FailureCluster, Signal, SignalKind, SignalSource
 from flywheel.mining.miners import (
     MINER_APP,
@@ -38,7 +38,7 @@ from flywheel.mining.miners import (
     store_png,
 )
 from flywheel.mining.tasks import NEAR_TASK, PROBE_TASK, SCAN_TASK, create_celery
-from flywheel.settings import Settings, get_settings
+from flywheel.settings import get_settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
 from flywheel.world.base_model import BASE_REWARD, load_world_reward
 from flywheel.world.benchmark import BenchmarkCase
@@ -56,26 +56,28 @@ BAND = 50_000_000
 
 
 @pytest.fixture
-def database(create_database: Callable[[], str]) -> Iterator[tuple[str, Engine]]:
-    url = create_database()
-    engine = create_db_engine(Settings(database_url=url), pool_size=4)
-    migrate.upgrade(engine)
-    yield url, engine
-    engine.dispose()
-
-
-@pytest.fixture
 def environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database: tuple[str, Engine]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_url: str
 ) -> Iterator[dict[str, str]]:
     """The process settings a task reads: the scratch database, a scratch home, no Redis."""
-    env = {"FLYWHEEL_DATABASE_URL": database[0], "FLYWHEEL_HOME": str(tmp_path / "home")}
+    env = {"FLYWHEEL_DATABASE_URL": migrated_url, "FLYWHEEL_HOME": str(tmp_path / "home")}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("FLYWHEEL_REDIS_URL", raising=False)
     get_settings.cache_clear()
     yield env
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def redis_app(
+    environment: dict[str, str], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Celery:
+    """The miners' Celery app on the test Redis (the settings a worker process reads too)."""
+    monkeypatch.setenv("FLYWHEEL_REDIS_URL", redis_url)
+    environment["FLYWHEEL_REDIS_URL"] = redis_url
+    get_settings.cache_clear()
+    return create_celery(get_settings())
 
 
 def _hits(session: Session) -> list[Signal]:
@@ -94,11 +96,8 @@ def _file_digest(uri: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_probe_mining_stores_each_failure_once(
-    database: tuple[str, Engine], tmp_path: Path
-) -> None:
-    _, engine = database
-    sessions = session_factory(engine)
+def test_probe_mining_stores_each_failure_once(fresh_engine: Engine, tmp_path: Path) -> None:
+    sessions = session_factory(fresh_engine)
     options: dict[str, Any] = {
         "generator": Generator.load(BASE_MODEL),
         "evaluator": load_evaluator(),
@@ -167,22 +166,19 @@ def _store_generations(
     return rows, ids
 
 
-def test_scan_flags_generations_the_reward_rejects(
-    database: tuple[str, Engine], tmp_path: Path
-) -> None:
+def test_scan_flags_generations_the_reward_rejects(fresh_engine: Engine, tmp_path: Path) -> None:
     """Renders of world scenes stored as generations; a few carry the caption of another
     scene. The reward (colour accuracy 1.0) ranks those prompts low."""
-    _, engine = database
     cases = probes("colour", 64, band=BAND)
     order = list(range(len(cases)))
     random.Random(BAND).shuffle(order)
     pairs = list(zip(order[0:8:2], order[1:8:2], strict=True))  # four images swap captions
     swapped = {a: b for pair in pairs for a, b in (pair, pair[::-1])}
     prompts = [cases[swapped.get(k, k)].prompt for k in range(len(cases))]
-    rows, ids = _store_generations(engine, cases, tmp_path, prompts)
+    rows, ids = _store_generations(fresh_engine, cases, tmp_path, prompts)
     # A signal whose image is gone is skipped, not a failure of the scan.
     local_path(rows[1].image_uri or "").unlink()  # type: ignore[union-attr]
-    sessions = session_factory(engine)
+    sessions = session_factory(fresh_engine)
     report = scan_generations(sessions, reward=load_world_reward(), chunk=64)
     assert report.examined == len(cases) - 1
     assert report.last_signal_id == ids[-1]
@@ -207,14 +203,11 @@ def _feedback(number: int, prompt: str, version: int, *, up: bool) -> NewSignal:
     return stored_signal(f"fb-{number}", prompt, thumbs_up=up, model_version_id=version)
 
 
-def test_near_duplicates_of_known_failures_become_hits(
-    database: tuple[str, Engine], offline: None
-) -> None:
-    _, engine = database
+def test_near_duplicates_of_known_failures_become_hits(fresh_engine: Engine, offline: None) -> None:
     prompts = CasePrompts(
         client=QdrantClient(location=":memory:"), config=QdrantConfig(), embedder=TextEmbedder()
     )
-    sessions = session_factory(engine)
+    sessions = session_factory(fresh_engine)
     with sessions() as session:
         base = model_version_id(session, name="base")
         other = model_version_id(session, name="candidate")
@@ -261,20 +254,13 @@ def test_tasks_run_eagerly_without_redis(environment: dict[str, str]) -> None:
 
 
 def test_tasks_on_a_worker_over_redis(
-    environment: dict[str, str],
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    database: tuple[str, Engine],
-    tmp_path: Path,
+    redis_app: Celery, fresh_engine: Engine, tmp_path: Path
 ) -> None:
     """A real worker (a thread of this process) takes the tasks from Redis."""
-    monkeypatch.setenv("FLYWHEEL_REDIS_URL", redis_url)
-    get_settings.cache_clear()
-    app = create_celery(get_settings())
+    app = redis_app
     assert not app.conf.task_always_eager
-    _, engine = database
     cases = probes("colour", 8, band=BAND)
-    _store_generations(engine, cases, tmp_path, [c.prompt for c in cases])
+    _store_generations(fresh_engine, cases, tmp_path, [c.prompt for c in cases])
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
         scan = app.tasks[SCAN_TASK].apply_async(kwargs={"reward_dir": str(BASE_REWARD)})
         near = app.tasks[NEAR_TASK].apply_async(kwargs={})
@@ -314,24 +300,16 @@ def _wait(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
 
 
 def test_a_task_killed_mid_run_still_stores_each_hit_once(
-    environment: dict[str, str],
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    database: tuple[str, Engine],
-    tmp_path: Path,
+    environment: dict[str, str], redis_app: Celery, fresh_engine: Engine, tmp_path: Path
 ) -> None:
     """``flywheel worker`` (prefork, one process) runs a probe task; its task process is
     killed after the first chunks committed. The task is handed out again and the rerun
     stores the rest: every failing probe once, as one uninterrupted run would."""
-    monkeypatch.setenv("FLYWHEEL_REDIS_URL", redis_url)
-    get_settings.cache_clear()
-    app = create_celery(get_settings())
-    _, engine = database
-    sessions = session_factory(engine)
-    env = {**environment, "FLYWHEEL_REDIS_URL": redis_url}
+    app = redis_app
+    sessions = session_factory(fresh_engine)
     log = tmp_path / "worker.log"
     with log.open("wb") as log_file:
-        worker = _worker(env, log_file)
+        worker = _worker(environment, log_file)
     try:
         kwargs = {
             "model_version": "world-base",

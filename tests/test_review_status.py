@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,6 @@ from flywheel.cycle.registry import (
     shipped_base,
 )
 from flywheel.cycle.status import status_report
-from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, session_factory
 from flywheel.db.models import (
     CaseRoute,
@@ -50,31 +49,15 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def database_url(create_database: Callable[[], str]) -> str:
-    url = create_database()
-    engine = create_db_engine(Settings(database_url=url), pool_size=1)
-    migrate.upgrade(engine)
-    engine.dispose()
-    return url
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(Settings(database_url=database_url), pool_size=4)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def cli(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", database_url)
+def cli(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", migrated_url)
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
 
 
-def test_the_registry_starts_from_the_shipped_base(engine: Engine, tmp_path: Path) -> None:
-    with session_factory(engine)() as session:
+def test_the_registry_starts_from_the_shipped_base(fresh_engine: Engine, tmp_path: Path) -> None:
+    with session_factory(fresh_engine)() as session:
         assert current_model(session, register_base=False) is None
         base = current_model(session)
         assert base is not None
@@ -113,11 +96,11 @@ with cycle_lock(create_db_engine(Settings(database_url=sys.argv[1]), pool_size=1
 """
 
 
-def test_one_cycle_at_a_time(engine: Engine, database_url: str) -> None:
-    other = create_db_engine(Settings(database_url=database_url), pool_size=1)
+def test_one_cycle_at_a_time(fresh_engine: Engine, migrated_url: str) -> None:
+    other = create_db_engine(Settings(database_url=migrated_url), pool_size=1)
     try:
         with (
-            cycle_lock(engine),
+            cycle_lock(fresh_engine),
             pytest.raises(CycleBusyError, match="another cycle"),
             cycle_lock(other),
         ):
@@ -128,12 +111,12 @@ def test_one_cycle_at_a_time(engine: Engine, database_url: str) -> None:
         other.dispose()
     # A holder whose process dies releases the lock with its connection.
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, database_url], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLD, migrated_url], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CycleBusyError), cycle_lock(engine):
+        with pytest.raises(CycleBusyError), cycle_lock(fresh_engine):
             pass  # pragma: no cover - the lock is taken
     finally:
         holder.kill()
@@ -143,7 +126,7 @@ def test_one_cycle_at_a_time(engine: Engine, database_url: str) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
-            with cycle_lock(engine):
+            with cycle_lock(fresh_engine):
                 break
         except CycleBusyError:
             assert time.monotonic() < deadline, "the dead holder's lock was not released"
@@ -200,8 +183,8 @@ def _seed(session: Session) -> list[ReviewItem]:
     return [*items, promotion]
 
 
-def test_status_report_and_command(engine: Engine, cli: None) -> None:
-    with session_factory(engine)() as session:
+def test_status_report_and_command(fresh_engine: Engine, cli: None) -> None:
+    with session_factory(fresh_engine)() as session:
         _seed(session)
         report = status_report(session)
     assert report.model is None
@@ -218,8 +201,8 @@ def test_status_report_and_command(engine: Engine, cli: None) -> None:
     assert "pretraining_gap" in result.output
 
 
-def test_review_decisions(engine: Engine) -> None:
-    with session_factory(engine)() as session:
+def test_review_decisions(fresh_engine: Engine) -> None:
+    with session_factory(fresh_engine)() as session:
         first, second, third, promotion = _seed(session)
         assert [i.id for i in list_queue(session)] == [first.id, second.id, third.id, promotion.id]
         with pytest.raises(ReviewError, match="name the track"):
@@ -251,8 +234,8 @@ def test_review_decisions(engine: Engine) -> None:
         assert len(list_queue(session, everything=True)) == 4
 
 
-def test_review_commands(engine: Engine, cli: None) -> None:
-    with session_factory(engine)() as session:
+def test_review_commands(fresh_engine: Engine, cli: None) -> None:
+    with session_factory(fresh_engine)() as session:
         first, second, _, _ = _seed(session)
     result = runner.invoke(app, ["review", "list", "--json", "--kind", "triage_case"])
     assert result.exit_code == 0, result.output
