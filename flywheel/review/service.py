@@ -108,6 +108,18 @@ def _open_item(session: Session, item_id: int, reviewer: str) -> ReviewItem:
     return item
 
 
+def _settle(
+    session: Session, item: ReviewItem, status: ReviewStatus, reviewer: str, reason: str | None
+) -> ReviewItemOut:
+    """Record the decision on ``item`` (audited), commit, and return it as it now is."""
+    repository.decide_item(
+        session, item=item, status=status, actor=reviewer, reason=reason, at=datetime.now(UTC)
+    )
+    session.commit()
+    session.refresh(item)
+    return _out(item)
+
+
 def approve(
     session: Session,
     *,
@@ -121,21 +133,13 @@ def approve(
     if item.kind == ReviewKind.TRIAGE_CASE:
         if track is None or item.case_id is None:
             raise ReviewError("approving a triage item routes its case: name the track")
+        # Routing the case settles its triage items, this one included.
         override_route(session, case_id=item.case_id, track=track, reviewer=reviewer, reason=reason)
-    else:
-        if track is not None:
-            raise ReviewError(f"a {item.kind.value} item takes no track")
-        repository.decide_item(
-            session,
-            item=item,
-            status=ReviewStatus.APPROVED,
-            actor=reviewer,
-            reason=reason,
-            at=datetime.now(UTC),
-        )
-        session.commit()
-    session.refresh(item)
-    return _out(item)
+        session.refresh(item)
+        return _out(item)
+    if track is not None:
+        raise ReviewError(f"a {item.kind.value} item takes no track")
+    return _settle(session, item, ReviewStatus.APPROVED, reviewer, reason)
 
 
 def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> ReviewItemOut:
@@ -147,14 +151,4 @@ def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> Rev
         case = session.get(FailureCase, item.case_id, with_for_update=True)
         if case is not None:
             case.status = CaseStatus.DISMISSED
-    repository.decide_item(
-        session,
-        item=item,
-        status=ReviewStatus.REJECTED,
-        actor=reviewer,
-        reason=reason,
-        at=datetime.now(UTC),
-    )
-    session.commit()
-    session.refresh(item)
-    return _out(item)
+    return _settle(session, item, ReviewStatus.REJECTED, reviewer, reason)
