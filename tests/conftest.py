@@ -199,3 +199,24 @@ def offline() -> Iterator[None]:
         patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         patch.setattr(socket.socket, "connect", guarded_connect)
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prefect's test harness (a temporary API server on SQLite) for the session; its URL.
+
+    Prefect's home goes to a temporary directory and analytics are off before Prefect is
+    imported (its SQLite would otherwise see "database is locked" from the analytics
+    writer).
+    """
+    home = tmp_path_factory.mktemp("prefect")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_HOME", str(home))
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=90):
+            url = PREFECT_API_URL.value()
+            assert url, "the Prefect test harness set no API URL"
+            yield str(url)

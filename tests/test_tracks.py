@@ -78,7 +78,7 @@ def test_enhancer_pairs_and_round(tmp_path: Path) -> None:
         enhancer_pairs(["purple"], config)
     candidate = run_enhancer_round(
         pairs, enhancer=BASE_ENHANCER, out=tmp_path / "pe", config=config
-    )
+    ).candidate
     losses = _losses(tmp_path / "pe" / "run")
     assert losses[-1] < losses[0]
     # Held-out user prompts of those colours: the candidate says them in the captions' words.
@@ -120,7 +120,7 @@ def test_gap_diagnosis_plan_and_round(tmp_path: Path, offline: None) -> None:
     assert all("colour:purple" in c.tags and c.split == "pool" for c in plan.retrieved)
     candidate = run_gap_round(
         plan, generator=BASE_MODEL, out=tmp_path / "gap", base=world_base(), config=config
-    )
+    ).candidate
     samples = read_dataset(tmp_path / "gap" / "data")
     assert len(samples) == 30 + 20
     augmented = [s for s in samples if not s.id.startswith("replay-")]
@@ -161,7 +161,7 @@ def test_rl_recalibration_and_round(tmp_path: Path) -> None:
     colour = [c for c in slice_cases if c.scene is not None and c.scene.skill == "colour"]
     candidate = run_rl_round(
         colour, generator=BASE_MODEL, reward=reward_fn, out=tmp_path / "rl", config=config
-    )
+    ).candidate
     assert len(_losses(tmp_path / "rl" / "run")) == 2
     # The round trained the policy: the candidate's transformer moved off the base's.
     trained = Generator.load(candidate).transformer.state_dict()

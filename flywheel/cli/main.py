@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from flywheel.cli.attribution import attribution_app
+from flywheel.cli.cycle import cycle_command
 from flywheel.cli.mining import mine_app, worker
 from flywheel.cli.output import console, err_console, fail
 from flywheel.cli.retrieval import retrieval_app
@@ -48,6 +49,7 @@ app.add_typer(mine_app, name="mine")
 app.add_typer(attribution_app, name="attribution")
 app.add_typer(review_app, name="review")
 app.command("status")(status)
+app.command("cycle")(cycle_command)
 app.command("worker")(worker)
 
 

@@ -21,17 +21,22 @@ from sqlalchemy.orm import Session
 
 from flywheel.attribution.classifier import ClassifierConfig
 from flywheel.attribution.evidence import Evidence
-from flywheel.attribution.service import attribute_open_cases, case_views, routing_classifier
+from flywheel.attribution.service import (
+    AttributionReport,
+    attribute_open_cases,
+    case_views,
+    routing_classifier,
+)
 from flywheel.attribution.world import (
     LabeledSetConfig,
     seed_examples,
     world_evidence_tools,
     world_scarcity,
 )
-from flywheel.cases.service import collect_failures
+from flywheel.cases.service import CollectReport, collect_failures
 from flywheel.cases.themes import assign_themes
 from flywheel.cycle.config import CycleConfig
-from flywheel.cycle.registry import current_model
+from flywheel.cycle.registry import ModelBundle, current_model
 from flywheel.db.models import CaseRoute, CaseStatus, FailureCase, FailureCluster, Track
 from flywheel.tracks.pretraining_gap import diagnose_gap, index_world_pool, plan_augmentation
 from flywheel.tracks.prompt_enhancer import enhancer_pairs, failing_concepts
@@ -76,20 +81,25 @@ class CyclePlan(_Frozen):
     estimated_seconds: float
 
 
-def routed_slices(session: Session) -> dict[Track, tuple[list[SliceCase], list[FailureCase]]]:
-    """The routed cases of each track (their current route), as slices and as rows."""
-    routes = session.execute(
-        select(CaseRoute, FailureCase)
-        .join(FailureCase, FailureCase.id == CaseRoute.case_id)
-        .where(FailureCase.status == CaseStatus.ROUTED)
-        .order_by(CaseRoute.case_id, CaseRoute.id.desc())
-    ).all()
+def _latest_routes(
+    session: Session, *, case_ids: Sequence[int] | None
+) -> list[tuple[CaseRoute, FailureCase]]:
+    """Each case's current route: the routed cases' (``case_ids`` None) or those cases'."""
+    query = select(CaseRoute, FailureCase).join(FailureCase, FailureCase.id == CaseRoute.case_id)
+    if case_ids is None:
+        query = query.where(FailureCase.status == CaseStatus.ROUTED)
+    else:
+        query = query.where(FailureCase.id.in_(case_ids))
+    rows = session.execute(query.order_by(CaseRoute.case_id, CaseRoute.id.desc())).all()
     latest: dict[int, tuple[CaseRoute, FailureCase]] = {}
-    for route, case in routes:
+    for route, case in rows:
         latest.setdefault(case.id, (route, case))
-    out: dict[Track, tuple[list[SliceCase], list[FailureCase]]] = {t: ([], []) for t in Track}
-    pairs = list(latest.values())
+    return list(latest.values())
+
+
+def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]]) -> list[SliceCase]:
     views = case_views(session, [case for _, case in pairs])
+    out = []
     for (route, case), view in zip(pairs, views, strict=True):
         features = route.evidence.get("features") if isinstance(route.evidence, dict) else None
         reference = (
@@ -97,12 +107,27 @@ def routed_slices(session: Session) -> dict[Track, tuple[list[SliceCase], list[F
             if isinstance(features, dict)
             else case.prompt
         )
-        slices, rows = out[route.track]
-        slices.append(
+        out.append(
             SliceCase(case_id=case.id, prompt=case.prompt, reference=reference, scene=view.scene)
         )
+    return out
+
+
+def routed_slices(session: Session) -> dict[Track, tuple[list[SliceCase], list[FailureCase]]]:
+    """The routed cases of each track (their current route), as slices and as rows."""
+    pairs = _latest_routes(session, case_ids=None)
+    out: dict[Track, tuple[list[SliceCase], list[FailureCase]]] = {t: ([], []) for t in Track}
+    for (route, case), slice_case in zip(pairs, _as_slices(session, pairs), strict=True):
+        slices, rows = out[route.track]
+        slices.append(slice_case)
         rows.append(case)
     return out
+
+
+def case_slices(session: Session, *, case_ids: Sequence[int]) -> list[SliceCase]:
+    """The slice of the given cases (judged against their current route's reference)."""
+    pairs = _latest_routes(session, case_ids=case_ids)
+    return _as_slices(session, pairs)
 
 
 def _top_clusters(session: Session, cases: Sequence[FailureCase]) -> list[tuple[str, int]]:
@@ -139,17 +164,18 @@ def plan_cycle(engine: Engine, *, config: CycleConfig, home: Path) -> CyclePlan:
             client.close()
 
 
-def _plan(
+def collect_and_attribute(
     session: Session,
     *,
+    model: ModelBundle,
     config: CycleConfig,
     home: Path,
     client: QdrantClient,
     qdrant: QdrantConfig,
     embedder: TextEmbedder,
-) -> CyclePlan:
-    model = current_model(session)
-    assert model is not None  # registered on first use
+) -> tuple[CollectReport, AttributionReport]:
+    """Signals -> cases, themes, and every open case routed (or sent to triage) by the
+    classifier fitted on the seed set and the human overrides; commits as it goes."""
     collected = collect_failures(session)
     assign_themes(session, embedder=embedder)
     probe = world_scarcity(client, qdrant, embedder, corpus=config.corpus)
@@ -168,6 +194,29 @@ def _plan(
         session, seeds, ClassifierConfig(min_confidence=config.min_confidence)
     )
     attributed = attribute_open_cases(session, tools=tools, classifier=classifier)
+    return collected, attributed
+
+
+def _plan(
+    session: Session,
+    *,
+    config: CycleConfig,
+    home: Path,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> CyclePlan:
+    model = current_model(session)
+    assert model is not None  # registered on first use
+    collected, attributed = collect_and_attribute(
+        session,
+        model=model,
+        config=config,
+        home=home,
+        client=client,
+        qdrant=qdrant,
+        embedder=embedder,
+    )
     slices = routed_slices(session)
     tracks = []
     for track in (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER):

@@ -60,10 +60,11 @@ def register_version(
     name: str,
     components: Mapping[Component, Path],
     description: str | None = None,
-    training_round_id: int | None = None,
+    rounds: Mapping[Component, int] | None = None,
 ) -> int:
-    """Record ``name`` with one checkpoint per component (each an existing directory);
-    returns its id. A name already registered with checkpoints is refused."""
+    """Record ``name`` with one checkpoint per component (each an existing directory; a
+    component a training round produced names it in ``rounds``); returns its id. A name
+    already registered with checkpoints is refused."""
     missing = [c.value for c in Component if c not in components]
     if missing:
         raise RegistryError(f"{name}: no {', '.join(missing)} directory")
@@ -82,7 +83,7 @@ def register_version(
         session.add(
             Checkpoint(
                 model_version_id=version_id,
-                training_round_id=training_round_id,
+                training_round_id=(rounds or {}).get(component),
                 component=component,
                 uri=path.as_uri(),
                 sha256=_digest(path),

@@ -130,6 +130,8 @@ class CycleStatus(enum.StrEnum):
     PROMOTED = "promoted"
     REJECTED = "rejected"
     FAILED = "failed"
+    NO_ROUNDS = "no_rounds"
+    """No track had enough routed cases to train on."""
 
 
 class Component(enum.StrEnum):

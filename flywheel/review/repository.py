@@ -17,28 +17,66 @@ from flywheel.db.models import (
 )
 
 
-def add_triage_item(
-    session: Session, *, case: FailureCase, title: str, artefact: Json
+def add_item(
+    session: Session,
+    *,
+    kind: ReviewKind,
+    title: str,
+    artefact: Json,
+    actor: str,
+    cycle_id: int | None = None,
+    training_round_id: int | None = None,
+    case_id: int | None = None,
+    cluster_id: int | None = None,
 ) -> ReviewItem:
+    """A pending item (flushed) and its ``created`` audit row."""
     item = ReviewItem(
-        kind=ReviewKind.TRIAGE_CASE,
+        kind=kind,
         status=ReviewStatus.PENDING,
         title=title,
         artefact=artefact,
-        case_id=case.id,
-        cluster_id=case.cluster_id,
+        cycle_id=cycle_id,
+        training_round_id=training_round_id,
+        case_id=case_id,
+        cluster_id=cluster_id,
     )
     session.add(item)
     session.flush()
     session.add(
         ReviewAudit(
             review_item_id=item.id,
-            actor="attribution",
+            actor=actor,
             action="created",
             after={"status": item.status.value},
         )
     )
     return item
+
+
+def add_triage_item(
+    session: Session, *, case: FailureCase, title: str, artefact: Json
+) -> ReviewItem:
+    return add_item(
+        session,
+        kind=ReviewKind.TRIAGE_CASE,
+        title=title,
+        artefact=artefact,
+        actor="attribution",
+        case_id=case.id,
+        cluster_id=case.cluster_id,
+    )
+
+
+def cycle_items(
+    session: Session, *, cycle_id: int, kinds: tuple[ReviewKind, ...], lock: bool = False
+) -> list[ReviewItem]:
+    """The cycle's items of ``kinds``, oldest first."""
+    query = (
+        select(ReviewItem)
+        .where(ReviewItem.cycle_id == cycle_id, ReviewItem.kind.in_(kinds))
+        .order_by(ReviewItem.id)
+    )
+    return list(session.scalars(query.with_for_update() if lock else query))
 
 
 def pending_triage(session: Session, *, case_id: int) -> list[ReviewItem]:

@@ -2,9 +2,12 @@
 
 Approving a ``triage_case`` item routes its case (``--track`` is required: the reviewer's
 route, recorded as a human override that becomes a training example); rejecting one
-dismisses the case (not a failure worth a round). Other kinds — artefacts that change
-training data, model promotions — get their decision recorded here, and the cycle acts on
-it. Every change is audited; a decided item cannot be decided again.
+dismisses the case (not a failure worth a round). Deciding a ``model_promotion`` item
+finishes its cycle in the same transaction (:func:`flywheel.cycle.finish.finish_cycle`:
+promote or keep the serving model, fixed cases, regression scenarios). Artefact items
+(training data, reward recalibration) get their decision recorded; a rejected one blocks
+the promotion of the candidate trained on it. Every change is audited; a decided item
+cannot be decided again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
 
 from flywheel.attribution.service import override_route
+from flywheel.cycle.finish import CycleDecisionError, finish_cycle
 from flywheel.db.models import (
     CaseStatus,
     FailureCase,
@@ -120,6 +124,17 @@ def _settle(
     return _out(item)
 
 
+def _finish(session: Session, item: ReviewItem, *, approved: bool, reviewer: str) -> None:
+    """A promotion decision finishes its cycle (before the decision commits)."""
+    if item.kind != ReviewKind.MODEL_PROMOTION:
+        return
+    try:
+        finish_cycle(session, item=item, approved=approved, reviewer=reviewer)
+    except CycleDecisionError as exc:
+        session.rollback()
+        raise ReviewError(str(exc)) from exc
+
+
 def approve(
     session: Session,
     *,
@@ -139,6 +154,7 @@ def approve(
         return _out(item)
     if track is not None:
         raise ReviewError(f"a {item.kind.value} item takes no track")
+    _finish(session, item, approved=True, reviewer=reviewer)
     return _settle(session, item, ReviewStatus.APPROVED, reviewer, reason)
 
 
@@ -151,4 +167,5 @@ def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> Rev
         case = session.get(FailureCase, item.case_id, with_for_update=True)
         if case is not None:
             case.status = CaseStatus.DISMISSED
+    _finish(session, item, approved=False, reviewer=reviewer)
     return _settle(session, item, ReviewStatus.REJECTED, reviewer, reason)

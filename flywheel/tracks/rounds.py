@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.tracks.pretraining_gap import (
@@ -27,13 +28,36 @@ from training.cache import DONE_FILE, ProducerConfig, produce
 from training.checkpoint import load_model_weights
 from training.data import SAMPLES_FILE
 from training.grpo import build_grpo
-from training.loop import run_loop
+from training.loop import TrainResult, run_loop
 from training.pe_sft import export_enhancer, write_pairs
 from training.trainer import identity, train
 from training.vae_training import export_vae_weights
 
 ENHANCER_DIR = "enhancer"
 GENERATOR_DIR = "generator"
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundOutput:
+    """A finished round: its candidate component and how each training stage went."""
+
+    candidate: Path
+    """The candidate directory (a generator or a prompt enhancer)."""
+    stages: dict[str, TrainResult] = field(default_factory=dict)
+    """Stage name (``sft``, ``vae``, ``transformer``, ``grpo``) -> its training call."""
+
+    def summary(self) -> dict[str, object]:
+        """JSON-able figures per stage: steps, where it resumed from, first and last loss."""
+        return {
+            name: {
+                "steps": r.step,
+                "resumed_from": r.resumed_from,
+                "first_loss": r.losses[0] if r.losses else None,
+                "last_loss": r.losses[-1] if r.losses else None,
+                "seconds": round(r.seconds, 2),
+            }
+            for name, r in self.stages.items()
+        }
 
 
 def run_enhancer_round(
@@ -43,20 +67,20 @@ def run_enhancer_round(
     out: Path,
     config: PromptEnhancerTrackConfig,
     progress: bool = False,
-) -> Path:
+) -> RoundOutput:
     """PE SFT of ``enhancer`` on ``pairs``; the candidate enhancer directory."""
     out.mkdir(parents=True, exist_ok=True)
     pairs_file = out / "pairs.jsonl"
     if not pairs_file.is_file():
         write_pairs(pairs_file, list(pairs))
     run = out / "run"
-    train(
+    result = train(
         enhancer_round(pairs_file, enhancer=enhancer, config=config),
         out=run,
         progress=progress,
         name="prompt-enhancer round",
     )
-    return export_enhancer(run, out / ENHANCER_DIR)
+    return RoundOutput(candidate=export_enhancer(run, out / ENHANCER_DIR), stages={"sft": result})
 
 
 def run_gap_round(
@@ -67,15 +91,16 @@ def run_gap_round(
     base: WorldBaseConfig,
     config: GapTrackConfig,
     progress: bool = False,
-) -> Path:
+) -> RoundOutput:
     """Dataset, VAE fine-tuning, re-encoded cache, continued pretraining; the candidate
     generator directory."""
     dataset = out / "data"
     if not (dataset / SAMPLES_FILE).is_file():
         write_round_dataset(plan, dataset, base=base, config=config)
     candidate = Generator.load(generator)
+    stages: dict[str, TrainResult] = {}
     if config.vae_steps > 0:
-        train(
+        stages["vae"] = train(
             vae_round(dataset, generator=generator, base=base, config=config),
             out=out / "vae",
             progress=progress,
@@ -91,14 +116,14 @@ def run_gap_round(
             encoder=candidate.encoder,
             config=ProducerConfig(buckets=base.buckets(), shard_size=256, batch_size=64),
         )
-    train(
+    stages["transformer"] = train(
         transformer_round(cache, generator=generator, base=base, config=config),
         out=out / "transformer",
         progress=progress,
         name="continued pretraining",
     )
     candidate.transformer.load_state_dict(load_model_weights(out / "transformer"))
-    return candidate.save(out / GENERATOR_DIR)
+    return RoundOutput(candidate=candidate.save(out / GENERATOR_DIR), stages=stages)
 
 
 def run_rl_round(
@@ -109,7 +134,7 @@ def run_rl_round(
     out: Path,
     config: RLTrackConfig,
     progress: bool = False,
-) -> Path:
+) -> RoundOutput:
     """Flow-GRPO of the generator's transformer against ``reward``; the candidate generator
     directory."""
     candidate = Generator.load(generator)
@@ -117,7 +142,7 @@ def run_rl_round(
     grpo.validate()
     run = out / "run"
     run.mkdir(parents=True, exist_ok=True)
-    run_loop(
+    result = run_loop(
         build_grpo(grpo, run, reward=reward),
         loop=grpo.loop,
         identity=identity(grpo),
@@ -127,4 +152,4 @@ def run_rl_round(
         started=time.monotonic(),
     )
     candidate.transformer.load_state_dict(load_model_weights(run))
-    return candidate.save(out / GENERATOR_DIR)
+    return RoundOutput(candidate=candidate.save(out / GENERATOR_DIR), stages={"grpo": result})

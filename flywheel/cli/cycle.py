@@ -1,0 +1,159 @@
+"""``flywheel cycle``: run one flywheel cycle, or print its plan with ``--dry-run``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from flywheel.cli.output import console, fail
+from flywheel.cli.services import database
+from flywheel.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from flywheel.cycle.config import CycleConfig
+    from flywheel.cycle.flow import CycleOutcome
+    from flywheel.cycle.plan import CyclePlan
+
+
+def prefect_environment(settings: Settings) -> None:
+    """Prefect's home under ``$FLYWHEEL_HOME/prefect`` (its ephemeral API's database) and no
+    analytics, unless set; call before Prefect is imported."""
+    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def load_cycle_config(path: Path | None, **fields: Any) -> CycleConfig:
+    """A :class:`CycleConfig` from a JSON file of its fields (if given) and ``fields``;
+    exits 2 with the first problem."""
+    from flywheel.cycle.config import CycleConfig
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = json.loads(path.read_text())
+        except OSError as exc:
+            fail(f"cannot read {path}: {exc.strerror}")
+        except json.JSONDecodeError as exc:
+            fail(f"{path} is not JSON: {exc.msg} at line {exc.lineno}")
+        if not isinstance(loaded, dict):
+            fail(f"{path} must hold a JSON object of cycle settings")
+        values.update(loaded)
+    values.update(fields)
+    try:
+        return CycleConfig.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "config"
+        fail(f"cycle config: {where}: {error['msg']}")
+
+
+def _plan_table(plan: CyclePlan) -> None:
+    console.print(
+        f"[bold]dry run[/] on {plan.model}: {plan.signals_collected} failing signal(s) -> "
+        f"{plan.cases_created} new case(s); routed {plan.routed or 'none'}, "
+        f"{plan.awaiting_triage} awaiting triage — nothing was written",
+        highlight=False,
+    )
+    table = Table(title="the cycle would run")
+    for column in ("track", "cases", "confidence", "top clusters", "data", "round", "est. s"):
+        table.add_column(column, justify="right" if column in ("cases", "est. s") else "left")
+    for track in plan.tracks:
+        clusters = ", ".join(f"{label} ({n})" for label, n in track.top_clusters) or "-"
+        data = "; ".join(f"{k}={v}" for k, v in track.data.items()) or "-"
+        round_ = (
+            f"{track.round.recipe} " + ", ".join(f"{k} {v}" for k, v in track.round.steps.items())
+            if track.round
+            else "none"
+        )
+        table.add_row(
+            track.track,
+            str(track.cases),
+            f"{track.mean_confidence:.2f}" if track.mean_confidence is not None else "-",
+            clusters,
+            data,
+            round_,
+            f"{track.round.estimated_seconds:.0f}" if track.round else "-",
+        )
+    console.print(table)
+    console.print(f"estimated training time: {plan.estimated_seconds:.0f} s", highlight=False)
+
+
+def outcome_table(outcome: CycleOutcome) -> None:
+    """The cycle's before / after per track, the regression suite and its status."""
+    summary = outcome.summary
+    evaluation = summary.get("evaluation") or {}
+    table = Table(title=f"cycle {outcome.cycle_id}: routed failure slices, before / after")
+    for column in ("track", "cases", "failure rate before", "after", "relative change"):
+        table.add_column(column, justify="left" if column == "track" else "right")
+    for name, track in (summary.get("tracks") or {}).items():
+        figures = (evaluation.get("tracks") or {}).get(name)
+        if figures is None:
+            table.add_row(name, str(track["cases"]), "-", "-", track.get("reason", "no round"))
+            continue
+        before, after = figures["failure_rate_before"], figures["failure_rate_after"]
+        change = f"{(after - before) / before:+.0%}" if before else "-"
+        table.add_row(name, str(figures["cases"]), f"{before:.2f}", f"{after:.2f}", change)
+    console.print(table)
+    regression = evaluation.get("regression")
+    if regression:
+        console.print(
+            f"regression suite ({regression['cases']} cases x {regression['seeds']} seeds): "
+            f"{regression['score_before']:.3f} -> {regression['score_after']:.3f}",
+            highlight=False,
+        )
+    verdict = summary.get("gate")
+    if verdict:
+        console.print(
+            "gate: "
+            + ("[green]passed[/]" if verdict["passed"] else "[red]failed[/]: ")
+            + "; ".join(verdict["reasons"]),
+        )
+    console.print(f"cycle {outcome.cycle_id}: [bold]{outcome.status}[/]")
+
+
+def cycle_command(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
+    ] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="JSON file of cycle settings (CycleConfig fields)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Run one flywheel cycle: collect, attribute, train each track with work, evaluate,
+    gate, and queue the candidate for the final human review."""
+    config = load_cycle_config(config_file, dry_run=dry_run)
+    if config.auto_approve:
+        fail("auto_approve is for `flywheel demo` only: a cycle's final review is a human's")
+    settings = get_settings()
+    with database(settings):
+        pass  # one-line failure when the database is unreachable
+    prefect_environment(settings)
+    from flywheel.cycle.flow import CycleOutcome, run_cycle
+    from flywheel.cycle.lock import CycleBusyError
+
+    try:
+        result = run_cycle(config, progress=not as_json)
+    except CycleBusyError as exc:
+        fail(str(exc), code=1)
+    except Exception as exc:  # the flow logged the traceback; the cycle is marked failed
+        fail(f"the cycle failed: {type(exc).__name__}: {exc}", code=1)
+    if as_json:
+        typer.echo(result.model_dump_json())
+        return
+    if isinstance(result, CycleOutcome):
+        outcome_table(result)
+        if result.status == "awaiting_review":
+            console.print(
+                "next: the final review — `flywheel review list --kind model_promotion`, "
+                "then `flywheel review approve|reject ID`"
+            )
+    else:
+        _plan_table(result)

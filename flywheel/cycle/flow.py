@@ -1,0 +1,220 @@
+"""The cycle as a Prefect 3 flow: small tasks over :mod:`flywheel.cycle.service`.
+
+``cycle_flow`` holds the cycle lock (one cycle at a time, any host on the database), opens
+or resumes the cycle, and runs attribute → prepare rounds → each round → candidate →
+evaluation → gate and review request as tasks (retried; each step is idempotent, so a
+retry or a rerun after a crash picks up where the last one stopped). The flow ends when the
+cycle waits for its final review: the reviewer's decision (``flywheel review approve|reject``
+or the review API) finishes the cycle in the decision's transaction — the pause lives in
+PostgreSQL, so it survives restarts and needs no process waiting. In ``auto_approve`` mode
+(the demo) the review is decided at once and the flow returns the finished cycle.
+
+:func:`run_cycle` is what the CLI calls: a dry run plans without Prefect and without
+writing; otherwise it runs the flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict
+from qdrant_client import QdrantClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from flywheel.cycle import service
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.lock import cycle_lock
+from flywheel.cycle.plan import CyclePlan, plan_cycle
+from flywheel.db.engine import create_db_engine
+from flywheel.db.models import Cycle
+from flywheel.settings import Settings, get_settings
+from retrieval.embedding import TextEmbedder
+from retrieval.store import QdrantConfig, open_qdrant, qdrant_config
+
+FLOW_NAME = "flywheel-cycle"
+
+
+class CycleOutcome(BaseModel):
+    """Where a cycle run left the cycle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cycle_id: int
+    status: str
+    resumed: bool
+    """The run finished a cycle an earlier run left running."""
+    summary: dict[str, Any]
+
+
+@dataclass(kw_only=True, slots=True)
+class CycleRuntime:
+    """The services the cycle's tasks share (built by the flow, not a parameter)."""
+
+    engine: Engine
+    home: Path
+    client: QdrantClient
+    qdrant: QdrantConfig
+    embedder: TextEmbedder
+    progress: bool
+
+
+def _cycle(session: Session, cycle_id: int) -> Cycle:
+    cycle = session.get(Cycle, cycle_id)
+    if cycle is None:
+        raise LookupError(f"no cycle {cycle_id}")
+    return cycle
+
+
+@task(name="attribute", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def attribute_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
+    """Turn signals into cases, theme them and route them."""
+    with Session(runtime.engine) as session:
+        return service.attribute(
+            session,
+            _cycle(session, cycle_id),
+            home=runtime.home,
+            client=runtime.client,
+            qdrant=runtime.qdrant,
+            embedder=runtime.embedder,
+        )
+
+
+@task(name="prepare-rounds", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def prepare_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
+    """Build each track's artefact, review item and pending round."""
+    with Session(runtime.engine) as session:
+        return service.prepare_rounds(
+            session,
+            _cycle(session, cycle_id),
+            home=runtime.home,
+            client=runtime.client,
+            qdrant=runtime.qdrant,
+            embedder=runtime.embedder,
+        )
+
+
+@task(name="training-round", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def round_task(runtime: CycleRuntime, round_id: int) -> dict[str, Any]:
+    """Train one round, resuming from its checkpoints."""
+    with Session(runtime.engine) as session:
+        return service.run_round(session, round_id, home=runtime.home, progress=runtime.progress)
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def candidate_task(runtime: CycleRuntime, cycle_id: int) -> int:
+    """Register the candidate model version."""
+    with Session(runtime.engine) as session:
+        return service.register_candidate(session, _cycle(session, cycle_id))
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
+    """Evaluate base and candidate on the slices, the regression suite and the scenarios."""
+    with Session(runtime.engine) as session:
+        return service.evaluate(session, _cycle(session, cycle_id))
+
+
+@task(name="gate-and-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def review_task(runtime: CycleRuntime, cycle_id: int) -> str:
+    """Gate the candidate and ask for the final review."""
+    with Session(runtime.engine) as session:
+        return service.request_review(session, _cycle(session, cycle_id)).value
+
+
+@task(name="close-without-rounds", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def close_task(runtime: CycleRuntime, cycle_id: int) -> str:
+    """Close a cycle that had nothing to train."""
+    with Session(runtime.engine) as session:
+        return service.close_without_rounds(session, _cycle(session, cycle_id)).value
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def cycle_flow(config: CycleConfig | None = None, progress: bool = False) -> CycleOutcome:
+    """One flywheel cycle, from the signals to the final review (see the module docstring)."""
+    config = config or CycleConfig()
+    if config.dry_run:
+        raise ValueError("the cycle flow does not plan: run_cycle plans a dry run")
+    settings = get_settings()
+    logger = get_run_logger()
+    engine = create_db_engine(settings, pool_size=2)
+    try:
+        with cycle_lock(engine):
+            with Session(engine) as session:
+                cycle, resumed = service.open_cycle(session, config=config)
+                cycle.flow_run_id = str(flow_run.get_id() or "") or cycle.flow_run_id
+                session.commit()
+                cycle_id = cycle.id
+            logger.info("%s cycle %d", "resuming" if resumed else "started", cycle_id)
+            with _runtime(settings, engine, progress=progress) as runtime:
+                try:
+                    _steps(runtime, cycle_id, logger)
+                except Exception as exc:
+                    with Session(engine) as session:
+                        service.fail_cycle(session, cycle_id, error=f"{type(exc).__name__}: {exc}")
+                    raise
+            with Session(engine) as session:
+                cycle = _cycle(session, cycle_id)
+                return CycleOutcome(
+                    cycle_id=cycle.id,
+                    status=cycle.status.value,
+                    resumed=resumed,
+                    summary=dict(cycle.summary or {}),
+                )
+    finally:
+        engine.dispose()
+
+
+def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
+    attribution = attribute_task(runtime, cycle_id)
+    logger.info("attribution: %s", attribution)
+    tracks = prepare_task(runtime, cycle_id)
+    rounds = [(name, t["round"]) for name, t in tracks.items() if t.get("round") is not None]
+    if not rounds:
+        logger.info("no track has a round this cycle: %s", tracks)
+        close_task(runtime, cycle_id)
+        return
+    for name, round_id in rounds:
+        metrics = round_task.with_options(name=f"round-{name}")(runtime, round_id)
+        logger.info("%s round %d: %s", name, round_id, metrics.get("stages"))
+    candidate_task(runtime, cycle_id)
+    evaluation = evaluate_task(runtime, cycle_id)
+    logger.info("evaluation: %s", evaluation)
+    status = review_task(runtime, cycle_id)
+    logger.info("cycle %d is %s", cycle_id, status)
+
+
+@contextmanager
+def _runtime(settings: Settings, engine: Engine, *, progress: bool) -> Iterator[CycleRuntime]:
+    qdrant = qdrant_config(settings)
+    client = open_qdrant(qdrant)
+    try:
+        yield CycleRuntime(
+            engine=engine,
+            home=settings.home,
+            client=client,
+            qdrant=qdrant,
+            embedder=TextEmbedder(),
+            progress=progress,
+        )
+    finally:
+        client.close()
+
+
+def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | CyclePlan:
+    """A dry run's plan (nothing written, no flow run), else the cycle flow's outcome."""
+    if not config.dry_run:
+        return cycle_flow(config=config, progress=progress)
+    settings = get_settings()
+    engine = create_db_engine(settings, pool_size=2)
+    try:
+        return plan_cycle(engine, config=config, home=settings.home)
+    finally:
+        engine.dispose()

@@ -1,0 +1,755 @@
+"""The steps of one cycle, each reading and writing its state in PostgreSQL.
+
+A step that finds its work already recorded returns what was recorded, so a cycle killed
+anywhere is finished by the next run (which finds it ``running`` under a free cycle lock):
+
+1. :func:`open_cycle` — the cycle left running by a dead run (resumed with its own config),
+   else a new ``running`` cycle on the serving model.
+2. :func:`attribute` — signals to cases, themes, routes (:func:`collect_and_attribute`).
+3. :func:`prepare_rounds` — per track with at least ``min_cases`` routed cases, its artefact
+   (augmentation plan, reward recalibration, enhancer pairs) as a review item, and a
+   ``pending`` training round holding the artefact as its data manifest and its cases
+   (now ``in_round``). Everything commits together.
+4. :func:`run_round` — the round under ``$FLYWHEEL_HOME/cycles/<cycle>/<track>``; a round
+   killed mid-way resumes from its latest checkpoint. Generator rounds chain: the RL round
+   starts from the gap round's generator.
+5. :func:`register_candidate` — ``cycle-<id>``: the rounds' components, the base's others.
+6. :func:`evaluate` — base and candidate on each round's failure slice (same cases, seeds
+   and judges), on the regression suite (the world's standard suite over
+   ``regression_seeds`` seeds) and on the active regression scenarios.
+7. :func:`request_review` — the gate (fixed failures up, regression flat, no scenario
+   broken); passed: a ``model_promotion`` review item and the cycle ``awaiting_review`` (the
+   reviewer's decision finishes it: :mod:`flywheel.cycle.finish`); failed: the cycle is
+   rejected and its cases return to ``routed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from qdrant_client import QdrantClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.plan import case_slices, collect_and_attribute, routed_slices
+from flywheel.cycle.registry import ModelBundle, bundle, current_model, register_version
+from flywheel.db.models import (
+    CaseStatus,
+    Component,
+    Cycle,
+    CycleStatus,
+    FailureCase,
+    Json,
+    RegressionScenario,
+    ReviewKind,
+    ReviewStatus,
+    RoundStatus,
+    Track,
+    TrainingRound,
+    TrainingRoundCase,
+)
+from flywheel.review import repository as review_repository
+from flywheel.tracks.pretraining_gap import (
+    AugmentationPlan,
+    GapTrackConfig,
+    diagnose_gap,
+    index_world_pool,
+    plan_augmentation,
+)
+from flywheel.tracks.prompt_enhancer import (
+    PromptEnhancerTrackConfig,
+    enhancer_pairs,
+    failing_concepts,
+)
+from flywheel.tracks.rl import (
+    Recalibration,
+    RLTrackConfig,
+    default_weights,
+    recalibrate,
+    round_reward,
+)
+from flywheel.tracks.rounds import (
+    RoundOutput,
+    run_enhancer_round,
+    run_gap_round,
+    run_rl_round,
+)
+from flywheel.tracks.slices import SliceCase, SliceJudges, failure_rate
+from flywheel.world.benchmark import BenchmarkCase, suite
+from retrieval.embedding import TextEmbedder
+from retrieval.store import QdrantConfig
+from training.pe_sft import write_pairs
+
+ROUND_ORDER = (Track.PRETRAINING_GAP, Track.RL, Track.PROMPT_ENHANCER)
+"""Rounds run in this order; generator rounds chain (RL fine-tunes the gap round's
+generator)."""
+RECIPES = {
+    Track.PRETRAINING_GAP: "continued_pretraining",
+    Track.RL: "flow_grpo",
+    Track.PROMPT_ENHANCER: "pe_sft",
+}
+ARTEFACT_KIND = {
+    Track.PRETRAINING_GAP: ReviewKind.AUGMENTATION_BATCH,
+    Track.RL: ReviewKind.REWARD_RECALIBRATION,
+    Track.PROMPT_ENHANCER: ReviewKind.PROMPT_ENHANCER_DATA,
+}
+AUTO_REVIEWER = "demo (auto-approve)"
+"""Who decides review items in ``auto_approve`` mode (the demo only)."""
+ACTOR = "cycle"
+
+
+def cycle_dir(home: Path, cycle_id: int) -> Path:
+    """Where a cycle's rounds write: ``$FLYWHEEL_HOME/cycles/<id>``."""
+    return home / "cycles" / str(cycle_id)
+
+
+def _note(cycle: Cycle, **fields: Any) -> None:
+    cycle.summary = {**(cycle.summary or {}), **fields}
+
+
+def _summary(cycle: Cycle) -> dict[str, Any]:
+    return dict(cycle.summary or {})
+
+
+def cycle_config(cycle: Cycle) -> CycleConfig:
+    """The configuration the cycle was started with."""
+    return CycleConfig.model_validate(cycle.config)
+
+
+# ---- 1. open ---------------------------------------------------------------------------------
+
+
+def open_cycle(session: Session, *, config: CycleConfig) -> tuple[Cycle, bool]:
+    """The cycle to run (call it under the cycle lock) and whether it is resumed; commits."""
+    if config.dry_run:
+        raise ValueError("a dry run opens no cycle: plan it (flywheel.cycle.plan)")
+    left = session.scalars(
+        select(Cycle).where(Cycle.status == CycleStatus.RUNNING).order_by(Cycle.id).limit(1)
+    ).first()
+    if left is not None:
+        return left, True
+    model = current_model(session)
+    assert model is not None  # registered on first use
+    cycle = Cycle(
+        status=CycleStatus.RUNNING,
+        base_model_version_id=model.version_id,
+        config=config.model_dump(mode="json"),
+        summary={},
+    )
+    session.add(cycle)
+    session.commit()
+    return cycle, False
+
+
+def base_model(session: Session, cycle: Cycle) -> ModelBundle:
+    """The model the cycle started from."""
+    assert cycle.base_model_version_id is not None
+    return bundle(session, version_id=cycle.base_model_version_id)
+
+
+# ---- 2. attribute ----------------------------------------------------------------------------
+
+
+def attribute(
+    session: Session,
+    cycle: Cycle,
+    *,
+    home: Path,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> dict[str, Any]:
+    """Collect, theme and route (once per cycle); what it did."""
+    done = _summary(cycle).get("attribution")
+    if done is not None:
+        return dict(done)
+    collected, attributed = collect_and_attribute(
+        session,
+        model=base_model(session, cycle),
+        config=cycle_config(cycle),
+        home=home,
+        client=client,
+        qdrant=qdrant,
+        embedder=embedder,
+    )
+    report = {
+        "signals_collected": collected.signals_linked,
+        "cases_created": collected.cases_created,
+        "routed": attributed.routed,
+        "awaiting_triage": attributed.awaiting_triage,
+        "by_rule": attributed.by_rule,
+    }
+    _note(cycle, attribution=report)
+    session.commit()
+    return report
+
+
+# ---- 3. artefacts and rounds -----------------------------------------------------------------
+
+
+def _artefact(
+    track: Track,
+    cases: Sequence[SliceCase],
+    *,
+    model: ModelBundle,
+    config: CycleConfig,
+    directory: Path,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> tuple[dict[str, Any] | None, str]:
+    """The track's reviewed artefact (also the round's data manifest), or None and why."""
+    if track == Track.PROMPT_ENHANCER:
+        concepts = failing_concepts(cases)
+        if not concepts:
+            return None, "no routed prompt names a colour in the users' words"
+        pe = config.prompt_enhancer()
+        pairs = enhancer_pairs(concepts, pe)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_pairs(directory / "pairs.jsonl", pairs)
+        user = [p for p in pairs if p[0] != p[1]]
+        return {
+            "concepts": concepts,
+            "pairs": len(pairs),
+            "user_worded": len(user),
+            "echo": len(pairs) - len(user),
+            "examples": [list(p) for p in user[:8]],
+            "pairs_file": str(directory / "pairs.jsonl"),
+        }, ""
+    if track == Track.PRETRAINING_GAP:
+        gap = config.pretraining_gap()
+        diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
+        if not diagnosis.scarce:
+            return None, "no concept the cases ask for is scarce in the corpus"
+        index_world_pool(client, qdrant, embedder, count=config.pool)
+        plan = plan_augmentation(
+            cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=gap
+        )
+        return {
+            "diagnosis": diagnosis.model_dump(mode="json"),
+            "plan": plan.model_dump(mode="json"),
+        }, ""
+    categories = sorted({c.scene.skill for c in cases if c.scene is not None})
+    if not categories:
+        return None, "no routed case carries its intended scene (nothing to verify against)"
+    from flywheel.world.base_model import load_world_reward
+    from flywheel.world.evaluator import load_evaluator
+
+    recalibration = recalibrate(
+        categories,
+        reward=load_world_reward(model.reward),
+        evaluator=load_evaluator(),
+        weights=default_weights(),
+        config=config.rl(),
+    )
+    return {"categories": categories, "recalibration": recalibration.model_dump(mode="json")}, ""
+
+
+def _title(track: Track, artefact: dict[str, Any], cases: int) -> str:
+    if track == Track.PROMPT_ENHANCER:
+        return (
+            f"Prompt-enhancer pairs for {', '.join(artefact['concepts'])}: "
+            f"{artefact['pairs']} pairs from {cases} cases"
+        )
+    if track == Track.PRETRAINING_GAP:
+        plan = artefact["plan"]
+        synthesized = sum(plan["synthesized"].values())
+        return (
+            f"Augmentation batch for {', '.join(plan['concepts'])}: "
+            f"{len(plan['retrieved'])} retrieved + {synthesized} synthesized, "
+            f"mixture {plan['mixture_weight']:g}"
+        )
+    return f"Reward recalibration for {', '.join(artefact['categories'])} ({cases} cases)"
+
+
+def _track_config(
+    track: Track, config: CycleConfig
+) -> GapTrackConfig | RLTrackConfig | PromptEnhancerTrackConfig:
+    if track == Track.PRETRAINING_GAP:
+        return config.pretraining_gap()
+    if track == Track.RL:
+        return config.rl()
+    return config.prompt_enhancer()
+
+
+def prepare_rounds(
+    session: Session,
+    cycle: Cycle,
+    *,
+    home: Path,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> dict[str, Any]:
+    """Artefacts, review items and pending rounds of the tracks with work (once per cycle);
+    per track what was decided."""
+    done = _summary(cycle).get("tracks")
+    if done is not None:
+        return dict(done)
+    config = cycle_config(cycle)
+    model = base_model(session, cycle)
+    slices = routed_slices(session)
+    tracks: dict[str, Any] = {}
+    for track in ROUND_ORDER:
+        cases, rows = slices[track]
+        if len(cases) < config.min_cases:
+            tracks[track.value] = {
+                "cases": len(cases),
+                "round": None,
+                "reason": f"{len(cases)} routed case(s), fewer than min_cases={config.min_cases}",
+            }
+            continue
+        artefact, reason = _artefact(
+            track,
+            cases,
+            model=model,
+            config=config,
+            directory=cycle_dir(home, cycle.id) / track.value,
+            client=client,
+            qdrant=qdrant,
+            embedder=embedder,
+        )
+        if artefact is None:
+            tracks[track.value] = {"cases": len(cases), "round": None, "reason": reason}
+            continue
+        track_config = _track_config(track, config)
+        round_ = TrainingRound(
+            cycle_id=cycle.id,
+            track=track,
+            recipe=RECIPES[track],
+            status=RoundStatus.PENDING,
+            config=dataclasses.asdict(track_config),
+            data_manifest=artefact,
+        )
+        session.add(round_)
+        session.flush()
+        for case in rows:
+            session.add(TrainingRoundCase(training_round_id=round_.id, case_id=case.id))
+            case.status = CaseStatus.IN_ROUND
+        item = review_repository.add_item(
+            session,
+            kind=ARTEFACT_KIND[track],
+            title=_title(track, artefact, len(cases)),
+            artefact={"track": track.value, "cases": [c.id for c in rows], **artefact},
+            actor=ACTOR,
+            cycle_id=cycle.id,
+            training_round_id=round_.id,
+        )
+        if config.auto_approve:
+            review_repository.decide_item(
+                session,
+                item=item,
+                status=ReviewStatus.APPROVED,
+                actor=AUTO_REVIEWER,
+                reason="demo mode: approved without a human",
+                at=datetime.now(UTC),
+            )
+        tracks[track.value] = {"cases": len(cases), "round": round_.id, "review_item": item.id}
+    _note(cycle, tracks=tracks)
+    session.commit()
+    return tracks
+
+
+def cycle_rounds(session: Session, cycle: Cycle) -> list[TrainingRound]:
+    """The cycle's rounds in the order they run."""
+    rounds = session.scalars(select(TrainingRound).where(TrainingRound.cycle_id == cycle.id)).all()
+    return sorted(rounds, key=lambda r: ROUND_ORDER.index(r.track))
+
+
+def round_case_ids(session: Session, round_: TrainingRound) -> list[int]:
+    return list(
+        session.scalars(
+            select(TrainingRoundCase.case_id)
+            .where(TrainingRoundCase.training_round_id == round_.id)
+            .order_by(TrainingRoundCase.case_id)
+        )
+    )
+
+
+def round_output(round_: TrainingRound) -> Path | None:
+    """The candidate directory of a succeeded round."""
+    metrics = round_.metrics if isinstance(round_.metrics, dict) else {}
+    output = metrics.get("output")
+    if round_.status != RoundStatus.SUCCEEDED or not output or not Path(output).is_dir():
+        return None
+    return Path(output)
+
+
+def _generator_before(session: Session, cycle: Cycle, round_: TrainingRound) -> Path:
+    """The generator a generator round starts from: the previous generator round's, else the
+    base's."""
+    start = base_model(session, cycle).generator
+    for earlier in cycle_rounds(session, cycle):
+        if earlier.id == round_.id:
+            break
+        if earlier.track in (Track.PRETRAINING_GAP, Track.RL):
+            start = round_output(earlier) or start
+    return start
+
+
+def run_round(
+    session: Session, round_id: int, *, home: Path, progress: bool = False
+) -> dict[str, Any]:
+    """Train the round (resuming from its checkpoints); its metrics. Commits its status."""
+    round_ = session.get(TrainingRound, round_id)
+    if round_ is None:
+        raise LookupError(f"no training round {round_id}")
+    if round_output(round_) is not None:
+        return dict(round_.metrics or {})
+    cycle = session.get(Cycle, round_.cycle_id)
+    assert cycle is not None
+    model = base_model(session, cycle)
+    out = cycle_dir(home, cycle.id) / round_.track.value
+    manifest = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
+    round_.status = RoundStatus.RUNNING
+    round_.started_at = round_.started_at or datetime.now(UTC)
+    session.commit()
+    config = cycle_config(cycle)
+    try:
+        output = _train(
+            session,
+            cycle,
+            round_,
+            manifest=manifest,
+            model=model,
+            config=config,
+            out=out,
+            progress=progress,
+        )
+    except BaseException as exc:
+        session.rollback()
+        round_.status = RoundStatus.FAILED
+        round_.metrics = {"error": f"{type(exc).__name__}: {exc}"}
+        session.commit()
+        raise
+    round_.status = RoundStatus.SUCCEEDED
+    round_.finished_at = datetime.now(UTC)
+    round_.metrics = {"output": str(output.candidate), "stages": output.summary()}
+    session.commit()
+    return dict(round_.metrics)
+
+
+def _train(
+    session: Session,
+    cycle: Cycle,
+    round_: TrainingRound,
+    *,
+    manifest: dict[str, Any],
+    model: ModelBundle,
+    config: CycleConfig,
+    out: Path,
+    progress: bool,
+) -> RoundOutput:
+    if round_.track == Track.PROMPT_ENHANCER:
+        from training.pe_sft import read_pairs
+
+        pairs = read_pairs(Path(manifest["pairs_file"]))
+        return run_enhancer_round(
+            pairs,
+            enhancer=model.enhancer,
+            out=out,
+            config=config.prompt_enhancer(),
+            progress=progress,
+        )
+    generator = _generator_before(session, cycle, round_)
+    if round_.track == Track.PRETRAINING_GAP:
+        from flywheel.world.base_model import world_base
+
+        return run_gap_round(
+            AugmentationPlan.model_validate(manifest["plan"]),
+            generator=generator,
+            out=out,
+            base=world_base(),
+            config=config.pretraining_gap(),
+            progress=progress,
+        )
+    from flywheel.world.base_model import load_world_reward
+    from flywheel.world.evaluator import load_evaluator
+
+    cases = case_slices(session, case_ids=round_case_ids(session, round_))
+    scenes = {c.prompt: c.scene for c in cases if c.scene is not None}
+    reward = round_reward(
+        Recalibration.model_validate(manifest["recalibration"]),
+        scenes=scenes,
+        reward=load_world_reward(model.reward),
+        evaluator=load_evaluator(),
+    )
+    return run_rl_round(
+        cases, generator=generator, reward=reward, out=out, config=config.rl(), progress=progress
+    )
+
+
+# ---- 5. candidate ----------------------------------------------------------------------------
+
+
+def register_candidate(session: Session, cycle: Cycle) -> int:
+    """Register ``cycle-<id>`` (once): the rounds' components and the base's others."""
+    if cycle.candidate_model_version_id is not None:
+        return cycle.candidate_model_version_id
+    base = base_model(session, cycle)
+    components = base.components()
+    rounds: dict[Component, int] = {}
+    for round_ in cycle_rounds(session, cycle):
+        output = round_output(round_)
+        if output is None:
+            raise RuntimeError(f"round {round_.id} ({round_.track.value}) has not succeeded")
+        component = (
+            Component.ENHANCER if round_.track == Track.PROMPT_ENHANCER else Component.GENERATOR
+        )
+        components[component] = output
+        rounds[component] = round_.id
+    version_id = register_version(
+        session,
+        name=f"cycle-{cycle.id}",
+        components=components,
+        description=f"candidate of cycle {cycle.id} (from {base.name})",
+        rounds=rounds,
+    )
+    cycle.candidate_model_version_id = version_id
+    session.commit()
+    return version_id
+
+
+# ---- 6. evaluate -----------------------------------------------------------------------------
+
+
+def regression_cases(config: CycleConfig) -> list[BenchmarkCase]:
+    """The regression suite: the world's standard suite (``regression_cases`` per skill)."""
+    cases = suite("standard")
+    if config.regression_cases is None:
+        return cases
+    kept: dict[str, int] = {}
+    out = []
+    for case in cases:
+        if kept.get(case.skill, 0) < config.regression_cases:
+            kept[case.skill] = kept.get(case.skill, 0) + 1
+            out.append(case)
+    return out
+
+
+def scenario_spec(case: SliceCase) -> dict[str, Any]:
+    """What a regression scenario keeps of a slice case to be judged again later."""
+    return {
+        "reference": case.reference,
+        "scene": case.scene.model_dump(mode="json") if case.scene is not None else None,
+    }
+
+
+def _scenario_slice(session: Session) -> list[SliceCase]:
+    rows = session.scalars(
+        select(RegressionScenario)
+        .where(RegressionScenario.active.is_(True))
+        .order_by(RegressionScenario.id)
+    ).all()
+    out = []
+    for row in rows:
+        spec = row.spec if isinstance(row.spec, dict) else {}
+        scene = BenchmarkCase.model_validate(spec["scene"]) if spec.get("scene") else None
+        out.append(
+            SliceCase(
+                case_id=row.id,
+                prompt=row.prompt,
+                reference=str(spec.get("reference", row.prompt)),
+                scene=scene,
+            )
+        )
+    return out
+
+
+def evaluate(session: Session, cycle: Cycle) -> dict[str, Any]:
+    """Base and candidate on the failure slices, the regression suite and the scenarios
+    (once per cycle); the figures, also stored per round."""
+    done = _summary(cycle).get("evaluation")
+    if done is not None:
+        return dict(done)
+    from flywheel.world.base_model import load_world_enhancer, load_world_reward
+    from flywheel.world.evaluation import run_suite
+    from flywheel.world.evaluator import load_evaluator
+    from model.pipeline import Generator
+
+    config = cycle_config(cycle)
+    base = base_model(session, cycle)
+    assert cycle.candidate_model_version_id is not None
+    candidate = bundle(session, version_id=cycle.candidate_model_version_id)
+    evaluator = load_evaluator()
+    judges = SliceJudges(evaluator=evaluator, reward=load_world_reward(base.reward))
+    models = {
+        "before": (Generator.load(base.generator), load_world_enhancer(base.enhancer)),
+        "after": (Generator.load(candidate.generator), load_world_enhancer(candidate.enhancer)),
+    }
+    tracks: dict[str, Any] = {}
+    for round_ in cycle_rounds(session, cycle):
+        cases = case_slices(session, case_ids=round_case_ids(session, round_))
+        results = {
+            when: failure_rate(generator, cases, judges, enhancer=enhancer)
+            for when, (generator, enhancer) in models.items()
+        }
+        round_.evaluation = {
+            "slice": [scenario_spec(c) | {"case_id": c.case_id} for c in cases],
+            **{when: r.model_dump(mode="json") for when, r in results.items()},
+        }
+        tracks[round_.track.value] = {
+            "cases": len(cases),
+            "failure_rate_before": results["before"].failure_rate,
+            "failure_rate_after": results["after"].failure_rate,
+            "failures_before": results["before"].failures,
+            "failures_after": results["after"].failures,
+        }
+    suite_cases = regression_cases(config)
+    scores: dict[str, float] = {}
+    for when, (generator, _) in models.items():
+        runs = [
+            run_suite(generator, suite_cases, suite="standard", seed=seed, evaluator=evaluator)[0]
+            for seed in range(config.regression_seeds)
+        ]
+        scores[when] = fmean(r.score for r in runs)
+    scenarios = _scenario_slice(session)
+    held = {
+        when: failure_rate(generator, scenarios, judges, enhancer=enhancer)
+        for when, (generator, enhancer) in models.items()
+    }
+    evaluation = {
+        "tracks": tracks,
+        "regression": {
+            "score_before": scores["before"],
+            "score_after": scores["after"],
+            "cases": len(suite_cases),
+            "seeds": config.regression_seeds,
+        },
+        "scenarios": {
+            "count": len(scenarios),
+            "failures_before": held["before"].failures,
+            "failures_after": held["after"].failures,
+        },
+    }
+    _note(cycle, evaluation=evaluation)
+    session.commit()
+    return evaluation
+
+
+# ---- 7. gate and review ----------------------------------------------------------------------
+
+
+def gate(evaluation: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
+    """Fixed failures up, the regression suite flat (drop <= ``tolerance``), no scenario
+    broken; the verdict and its reasons."""
+    tracks = evaluation["tracks"].values()
+    before = sum(t["failures_before"] for t in tracks)
+    after = sum(t["failures_after"] for t in tracks)
+    regression = evaluation["regression"]
+    delta = regression["score_after"] - regression["score_before"]
+    scenarios = evaluation["scenarios"]
+    reasons = []
+    if after >= before:
+        reasons.append(f"no failure fixed on the routed slices ({before} -> {after})")
+    if delta < -tolerance:
+        reasons.append(f"the regression suite dropped {-delta:.3f} (> {tolerance:g})")
+    if scenarios["failures_after"] > scenarios["failures_before"]:
+        reasons.append(
+            f"regression scenarios broken ({scenarios['failures_before']} -> "
+            f"{scenarios['failures_after']} failing)"
+        )
+    return {
+        "passed": not reasons,
+        "fixed": before - after,
+        "regression_delta": delta,
+        "reasons": reasons,
+    }
+
+
+def _release_cases(session: Session, cycle: Cycle) -> None:
+    """The cycle's cases still ``in_round`` go back to ``routed`` (for the next cycle)."""
+    cases = session.scalars(
+        select(FailureCase)
+        .join(TrainingRoundCase, TrainingRoundCase.case_id == FailureCase.id)
+        .join(TrainingRound, TrainingRound.id == TrainingRoundCase.training_round_id)
+        .where(TrainingRound.cycle_id == cycle.id, FailureCase.status == CaseStatus.IN_ROUND)
+    ).all()
+    for case in cases:
+        case.status = CaseStatus.ROUTED
+
+
+def request_review(session: Session, cycle: Cycle) -> CycleStatus:
+    """Gate the candidate; passed: a promotion review item and ``awaiting_review`` (decided
+    at once by the demo reviewer in ``auto_approve`` mode); failed: the cycle rejected."""
+    if cycle.status != CycleStatus.RUNNING:
+        return cycle.status
+    config = cycle_config(cycle)
+    evaluation = _summary(cycle)["evaluation"]
+    verdict = gate(evaluation, tolerance=config.regression_tolerance)
+    _note(cycle, gate=verdict)
+    if not verdict["passed"]:
+        _release_cases(session, cycle)
+        cycle.status = CycleStatus.REJECTED
+        cycle.finished_at = datetime.now(UTC)
+        _note(cycle, outcome={"decision": "rejected", "by": "gate", "reasons": verdict["reasons"]})
+        session.commit()
+        return cycle.status
+    base = base_model(session, cycle)
+    artefact: Json = {
+        "base": base.name,
+        "candidate": f"cycle-{cycle.id}",
+        "candidate_version_id": cycle.candidate_model_version_id,
+        "gate": verdict,
+        "evaluation": evaluation,
+        "rounds": {
+            r.track.value: {"id": r.id, "recipe": r.recipe, "metrics": r.metrics}
+            for r in cycle_rounds(session, cycle)
+        },
+    }
+    item = review_repository.add_item(
+        session,
+        kind=ReviewKind.MODEL_PROMOTION,
+        title=(
+            f"Promote cycle-{cycle.id} over {base.name}? {verdict['fixed']} failure(s) fixed, "
+            f"regression {verdict['regression_delta']:+.3f}"
+        ),
+        artefact=artefact,
+        actor=ACTOR,
+        cycle_id=cycle.id,
+    )
+    cycle.status = CycleStatus.AWAITING_REVIEW
+    session.commit()
+    if config.auto_approve:
+        from flywheel.review.service import approve
+
+        approve(
+            session,
+            item_id=item.id,
+            reviewer=AUTO_REVIEWER,
+            reason="demo mode: the final review is approved without a human",
+        )
+        session.refresh(cycle)
+    return cycle.status
+
+
+def close_without_rounds(session: Session, cycle: Cycle) -> CycleStatus:
+    """Close a cycle in which no track had a round (``no_rounds``); commits."""
+    if cycle.status == CycleStatus.RUNNING:
+        cycle.status = CycleStatus.NO_ROUNDS
+        cycle.finished_at = datetime.now(UTC)
+        session.commit()
+    return cycle.status
+
+
+def fail_cycle(session: Session, cycle_id: int, *, error: str) -> None:
+    """Close a cycle whose step failed for good: rounds not finished and the cycle
+    ``failed``, its cases back to ``routed``; commits."""
+    session.rollback()
+    cycle = session.get(Cycle, cycle_id)
+    if cycle is None or cycle.status != CycleStatus.RUNNING:
+        return
+    for round_ in cycle_rounds(session, cycle):
+        if round_.status in (RoundStatus.PENDING, RoundStatus.RUNNING):
+            round_.status = RoundStatus.FAILED
+    _release_cases(session, cycle)
+    cycle.status = CycleStatus.FAILED
+    cycle.finished_at = datetime.now(UTC)
+    _note(cycle, error=error)
+    session.commit()

@@ -1,0 +1,502 @@
+"""The cycle on a tiny world, against a real PostgreSQL and Prefect's test harness.
+
+One cycle is killed (SIGKILL) in the middle of its continued-pretraining round and resumed
+by the next run, which finishes it from the round's checkpoint; a reviewer's approval then
+promotes the candidate. Around it: human overrides routing cases into the rounds, the cycle
+lock, a cycle without work, the CLI's edges, and the review decisions that close a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from flywheel.cli.main import app
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.lock import CycleBusyError, cycle_lock
+from flywheel.cycle.plan import collect_and_attribute
+from flywheel.cycle.registry import current_model
+from flywheel.cycle.service import gate
+from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.models import (
+    CaseRoute,
+    CaseStatus,
+    Checkpoint,
+    Component,
+    Cycle,
+    CycleStatus,
+    Decider,
+    FailureCase,
+    FailureCluster,
+    RegressionScenario,
+    ReviewItem,
+    ReviewKind,
+    ReviewStatus,
+    RoundStatus,
+    SignalKind,
+    Track,
+    TrainingRound,
+    TrainingRoundCase,
+)
+from flywheel.review.service import ReviewError, approve, reject
+from flywheel.settings import Settings, get_settings
+from flywheel.signals.repository import insert_signals, model_version_id
+from flywheel.world.benchmark import build_case
+from flywheel.world.scenes import captions
+from flywheel.world.vocabulary import to_user_words
+from retrieval.embedding import TextEmbedder
+from retrieval.store import open_qdrant, qdrant_config
+from tests.helpers import probe_hit, stored_signal
+from training.checkpoint import latest_checkpoint
+
+BAND = 97_000_000
+
+TINY: dict[str, Any] = {
+    "labeled_per_track": 3,
+    "corpus": 300,
+    "pool": 300,
+    "min_cases": 2,
+    "min_confidence": 0.0,
+    "pe_steps": 120,
+    "pe_pairs_per_concept": 60,
+    "gap_steps": 60,
+    "gap_vae_steps": 2,
+    "gap_replay": 30,
+    "gap_batch_size": 4,
+    "rl_steps": 1,
+    "rl_pairs_per_category": 4,
+    "rl_group_size": 2,
+    "rl_prompts_per_step": 1,
+    "regression_seeds": 1,
+    "regression_cases": 1,
+    "regression_tolerance": 1.0,
+}
+"""A cycle of about a minute on two cores. The regression gate is opened (tolerance 1):
+one case per skill is too few for a two-point gate; :func:`test_the_gate` covers it."""
+
+
+@pytest.fixture
+def environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_url: str, prefect_api: str
+) -> Iterator[dict[str, str]]:
+    """The scratch database, a scratch home and the harness' Prefect API, for this process
+    and for the cycle subprocess."""
+    env = {
+        "FLYWHEEL_DATABASE_URL": migrated_url,
+        "FLYWHEEL_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(tmp_path / "prefect")),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield env
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def engine(environment: dict[str, str]) -> Iterator[Engine]:
+    engine = create_db_engine(Settings(), pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+def _store_failures(engine: Engine) -> dict[str, Track]:
+    """Probe hits the base fails (purple: a corpus gap; counts: RL) and user feedback that
+    names colours in words the captions never use (the prompt enhancer's); prompt -> the
+    track that fixes it."""
+    rng = random.Random(5)
+    with session_factory(engine)() as session:
+        version = model_version_id(session, name="world-base")
+        colours = [build_case("colour", k, band=BAND, case_id=f"c/{k}") for k in range(60)]
+        purple = [c for c in colours if c.focus == "purple"][:3]
+        worded = [c for c in colours if c.focus in ("red", "blue")][:8]
+        counts = [build_case("count", k, band=BAND, case_id=f"n/{k}") for k in range(3)]
+        rows = [probe_hit(n, c, version) for n, c in enumerate(purple + counts)]
+        user = [to_user_words(captions(c.spec).terse, rng) for c in worded]
+        rows += [
+            stored_signal(
+                f"fb-{n}",
+                prompt,
+                kind=SignalKind.FLAGS,
+                flags=["wrong_color"],
+                model_version_id=version,
+            )
+            for n, prompt in enumerate(user)
+        ]
+        insert_signals(session, signals=rows)
+        session.commit()
+    truth = {c.prompt: Track.PRETRAINING_GAP for c in purple}
+    truth |= {c.prompt: Track.RL for c in counts}
+    truth |= dict.fromkeys(user, Track.PROMPT_ENHANCER)
+    return truth
+
+
+CLI = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
+"""``flywheel`` in a process of its own (Prefect's log handlers bind to the process'
+streams: a flow run inside ``CliRunner`` would leave them writing to a closed one)."""
+
+
+def _cycle_process(env: dict[str, str], config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*CLI, "cycle", "--config", str(config)],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _flywheel(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_checkpoint(path) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = log.read_text(errors="replace")[-3000:]
+            pytest.fail(f"no checkpoint in {path} (exit {process.returncode}):\n{tail}")
+        time.sleep(0.05)
+
+
+def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
+    environment: dict[str, str], engine: Engine, tmp_path: Path, offline: None
+) -> None:
+    truth = _store_failures(engine)
+    home = Path(environment["FLYWHEEL_HOME"])
+    # Attribution with a strict threshold first: what the classifier is not sure of waits for
+    # a human, who routes it (an override the cycle trains on).
+    strict = CycleConfig.model_validate(TINY | {"min_confidence": 0.95})
+    client = open_qdrant(qdrant_config(get_settings()))
+    with Session(engine) as session:
+        model = current_model(session)
+        assert model is not None
+        session.commit()
+        _, attributed = collect_and_attribute(
+            session,
+            model=model,
+            config=strict,
+            home=home,
+            client=client,
+            qdrant=qdrant_config(get_settings()),
+            embedder=TextEmbedder(),
+        )
+    client.close()
+    assert attributed.awaiting_triage > 0
+    runner = CliRunner()
+    with Session(engine) as session:
+        triage = session.scalars(
+            select(ReviewItem).where(ReviewItem.kind == ReviewKind.TRIAGE_CASE)
+        ).all()
+        overridden = {}
+        for item in triage:
+            case = session.get(FailureCase, item.case_id)
+            assert case is not None
+            overridden[case.id] = truth[case.prompt]
+    for item_id, case_id in [(i.id, i.case_id) for i in triage]:
+        assert case_id is not None
+        result = runner.invoke(
+            app,
+            [
+                "review",
+                "approve",
+                str(item_id),
+                "--track",
+                overridden[case_id].value,
+                "--by",
+                "alice",
+                "--reason",
+                "the scene says so",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+
+    # The cycle, killed in the middle of its continued-pretraining round.
+    config_file = tmp_path / "cycle.json"
+    config_file.write_text(json.dumps(TINY))
+    log = tmp_path / "cycle.log"
+    process = _cycle_process(environment, config_file, log)
+    checkpoints = home / "cycles" / "1" / "pretraining_gap" / "transformer" / "checkpoints"
+    _wait_for(checkpoints, process, log, timeout=300)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    with Session(engine) as session:
+        cycle = session.get(Cycle, 1)
+        assert cycle is not None
+        assert cycle.status == CycleStatus.RUNNING
+        gap_round = session.scalars(
+            select(TrainingRound).where(TrainingRound.track == Track.PRETRAINING_GAP)
+        ).one()
+        assert gap_round.status == RoundStatus.RUNNING
+
+    # The next run takes the lock its dead holder released and finishes the cycle.
+    resumed = _flywheel(environment, "cycle", "--config", str(config_file), "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    outcome = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert (outcome["cycle_id"], outcome["resumed"]) == (1, True)
+    assert outcome["status"] == "awaiting_review", outcome["summary"].get("gate")
+    summary = outcome["summary"]
+
+    with Session(engine) as session:
+        rounds = {
+            r.track: r
+            for r in session.scalars(select(TrainingRound).where(TrainingRound.cycle_id == 1))
+        }
+        assert set(rounds) == set(Track)
+        assert all(r.status == RoundStatus.SUCCEEDED for r in rounds.values())
+        gap_stages = (rounds[Track.PRETRAINING_GAP].metrics or {})["stages"]
+        assert gap_stages["transformer"]["resumed_from"] == 30  # its checkpoint, not step 0
+        assert gap_stages["transformer"]["steps"] == 60
+        metrics = home / "cycles" / "1" / "pretraining_gap" / "transformer" / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        assert steps == list(range(1, 61))  # every step once
+        sft = (rounds[Track.PROMPT_ENHANCER].metrics or {})["stages"]["sft"]
+        assert sft["last_loss"] < sft["first_loss"]
+        # Lineage: the cases of each round, their routes, the checkpoints of the candidate.
+        in_rounds = {
+            case_id: track
+            for track, r in rounds.items()
+            for case_id in session.scalars(
+                select(TrainingRoundCase.case_id).where(TrainingRoundCase.training_round_id == r.id)
+            )
+        }
+        for case_id, track in overridden.items():
+            assert in_rounds[case_id] == track
+            route = session.scalars(
+                select(CaseRoute).where(CaseRoute.case_id == case_id).order_by(CaseRoute.id.desc())
+            ).first()
+            assert route is not None
+            assert route.decided_by == Decider.HUMAN
+        assert len(in_rounds) == len(truth)
+        right = sum(
+            truth[session.get(FailureCase, i).prompt] == t  # type: ignore[union-attr]
+            for i, t in in_rounds.items()
+        )
+        assert right >= len(truth) - 1
+        cycle = session.get(Cycle, 1)
+        assert cycle is not None
+        assert cycle.flow_run_id
+        checkpoints_of = {
+            c.component: c
+            for c in session.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.model_version_id == cycle.candidate_model_version_id
+                )
+            )
+        }
+        assert checkpoints_of[Component.GENERATOR].training_round_id == rounds[Track.RL].id
+        assert (
+            checkpoints_of[Component.ENHANCER].training_round_id == rounds[Track.PROMPT_ENHANCER].id
+        )
+        assert checkpoints_of[Component.REWARD].training_round_id is None
+        items = session.scalars(select(ReviewItem).where(ReviewItem.cycle_id == 1)).all()
+        kinds = sorted(i.kind.value for i in items)
+        assert kinds == sorted(
+            [
+                "augmentation_batch",
+                "reward_recalibration",
+                "prompt_enhancer_data",
+                "model_promotion",
+            ]
+        )
+        assert all(i.status == ReviewStatus.PENDING for i in items)
+        promotion = next(i for i in items if i.kind == ReviewKind.MODEL_PROMOTION)
+        assert promotion.artefact["gate"]["passed"] is True
+    assert summary["gate"]["fixed"] >= 1
+    evaluation = summary["evaluation"]["tracks"]
+    assert (
+        evaluation["prompt_enhancer"]["failures_after"]
+        < evaluation["prompt_enhancer"]["failures_before"]
+    )
+
+    # The final review: approved by a human, the candidate serves.
+    result = runner.invoke(app, ["review", "approve", str(promotion.id), "--by", "carol"])
+    assert result.exit_code == 0, result.output
+    with Session(engine) as session:
+        cycle = session.get(Cycle, 1)
+        assert cycle is not None
+        assert cycle.status == CycleStatus.PROMOTED
+        model = current_model(session, register_base=False)
+        assert model is not None
+        assert model.name == "cycle-1"
+        artefacts = session.scalars(
+            select(ReviewItem).where(
+                ReviewItem.cycle_id == 1, ReviewItem.kind != ReviewKind.MODEL_PROMOTION
+            )
+        ).all()
+        assert {(a.status, a.decided_by) for a in artefacts} == {(ReviewStatus.APPROVED, "carol")}
+        still_failing = {
+            int(i) for r in rounds.values() for i in (r.evaluation or {})["after"]["failed"]
+        }
+        cases = session.scalars(select(FailureCase).where(FailureCase.id.in_(in_rounds))).all()
+        for case in cases:
+            expected = CaseStatus.ROUTED if case.id in still_failing else CaseStatus.FIXED
+            assert case.status == expected
+        assert (cycle.summary or {})["outcome"]["fixed_cases"] == len(in_rounds) - len(still_failing)
+        # Every cluster now wholly fixed became regression scenarios (one per case).
+        fixed_clusters = {
+            cluster.id
+            for cluster in session.scalars(select(FailureCluster))
+            if cluster.fixed_at is not None
+        }
+        scenarios = session.scalars(select(RegressionScenario)).all()
+        assert {s.cluster_id for s in scenarios} == fixed_clusters
+        for cluster_id in fixed_clusters:
+            members = session.scalars(
+                select(FailureCase).where(FailureCase.cluster_id == cluster_id)
+            ).all()
+            assert all(m.status == CaseStatus.FIXED for m in members)
+        assert all(s.fixed_in_cycle_id == 1 and s.active for s in scenarios)
+    result = runner.invoke(
+        app, ["review", "reject", str(promotion.id), "--by", "d", "--reason", "x"]
+    )
+    assert result.exit_code == 2
+    assert "already approved" in result.output
+
+
+def test_one_cycle_at_a_time_and_a_cycle_without_work(
+    environment: dict[str, str], engine: Engine, offline: None
+) -> None:
+    config = CycleConfig.model_validate(TINY)
+    from flywheel.cycle.flow import cycle_flow
+
+    with cycle_lock(engine):
+        with pytest.raises(CycleBusyError):
+            cycle_flow(config=config)
+        busy = _flywheel(environment, "cycle")
+        assert busy.returncode == 1
+        assert "another cycle is running" in busy.stderr
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cycle)) == 0
+    outcome = cycle_flow(config=config)
+    assert outcome.status == CycleStatus.NO_ROUNDS
+    assert all(t["round"] is None for t in outcome.summary["tracks"].values())
+
+
+def test_cli_cycle_edges(environment: dict[str, str], tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"pe_steps": 0}')
+    result = runner.invoke(app, ["cycle", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "pe_steps" in result.output
+    bad.write_text('{"auto_approve": true}')
+    result = runner.invoke(app, ["cycle", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "flywheel demo" in result.output
+    bad.write_text("[1]")
+    assert runner.invoke(app, ["cycle", "--config", str(bad)]).exit_code == 2
+    result = runner.invoke(app, ["cycle", "--config", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2
+    assert "cannot read" in result.output
+
+
+def test_the_gate() -> None:
+    def evaluation(before: int, after: int, score: float, broken: int = 0) -> dict[str, Any]:
+        return {
+            "tracks": {"rl": {"failures_before": before, "failures_after": after}},
+            "regression": {"score_before": 0.5, "score_after": score},
+            "scenarios": {"failures_before": 0, "failures_after": broken},
+        }
+
+    assert gate(evaluation(4, 1, 0.49), tolerance=0.02)["passed"]
+    assert gate(evaluation(4, 1, 0.49), tolerance=0.02)["fixed"] == 3
+    failed = gate(evaluation(4, 4, 0.45, broken=1), tolerance=0.02)
+    assert not failed["passed"]
+    assert len(failed["reasons"]) == 3
+
+
+def _awaiting_cycle(session: Session) -> tuple[Cycle, list[FailureCase], ReviewItem, ReviewItem]:
+    """A cycle waiting for its final review, written directly: one round of two cases (the
+    candidate fixes the first), its artefact item and its promotion item."""
+    base = current_model(session)
+    assert base is not None
+    cycle = Cycle(
+        status=CycleStatus.AWAITING_REVIEW,
+        base_model_version_id=base.version_id,
+        candidate_model_version_id=base.version_id,
+        config={},
+        summary={},
+    )
+    cluster = FailureCluster(label="colour: purple")
+    session.add_all([cycle, cluster])
+    session.flush()
+    cases = [
+        FailureCase(
+            dedup_key=f"cycle{cycle.id}-{n}",
+            cluster_id=cluster.id,
+            status=CaseStatus.IN_ROUND,
+            task="text_to_image",
+            prompt=f"a purple square {n}",
+        )
+        for n in range(2)
+    ]
+    session.add_all(cases)
+    session.flush()
+    round_ = TrainingRound(
+        cycle_id=cycle.id,
+        track=Track.PRETRAINING_GAP,
+        recipe="continued_pretraining",
+        status=RoundStatus.SUCCEEDED,
+        config={},
+        evaluation={"after": {"failed": [cases[1].id]}, "slice": []},
+    )
+    session.add(round_)
+    session.flush()
+    session.add_all(TrainingRoundCase(training_round_id=round_.id, case_id=c.id) for c in cases)
+    items = [
+        ReviewItem(
+            kind=kind, status=ReviewStatus.PENDING, title=kind.value, artefact={}, cycle_id=cycle.id
+        )
+        for kind in (ReviewKind.AUGMENTATION_BATCH, ReviewKind.MODEL_PROMOTION)
+    ]
+    session.add_all(items)
+    session.commit()
+    return cycle, cases, items[0], items[1]
+
+
+def test_review_decisions_close_the_cycle(fresh_engine: Engine) -> None:
+    with Session(fresh_engine) as session:
+        cycle, cases, artefact, promotion = _awaiting_cycle(session)
+        reject(session, item_id=artefact.id, reviewer="erin", reason="too few purple scenes")
+        with pytest.raises(ReviewError, match="reject the promotion"):
+            approve(session, item_id=promotion.id, reviewer="erin")
+        reject(session, item_id=promotion.id, reviewer="erin", reason="trained on a bad batch")
+        session.refresh(cycle)
+        assert cycle.status == CycleStatus.REJECTED
+        assert {c.status for c in cases} == {CaseStatus.ROUTED}
+        assert session.scalar(select(func.count()).select_from(RegressionScenario)) == 0
+
+        cycle, cases, artefact, promotion = _awaiting_cycle(session)
+        approve(session, item_id=promotion.id, reviewer="frank")
+        session.refresh(cycle)
+        session.refresh(artefact)
+        assert cycle.status == CycleStatus.PROMOTED
+        assert (artefact.status, artefact.decided_by) == (ReviewStatus.APPROVED, "frank")
+        assert [c.status for c in cases] == [CaseStatus.FIXED, CaseStatus.ROUTED]
+        # The cluster is not wholly fixed yet: no regression scenario.
+        assert session.scalar(select(func.count()).select_from(RegressionScenario)) == 0
