@@ -1,13 +1,29 @@
-"""``flywheel demo``: the embedded default end to end, through the real API.
+"""``flywheel demo``: one complete flywheel cycle on the embedded default, through the real
+API, with the shipped base model.
 
-For now the demo covers the signal store: it starts (or joins) the database, migrates,
-creates a demo API key, serves the API on a loopback port, ingests seeded sample
-signals of every kind with single and batch requests plus an evaluation run, replays a
-few events to show idempotency, reads everything back page by page and prints a summary.
+1. Start (or join) the database, migrate, register the shipped base as the serving model,
+   create a demo API key and serve the API on a loopback port.
+2. **Evaluate** the base on the standard suite's colour, count and relation cases (the
+   skills the world's injected weaknesses live in) and post the run to ``/v1/evaluations``.
+3. **Ingest feedback** through ``/v1/feedback`` (singles) and ``/v1/feedback/batch``: simulated
+   users of a product app type terse prompts in their own colour words; the app enhances and
+   generates them with the serving model; each user judges the image (the ground-truth
+   evaluator stands in for their eyes): thumbs up, or thumbs down and a ``wrong_color`` flag.
+   A few replays show the API's idempotency.
+4. **Mine** bad cases with the Celery tasks (eager here): colour probes, and a reward scan of
+   the app's generations the users liked.
+5. **Attribution**: the classifier's macro-F1 on a held-out labeled set of the injected
+   weaknesses (its seed set is the one the cycle fits).
+6. **The cycle** (Prefect flow): collect → attribute → the three tracks' artefacts and rounds →
+   candidate → evaluation on the routed failure slices and the regression suite → gate → final
+   review, **approved automatically in demo mode** (said so on screen; ``flywheel cycle``
+   waits for a human) → promotion → regression scenarios.
+7. A before / after table per track, and ``--report FILE`` as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import threading
@@ -15,6 +31,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,92 +42,33 @@ from rich.table import Table
 
 from flywheel.api.app import create_app
 from flywheel.auth.service import create_api_key
+from flywheel.cycle.config import CycleConfig
 from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, database_url, session_factory
 from flywheel.db.models import Scope
 from flywheel.settings import Settings
 
 DEMO_APP = "demo-app"
-MODEL_VERSION = "base-v0"
+EVALUATED_SKILLS = ("colour", "count", "relation")
+FEEDBACK_BAND = 91_000_000
+"""Seed band of the scenes the simulated users ask for (far from suites and probes)."""
+PROBE_BAND = 92_000_000
+HELD_OUT_BAND = 80_000_000
+"""Seed band of the held-out labeled set (the seed set uses the default 70M band)."""
+TRACKS = ("rl", "pretraining_gap", "prompt_enhancer")
 
-_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
-_SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
-_WORDS = ["OPEN", "SALE", "CAFE", "EXIT", "HELLO", "你好", "出口"]
-_FLAGS = ["text_wrong", "artifact", "ignored_instruction", "wrong_count", "wrong_color", "other"]
+
+def demo_cycle() -> CycleConfig:
+    """The demo's cycle: the default sizes, the final review approved without a human."""
+    return CycleConfig(auto_approve=True)
 
 
 @dataclass(frozen=True, slots=True)
-class _Sample:
-    prompt: str
-    skill: str
-
-
-def _sample(rng: random.Random) -> _Sample:
-    match rng.randrange(3):
-        case 0:
-            n = rng.randint(1, 5)
-            return _Sample(
-                f"{n} {rng.choice(_COLOURS)} {rng.choice(_SHAPES)}s on a white canvas", "count"
-            )
-        case 1:
-            word = rng.choice(_WORDS)
-            return _Sample(f"a shop sign that reads '{word}'", "text")
-        case _:
-            a, b = rng.sample(_SHAPES, 2)
-            return _Sample(f"a {rng.choice(_COLOURS)} {a} left of a {b}", "relation")
-
-
-def _feedback_event(rng: random.Random, run: str, index: int) -> dict[str, Any]:
-    sample = _sample(rng)
-    event: dict[str, Any] = {
-        "event_id": f"{run}-fb-{index:06d}",
-        "prompt": sample.prompt,
-        "image": {"uri": f"file://demo/{run}/{index:06d}.png"},
-        "model_version": MODEL_VERSION,
-        "user_id": f"user-{rng.randrange(40)}",
-        "session_id": f"session-{rng.randrange(120)}",
-    }
-    kind = rng.choices(["thumbs", "rating", "pairwise", "comment", "flags"], [5, 3, 2, 1, 2])[0]
-    event["kind"] = kind
-    match kind:
-        case "thumbs":
-            event["value"] = rng.choice(["up", "down"])
-        case "rating":
-            event["value"] = rng.randint(1, 5)
-        case "pairwise":
-            event.pop("image")
-            event["chosen"] = {"uri": f"file://demo/{run}/{index:06d}-a.png"}
-            event["rejected"] = {"uri": f"file://demo/{run}/{index:06d}-b.png"}
-        case "comment":
-            event["text"] = rng.choice(
-                ["letters are garbled", "looks great", "wrong number of objects"]
-            )
-        case "flags":
-            event["flags"] = rng.sample(_FLAGS, rng.randint(1, 2))
-    return event
-
-
-def _evaluation_run(rng: random.Random, run: str, samples: int) -> dict[str, Any]:
-    items = []
-    for index in range(samples):
-        sample = _sample(rng)
-        score = round(rng.random(), 3)
-        items.append(
-            {
-                "sample_id": f"{sample.skill}-{index:04d}",
-                "prompt": sample.prompt,
-                "image": {"uri": f"file://demo/{run}/eval-{index:04d}.png"},
-                "skill": sample.skill,
-                "scores": {sample.skill: score},
-                "passed": score >= 0.5,
-            }
-        )
-    return {
-        "run_id": f"{run}-eval",
-        "benchmark": "demo-suite",
-        "model_version": MODEL_VERSION,
-        "samples": items,
-    }
+class _Base:
+    name: str
+    generator: Path
+    enhancer: Path
+    reward: Path
 
 
 def _free_port() -> int:
@@ -144,12 +102,295 @@ class _BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def run_demo(settings: Settings, *, events: int, seed: int, console: Console) -> dict[str, Any]:
-    """Run the demo; returns the summary it prints."""
+def _prepare(settings: Settings, console: Console) -> tuple[str, _Base]:
+    """Migrate, register the base, create the demo key; the key's secret and the base."""
+    from flywheel.cycle.registry import current_model
+
+    engine = create_db_engine(settings, pool_size=2)
+    try:
+        migrate.upgrade(engine)
+        console.print(f"[bold]schema[/]: migrated to {migrate.current_revision(engine)}")
+        with session_factory(engine)() as session:
+            model = current_model(session)
+            assert model is not None
+            key = create_api_key(session, app=DEMO_APP, scopes=[Scope.INGEST, Scope.READ])
+            session.commit()
+    finally:
+        engine.dispose()
+    console.print(
+        f"[bold]serving model[/]: {model.name}; api key {key.record.prefix} for app "
+        f"{DEMO_APP!r} (ingest, read)",
+        highlight=False,
+    )
+    base = _Base(
+        name=model.name, generator=model.generator, enhancer=model.enhancer, reward=model.reward
+    )
+    return key.secret, base
+
+
+def _evaluate(
+    client: httpx.Client, base: _Base, *, run: str, home: Path, console: Console
+) -> dict[str, Any]:
+    """The base on the evaluated skills of the standard suite, posted as one run."""
+    from datetime import UTC, datetime
+
+    from flywheel.world.benchmark import suite
+    from flywheel.world.evaluation import evaluation_run, run_suite, save_images
+    from model.pipeline import Generator
+
+    cases = [c for c in suite("standard") if c.skill in EVALUATED_SKILLS]
+    result, generated = run_suite(Generator.load(base.generator), cases, suite="standard")
+    refs = save_images(generated, home / "demo" / run / "evaluation")
+    payload = evaluation_run(
+        result, refs, run_id=f"{run}-eval", model_version=base.name, timestamp=datetime.now(UTC)
+    )
+    client.post("/v1/evaluations", json=payload.model_dump(mode="json")).raise_for_status()
+    table = Table(title=f"evaluation of {base.name} (standard suite, {len(cases)} cases)")
+    table.add_column("skill")
+    table.add_column("score", justify="right")
+    table.add_column("failing", justify="right")
+    for skill, figures in result.skills.items():
+        failing = sum(not r.passed for r in result.cases if r.case.skill == skill)
+        table.add_row(skill, f"{figures.score:.2f}", f"{failing}/{figures.n}")
+    console.print(table)
+    return {
+        "cases": len(cases),
+        "score": result.score,
+        "failing": sum(not r.passed for r in result.cases),
+    }
+
+
+def _feedback_events(
+    base: _Base, *, events: int, seed: int, run: str, home: Path
+) -> list[dict[str, Any]]:
+    """What the product app sends: users' terse prompts (most in their own colour words),
+    enhanced and generated by the serving model, judged by the user."""
+    from flywheel.mining.miners import store_png
+    from flywheel.world.base_model import load_world_enhancer
+    from flywheel.world.benchmark import build_case
+    from flywheel.world.evaluation import score_case
+    from flywheel.world.evaluator import load_evaluator
+    from flywheel.world.scenes import captions
+    from flywheel.world.vocabulary import has_user_words, to_user_words
+    from model.pipeline import Generator
+
+    rng = random.Random(seed)
+    asked: list[tuple[Any, str]] = []
+    k = 0
+    while len(asked) < events:
+        case = build_case("colour", k, band=FEEDBACK_BAND, case_id=f"{run}/fb/{k}")
+        k += 1
+        terse = captions(case.spec).terse
+        worded = to_user_words(terse, rng) if rng.random() < 0.75 else terse
+        if case.focus == "purple" or (worded != terse and not has_user_words(worded)):
+            continue  # purple has no user words; keep the asked mix
+        asked.append((case, worded))
+    generator, enhancer = Generator.load(base.generator), load_world_enhancer(base.enhancer)
+    evaluator = load_evaluator()
+    prompts = enhancer.enhance([p for _, p in asked])
+    out = []
+    directory = home / "demo" / "app"
+    for start in range(0, len(asked), 16):
+        part = asked[start : start + 16]
+        images = generator.generate(prompts[start : start + 16], seed=seed + start).cpu()
+        for offset, ((case, prompt), image) in enumerate(zip(part, images, strict=True)):
+            index = start + offset
+            uri, digest = store_png(image, directory)
+            liked = score_case(case, image, evaluator=evaluator).passed
+            event: dict[str, Any] = {
+                "event_id": f"{run}-fb-{index:05d}",
+                "prompt": prompt,
+                "image": {"uri": uri, "sha256": digest},
+                "model_version": base.name,
+                "user_id": f"user-{rng.randrange(40)}",
+                "session_id": f"session-{rng.randrange(120)}",
+            }
+            if liked:
+                event |= {"kind": "thumbs", "value": "up"}
+            elif rng.random() < 0.5:
+                event |= {"kind": "flags", "flags": ["wrong_color"]}
+            else:
+                event |= {"kind": "thumbs", "value": "down"}
+            out.append(event)
+    return out
+
+
+def _ingest(client: httpx.Client, events: list[dict[str, Any]], console: Console) -> dict[str, Any]:
+    """Singles, then batches of 500, then a few replays; what the API answered."""
+    statuses: Counter[str] = Counter()
+    singles, batched = events[:10], events[10:]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("feedback through the API", total=len(events))
+        for event in singles:
+            reply = client.post("/v1/feedback", json=event)
+            reply.raise_for_status()
+            statuses["created" if reply.status_code == 201 else "duplicate"] += 1
+            progress.advance(task)
+        for start in range(0, len(batched), 500):
+            chunk = batched[start : start + 500]
+            reply = client.post("/v1/feedback/batch", json={"events": chunk})
+            reply.raise_for_status()
+            for item in reply.json()["results"]:
+                statuses[item["status"]] += 1
+            progress.advance(task, len(chunk))
+    # Idempotency: replays come back with the stored result and store nothing new.
+    replayed = [client.post("/v1/feedback", json=event) for event in singles[:5]]
+    idempotent = all(
+        r.status_code == 200 and r.headers.get("Idempotent-Replayed") for r in replayed
+    )
+    kinds = Counter(f"{e['kind']} {e.get('value', '')}".strip() for e in events)
+    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    console.print(
+        f"[bold]feedback[/]: {len(events)} events ({listed}); replayed {len(replayed)}: "
+        + ("same results, nothing stored twice" if idempotent else "NOT idempotent"),
+        highlight=False,
+    )
+    return {"events": len(events), "statuses": dict(statuses), "replays_idempotent": idempotent}
+
+
+def _mine(base: _Base, *, probes: int, console: Console) -> dict[str, Any]:
+    """Colour probes and a reward scan of the app's generations, as Celery tasks (eager)."""
+    from flywheel.mining.tasks import PROBE_TASK, SCAN_TASK, create_celery
+    from flywheel.settings import get_settings
+
+    celery = create_celery(get_settings())  # eager without FLYWHEEL_REDIS_URL
+    probe = (
+        celery.tasks[PROBE_TASK]
+        .apply_async(
+            kwargs={
+                "model_version": base.name,
+                "generator_dir": str(base.generator),
+                "reward_dir": str(base.reward),
+                "skill": "colour",
+                "count": probes,
+                "band": PROBE_BAND,
+            }
+        )
+        .get()
+    )
+    scan = celery.tasks[SCAN_TASK].apply_async(kwargs={"reward_dir": str(base.reward)}).get()
+    console.print(
+        f"[bold]mining[/] (Celery, eager): {probe['hits']} hits in {probe['examined']} colour "
+        f"probes; reward scan: {scan['hits']} hits in {scan['examined']} liked generations",
+        highlight=False,
+    )
+    return {
+        "probe": {k: probe[k] for k in ("examined", "hits", "stored")},
+        "scan": {k: scan[k] for k in ("examined", "hits", "stored")},
+    }
+
+
+def _attribution(
+    settings: Settings, base: _Base, *, config: CycleConfig, held_out: int, console: Console
+) -> dict[str, Any]:
+    """The classifier fitted on the cycle's seed set, measured on a held-out labeled set."""
+    from flywheel.attribution.classifier import fit_classifier, measure
+    from flywheel.attribution.world import (
+        LabeledSetConfig,
+        labeled_examples,
+        seed_examples,
+        world_evidence_tools,
+        world_scarcity,
+    )
+    from retrieval.embedding import TextEmbedder
+    from retrieval.store import open_qdrant, qdrant_config
+
+    qdrant = qdrant_config(settings)
+    client = open_qdrant(qdrant)
+    try:
+        console.print("[bold]attribution[/]: the seed set and a held-out set of the weaknesses")
+        probe = world_scarcity(client, qdrant, TextEmbedder(), corpus=config.corpus)
+        tools = world_evidence_tools(
+            base.generator, reward_dir=base.reward, scarcity=probe, seed=config.seed
+        )
+        seeds = seed_examples(
+            tools,
+            generator_dir=base.generator,
+            reward_dir=base.reward,
+            directory=settings.home / "attribution",
+            config=LabeledSetConfig(per_track=config.labeled_per_track),
+        )
+        test = labeled_examples(
+            tools, LabeledSetConfig(per_track=held_out, band=HELD_OUT_BAND, seed=1)
+        )
+    finally:
+        client.close()
+    metrics = measure(fit_classifier(seeds).decide([e for e, _ in test]), [t for _, t in test])
+    console.print(
+        f"attribution macro-F1 {metrics.macro_f1:.3f} on {metrics.cases} held-out cases "
+        f"(accuracy {metrics.accuracy:.3f}, calibration error {metrics.calibration_error:.3f})",
+        highlight=False,
+    )
+    return {
+        "macro_f1": metrics.macro_f1,
+        "held_out_cases": metrics.cases,
+        "accuracy": metrics.accuracy,
+        "calibration_error": metrics.calibration_error,
+    }
+
+
+def _before_after(outcome: dict[str, Any], console: Console) -> dict[str, Any]:
+    """The per-track table and the report's ``tracks`` and ``regression``."""
+    summary = outcome["summary"]
+    evaluation = summary.get("evaluation") or {}
+    figures = evaluation.get("tracks") or {}
+    tracks: dict[str, Any] = {}
+    table = Table(title="routed failure slices, before / after the cycle")
+    for column in ("track", "cases", "failure rate before", "after", "relative change"):
+        table.add_column(column, justify="left" if column == "track" else "right")
+    for name in TRACKS:
+        track = figures.get(name)
+        routed = (summary.get("tracks") or {}).get(name, {})
+        if track is None:
+            tracks[name] = {
+                "cases": routed.get("cases", 0),
+                "failure_rate_before": None,
+                "failure_rate_after": None,
+                "note": routed.get("reason", "no round"),
+            }
+            table.add_row(name, str(routed.get("cases", 0)), "-", "-", tracks[name]["note"])
+            continue
+        before, after = track["failure_rate_before"], track["failure_rate_after"]
+        tracks[name] = {
+            "cases": track["cases"],
+            "failure_rate_before": before,
+            "failure_rate_after": after,
+        }
+        change = f"{(after - before) / before:+.0%}" if before else "-"
+        table.add_row(name, str(track["cases"]), f"{before:.2f}", f"{after:.2f}", change)
+    console.print(table)
+    regression = evaluation.get("regression") or {}
+    if regression:
+        console.print(
+            f"regression suite (standard, {regression['cases']} cases x {regression['seeds']} "
+            f"seeds): {regression['score_before']:.3f} -> {regression['score_after']:.3f} "
+            f"({(regression['score_after'] - regression['score_before']) * 100:+.1f} points)",
+            highlight=False,
+        )
+    return {
+        "tracks": tracks,
+        "regression": {
+            "score_before": regression.get("score_before"),
+            "score_after": regression.get("score_after"),
+        },
+    }
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    events: int,
+    seed: int,
+    console: Console,
+    cycle: CycleConfig | None = None,
+    probes: int = 48,
+    held_out: int = 12,
+) -> dict[str, Any]:
+    """Run the demo (see the module docstring); returns the report."""
     started = time.perf_counter()
+    cycle = (cycle or demo_cycle()).model_copy(update={"auto_approve": True, "dry_run": False})
     embedded = settings.database_url is None
-    url = database_url(settings)
-    settings = settings.model_copy(update={"database_url": url})
+    settings = settings.model_copy(update={"database_url": database_url(settings)})
     console.print(
         "[bold]database[/]: "
         + (
@@ -158,92 +399,60 @@ def run_demo(settings: Settings, *, events: int, seed: int, console: Console) ->
             else "FLYWHEEL_DATABASE_URL"
         )
     )
-    engine = create_db_engine(settings, pool_size=2)
-    migrate.upgrade(engine)
-    console.print(f"[bold]schema[/]: migrated to {migrate.current_revision(engine)}")
-    with session_factory(engine)() as session:
-        key = create_api_key(session, app=DEMO_APP, scopes=[Scope.INGEST, Scope.READ])
-        session.commit()
-    engine.dispose()
-    console.print(f"[bold]api key[/]: {key.record.prefix} for app {DEMO_APP!r} (ingest, read)")
-
-    rng = random.Random(seed)
+    secret, base = _prepare(settings, console)
     run = f"demo-{uuid.uuid4().hex[:8]}"
-    feedback = [_feedback_event(rng, run, i) for i in range(events)]
-    evaluation = _evaluation_run(rng, run, samples=64)
-    singles, batched = feedback[: min(20, events)], feedback[min(20, events) :]
-    statuses: Counter[str] = Counter()
-
     with (
         _BackgroundServer(settings) as base_url,
         httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {key.secret}"}, timeout=30
+            base_url=base_url, headers={"Authorization": f"Bearer {secret}"}, timeout=60
         ) as client,
     ):
         console.print(f"[bold]api[/]: serving on {base_url}")
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("ingesting", total=len(feedback) + 1)
-            for event in singles:
-                reply = client.post("/v1/feedback", json=event)
-                reply.raise_for_status()
-                statuses["created" if reply.status_code == 201 else "duplicate"] += 1
-                progress.advance(task)
-            for start in range(0, len(batched), 500):
-                chunk = batched[start : start + 500]
-                reply = client.post("/v1/feedback/batch", json={"events": chunk})
-                reply.raise_for_status()
-                for item in reply.json()["results"]:
-                    statuses[item["status"]] += 1
-                progress.advance(task, len(chunk))
-            client.post("/v1/evaluations", json=evaluation).raise_for_status()
-            progress.advance(task)
-
-        # Idempotency: replays come back with the stored result and store nothing new.
-        replays = singles[:5]
-        replayed = [client.post("/v1/feedback", json=event) for event in replays]
-        replay_ok = all(
-            r.status_code == 200 and r.headers.get("Idempotent-Replayed") for r in replayed
+        evaluated = _evaluate(client, base, run=run, home=settings.home, console=console)
+        feedback = _ingest(
+            client,
+            _feedback_events(base, events=events, seed=seed, run=run, home=settings.home),
+            console,
         )
+    mined = _mine(base, probes=probes, console=console)
+    attribution = _attribution(settings, base, config=cycle, held_out=held_out, console=console)
 
-        by_kind: Counter[tuple[str, str]] = Counter()
-        pages = 0
-        cursor: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": 500}
-            if cursor:
-                params["cursor"] = cursor
-            page = client.get("/v1/signals", params=params)
-            page.raise_for_status()
-            body = page.json()
-            pages += 1
-            for item in body["items"]:
-                if run in item["event_id"]:
-                    by_kind[(item["source"], item["kind"])] += 1
-            cursor = body["next_cursor"]
-            if cursor is None:
-                break
+    from flywheel.cycle.flow import cycle_flow
 
-    table = Table(title=f"signals ingested by this demo run ({run})")
-    table.add_column("source")
-    table.add_column("kind")
-    table.add_column("signals", justify="right")
-    for (source, kind), count in sorted(by_kind.items()):
-        table.add_row(source, kind, str(count))
-    table.add_row("[bold]all[/]", "", f"[bold]{sum(by_kind.values())}[/]")
-    console.print(table)
-    seconds = time.perf_counter() - started
-    summary = {
-        "run": run,
-        "signals": dict(sorted((f"{s}/{k}", n) for (s, k), n in by_kind.items())),
-        "stored": sum(by_kind.values()),
-        "feedback_statuses": dict(statuses),
-        "replays_idempotent": replay_ok,
-        "pages_read": pages,
-        "seconds": round(seconds, 2),
-    }
     console.print(
-        f"replayed {len(replays)} events: "
-        f"{'same results, nothing stored twice' if replay_ok else 'NOT idempotent'}; "
-        f"read back in {pages} page(s); {seconds:.1f} s"
+        "[bold]cycle[/]: collect -> attribute -> tracks -> rounds -> evaluation -> gate -> "
+        "review. [bold yellow]Demo mode: the final review is approved automatically[/] "
+        "(`flywheel cycle` waits for a human reviewer)."
     )
-    return summary
+    outcome = cycle_flow(config=cycle, progress=True).model_dump(mode="json")
+    report = _before_after(outcome, console)
+    summary = outcome["summary"]
+    verdict = summary.get("gate") or {}
+    console.print(
+        f"cycle {outcome['cycle_id']}: [bold]{outcome['status']}[/]"
+        + (f" (gate: {'; '.join(verdict['reasons'])})" if verdict.get("reasons") else "")
+    )
+    seconds = time.perf_counter() - started
+    report |= {
+        "attribution": attribution,
+        "seconds": round(seconds, 1),
+        "cycle": {
+            "id": outcome["cycle_id"],
+            "status": outcome["status"],
+            "gate": verdict,
+            "routed": (summary.get("attribution") or {}).get("routed"),
+            "outcome": summary.get("outcome"),
+        },
+        "evaluation": evaluated,
+        "feedback": feedback,
+        "mining": mined,
+        "run": run,
+    }
+    console.print(f"demo finished in {seconds / 60:.1f} min")
+    return report
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """The report as JSON at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

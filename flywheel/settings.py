@@ -68,6 +68,15 @@ class Settings(BaseSettings):
         return self.home / "pgdata"
 
 
+def prefect_environment(settings: Settings) -> None:
+    """Prefect's home under ``$FLYWHEEL_HOME/prefect`` (its ephemeral API's database) and its
+    analytics off, unless set; call before Prefect is imported."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, built on first use."""

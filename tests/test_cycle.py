@@ -356,7 +356,9 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
         for case in cases:
             expected = CaseStatus.ROUTED if case.id in still_failing else CaseStatus.FIXED
             assert case.status == expected
-        assert (cycle.summary or {})["outcome"]["fixed_cases"] == len(in_rounds) - len(still_failing)
+        assert (cycle.summary or {})["outcome"]["fixed_cases"] == len(in_rounds) - len(
+            still_failing
+        )
         # Every cluster now wholly fixed became regression scenarios (one per case).
         fixed_clusters = {
             cluster.id
@@ -500,3 +502,55 @@ def test_review_decisions_close_the_cycle(fresh_engine: Engine) -> None:
         assert [c.status for c in cases] == [CaseStatus.FIXED, CaseStatus.ROUTED]
         # The cluster is not wholly fixed yet: no regression scenario.
         assert session.scalar(select(func.count()).select_from(RegressionScenario)) == 0
+
+
+def test_deploy_registers_the_cycle_and_routed_cases_start_it(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
+    from prefect import get_client
+
+    from flywheel.cycle.deploy import ROUTED_EVENT, emit_routed
+
+    no_api = {**environment, "PREFECT_API_URL": ""}
+    refused = _flywheel(no_api, "deploy")
+    assert refused.returncode == 2
+    assert "PREFECT_API_URL" in refused.stderr
+    config_file = tmp_path / "cycle.json"
+    config_file.write_text(json.dumps({"min_cases": 5, "pe_steps": 50}))
+    deployed = _flywheel(
+        environment,
+        "deploy",
+        "--min-cases",
+        "3",
+        "--within-hours",
+        "1",
+        "--config",
+        str(config_file),
+    )
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
+    assert "flywheel-cycle/production" in deployed.stdout
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("flywheel")
+        assert pool.type == "process"
+        deployment = client.read_deployment_by_name("flywheel-cycle/production")
+        assert deployment.entrypoint == "flywheel.cycle.flow.cycle_flow"
+        assert deployment.work_pool_name == "flywheel"
+        assert deployment.parameters["config"]["pe_steps"] == 50
+        (automation,) = [
+            a
+            for a in client.read_automations()
+            if any(getattr(x, "deployment_id", None) == deployment.id for x in a.actions)
+        ]
+        assert automation.trigger.expect == {ROUTED_EVENT}  # type: ignore[union-attr]
+        assert automation.trigger.threshold == 3  # type: ignore[union-attr]
+        assert not [r for r in client.read_flow_runs() if r.deployment_id == deployment.id]
+    # Three cases routed to one track: the automation schedules a cycle for a worker.
+    assert emit_routed({"rl": 3}) == 3
+    deadline = time.monotonic() + 90
+    runs: list[Any] = []
+    while not runs and time.monotonic() < deadline:
+        time.sleep(1)
+        with get_client(sync_client=True) as client:
+            runs = [r for r in client.read_flow_runs() if r.deployment_id == deployment.id]
+    assert len(runs) == 1
+    assert runs[0].parameters["config"]["pe_steps"] == 50

@@ -7,12 +7,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, func, select, text
+from typer.testing import CliRunner
 
+from flywheel.cli.main import app
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan import plan_cycle
 from flywheel.db.engine import session_factory
 from flywheel.db.models import Base, SignalKind
+from flywheel.settings import get_settings
 from flywheel.signals.repository import insert_signals, model_version_id
 from flywheel.world.benchmark import build_case
 from flywheel.world.scenes import captions
@@ -31,7 +35,7 @@ def _counts(fresh_engine: Engine) -> dict[str, int]:
 
 
 def test_a_dry_run_plans_every_track_and_writes_nothing(
-    fresh_engine: Engine, tmp_path: Path, offline: None
+    fresh_engine: Engine, tmp_path: Path, offline: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(5)
     with session_factory(fresh_engine)() as session:
@@ -71,5 +75,24 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     assert planned
     assert plan.estimated_seconds == sum(t.round.estimated_seconds for t in planned if t.round)
     # Nothing persisted: not a row, not a file.
+    assert _counts(fresh_engine) == before
+    assert list(home.iterdir()) == []
+
+    # The same through the CLI: `flywheel cycle --dry-run` prints the plan, writes nothing.
+    config_file = tmp_path / "cycle.json"
+    config_file.write_text(config.model_dump_json(exclude={"dry_run"}))
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", fresh_engine.url.render_as_string(False))
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["cycle", "--dry-run", "--config", str(config_file)])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "nothing was written" in out
+    assert "pretraining_gap" in out
+    assert "prompt_enhancer" in out
+    assert "estimated training time" in out
     assert _counts(fresh_engine) == before
     assert list(home.iterdir()) == []

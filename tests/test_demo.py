@@ -1,57 +1,108 @@
-"""``flywheel demo``: the embedded default end to end, as a newcomer runs it."""
+"""``flywheel demo``: a complete cycle on a fresh embedded default, as a newcomer runs it
+(at the sizes of a tiny cycle: ``--config``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from flywheel.db.models import Signal
-from flywheel.demo import run_demo
-from flywheel.settings import Settings
-
-
-def test_demo_ingests_through_the_api_and_reads_everything_back(
-    settings: Settings, session: Session
-) -> None:
-    summary = run_demo(settings, events=120, seed=3, console=Console(quiet=True))
-
-    assert summary["stored"] == 120 + 64
-    assert summary["feedback_statuses"] == {"created": 120}
-    assert summary["replays_idempotent"] is True
-    assert summary["signals"]["evaluation/evaluation_sample"] == 64
-    assert sum(n for k, n in summary["signals"].items() if k.startswith("feedback/")) == 120
-    stored = session.scalar(
-        select(func.count()).select_from(Signal).where(Signal.event_id.contains(summary["run"]))
-    )
-    assert stored == 184
+TINY_DEMO = {
+    "labeled_per_track": 3,
+    "corpus": 300,
+    "pool": 300,
+    "min_cases": 2,
+    "min_confidence": 0.0,
+    "pe_steps": 60,
+    "pe_pairs_per_concept": 30,
+    "gap_steps": 10,
+    "gap_vae_steps": 2,
+    "gap_replay": 30,
+    "gap_batch_size": 4,
+    "rl_steps": 1,
+    "rl_pairs_per_category": 4,
+    "rl_group_size": 2,
+    "rl_prompts_per_step": 1,
+    "regression_seeds": 1,
+    "regression_cases": 2,
+}
 
 
-@pytest.mark.timeout(180)
-def test_flywheel_demo_command_on_the_embedded_default(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env["FLYWHEEL_HOME"] = str(tmp_path)
+@pytest.mark.timeout(600)
+def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "PREFECT_"))}
+    env["FLYWHEEL_HOME"] = str(tmp_path / "home")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_DEMO))
+    report_file = tmp_path / "out" / "report.json"
     result = subprocess.run(
         [
             sys.executable,
             "-c",
             "from flywheel.cli.main import app; app()",
             "demo",
+            "--config",
+            str(config),
             "--events",
-            "50",
+            "16",
+            "--probes",
+            "16",
+            "--report",
+            str(report_file),
         ],
         env=env,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=590,
+        check=False,
     )
-    assert result.returncode == 0, result.stderr
-    assert "embedded PostgreSQL" in result.stdout
-    assert "nothing stored twice" in result.stdout
-    assert (tmp_path / "pgdata" / "PG_VERSION").exists()
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = " ".join(result.stdout.split())  # rich wraps lines
+    assert "embedded PostgreSQL" in out
+    assert "nothing stored twice" in out
+    assert "Demo mode: the final review is approved automatically" in out
+    assert "before / after" in out
+    assert (tmp_path / "home" / "pgdata" / "PG_VERSION").exists()
+
+    report = json.loads(report_file.read_text())
+    assert set(report["tracks"]) == {"rl", "pretraining_gap", "prompt_enhancer"}
+    trained = {k: v for k, v in report["tracks"].items() if v["failure_rate_before"] is not None}
+    assert trained, report["tracks"]
+    for track in trained.values():
+        assert track["cases"] >= TINY_DEMO["min_cases"]
+        assert 0.0 <= track["failure_rate_after"] <= 1.0
+        assert 0.0 <= track["failure_rate_before"] <= 1.0
+    assert 0.0 <= report["regression"]["score_before"] <= 1.0
+    assert 0.0 <= report["regression"]["score_after"] <= 1.0
+    assert 0.0 <= report["attribution"]["macro_f1"] <= 1.0
+    assert report["attribution"]["held_out_cases"] == 36
+    assert report["seconds"] > 0
+    assert report["feedback"]["replays_idempotent"] is True
+    assert report["feedback"]["statuses"] == {"created": 16}
+    assert report["cycle"]["status"] in ("promoted", "rejected")
+
+    # What the demo left in its database, through `flywheel status` (which joins the
+    # embedded server and stops it when it exits).
+    status = subprocess.run(
+        [sys.executable, "-c", "from flywheel.cli.main import app; app()", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    state = json.loads(status.stdout)
+    (cycle,) = state["cycles"]
+    assert cycle["status"] == report["cycle"]["status"]
+    assert cycle["finished_at"] is not None
+    if cycle["status"] == "promoted":
+        assert state["model"]["version"] == f"cycle-{cycle['id']}"
+        assert report["cycle"]["outcome"]["by"] == "demo (auto-approve)"
+    else:
+        assert state["model"]["version"] == "world-base"
+    assert "model_promotion" not in state["review_queue"]

@@ -153,6 +153,7 @@ def run_command(
             except NotEnoughExamplesError as exc:
                 fail(str(exc))
             report = attribute_open_cases(session, tools=tools, classifier=classifier, limit=limit)
+    sent = _announce(report.routed)
     if as_json:
         typer.echo(report.model_dump_json())
         return
@@ -163,7 +164,20 @@ def run_command(
     console.print(table)
     console.print(
         f"{report.cases} cases in {report.seconds:.1f} s; {report.by_rule} settled by a rule"
+        + (f"; {sent} routed-case events sent to Prefect" if sent else "")
     )
+
+
+def _announce(routed: dict[str, int]) -> int:
+    """Tell a configured Prefect API about the routed cases (its automation may start a
+    cycle: ``flywheel deploy``); nothing without ``PREFECT_API_URL``."""
+    import os
+
+    if not routed or not os.environ.get("PREFECT_API_URL"):
+        return 0
+    from flywheel.cycle.deploy import emit_routed
+
+    return emit_routed(routed)
 
 
 @attribution_app.command("override")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,19 +12,12 @@ from rich.table import Table
 
 from flywheel.cli.output import console, fail
 from flywheel.cli.services import database
-from flywheel.settings import Settings, get_settings
+from flywheel.settings import get_settings
 
 if TYPE_CHECKING:
     from flywheel.cycle.config import CycleConfig
     from flywheel.cycle.flow import CycleOutcome
     from flywheel.cycle.plan import CyclePlan
-
-
-def prefect_environment(settings: Settings) -> None:
-    """Prefect's home under ``$FLYWHEEL_HOME/prefect`` (its ephemeral API's database) and no
-    analytics, unless set; call before Prefect is imported."""
-    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def load_cycle_config(path: Path | None, **fields: Any) -> CycleConfig:
@@ -135,9 +127,9 @@ def cycle_command(
     settings = get_settings()
     with database(settings):
         pass  # one-line failure when the database is unreachable
-    prefect_environment(settings)
-    from flywheel.cycle.flow import CycleOutcome, run_cycle
     from flywheel.cycle.lock import CycleBusyError
+    from flywheel.cycle.plan import CyclePlan
+    from flywheel.cycle.runner import run_cycle
 
     try:
         result = run_cycle(config, progress=not as_json)
@@ -148,12 +140,66 @@ def cycle_command(
     if as_json:
         typer.echo(result.model_dump_json())
         return
-    if isinstance(result, CycleOutcome):
-        outcome_table(result)
-        if result.status == "awaiting_review":
-            console.print(
-                "next: the final review — `flywheel review list --kind model_promotion`, "
-                "then `flywheel review approve|reject ID`"
-            )
-    else:
+    if isinstance(result, CyclePlan):
         _plan_table(result)
+        return
+    outcome_table(result)
+    if result.status == "awaiting_review":
+        console.print(
+            "next: the final review — `flywheel review list --kind model_promotion`, "
+            "then `flywheel review approve|reject ID`"
+        )
+
+
+def deploy_command(
+    work_pool: Annotated[
+        str, typer.Option(help="Process work pool that runs cycles.")
+    ] = "flywheel",
+    name: Annotated[
+        str, typer.Option(help="Deployment name (flywheel-cycle/NAME).")
+    ] = "production",
+    min_cases: Annotated[
+        int, typer.Option(min=1, help="Routed cases on one track that start a cycle.")
+    ] = 20,
+    within_hours: Annotated[
+        float, typer.Option(min=0.01, help="Window (hours) those cases are counted in.")
+    ] = 24.0,
+    cron: Annotated[str | None, typer.Option(help="Also run on this cron schedule.")] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="JSON file of cycle settings (CycleConfig fields)."),
+    ] = None,
+) -> None:
+    """Register the production cycle with the Prefect API (PREFECT_API_URL): a process work
+    pool, the cycle deployment and the automation that runs it when enough cases are routed
+    to a track."""
+    import os
+    from datetime import timedelta
+
+    config = load_cycle_config(config_file)
+    if config.auto_approve:
+        fail("auto_approve is for `flywheel demo` only: a cycle's final review is a human's")
+    if not os.environ.get("PREFECT_API_URL"):
+        fail("set PREFECT_API_URL to the Prefect server the workers poll (see the README)")
+    from flywheel.cycle.deploy import DeployConfig, deploy_cycle
+
+    deploy = DeployConfig(
+        work_pool=work_pool,
+        name=name,
+        min_cases=min_cases,
+        within=timedelta(hours=within_hours),
+        cron=cron,
+    )
+    try:
+        deployed = deploy_cycle(deploy, config)
+    except ValueError as exc:
+        fail(str(exc))
+    except Exception as exc:  # the API refused or did not answer
+        fail(f"Prefect API: {type(exc).__name__}: {str(exc).splitlines()[0]}", code=1)
+    console.print(
+        f"deployment [bold]{deployed.deployment}[/] ({deployed.deployment_id}) on work pool "
+        f"[bold]{deployed.work_pool}[/]; runs when {min_cases} cases are routed to a track "
+        f"within {within_hours:g} h" + (f" and on {cron!r}" if cron else ""),
+        highlight=False,
+    )
+    console.print(f"start a worker: prefect worker start --pool {deployed.work_pool}")

@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from flywheel.cli.attribution import attribution_app
-from flywheel.cli.cycle import cycle_command
+from flywheel.cli.cycle import cycle_command, deploy_command
 from flywheel.cli.mining import mine_app, worker
 from flywheel.cli.output import console, err_console, fail
 from flywheel.cli.retrieval import retrieval_app
@@ -50,6 +50,7 @@ app.add_typer(attribution_app, name="attribution")
 app.add_typer(review_app, name="review")
 app.command("status")(status)
 app.command("cycle")(cycle_command)
+app.command("deploy")(deploy_command)
 app.command("worker")(worker)
 
 
@@ -765,19 +766,38 @@ def serve(
 
 @app.command("demo")
 def demo(
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the demo's report as JSON here.")
+    ] = None,
     events: Annotated[
-        int, typer.Option(min=1, max=100_000, help="Feedback events to ingest.")
-    ] = 300,
-    seed: Annotated[int, typer.Option(help="Seed of the sample generator.")] = 0,
+        int, typer.Option(min=1, max=10_000, help="Feedback events the product app sends.")
+    ] = 48,
+    probes: Annotated[int, typer.Option(min=1, max=10_000, help="Colour probes mined.")] = 48,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated users.")] = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="JSON file of cycle settings (CycleConfig fields)."),
+    ] = None,
 ) -> None:
-    """Start the embedded default, migrate, create a demo key, ingest sample signals
-    through the real API and print a summary."""
-    from flywheel.demo import run_demo
+    """A complete flywheel cycle on the embedded default with the shipped base: evaluate,
+    ingest feedback through the API, mine, attribute, run the three tracks' rounds,
+    re-evaluate, promote (the final review is approved automatically: demo mode only) and
+    print a before / after table per track."""
+    from flywheel.cli.cycle import load_cycle_config
+    from flywheel.demo import run_demo, write_report
+    from flywheel.settings import prefect_environment
 
+    config = load_cycle_config(config_file, auto_approve=True)
     settings = get_settings()
     with database(settings):
         pass  # fail early, in one line, when the database is unreachable
-    run_demo(settings, events=events, seed=seed, console=console)
+    prefect_environment(settings)
+    result = run_demo(
+        settings, events=events, seed=seed, console=console, cycle=config, probes=probes
+    )
+    if report is not None:
+        write_report(result, report)
+        console.print(f"report: {report}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

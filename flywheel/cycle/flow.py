@@ -9,8 +9,8 @@ or the review API) finishes the cycle in the decision's transaction — the paus
 PostgreSQL, so it survives restarts and needs no process waiting. In ``auto_approve`` mode
 (the demo) the review is decided at once and the flow returns the finished cycle.
 
-:func:`run_cycle` is what the CLI calls: a dry run plans without Prefect and without
-writing; otherwise it runs the flow.
+:func:`flywheel.cycle.runner.run_cycle` is what the CLI calls: a dry run plans without
+Prefect and without writing; otherwise it runs this flow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from sqlalchemy.orm import Session
 from flywheel.cycle import service
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import cycle_lock
-from flywheel.cycle.plan import CyclePlan, plan_cycle
 from flywheel.db.engine import create_db_engine
 from flywheel.db.models import Cycle
 from flywheel.settings import Settings, get_settings
@@ -206,15 +205,3 @@ def _runtime(settings: Settings, engine: Engine, *, progress: bool) -> Iterator[
         )
     finally:
         client.close()
-
-
-def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | CyclePlan:
-    """A dry run's plan (nothing written, no flow run), else the cycle flow's outcome."""
-    if not config.dry_run:
-        return cycle_flow(config=config, progress=progress)
-    settings = get_settings()
-    engine = create_db_engine(settings, pool_size=2)
-    try:
-        return plan_cycle(engine, config=config, home=settings.home)
-    finally:
-        engine.dispose()

@@ -1,0 +1,29 @@
+"""What ``flywheel cycle`` runs: the plan of a dry run, else the cycle flow."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.plan import CyclePlan, plan_cycle
+from flywheel.db.engine import create_db_engine
+from flywheel.settings import get_settings, prefect_environment
+
+if TYPE_CHECKING:
+    from flywheel.cycle.flow import CycleOutcome
+
+
+def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | CyclePlan:
+    """A dry run's plan (nothing written, no flow run, Prefect not even imported), else the
+    outcome of :func:`~flywheel.cycle.flow.cycle_flow`."""
+    settings = get_settings()
+    if config.dry_run:
+        engine = create_db_engine(settings, pool_size=2)
+        try:
+            return plan_cycle(engine, config=config, home=settings.home)
+        finally:
+            engine.dispose()
+    prefect_environment(settings)
+    from flywheel.cycle.flow import cycle_flow
+
+    return cycle_flow(config=config, progress=progress)
