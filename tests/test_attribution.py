@@ -110,11 +110,16 @@ def test_classifier_meets_the_goal_on_a_held_out_labeled_set(
         e.rewrite_changed for t in (Track.RL, Track.PRETRAINING_GAP) for e in by_track[t]
     )
 
-    def mean(track: Track, field: str) -> float:
-        return float(sum(getattr(e, field) for e in by_track[track])) / PER_TRACK
+    def mean(cases: list[Evidence], field: str) -> float:
+        return float(sum(getattr(e, field) for e in cases)) / len(cases)
 
-    assert mean(Track.PROMPT_ENHANCER, "rewrite_gain") > 0.15
-    assert mean(Track.RL, "reward_rank") > mean(Track.PRETRAINING_GAP, "reward_rank") + 0.2
+    assert mean(by_track[Track.PROMPT_ENHANCER], "rewrite_gain") > 0.15
+    gap = by_track[Track.PRETRAINING_GAP]
+    # The rare colour is rare by the corpus' tags; the rl colour cases are ordinary.
+    assert all(e.concept_rarity is not None and e.concept_rarity < 0.1 for e in gap)
+    ordinary = [e for e in by_track[Track.RL] if e.skill == "colour" or "wrong_color" in e.flags]
+    assert ordinary
+    assert min(e.concept_rarity or 0.0 for e in ordinary) > 0.5
     held_out = labeled_examples(
         tools, LabeledSetConfig(per_track=PER_TRACK, band=80_000_000, seed=1)
     )

@@ -11,23 +11,13 @@ from pathlib import Path
 
 import pytest
 
-TINY_DEMO = {
-    "labeled_per_track": 3,
-    "corpus": 300,
-    "pool": 300,
-    "min_cases": 2,
+from tests.helpers import TINY_CYCLE
+
+TINY_DEMO = TINY_CYCLE | {
     "min_confidence": 0.0,
     "pe_steps": 60,
     "pe_pairs_per_concept": 30,
     "gap_steps": 10,
-    "gap_vae_steps": 2,
-    "gap_replay": 30,
-    "gap_batch_size": 4,
-    "rl_steps": 1,
-    "rl_pairs_per_category": 4,
-    "rl_group_size": 2,
-    "rl_prompts_per_step": 1,
-    "regression_seeds": 1,
     "regression_cases": 2,
 }
 

@@ -7,7 +7,10 @@
   model (the image's rank against the other rewritten prompts of the batch). A large gain
   says the model could draw it when asked the right way: a prompt-enhancer problem.
 - **Scarcity** of the rewritten prompt in the training corpus (:mod:`retrieval.scarcity`):
-  a concept the corpus barely has is a pretraining gap.
+  a concept the corpus barely has is a pretraining gap. Embedding density alone is weak
+  where one word makes the difference ("purple square" sits among "blue square"s), so the
+  **concept rarity** (the tag count of the rarest concept the prompt names, over the median
+  concept's) is asked too.
 - **Reward agreement**: the rank the reward model gives the failing image (generated from
   the case's prompt) under its rewritten prompt against the batch's other prompts. A failure
   the reward ranks high is one the reward cannot see — reward and humans (or the evaluator)
@@ -78,6 +81,10 @@ class Evidence(BaseModel):
     """Of the rewritten prompt (None: no corpus index to ask)."""
     nearest_corpus: list[str]
     """The corpus captions nearest to the rewritten prompt."""
+    concept_rarity: float | None = None
+    """Corpus count of the rarest concept the rewritten prompt names, over the median
+    concept's (tag counts: 1 is ordinary, near 0 is a gap; None: it names none, or no
+    index)."""
     reward_rank: float
     """Share of the batch's other rewritten prompts the failing image scores below its own
     rewritten prompt under the reward (1: the reward sees nothing wrong; 0.5: no other
@@ -113,6 +120,8 @@ class EvidenceTools:
     reward: AlignmentReward
     rewriter: Rewriter
     scarcity: ScarcityProbe | None = None
+    rarity: Callable[[Sequence[str]], list[float | None]] | None = None
+    """Per prompt, :attr:`Evidence.concept_rarity` (the corpus' tag counts)."""
     seed: int = 0
     """Noise seed of the rewrite test's first batch."""
     batch_size: int = 32
@@ -154,6 +163,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
             again = {i: redrawn[n] for n, i in enumerate(drawn) if rewritten[i] != prompts[i]}
             after = rank_matrix(tools.reward, redrawn, references).diagonal().tolist()
     scarcity = tools.scarcity(rewritten) if tools.scarcity is not None else None
+    rarity = tools.rarity(rewritten) if tools.rarity is not None else [None] * len(views)
     out = []
     for i, view in enumerate(views):
         n = drawn.index(i) if i in original else -1
@@ -183,6 +193,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
                 rewrite_fixed=new_pass,
                 scarcity=scarcity[i][0] if scarcity is not None else None,
                 nearest_corpus=scarcity[i][1] if scarcity is not None else [],
+                concept_rarity=rarity[i],
                 reward_rank=own_rank,
                 skill=view.skill,
                 sources=dict(view.sources),

@@ -7,7 +7,9 @@ The three weaknesses and the track each belongs to:
 - **prompt_enhancer**: the users' colour words (:mod:`flywheel.world.vocabulary`) — colour
   probes of the common colours, put in the users' words (rich or terse captions);
 - **rl**: what the reward cannot see (it was trained on terse captions: no counts, no
-  places) — count and relation probes.
+  places) — count and relation probes; and what the generator draws, but unreliably — the
+  common colours in the captions' words fail about 40 % of the time: the capability is
+  there (no data gap, no wording problem) and a verifiable reward sharpens it.
 
 A labeled case is a probe whose image (from the base model) fails the evaluator. A share of
 them is presented as user feedback — a thumbs down with a flag, no intended scene — so the
@@ -19,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+import re
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +41,19 @@ from flywheel.world.base_model import WorldBaseConfig, world_base
 from flywheel.world.benchmark import BenchmarkCase, build_case
 from flywheel.world.corpus import scene_seeds, scene_tags
 from flywheel.world.evaluation import generate_cases, score_case
-from flywheel.world.scenes import SceneConfig, captions, sample_scene
+from flywheel.world.scenes import COLOURS, SceneConfig, captions, sample_scene
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder, weights_digest
 from retrieval.index import CORPUS, Embedders, IndexItem, Split, index_items
 from retrieval.scarcity import ScarcityConfig, calibration_for
 from retrieval.store import QdrantConfig, collection_name
 from training.io import atomic_write_bytes
+
+Rarity = Callable[[Sequence[str]], list[float | None]]
+
+LABELS_VERSION = 2
+"""Bumped whenever the labeled set or the evidence changes meaning (invalidates the cached
+seed sets): 2 — common-colour failures are RL examples; concept rarity is evidence."""
 
 WORLD_CORPUS = "world-base"
 """The dataset name the base corpus' captions are indexed under."""
@@ -125,17 +135,22 @@ def _candidates(config: LabeledSetConfig, rng: random.Random) -> list[tuple[Benc
         for k in range(7 * n)
     ]
     out += [(c, Track.PRETRAINING_GAP) for c in colours if c.focus == config.rare][:n]
-    common = [c for c in colours if c.focus != config.rare][:n]
-    for k, case in enumerate(common):
+    common = [c for c in colours if c.focus != config.rare]
+    for k, case in enumerate(common[:n]):
         caption = captions(case.spec).terse if k % 2 else case.prompt
         worded = case.model_copy(update={"prompt": to_user_words(caption, rng)})
         out.append((worded, Track.PROMPT_ENHANCER))
+    # RL: what the reward misjudges (counts, relations) and what the generator can draw but
+    # draws unreliably (a common colour, asked in the captions' words), interleaved so the
+    # kept cases mix both.
+    rl = [(c, Track.RL) for c in common[n : 2 * n]]
     for skill in ("count", "relation"):
-        out += [
+        rl += [
             (build_case(skill, k, band=config.band, case_id=f"labeled/{skill}/{k}"), Track.RL)
             for k in range(n // 2)
         ]
-    return out
+    rng.shuffle(rl)
+    return out + rl
 
 
 _FLAG = {"colour": "wrong_color", "count": "wrong_count"}
@@ -233,8 +248,34 @@ def world_evidence_tools(
         reward=load_world_reward(reward_dir),
         rewriter=reference_rewrites,
         scarcity=scarcity,
+        rarity=(
+            world_rarity(scarcity.client, scarcity.calibration.collection)
+            if scarcity is not None
+            else None
+        ),
         seed=seed,
     )
+
+
+_COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
+
+
+def world_rarity(client: QdrantClient, collection: str) -> Rarity:
+    """Concept rarity from the corpus index's colour tags: per prompt, the corpus count of
+    the rarest colour it names over the median colour's (None: it names no colour)."""
+    from flywheel.tracks.pretraining_gap import count_tagged
+
+    counts = {c: count_tagged(client, collection, CORPUS, f"colour:{c}") for c in COLOURS}
+    median = statistics.median(counts.values())
+
+    def rarity(prompts: Sequence[str]) -> list[float | None]:
+        out: list[float | None] = []
+        for prompt in prompts:
+            named = {m.casefold() for m in _COLOUR_WORD.findall(prompt)}
+            out.append(min(counts[c] / median for c in named) if named and median else None)
+        return out
+
+    return rarity
 
 
 def seed_examples(
@@ -252,6 +293,7 @@ def seed_examples(
     written — a dry run)."""
     config = config or LabeledSetConfig()
     identity = {
+        "labels": LABELS_VERSION,
         **{f: getattr(config, f) for f in LabeledSetConfig.__dataclass_fields__},
         "reward": weights_digest(reward_dir),
         "tools": {"seed": tools.seed, "batch_size": tools.batch_size},

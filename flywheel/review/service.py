@@ -126,8 +126,8 @@ def _settle(
 
 def _finish(session: Session, item: ReviewItem, *, approved: bool, reviewer: str) -> None:
     """A promotion decision finishes its cycle (before the decision commits)."""
-    if item.kind != ReviewKind.MODEL_PROMOTION:
-        return
+    if item.kind != ReviewKind.MODEL_PROMOTION or item.cycle_id is None:
+        return  # a promotion raised outside a cycle: the decision is only recorded
     try:
         finish_cycle(session, item=item, approved=approved, reviewer=reviewer)
     except CycleDecisionError as exc:

@@ -118,7 +118,8 @@ def asked_colours(cases: Sequence[SliceCase]) -> set[str]:
     return {c for case in cases for c in COLOURS if c in case.reference.casefold().split()}
 
 
-def _count(client: QdrantClient, name: str, split: str, tag: str | None = None) -> int:
+def count_tagged(client: QdrantClient, name: str, split: str, tag: str | None = None) -> int:
+    """Points of ``split`` in collection ``name`` (with ``tag``, when given)."""
     must: list[models.Condition] = [
         models.FieldCondition(key="split", match=models.MatchValue(value=split))
     ]
@@ -136,10 +137,10 @@ def diagnose_gap(
 ) -> GapDiagnosis:
     """Count every colour in the corpus index; the scarce ones the cases ask for."""
     name = collection_name(qdrant, "prompts")
-    total = _count(client, name, CORPUS)
+    total = count_tagged(client, name, CORPUS)
     if total == 0:
         raise ValueError(f"{name} holds no corpus items: index the corpus first")
-    counts = {c: _count(client, name, CORPUS, f"colour:{c}") for c in COLOURS}
+    counts = {c: count_tagged(client, name, CORPUS, f"colour:{c}") for c in COLOURS}
     median = statistics.median(counts.values()) / total
     shares = [
         ConceptShare(

@@ -6,7 +6,10 @@ passes when its rank under the case's *reference* prompt (the prompt in the capt
 the rewrite test's rewrite) against the other references of its batch is at least
 ``min_rank`` (batches of at least two; a slice of one reward-judged case fails: rank 0.5).
 A candidate is judged on the same cases, noise seeds and judges as the model it may
-replace, so the before / after rates differ by the model alone.
+replace, so the before / after rates differ by the model alone. Cases are regenerated as
+they were made: with their scene (evaluation, probes) by the generator alone — the world's
+enhancer, trained on terse prompts, garbles a rich caption ("… a large purple triangle at
+the middle left." → "orange diamond, red d") — without (product apps) through the enhancer.
 """
 
 from __future__ import annotations
@@ -78,12 +81,16 @@ def failure_rate(
     *,
     enhancer: PromptEnhancer | None = None,
 ) -> SliceResult:
-    """Generate every case (through ``enhancer`` first, when given) and judge it."""
+    """Regenerate every case the way it was first generated and judge it: a case with its
+    intended scene came from the evaluation harness or a probe (the generator alone); one
+    without came from a product app's pipeline — through ``enhancer`` first, when given."""
     if not cases:
         return SliceResult(cases=0, failures=0, failure_rate=0.0, failed=[])
     prompts = [c.prompt for c in cases]
     if enhancer is not None:
-        prompts = enhancer.enhance(prompts)
+        app = [i for i, c in enumerate(cases) if c.scene is None]
+        for i, enhanced in zip(app, enhancer.enhance([prompts[i] for i in app]), strict=True):
+            prompts[i] = enhanced
     passed: list[bool] = []
     for k, batch in enumerate(rank_batches(len(cases), judges.batch_size)):
         part = [cases[i] for i in batch]
