@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 import flywheel
 from flywheel.api.errors import install_error_handlers
 from flywheel.api.limits import BodySizeLimit
-from flywheel.api.routers import evaluations, feedback, health, signals
+from flywheel.api.routers import evaluations, feedback, health, review, signals
 from flywheel.db.engine import create_async_db_engine
 from flywheel.settings import Settings, get_settings
 
@@ -38,6 +38,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
-    for module in (health, feedback, evaluations, signals):
+    for module in (health, feedback, evaluations, signals, review):
         app.include_router(module.router)
     return app

@@ -151,7 +151,8 @@ def _decide(decision: Callable[[Session], ReviewItemOut]) -> None:
             item = decision(session)
         except (ItemNotFoundError, ReviewError, ValueError) as exc:
             fail(str(exc))
-    console.print(f"review item {item.id}: {item.status} by {item.decided_by}", highlight=False)
+    who = item.decided_by if item.decided_by else item.claimed_by or "-"
+    console.print(f"review item {item.id}: {item.status} by {who}", highlight=False)
 
 
 @review_app.command("approve")
@@ -162,20 +163,132 @@ def review_approve(
         str | None, typer.Option(help="Triage items: the track to route the case to.")
     ] = None,
     reason: Annotated[str | None, typer.Option(help="Why (recorded).")] = None,
+    edits: Annotated[
+        str | None,
+        typer.Option(help="Artefacts: approve as edited — a JSON object (needs --reason)."),
+    ] = None,
 ) -> None:
-    """Approve an item (a triage item: route its case to --track)."""
+    """Approve an item (a triage item: route its case to --track; a model promotion:
+    promote the candidate and finish its cycle)."""
     from flywheel.db.models import Track
 
     if track is not None and track not in TRACKS:
         fail(f"--track {track!r}: one of {', '.join(TRACKS)}")
+    changes = _edits(edits)
     from flywheel.review.service import approve
 
     chosen = Track(track) if track else None
     _decide(
         lambda session: approve(
-            session, item_id=item_id, reviewer=reviewer, reason=reason, track=chosen
+            session, item_id=item_id, reviewer=reviewer, reason=reason, track=chosen, edits=changes
         )
     )
+
+
+def _edits(text: str | None) -> dict[str, object] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"--edits is not JSON: {exc.msg}")
+    if not isinstance(value, dict):
+        fail("--edits must be a JSON object")
+    return value
+
+
+@review_app.command("claim")
+def review_claim(
+    reviewer: ByOption,
+    kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
+    lease_minutes: Annotated[
+        float, typer.Option(min=0.2, max=1440, help="How long the claim holds the item.")
+    ] = 15.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Claim the oldest waiting item under a lease (exit 1 when nothing is waiting)."""
+    from datetime import timedelta
+
+    from flywheel.db.engine import session_factory
+    from flywheel.db.models import ReviewKind
+    from flywheel.review.service import ReviewError, claim_next
+
+    if kind is not None and kind not in KINDS:
+        fail(f"--kind {kind!r}: one of {', '.join(KINDS)}")
+    with database() as engine, session_factory(engine)() as session:
+        try:
+            item = claim_next(
+                session,
+                reviewer=reviewer,
+                kind=ReviewKind(kind) if kind else None,
+                lease=timedelta(minutes=lease_minutes),
+            )
+        except ReviewError as exc:
+            fail(str(exc))
+    if item is None:
+        fail("nothing is waiting for review", code=1)
+    if as_json:
+        typer.echo(item.model_dump_json())
+        return
+    assert item.lease_expires_at is not None
+    console.print(
+        f"[bold]#{item.id}[/] {item.kind}: {item.title} — yours until "
+        f"{item.lease_expires_at.isoformat(timespec='seconds')}",
+        highlight=False,
+    )
+
+
+@review_app.command("release")
+def review_release(
+    item_id: Annotated[int, typer.Argument(help="The review item.")], reviewer: ByOption
+) -> None:
+    """Give a claimed item back to the queue."""
+    from flywheel.review.service import release
+
+    _decide(lambda session: release(session, item_id=item_id, reviewer=reviewer))
+
+
+@review_app.command("decide-cluster")
+def review_decide_cluster(
+    cluster_id: Annotated[int, typer.Argument(help="The failure cluster.")],
+    reviewer: ByOption,
+    kind: Annotated[str, typer.Option(help="The kind of its items to decide.")] = "triage_case",
+    approve_all: Annotated[
+        bool, typer.Option("--approve/--reject", help="The decision for every item.")
+    ] = True,
+    track: Annotated[str | None, typer.Option(help="Triage items: the track.")] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why (recorded; a rejection needs one).")
+    ] = None,
+) -> None:
+    """One decision for every open item of a kind in a failure cluster."""
+    from flywheel.db.engine import session_factory
+    from flywheel.db.models import ReviewKind, Track
+    from flywheel.review.service import ItemNotFoundError, ReviewError, decide_cluster
+
+    if kind not in KINDS:
+        fail(f"--kind {kind!r}: one of {', '.join(KINDS)}")
+    if track is not None and track not in TRACKS:
+        fail(f"--track {track!r}: one of {', '.join(TRACKS)}")
+    with database() as engine, session_factory(engine)() as session:
+        try:
+            result = decide_cluster(
+                session,
+                cluster_id=cluster_id,
+                kind=ReviewKind(kind),
+                approved=approve_all,
+                reviewer=reviewer,
+                reason=reason,
+                track=Track(track) if track else None,
+            )
+        except (ItemNotFoundError, ReviewError) as exc:
+            fail(str(exc))
+    console.print(
+        f"cluster {cluster_id}: {len(result.decided)} decided, {len(result.skipped)} skipped",
+        highlight=False,
+    )
+    for item_id, why in result.skipped.items():
+        console.print(f"  #{item_id}: {why}", highlight=False)
 
 
 @review_app.command("reject")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from flywheel.db.models import (
@@ -131,9 +131,10 @@ def list_items(
     statuses: tuple[ReviewStatus, ...],
     kind: ReviewKind | None = None,
     limit: int = 50,
+    after_id: int = 0,
 ) -> list[ReviewItem]:
-    """Items in ``statuses`` (of ``kind``), oldest first."""
-    query = select(ReviewItem).where(ReviewItem.status.in_(statuses))
+    """Items in ``statuses`` (of ``kind``) with ids above ``after_id``, oldest first."""
+    query = select(ReviewItem).where(ReviewItem.status.in_(statuses), ReviewItem.id > after_id)
     if kind is not None:
         query = query.where(ReviewItem.kind == kind)
     return list(session.scalars(query.order_by(ReviewItem.id).limit(limit)))
@@ -142,3 +143,68 @@ def list_items(
 def audit_trail(session: Session, *, item_id: int) -> list[ReviewAudit]:
     query = select(ReviewAudit).where(ReviewAudit.review_item_id == item_id)
     return list(session.scalars(query.order_by(ReviewAudit.id)))
+
+
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    """Pending, or claimed under a lease that has run out."""
+    return or_(
+        ReviewItem.status == ReviewStatus.PENDING,
+        and_(ReviewItem.status == ReviewStatus.CLAIMED, ReviewItem.lease_expires_at < now),
+    )
+
+
+def claim_next(
+    session: Session,
+    *,
+    now: datetime,
+    kind: ReviewKind | None = None,
+    cluster_id: int | None = None,
+) -> ReviewItem | None:
+    """The oldest claimable item, locked; items another transaction holds are skipped
+    (``FOR UPDATE SKIP LOCKED``), so concurrent claimers never get the same one."""
+    query = select(ReviewItem).where(_claimable(now))
+    if kind is not None:
+        query = query.where(ReviewItem.kind == kind)
+    if cluster_id is not None:
+        query = query.where(ReviewItem.cluster_id == cluster_id)
+    query = query.order_by(ReviewItem.id).limit(1).with_for_update(skip_locked=True)
+    return session.scalar(query)
+
+
+def cluster_item_ids(
+    session: Session, *, cluster_id: int, kind: ReviewKind, statuses: tuple[ReviewStatus, ...]
+) -> list[int]:
+    """Ids of the cluster's items of ``kind`` in ``statuses``, oldest first."""
+    query = (
+        select(ReviewItem.id)
+        .where(
+            ReviewItem.cluster_id == cluster_id,
+            ReviewItem.kind == kind,
+            ReviewItem.status.in_(statuses),
+        )
+        .order_by(ReviewItem.id)
+    )
+    return list(session.scalars(query))
+
+
+def count_items(
+    session: Session, *, statuses: tuple[ReviewStatus, ...], kind: ReviewKind | None = None
+) -> int:
+    query = select(func.count()).select_from(ReviewItem).where(ReviewItem.status.in_(statuses))
+    if kind is not None:
+        query = query.where(ReviewItem.kind == kind)
+    return int(session.scalar(query) or 0)
+
+
+def add_audit(
+    session: Session,
+    *,
+    item: ReviewItem,
+    actor: str,
+    action: str,
+    before: Json | None,
+    after: Json | None,
+) -> None:
+    session.add(
+        ReviewAudit(review_item_id=item.id, actor=actor, action=action, before=before, after=after)
+    )

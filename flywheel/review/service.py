@@ -12,13 +12,11 @@ cannot be decided again.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
 
-from flywheel.attribution.service import override_route
-from flywheel.cycle.finish import CycleDecisionError, finish_cycle
 from flywheel.db.models import (
     CaseStatus,
     FailureCase,
@@ -31,6 +29,8 @@ from flywheel.db.models import (
 from flywheel.review import repository
 
 OPEN_STATUSES = (ReviewStatus.PENDING, ReviewStatus.CLAIMED)
+DEFAULT_LEASE = timedelta(minutes=15)
+"""How long a claim holds an item before it returns to the queue."""
 
 
 class ReviewError(ValueError):
@@ -39,6 +39,10 @@ class ReviewError(ValueError):
 
 class ItemNotFoundError(LookupError):
     """No review item has that id."""
+
+
+class ClaimConflictError(ReviewError):
+    """Another reviewer holds the item under a live lease."""
 
 
 class ReviewItemOut(BaseModel):
@@ -53,6 +57,9 @@ class ReviewItemOut(BaseModel):
     created_at: datetime
     case_id: int | None
     cycle_id: int | None
+    cluster_id: int | None
+    claimed_by: str | None
+    lease_expires_at: datetime | None
     decided_by: str | None
     decided_at: datetime | None
     decision_reason: str | None
@@ -70,6 +77,9 @@ def _out(item: ReviewItem, *, artefact: bool = False) -> ReviewItemOut:
         created_at=item.created_at,
         case_id=item.case_id,
         cycle_id=item.cycle_id,
+        cluster_id=item.cluster_id,
+        claimed_by=item.claimed_by if item.status == ReviewStatus.CLAIMED else None,
+        lease_expires_at=item.lease_expires_at if item.status == ReviewStatus.CLAIMED else None,
         decided_by=item.decided_by,
         decided_at=item.decided_at,
         decision_reason=item.decision_reason,
@@ -79,11 +89,19 @@ def _out(item: ReviewItem, *, artefact: bool = False) -> ReviewItemOut:
 
 
 def list_queue(
-    session: Session, *, everything: bool = False, kind: ReviewKind | None = None, limit: int = 50
+    session: Session,
+    *,
+    everything: bool = False,
+    kind: ReviewKind | None = None,
+    limit: int = 50,
+    after_id: int = 0,
 ) -> list[ReviewItemOut]:
-    """Waiting items (``everything``: decided ones too), oldest first."""
+    """Waiting items (``everything``: decided ones too) with ids above ``after_id``, oldest
+    first."""
     statuses = tuple(ReviewStatus) if everything else OPEN_STATUSES
-    items = repository.list_items(session, statuses=statuses, kind=kind, limit=limit)
+    items = repository.list_items(
+        session, statuses=statuses, kind=kind, limit=limit, after_id=after_id
+    )
     return [_out(i) for i in items]
 
 
@@ -93,15 +111,27 @@ def show_item(session: Session, *, item_id: int) -> tuple[ReviewItemOut, list[di
     if item is None:
         raise ItemNotFoundError(f"no review item {item_id}")
     trail: list[dict[str, object]] = [
-        {"actor": a.actor, "action": a.action, "at": a.at.isoformat(), "after": a.after}
+        {
+            "actor": a.actor,
+            "action": a.action,
+            "at": a.at.isoformat(),
+            "before": a.before,
+            "after": a.after,
+        }
         for a in repository.audit_trail(session, item_id=item_id)
     ]
     return _out(item, artefact=True), trail
 
 
-def _open_item(session: Session, item_id: int, reviewer: str) -> ReviewItem:
+def _reviewer(reviewer: str) -> str:
     if not reviewer.strip():
         raise ReviewError("the reviewer must be named")
+    return reviewer
+
+
+def _open_item(session: Session, item_id: int, reviewer: str) -> ReviewItem:
+    """The item, locked, still open and not held by another reviewer's live lease."""
+    _reviewer(reviewer)
     item = repository.get_item(session, item_id=item_id, lock=True)
     if item is None:
         raise ItemNotFoundError(f"no review item {item_id}")
@@ -109,15 +139,102 @@ def _open_item(session: Session, item_id: int, reviewer: str) -> ReviewItem:
         raise ReviewError(
             f"review item {item_id} was already {item.status.value} by {item.decided_by}"
         )
+    _check_lease(item, reviewer)
     return item
 
 
+def _check_lease(item: ReviewItem, reviewer: str) -> None:
+    live = (
+        item.status == ReviewStatus.CLAIMED
+        and item.lease_expires_at is not None
+        and item.lease_expires_at > datetime.now(UTC)
+    )
+    if live and item.claimed_by != reviewer:
+        assert item.lease_expires_at is not None
+        until = item.lease_expires_at.isoformat(timespec="seconds")
+        raise ClaimConflictError(
+            f"review item {item.id} is claimed by {item.claimed_by} until {until}"
+        )
+
+
+def claim_next(
+    session: Session,
+    *,
+    reviewer: str,
+    kind: ReviewKind | None = None,
+    cluster_id: int | None = None,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> ReviewItemOut | None:
+    """Claim the oldest waiting item (or one whose lease ran out) for ``lease``; None when
+    the queue is empty. Concurrent claimers never get the same item. Commits."""
+    _reviewer(reviewer)
+    if lease <= timedelta(0):
+        raise ReviewError("a lease must be positive")
+    now = now or datetime.now(UTC)
+    item = repository.claim_next(session, now=now, kind=kind, cluster_id=cluster_id)
+    if item is None:
+        session.rollback()
+        return None
+    before = {"status": item.status.value, "claimed_by": item.claimed_by}
+    item.status = ReviewStatus.CLAIMED
+    item.claimed_by = reviewer
+    item.lease_expires_at = now + lease
+    repository.add_audit(
+        session,
+        item=item,
+        actor=reviewer,
+        action="claimed",
+        before=before,
+        after={
+            "status": item.status.value,
+            "claimed_by": reviewer,
+            "lease_expires_at": item.lease_expires_at.isoformat(),
+        },
+    )
+    session.commit()
+    session.refresh(item)
+    return _out(item, artefact=True)
+
+
+def release(session: Session, *, item_id: int, reviewer: str) -> ReviewItemOut:
+    """Give a claimed item back to the queue (only its holder). Commits."""
+    item = _open_item(session, item_id, reviewer)
+    if item.status != ReviewStatus.CLAIMED or item.claimed_by != reviewer:
+        raise ReviewError(f"review item {item_id} is not claimed by {reviewer}")
+    item.status = ReviewStatus.PENDING
+    item.lease_expires_at = None
+    repository.add_audit(
+        session,
+        item=item,
+        actor=reviewer,
+        action="released",
+        before={"status": "claimed", "claimed_by": reviewer},
+        after={"status": "pending"},
+    )
+    session.commit()
+    session.refresh(item)
+    return _out(item)
+
+
 def _settle(
-    session: Session, item: ReviewItem, status: ReviewStatus, reviewer: str, reason: str | None
+    session: Session,
+    item: ReviewItem,
+    status: ReviewStatus,
+    reviewer: str,
+    reason: str | None,
+    *,
+    edits: Json | None = None,
 ) -> ReviewItemOut:
     """Record the decision on ``item`` (audited), commit, and return it as it now is."""
     repository.decide_item(
-        session, item=item, status=status, actor=reviewer, reason=reason, at=datetime.now(UTC)
+        session,
+        item=item,
+        status=status,
+        actor=reviewer,
+        reason=reason,
+        at=datetime.now(UTC),
+        edits=edits,
     )
     session.commit()
     session.refresh(item)
@@ -128,6 +245,8 @@ def _finish(session: Session, item: ReviewItem, *, approved: bool, reviewer: str
     """A promotion decision finishes its cycle (before the decision commits)."""
     if item.kind != ReviewKind.MODEL_PROMOTION or item.cycle_id is None:
         return  # a promotion raised outside a cycle: the decision is only recorded
+    from flywheel.cycle.finish import CycleDecisionError, finish_cycle
+
     try:
         finish_cycle(session, item=item, approved=approved, reviewer=reviewer)
     except CycleDecisionError as exc:
@@ -142,12 +261,20 @@ def approve(
     reviewer: str,
     reason: str | None = None,
     track: Track | None = None,
+    edits: Json | None = None,
 ) -> ReviewItemOut:
-    """Approve the item (a triage item: route its case to ``track``); commits."""
+    """Approve the item (a triage item: route its case to ``track``; an artefact: as edited
+    by ``edits``, which need a reason); commits."""
+    if edits is not None and not (reason or "").strip():
+        raise ReviewError("an edit needs a reason")
     item = _open_item(session, item_id, reviewer)
+    if edits is not None and item.kind in (ReviewKind.TRIAGE_CASE, ReviewKind.MODEL_PROMOTION):
+        raise ReviewError(f"a {item.kind.value} item takes no edits")
     if item.kind == ReviewKind.TRIAGE_CASE:
         if track is None or item.case_id is None:
             raise ReviewError("approving a triage item routes its case: name the track")
+        from flywheel.attribution.service import override_route
+
         # Routing the case settles its triage items, this one included.
         override_route(session, case_id=item.case_id, track=track, reviewer=reviewer, reason=reason)
         session.refresh(item)
@@ -155,7 +282,7 @@ def approve(
     if track is not None:
         raise ReviewError(f"a {item.kind.value} item takes no track")
     _finish(session, item, approved=True, reviewer=reviewer)
-    return _settle(session, item, ReviewStatus.APPROVED, reviewer, reason)
+    return _settle(session, item, ReviewStatus.APPROVED, reviewer, reason, edits=edits)
 
 
 def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> ReviewItemOut:
@@ -169,3 +296,52 @@ def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> Rev
             case.status = CaseStatus.DISMISSED
     _finish(session, item, approved=False, reviewer=reviewer)
     return _settle(session, item, ReviewStatus.REJECTED, reviewer, reason)
+
+
+class ClusterDecision(BaseModel):
+    """What a batch decision on a cluster did."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    decided: list[int]
+    skipped: dict[int, str]
+    """Item id -> why it was left alone (held by another reviewer, already decided)."""
+
+
+def decide_cluster(
+    session: Session,
+    *,
+    cluster_id: int,
+    kind: ReviewKind,
+    approved: bool,
+    reviewer: str,
+    reason: str | None = None,
+    track: Track | None = None,
+) -> ClusterDecision:
+    """Approve or reject every open item of ``kind`` in the cluster, one decision (and one
+    commit) per item, as :func:`approve` / :func:`reject` would."""
+    _reviewer(reviewer)
+    if kind == ReviewKind.MODEL_PROMOTION:
+        raise ReviewError("a model promotion is decided on its own, not by cluster")
+    if not approved and not (reason or "").strip():
+        raise ReviewError("a rejection needs a reason")
+    ids = repository.cluster_item_ids(
+        session, cluster_id=cluster_id, kind=kind, statuses=OPEN_STATUSES
+    )
+    session.rollback()
+    if not ids:
+        raise ItemNotFoundError(f"no open {kind.value} item in cluster {cluster_id}")
+    decided: list[int] = []
+    skipped: dict[int, str] = {}
+    for item_id in ids:
+        try:
+            if approved:
+                approve(session, item_id=item_id, reviewer=reviewer, reason=reason, track=track)
+            else:
+                reject(session, item_id=item_id, reviewer=reviewer, reason=reason or "")
+        except ReviewError as exc:
+            session.rollback()
+            skipped[item_id] = str(exc)
+            continue
+        decided.append(item_id)
+    return ClusterDecision(decided=decided, skipped=skipped)

@@ -63,11 +63,11 @@ def _finite(value: float) -> float:
 
 
 # Length and pattern constraints come before the Python check so pydantic-core applies them.
-_STORABLE = AfterValidator(_no_nul)
+STORABLE = AfterValidator(_no_nul)
 
 
-Prompt = Annotated[str, StringConstraints(min_length=1, max_length=20_000), _STORABLE]
-LongText = Annotated[str, StringConstraints(min_length=1, max_length=10_000), _STORABLE]
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=20_000), STORABLE]
+LongText = Annotated[str, StringConstraints(min_length=1, max_length=10_000), STORABLE]
 Identifier = Annotated[
     str,
     StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"),
@@ -79,7 +79,7 @@ RunIdentifier = Annotated[
     StringConstraints(min_length=1, max_length=120, pattern=r"^[\x21-\x7e]+$"),
     Field(description="1-120 printable ASCII characters, no spaces."),
 ]
-OpaqueRef = Annotated[str, StringConstraints(min_length=1, max_length=200), _STORABLE]
+OpaqueRef = Annotated[str, StringConstraints(min_length=1, max_length=200), STORABLE]
 SkillName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\w.:/-]+$")]
 Score = Annotated[float, AfterValidator(_finite)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_json_without_nul)]
@@ -102,7 +102,7 @@ class ImageRef(BaseModel):
     uri: Annotated[
         str,
         StringConstraints(max_length=4096, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$"),
-        _STORABLE,
+        STORABLE,
         Field(description="URI with a scheme: s3://, gs://, https://, file://, ..."),
     ]
     sha256: (

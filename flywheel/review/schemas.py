@@ -1,0 +1,86 @@
+"""Request and response bodies of ``/v1/review`` (pydantic; separate from the ORM rows)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from flywheel.review.service import ReviewItemOut
+from flywheel.signals.schemas import STORABLE
+
+KindName = Literal[
+    "augmentation_batch",
+    "reward_recalibration",
+    "prompt_enhancer_data",
+    "model_promotion",
+    "triage_case",
+]
+TrackName = Literal["rl", "pretraining_gap", "prompt_enhancer"]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=4000), STORABLE]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClaimIn(_In):
+    """Claim the oldest waiting item (of a kind, of a cluster)."""
+
+    kind: KindName | None = None
+    cluster_id: int | None = Field(default=None, ge=1)
+    lease_seconds: int = Field(
+        default=900, ge=10, le=86_400, description="How long the claim holds the item."
+    )
+
+
+class ApproveIn(_In):
+    reason: Reason | None = None
+    track: TrackName | None = Field(
+        default=None, description="A triage item: the track its case goes to (required)."
+    )
+    edits: dict[str, Any] | None = Field(
+        default=None, description="An artefact approved as edited (needs a reason)."
+    )
+
+
+class RejectIn(_In):
+    reason: Reason
+
+
+class ClusterDecisionIn(_In):
+    kind: KindName
+    decision: Literal["approve", "reject"]
+    reason: Reason | None = None
+    track: TrackName | None = None
+
+
+class AuditEntry(BaseModel):
+    actor: str
+    action: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    at: str
+
+
+class ReviewItemDetail(BaseModel):
+    item: ReviewItemOut
+    audit: list[AuditEntry]
+
+
+class ReviewPage(BaseModel):
+    items: list[ReviewItemOut]
+    next_after: int | None = Field(
+        description="Pass as ?after= for the next page; null on the last page."
+    )
+
+
+__all__ = [
+    "ApproveIn",
+    "AuditEntry",
+    "ClaimIn",
+    "ClusterDecisionIn",
+    "RejectIn",
+    "ReviewItemDetail",
+    "ReviewPage",
+]
