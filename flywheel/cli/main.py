@@ -800,5 +800,38 @@ def demo(
         console.print(f"report: {report}")
 
 
+@app.command("dashboard")
+def dashboard(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Serve the triage dashboard and review queue (Streamlit) on the configured database."""
+    import subprocess
+
+    import dashboard as package
+
+    settings = get_settings()
+    with database(settings):
+        pass  # one-line failure when the database is unreachable
+    script = Path(package.__file__).resolve().parent / "app.py"
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    console.print(f"dashboard: http://{host}:{port}", highlight=False)
+    raise typer.Exit(subprocess.call(command))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

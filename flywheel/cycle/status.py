@@ -1,5 +1,5 @@
-"""What ``flywheel status`` shows: the serving model, open cases per track, the review
-queue and the last cycles."""
+"""What ``flywheel status`` shows — the serving model, open cases per track, the review
+queue and the last cycles — and one cycle's lineage (the dashboard's Cycles page)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from flywheel.cycle.registry import current_model
 from flywheel.db.models import (
     CaseRoute,
     CaseStatus,
+    Checkpoint,
     Cycle,
     FailureCase,
+    ModelVersion,
     ReviewItem,
     ReviewStatus,
+    TrainingRound,
+    TrainingRoundCase,
 )
 
 _OPEN = (CaseStatus.OPEN, CaseStatus.ROUTED, CaseStatus.AWAITING_TRIAGE, CaseStatus.IN_ROUND)
@@ -110,4 +114,128 @@ def status_report(session: Session, *, cycles: int = 5) -> StatusReport:
             )
             for c in last
         ],
+    )
+
+
+class RoundLineage(_Frozen):
+    id: int
+    track: str
+    recipe: str
+    status: str
+    cases: list[int]
+    data: dict[str, object]
+    """The round's data manifest in brief (counts, concepts, categories)."""
+    stages: dict[str, object]
+    """Per training stage: steps, losses, where it resumed from."""
+    failure_rate_before: float | None
+    failure_rate_after: float | None
+    checkpoints: list[str]
+    """The candidate components this round produced (``component: uri``)."""
+
+
+class CycleLineage(_Frozen):
+    """From cases to data to checkpoints to the decision, for one cycle."""
+
+    id: int
+    status: str
+    base: str | None
+    candidate: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    rounds: list[RoundLineage]
+    regression: dict[str, object] | None
+    gate: dict[str, object] | None
+    outcome: dict[str, object] | None
+    review_items: list[tuple[int, str, str]]
+    """(id, kind, status) of the cycle's review items."""
+
+
+def _brief(manifest: object) -> dict[str, object]:
+    if not isinstance(manifest, dict):
+        return {}
+    plan = manifest.get("plan")
+    if isinstance(plan, dict):
+        return {
+            "concepts": plan.get("concepts"),
+            "retrieved": len(plan.get("retrieved") or []),
+            "synthesized": plan.get("synthesized"),
+            "replay": plan.get("replay"),
+            "mixture_weight": plan.get("mixture_weight"),
+        }
+    if "recalibration" in manifest:
+        recalibration = manifest["recalibration"]
+        after = recalibration.get("after") if isinstance(recalibration, dict) else None
+        return {"categories": manifest.get("categories"), "weights_after": after}
+    return {k: manifest[k] for k in ("concepts", "pairs", "user_worded", "echo") if k in manifest}
+
+
+def cycle_lineage(session: Session, *, cycle_id: int) -> CycleLineage | None:
+    """The cycle's record, read for people (None: no such cycle)."""
+    cycle = session.get(Cycle, cycle_id)
+    if cycle is None:
+        return None
+    names = dict(
+        session.execute(
+            select(ModelVersion.id, ModelVersion.name).where(
+                ModelVersion.id.in_(
+                    [
+                        i
+                        for i in (cycle.base_model_version_id, cycle.candidate_model_version_id)
+                        if i is not None
+                    ]
+                )
+            )
+        ).all()
+    )
+    rounds = session.scalars(
+        select(TrainingRound).where(TrainingRound.cycle_id == cycle_id).order_by(TrainingRound.id)
+    ).all()
+    lines = []
+    for round_ in rounds:
+        cases = list(
+            session.scalars(
+                select(TrainingRoundCase.case_id)
+                .where(TrainingRoundCase.training_round_id == round_.id)
+                .order_by(TrainingRoundCase.case_id)
+            )
+        )
+        checkpoints = session.scalars(
+            select(Checkpoint).where(Checkpoint.training_round_id == round_.id)
+        ).all()
+        evaluation = round_.evaluation if isinstance(round_.evaluation, dict) else {}
+        metrics = round_.metrics if isinstance(round_.metrics, dict) else {}
+        before, after = evaluation.get("before"), evaluation.get("after")
+        lines.append(
+            RoundLineage(
+                id=round_.id,
+                track=round_.track.value,
+                recipe=round_.recipe,
+                status=round_.status.value,
+                cases=cases,
+                data=_brief(round_.data_manifest),
+                stages=dict(metrics.get("stages") or {}),
+                failure_rate_before=before.get("failure_rate") if before else None,
+                failure_rate_after=after.get("failure_rate") if after else None,
+                checkpoints=[f"{c.component.value}: {c.uri}" for c in checkpoints],
+            )
+        )
+    summary = cycle.summary if isinstance(cycle.summary, dict) else {}
+    overall = summary.get("evaluation")
+    items = session.execute(
+        select(ReviewItem.id, ReviewItem.kind, ReviewItem.status)
+        .where(ReviewItem.cycle_id == cycle_id)
+        .order_by(ReviewItem.id)
+    ).all()
+    return CycleLineage(
+        id=cycle.id,
+        status=cycle.status.value,
+        base=names.get(cycle.base_model_version_id or 0),
+        candidate=names.get(cycle.candidate_model_version_id or 0),
+        started_at=cycle.started_at,
+        finished_at=cycle.finished_at,
+        rounds=lines,
+        regression=overall.get("regression") if isinstance(overall, dict) else None,
+        gate=summary.get("gate"),
+        outcome=summary.get("outcome"),
+        review_items=[(i, k.value, s.value) for i, k, s in items],
     )

@@ -132,11 +132,15 @@ def list_items(
     kind: ReviewKind | None = None,
     limit: int = 50,
     after_id: int = 0,
+    claimed_by: str | None = None,
 ) -> list[ReviewItem]:
-    """Items in ``statuses`` (of ``kind``) with ids above ``after_id``, oldest first."""
+    """Items in ``statuses`` (of ``kind``, claimed by ``claimed_by``) with ids above
+    ``after_id``, oldest first."""
     query = select(ReviewItem).where(ReviewItem.status.in_(statuses), ReviewItem.id > after_id)
     if kind is not None:
         query = query.where(ReviewItem.kind == kind)
+    if claimed_by is not None:
+        query = query.where(ReviewItem.claimed_by == claimed_by)
     return list(session.scalars(query.order_by(ReviewItem.id).limit(limit)))
 
 

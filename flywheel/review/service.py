@@ -105,6 +105,19 @@ def list_queue(
     return [_out(i) for i in items]
 
 
+def claimed_by(session: Session, *, reviewer: str) -> list[ReviewItemOut]:
+    """The items ``reviewer`` holds under a live lease, with their artefacts."""
+    now = datetime.now(UTC)
+    items = repository.list_items(
+        session, statuses=(ReviewStatus.CLAIMED,), limit=100, claimed_by=reviewer
+    )
+    return [
+        _out(i, artefact=True)
+        for i in items
+        if i.lease_expires_at is not None and i.lease_expires_at > now
+    ]
+
+
 def show_item(session: Session, *, item_id: int) -> tuple[ReviewItemOut, list[dict[str, object]]]:
     """One item with its artefact, and its audit trail."""
     item = repository.get_item(session, item_id=item_id)
