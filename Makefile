@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench
+.PHONY: install browser demo test lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Debian's chromium, for the dashboard's browser test (its screenshots land in
+# build/screenshots/); installed with apt when missing and this runs as root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } || \
+		echo "chromium is missing: apt-get install chromium (the dashboard browser test needs it)"
+
 demo: install
 	$(BIN)/flywheel demo
 
@@ -23,7 +31,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest
 
 bench: install

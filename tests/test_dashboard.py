@@ -1,13 +1,22 @@
 """The dashboard, page by page, with Streamlit's AppTest against a real PostgreSQL seeded
 with a small flywheel: signals with images, cases in clusters with routes and evidence,
-triage items, a finished cycle with its rounds, an artefact waiting for review."""
+triage items, a finished cycle with its rounds, an artefact waiting for review; and the
+served app in headless Chromium (Debian's), whose screenshots of every page are left in
+``build/screenshots/``."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 import torch
 from sqlalchemy import Engine, select
@@ -38,7 +47,10 @@ from flywheel.mining.miners import store_png
 from flywheel.review import repository
 from flywheel.settings import get_settings
 from flywheel.signals.repository import insert_signals, model_version_id
-from tests.helpers import stored_signal
+from tests.helpers import free_port, stored_signal
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -280,3 +292,115 @@ def test_claim_then_decide_in_the_review_queue(seeded: tuple[Engine, dict[str, i
         batch = session.get(ReviewItem, ids["batch"])
         assert batch is not None
         assert (batch.status, batch.decision_reason) == (ReviewStatus.REJECTED, "pairs look wrong")
+
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+"""Where the browser test leaves each page's screenshot for a person to look at."""
+CHROMIUM = Path("/usr/bin/chromium")
+_BROWSER_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _settle(page: Page) -> str:
+    """Wait until the script has run and the page's text stops changing; the text."""
+    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]")
+    text, still = "", 0
+    for _ in range(120):
+        page.wait_for_timeout(250)
+        now: str = page.inner_text("[data-testid=stMain]")
+        still = still + 1 if now == text else 0
+        text = now
+        if still >= 4 and text.strip():
+            return text
+    return text
+
+
+@pytest.mark.timeout(300)
+def test_screenshots_of_every_page_in_chromium(
+    seeded: tuple[Engine, dict[str, int]], tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.is_file():
+        pytest.fail("Debian's chromium is missing: apt-get install chromium (make test does)")
+    engine, ids = seeded
+    with Session(engine) as session:
+        key = create_api_key(session, app="alice", scopes=[Scope.REVIEW]).secret
+        session.commit()
+    port = free_port()
+    log = (tmp_path / "streamlit.log").open("wb")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            APP,
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        env={**os.environ},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/_stcore/health", timeout=1).text == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail((tmp_path / "streamlit.log").read_text()[-3000:])
+            time.sleep(0.2)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        expected = {
+            "overview": ["Overview", "Signals per day", "Routing mix"],
+            "triage": ["Triage", "a crimson square", "Rewrite gain"],
+            "clusters": ["Clusters", "colour: red"],
+            "cycles": ["Cycles", "prompt_enhancer", "Gate"],
+        }
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=_BROWSER_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            for name, words in expected.items():
+                page.goto(f"{base}/{'' if name == 'overview' else name}")
+                text = _settle(page)
+                for word in words:
+                    assert word in text, (name, word, text[:500])
+                shot = SCREENSHOTS / f"{name}.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 10_000
+            # Sign in through the sidebar, open the queue, claim the oldest item.
+            page.goto(f"{base}/review")
+            _settle(page)
+            page.get_by_label("API key (review scope)").fill(key)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_selector("text=Signed in as")
+            page.get_by_role("button", name="Claim").click()
+            text = _settle(page)
+            assert f"#{ids['triage']}" in text, text[:500]
+            page.screenshot(path=str(SCREENSHOTS / "review.png"), full_page=True)
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    with Session(engine) as session:
+        item = session.get(ReviewItem, ids["triage"])
+        assert item is not None
+        assert (item.status, item.claimed_by) == (ReviewStatus.CLAIMED, "alice")
