@@ -14,16 +14,19 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from flywheel.attribution.service import AttributionReport, override_route
 from flywheel.cli.main import app
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import CycleBusyError, cycle_lock
@@ -129,6 +132,30 @@ CLI = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
 streams: a flow run inside ``CliRunner`` would leave them writing to a closed one)."""
 
 
+def _attribute(engine: Engine, home: Path, *, min_confidence: float) -> AttributionReport:
+    """Collect and route the stored failures as a cycle would (before one runs)."""
+    config = CycleConfig.model_validate(TINY | {"min_confidence": min_confidence})
+    qdrant = qdrant_config(get_settings())
+    client = open_qdrant(qdrant)
+    try:
+        with Session(engine) as session:
+            model = current_model(session)
+            assert model is not None
+            session.commit()
+            _, attributed = collect_and_attribute(
+                session,
+                model=model,
+                config=config,
+                home=home,
+                client=client,
+                qdrant=qdrant,
+                embedder=TextEmbedder(),
+            )
+    finally:
+        client.close()
+    return attributed
+
+
 def _cycle_process(env: dict[str, str], config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -168,22 +195,7 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
     home = Path(environment["FLYWHEEL_HOME"])
     # Attribution with a strict threshold first: what the classifier is not sure of waits for
     # a human, who routes it (an override the cycle trains on).
-    strict = CycleConfig.model_validate(TINY | {"min_confidence": 0.95})
-    client = open_qdrant(qdrant_config(get_settings()))
-    with Session(engine) as session:
-        model = current_model(session)
-        assert model is not None
-        session.commit()
-        _, attributed = collect_and_attribute(
-            session,
-            model=model,
-            config=strict,
-            home=home,
-            client=client,
-            qdrant=qdrant_config(get_settings()),
-            embedder=TextEmbedder(),
-        )
-    client.close()
+    attributed = _attribute(engine, home, min_confidence=0.95)
     assert attributed.awaiting_triage > 0
     runner = CliRunner()
     with Session(engine) as session:
@@ -532,3 +544,64 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
             runs = [r for r in client.read_flow_runs() if r.deployment_id == deployment.id]
     assert len(runs) == 1
     assert runs[0].parameters["config"]["pe_steps"] == 50
+
+
+def test_a_paused_cycle_flow_is_resumed_by_the_reviewers_decision(
+    environment: dict[str, str], engine: Engine, offline: None
+) -> None:
+    from prefect import get_client
+
+    from flywheel.cycle.flow import CycleOutcome, cycle_flow
+
+    truth = _store_failures(engine)
+    _attribute(engine, Path(environment["FLYWHEEL_HOME"]), min_confidence=0.0)
+    with Session(engine) as session:  # a reviewer corrects what the tiny classifier got wrong
+        for case in session.scalars(select(FailureCase)).all():
+            route = session.scalars(
+                select(CaseRoute).where(CaseRoute.case_id == case.id).order_by(CaseRoute.id.desc())
+            ).first()
+            if route is None or route.track != truth[case.prompt]:
+                override_route(session, case_id=case.id, track=truth[case.prompt], reviewer="alice")
+    config = CycleConfig.model_validate(TINY | {"gap_steps": 8, "review_wait_seconds": 600})
+    finished: list[CycleOutcome | BaseException] = []
+
+    def run() -> None:
+        try:
+            finished.append(cycle_flow(config=config))
+        except BaseException as exc:  # surfaced below
+            finished.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 300
+    paused = None
+    while paused is None:
+        assert worker.is_alive(), finished
+        assert time.monotonic() < deadline, "the cycle never paused for its review"
+        time.sleep(0.5)
+        with Session(engine) as session:
+            cycle = session.get(Cycle, 1)
+            if (
+                cycle is None
+                or cycle.status != CycleStatus.AWAITING_REVIEW
+                or not cycle.flow_run_id
+            ):
+                continue
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(UUID(cycle.flow_run_id)).state
+            if state is not None and state.is_paused():
+                paused = UUID(cycle.flow_run_id)
+    with Session(engine) as session:
+        promotion = session.scalars(
+            select(ReviewItem).where(ReviewItem.kind == ReviewKind.MODEL_PROMOTION)
+        ).one()
+        approve(session, item_id=promotion.id, reviewer="carol", reason="better on the slices")
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    (outcome,) = finished
+    assert isinstance(outcome, CycleOutcome), outcome
+    assert (outcome.cycle_id, outcome.status) == (1, "promoted")
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(paused).state
+    assert state is not None
+    assert state.is_completed()

@@ -51,6 +51,10 @@ class CycleConfig(BaseModel):
     """Cases per skill of the regression suite (None: all of them)."""
     regression_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
     """The gate's "regression flat": the candidate's score may drop at most this much."""
+    review_wait_seconds: int = Field(default=0, ge=0, le=7 * 86_400)
+    """0: the flow ends when the cycle waits for its final review (the decision finishes
+    the cycle on its own). Above 0: the flow run pauses (Prefect) for up to this long,
+    holding the cycle lock, and the reviewer's decision resumes it."""
     seed: int = 0
 
     def prompt_enhancer(self) -> PromptEnhancerTrackConfig:

@@ -6,8 +6,11 @@ evaluation → gate and review request as tasks (retried; each step is idempoten
 retry or a rerun after a crash picks up where the last one stopped). The flow ends when the
 cycle waits for its final review: the reviewer's decision (``flywheel review approve|reject``
 or the review API) finishes the cycle in the decision's transaction — the pause lives in
-PostgreSQL, so it survives restarts and needs no process waiting. In ``auto_approve`` mode
-(the demo) the review is decided at once and the flow returns the finished cycle.
+PostgreSQL, so it survives restarts and needs no process waiting. With
+``review_wait_seconds`` the flow run also pauses in Prefect (``pause_flow_run``, holding the
+cycle lock) and the decision resumes it (:func:`flywheel.review.service` calls
+``resume_flow_run``), so the run's state follows the review. In ``auto_approve`` mode (the
+demo) the review is decided at once and the flow returns the finished cycle.
 
 :func:`flywheel.cycle.runner.run_cycle` is what the CLI calls: a dry run plans without
 Prefect and without writing; otherwise it runs this flow.
@@ -23,6 +26,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 from qdrant_client import QdrantClient
@@ -33,7 +38,7 @@ from flywheel.cycle import service
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import cycle_lock
 from flywheel.db.engine import create_db_engine
-from flywheel.db.models import Cycle
+from flywheel.db.models import Cycle, CycleStatus
 from flywheel.settings import Settings, get_settings
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig, open_qdrant, qdrant_config
@@ -188,6 +193,15 @@ def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
     logger.info("evaluation: %s", evaluation)
     status = review_task(runtime, cycle_id)
     logger.info("cycle %d is %s", cycle_id, status)
+    with Session(runtime.engine) as session:
+        wait = service.cycle_config(_cycle(session, cycle_id)).review_wait_seconds
+    if status == CycleStatus.AWAITING_REVIEW.value and wait > 0:
+        try:
+            pause_flow_run(timeout=wait, poll_interval=max(1, min(10, wait // 20)))
+        except FlowPauseTimeout:
+            logger.info(
+                "no decision within %d s: the decision will finish cycle %d", wait, cycle_id
+            )
 
 
 @contextmanager

@@ -12,6 +12,7 @@ cannot be decided again.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
@@ -267,6 +268,29 @@ def _finish(session: Session, item: ReviewItem, *, approved: bool, reviewer: str
         raise ReviewError(str(exc)) from exc
 
 
+def _resume_cycle_flow(session: Session, item: ReviewItem) -> None:
+    """After a committed promotion decision: resume the cycle's Prefect flow run if it is
+    paused waiting for it (``review_wait_seconds``); only with a configured Prefect API."""
+    if item.kind != ReviewKind.MODEL_PROMOTION or item.cycle_id is None:
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        return
+    from flywheel.db.models import Cycle
+
+    cycle = session.get(Cycle, item.cycle_id)
+    if cycle is None or not cycle.flow_run_id:
+        return
+    from uuid import UUID
+
+    from prefect import get_client
+
+    run_id = UUID(cycle.flow_run_id)
+    with get_client(sync_client=True) as client:  # sync: also right inside the API's loop
+        state = client.read_flow_run(run_id).state
+        if state is not None and state.is_paused():
+            client.resume_flow_run(run_id)
+
+
 def approve(
     session: Session,
     *,
@@ -295,7 +319,9 @@ def approve(
     if track is not None:
         raise ReviewError(f"a {item.kind.value} item takes no track")
     _finish(session, item, approved=True, reviewer=reviewer)
-    return _settle(session, item, ReviewStatus.APPROVED, reviewer, reason, edits=edits)
+    out = _settle(session, item, ReviewStatus.APPROVED, reviewer, reason, edits=edits)
+    _resume_cycle_flow(session, item)
+    return out
 
 
 def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> ReviewItemOut:
@@ -308,7 +334,9 @@ def reject(session: Session, *, item_id: int, reviewer: str, reason: str) -> Rev
         if case is not None:
             case.status = CaseStatus.DISMISSED
     _finish(session, item, approved=False, reviewer=reviewer)
-    return _settle(session, item, ReviewStatus.REJECTED, reviewer, reason)
+    out = _settle(session, item, ReviewStatus.REJECTED, reviewer, reason)
+    _resume_cycle_flow(session, item)
+    return out
 
 
 class ClusterDecision(BaseModel):
