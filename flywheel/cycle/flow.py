@@ -18,11 +18,11 @@ Prefect and without writing; otherwise it runs this flow.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -44,6 +44,7 @@ from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig, open_qdrant, qdrant_config
 
 FLOW_NAME = "flywheel-cycle"
+T = TypeVar("T")
 
 
 class CycleOutcome(BaseModel):
@@ -77,11 +78,10 @@ def _cycle(session: Session, cycle_id: int) -> Cycle:
     return cycle
 
 
-@task(name="attribute", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def attribute_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
-    """Turn signals into cases, theme them and route them."""
+def _with_indexes(runtime: CycleRuntime, cycle_id: int, step: Callable[..., T]) -> T:
+    """Run a step that needs the cycle, the home directory and the vector indexes."""
     with Session(runtime.engine) as session:
-        return service.attribute(
+        return step(
             session,
             _cycle(session, cycle_id),
             home=runtime.home,
@@ -89,20 +89,18 @@ def attribute_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
             qdrant=runtime.qdrant,
             embedder=runtime.embedder,
         )
+
+
+@task(name="attribute", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def attribute_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
+    """Turn signals into cases, theme them and route them."""
+    return _with_indexes(runtime, cycle_id, service.attribute)
 
 
 @task(name="prepare-rounds", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def prepare_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
     """Build each track's artefact, review item and pending round."""
-    with Session(runtime.engine) as session:
-        return service.prepare_rounds(
-            session,
-            _cycle(session, cycle_id),
-            home=runtime.home,
-            client=runtime.client,
-            qdrant=runtime.qdrant,
-            embedder=runtime.embedder,
-        )
+    return _with_indexes(runtime, cycle_id, service.prepare_rounds)
 
 
 @task(name="training-round", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
