@@ -32,7 +32,7 @@ def test_every_request_body_has_an_example(client: TestClient) -> None:
             assert resolved, (method, path)
             for component in resolved:
                 assert component.get("examples"), (method, path, component.get("title"))
-    assert bodies == 3
+    assert bodies == 7
 
 
 def test_paths_and_security(client: TestClient) -> None:
@@ -44,6 +44,14 @@ def test_paths_and_security(client: TestClient) -> None:
         "/v1/feedback/batch",
         "/v1/evaluations",
         "/v1/signals",
+        "/v1/review/items",
+        "/v1/review/items/{item_id}",
+        "/v1/review/claim",
+        "/v1/review/items/{item_id}/release",
+        "/v1/review/items/{item_id}/approve",
+        "/v1/review/items/{item_id}/reject",
+        "/v1/review/clusters/{cluster_id}/decide",
     }
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     assert spec["paths"]["/v1/feedback"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert spec["paths"]["/v1/review/claim"]["post"]["security"] == [{"HTTPBearer": []}]

@@ -27,6 +27,11 @@ class _In(BaseModel):
 class ClaimIn(_In):
     """Claim the oldest waiting item (of a kind, of a cluster)."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"kind": "triage_case", "lease_seconds": 900}]},
+    )
+
     kind: KindName | None = None
     cluster_id: int | None = Field(default=None, ge=1)
     lease_seconds: int = Field(
@@ -35,6 +40,17 @@ class ClaimIn(_In):
 
 
 class ApproveIn(_In):
+    """Approve (a triage item needs ``track``; edits need a reason)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"track": "pretraining_gap", "reason": "purple is rare in the corpus"},
+                {"edits": {"drop": ["pool:17"]}, "reason": "a duplicate scene"},
+            ]
+        },
+    )
     reason: Reason | None = None
     track: TrackName | None = Field(
         default=None, description="A triage item: the track its case goes to (required)."
@@ -45,10 +61,30 @@ class ApproveIn(_In):
 
 
 class RejectIn(_In):
+    """Reject with a reason."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"reason": "not a model failure"}]}
+    )
     reason: Reason
 
 
 class ClusterDecisionIn(_In):
+    """One decision for every open item of ``kind`` in the cluster."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "triage_case",
+                    "decision": "approve",
+                    "track": "prompt_enhancer",
+                    "reason": "users' colour words",
+                }
+            ]
+        },
+    )
     kind: KindName
     decision: Literal["approve", "reject"]
     reason: Reason | None = None
