@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo test lint bench
+.PHONY: install tools demo test lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,17 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Debian's chromium, for the dashboard's browser test (its screenshots land in
-# build/screenshots/); installed with apt when missing and this runs as root.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-		{ apt-get install -y -qq chromium >/dev/null 2>&1 || \
-		  { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } || \
-		echo "chromium is missing: apt-get install chromium (the dashboard browser test needs it)"
+# Debian's packages the tests use: chromium (the dashboard's browser test; screenshots land
+# in build/screenshots/) and docker-compose (parses docker-compose.yml; no engine needed).
+# Installed with apt when missing and this runs as root.
+DEBIAN_TOOLS := chromium docker-compose
+tools:
+	@for tool in $(DEBIAN_TOOLS); do \
+		command -v $$tool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+			{ apt-get install -y -qq $$tool >/dev/null 2>&1 || \
+			  { apt-get update -qq && apt-get install -y -qq $$tool >/dev/null; }; }; } || \
+			echo "$$tool is missing: apt-get install $$tool (the tests need it)"; \
+	done
 
 demo: install
 	$(BIN)/flywheel demo
@@ -31,7 +35,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint browser
+test: lint tools
 	$(BIN)/python -m pytest
 
 bench: install
