@@ -44,3 +44,4 @@ bench: install
 	$(BIN)/python bench/train.py --quick
 	$(BIN)/python bench/retrieval.py --quick
 	$(BIN)/python bench/mining.py --quick
+	$(BIN)/python bench/load.py --quick

@@ -45,6 +45,8 @@ class StackConfig:
     """One ``<process>.log`` each."""
     start_timeout: float = 90.0
     """Seconds each process has to answer."""
+    prefect: bool = True
+    """Start the Prefect server too (a load test of the API needs none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,8 @@ def native_stack(settings: Settings, config: StackConfig) -> Iterator[RunningSta
         "api": _http_ok(f"http://127.0.0.1:{api_port}/readyz"),
         "worker": _celery_answers(settings),
     }
+    if not config.prefect:
+        del commands["prefect"], checks["prefect"]
     processes: dict[str, subprocess.Popen[bytes]] = {}
     with ExitStack() as cleanup:
         for name, command in commands.items():
