@@ -285,13 +285,8 @@ def _attribution(
 ) -> dict[str, Any]:
     """The classifier fitted on the cycle's seed set, measured on a held-out labeled set."""
     from flywheel.attribution.classifier import fit_classifier, measure
-    from flywheel.attribution.world import (
-        LabeledSetConfig,
-        labeled_examples,
-        seed_examples,
-        world_evidence_tools,
-        world_scarcity,
-    )
+    from flywheel.attribution.world import LabeledSetConfig, labeled_examples
+    from flywheel.cycle.plan import attribution_tools
     from retrieval.embedding import TextEmbedder
     from retrieval.store import open_qdrant, qdrant_config
 
@@ -299,16 +294,15 @@ def _attribution(
     client = open_qdrant(qdrant)
     try:
         console.print("[bold]attribution[/]: the seed set and a held-out set of the weaknesses")
-        probe = world_scarcity(client, qdrant, TextEmbedder(), corpus=config.corpus)
-        tools = world_evidence_tools(
-            base.generator, reward_dir=base.reward, scarcity=probe, seed=config.seed
-        )
-        seeds = seed_examples(
-            tools,
-            generator_dir=base.generator,
-            reward_dir=base.reward,
-            directory=settings.home / "attribution",
-            config=LabeledSetConfig(per_track=config.labeled_per_track),
+        # The cycle's own tools and seed set: the cycle then reads the seed set back.
+        tools, seeds = attribution_tools(
+            generator=base.generator,
+            reward=base.reward,
+            config=config,
+            home=settings.home,
+            client=client,
+            qdrant=qdrant,
+            embedder=TextEmbedder(),
         )
         test = labeled_examples(
             tools, LabeledSetConfig(per_track=held_out, band=HELD_OUT_BAND, seed=1)

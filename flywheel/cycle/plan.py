@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from flywheel.attribution.classifier import ClassifierConfig
-from flywheel.attribution.evidence import Evidence
+from flywheel.attribution.evidence import Evidence, EvidenceTools
 from flywheel.attribution.service import (
     AttributionReport,
     attribute_open_cases,
@@ -164,6 +164,31 @@ def plan_cycle(engine: Engine, *, config: CycleConfig, home: Path) -> CyclePlan:
             client.close()
 
 
+def attribution_tools(
+    *,
+    generator: Path,
+    reward: Path,
+    config: CycleConfig,
+    home: Path,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> tuple[EvidenceTools, list[tuple[Evidence, Track]]]:
+    """The evidence tools a cycle attributes with and its seed labeled set (built once per
+    model and config under ``$FLYWHEEL_HOME/attribution``; a dry run writes none)."""
+    probe = world_scarcity(client, qdrant, embedder, corpus=config.corpus)
+    tools = world_evidence_tools(generator, reward_dir=reward, scarcity=probe, seed=config.seed)
+    seeds = seed_examples(
+        tools,
+        generator_dir=generator,
+        reward_dir=reward,
+        directory=home / "attribution",
+        config=LabeledSetConfig(per_track=config.labeled_per_track),
+        keep=not config.dry_run,
+    )
+    return tools, seeds
+
+
 def collect_and_attribute(
     session: Session,
     *,
@@ -178,17 +203,14 @@ def collect_and_attribute(
     classifier fitted on the seed set and the human overrides; commits as it goes."""
     collected = collect_failures(session)
     assign_themes(session, embedder=embedder)
-    probe = world_scarcity(client, qdrant, embedder, corpus=config.corpus)
-    tools = world_evidence_tools(
-        model.generator, reward_dir=model.reward, scarcity=probe, seed=config.seed
-    )
-    seeds = seed_examples(
-        tools,
-        generator_dir=model.generator,
-        reward_dir=model.reward,
-        directory=home / "attribution",
-        config=LabeledSetConfig(per_track=config.labeled_per_track),
-        keep=not config.dry_run,
+    tools, seeds = attribution_tools(
+        generator=model.generator,
+        reward=model.reward,
+        config=config,
+        home=home,
+        client=client,
+        qdrant=qdrant,
+        embedder=embedder,
     )
     classifier = routing_classifier(
         session, seeds, ClassifierConfig(min_confidence=config.min_confidence)
