@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     with scratch_database() as db, tempfile.TemporaryDirectory() as tmp:
         keys = _prepare(db.url, reviewers=50)
-        settings = Settings(database_url=db.url, redis_url=REDIS, home=Path(tmp) / "home")
+        # The bench measures capacity: per-key rate limits off.
+        settings = Settings(
+            database_url=db.url, redis_url=REDIS, home=Path(tmp) / "home", rate_limit="off"
+        )
         config = StackConfig(log_dir=Path(tmp) / "logs", api_workers=2, prefect=False)
         with native_stack(settings, config) as stack:
             console.print(f"stack: api {stack.api_url} + Celery worker on {db.origin}")

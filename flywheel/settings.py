@@ -51,11 +51,27 @@ class Settings(BaseSettings):
         description="Largest HTTP request body the API accepts; larger ones get 413.",
     )
     db_pool_size: int = Field(default=10, gt=0, description="Connections the API keeps open.")
+    rate_limit: str = Field(
+        default="100/second;3000/minute",
+        description=(
+            "Requests one API key may make (every part must hold; a key's own limit, set with "
+            "`flywheel keys create --rate-limit`, replaces it); 'off' turns limiting off. "
+            "Counted in Redis when FLYWHEEL_REDIS_URL is set, else per API process."
+        ),
+    )
 
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        from flywheel.auth.rate_limit import parse_rate_limit
+
+        parse_rate_limit(value)
+        return value.strip().lower()
 
     @property
     def qdrant_path(self) -> Path:

@@ -125,6 +125,7 @@ def native_stack(settings: Settings, config: StackConfig) -> Iterator[RunningSta
         "FLYWHEEL_DATABASE_URL": settings.database_url,
         "FLYWHEEL_REDIS_URL": settings.redis_url,
         "FLYWHEEL_HOME": str(settings.home),
+        "FLYWHEEL_RATE_LIMIT": settings.rate_limit,
         "PREFECT_API_URL": prefect_api,
         "PREFECT_HOME": str(settings.home / "prefect-server"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

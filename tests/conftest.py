@@ -102,7 +102,8 @@ def settings(
 ) -> Settings:
     """Settings of a migrated scratch database shared by the session."""
     url = create_database()
-    settings = Settings(database_url=url, home=tmp_path_factory.mktemp("home"))
+    # Many tests hammer the API with one key; rate limiting has tests of its own.
+    settings = Settings(database_url=url, home=tmp_path_factory.mktemp("home"), rate_limit="off")
     engine = create_db_engine(settings, pool_size=1)
     migrate.upgrade(engine)
     engine.dispose()

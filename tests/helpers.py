@@ -99,6 +99,7 @@ class ApiProcess:
             **os.environ,
             "FLYWHEEL_DATABASE_URL": settings.database_url,
             "FLYWHEEL_HOME": str(settings.home),
+            "FLYWHEEL_RATE_LIMIT": settings.rate_limit,
         }
         self._log = log.open("wb")
         self.process = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -47,7 +48,8 @@ WRONG: list[tuple[dict[str, Any], str]] = [
     ({"value": "sideways"}, "thumbs.value"),
     ({"kind": "rating", "value": 7}, "rating.value"),
     ({"kind": "rating", "value": "5"}, "rating.value"),
-    ({"kind": "rating", "value": 4.0}, "rating.value"),
+    ({"kind": "rating", "value": 4.5}, "rating.value"),
+    ({"kind": "rating", "value": True}, "rating.value"),
     ({"kind": "meh"}, "kind"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": 42}, "prompt"),
@@ -278,6 +280,26 @@ def test_api_recovers_by_itself_when_its_connections_are_killed(
     reads = client.get("/v1/signals", headers=auth(ingest_key))
     assert reads.status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_times_are_stored_in_utc_whatever_their_offset(
+    client: TestClient, ingest_key: str, session: Session
+) -> None:
+    """ISO 8601 allows offsets PostgreSQL refuses (beyond ±15:59); schemathesis found the 500."""
+    event = thumbs_event(timestamp="0127-03-08T19:22:30-18:54", kind="rating", value=4.0)
+    reply = client.post("/v1/feedback", json=event, headers=auth(ingest_key))
+    assert reply.status_code == 201, reply.text
+    stored = session.scalars(select(Signal).where(Signal.event_id == event["event_id"])).one()
+    assert stored.occurred_at == datetime(127, 3, 9, 14, 16, 30, tzinfo=UTC)
+    assert stored.rating == 4
+    page = client.get(
+        "/v1/signals", params={"since": "2026-01-01T00:00:00+23:59"}, headers=auth(ingest_key)
+    )
+    assert page.status_code == 200, page.text
+    too_early = thumbs_event(timestamp="0001-01-01T00:00:00+05:00")
+    refused = client.post("/v1/feedback", json=too_early, headers=auth(ingest_key))
+    assert refused.status_code == 422
+    assert "between the years 1 and 9999" in refused.json()["message"]
 
 
 def test_longest_run_and_sample_ids_fit(client: TestClient, ingest_key: str) -> None:

@@ -12,6 +12,7 @@ import flywheel
 from flywheel.api.errors import install_error_handlers
 from flywheel.api.limits import BodySizeLimit
 from flywheel.api.routers import evaluations, feedback, health, review, signals
+from flywheel.auth.rate_limit import build_rate_limiter
 from flywheel.db.engine import create_async_db_engine
 from flywheel.settings import Settings, get_settings
 
@@ -25,9 +26,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_async_db_engine(settings)
         app.state.engine = engine
         app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        app.state.rate_limiter = build_rate_limiter(
+            default=settings.rate_limit, redis_url=settings.redis_url
+        )
         try:
             yield
         finally:
+            await app.state.rate_limiter.aclose()
             await engine.dispose()
 
     app = FastAPI(

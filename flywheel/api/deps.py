@@ -51,30 +51,49 @@ def _authorize(
     return principal
 
 
+async def _enforce_rate_limit(request: Request, principal: Principal) -> None:
+    """429 with Retry-After when the caller's key has used up its limit."""
+    exceeded = await request.app.state.rate_limiter.hit(
+        key_prefix=principal.key_prefix, key_limit=principal.rate_limit
+    )
+    if exceeded is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"rate limit of this API key exceeded ({exceeded.limit}); "
+            f"retry after {exceeded.retry_after} s",
+            headers={"Retry-After": str(exceeded.retry_after)},
+        )
+
+
 async def run_authorized(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None,
     scope: Scope,
     work: Callable[[Session, Principal], T],
 ) -> T:
-    """Authorize the caller for ``scope`` and run ``work(session, principal)``.
+    """Authorize the caller for ``scope``, count the request against its key's rate limit,
+    and run ``work(session, principal)``.
 
     ``work`` must be idempotent: it is run once more, on a fresh connection, when its
-    pooled connection turns out to be dead (a database restart, an idle timeout), which
-    is cheaper than testing every connection before use.
+    pooled connection turns out to be dead (a database restart, an idle timeout) between
+    the engine's pre-ping and the work. The retry is not counted against the limit again.
     """
+    counted = False
 
-    def authorized_work(session: Session) -> T:
-        return work(session, _authorize(session, credentials, scope))
+    async def attempt() -> T:
+        nonlocal counted
+        async with request.app.state.sessions() as session:
+            principal = await session.run_sync(_authorize, credentials, scope)
+            if not counted:
+                counted = True
+                await _enforce_rate_limit(request, principal)
+            result: T = await session.run_sync(work, principal)
+            return result
 
     try:
-        async with request.app.state.sessions() as session:
-            result: T = await session.run_sync(authorized_work)
-            return result
+        return await attempt()
     except DBAPIError as error:
         if not error.connection_invalidated:
             raise
     # SQLAlchemy has invalidated the pool; a second failure reaches the 503 handler.
-    async with request.app.state.sessions() as session:
-        retried: T = await session.run_sync(authorized_work)
-        return retried
+    return await attempt()

@@ -1,13 +1,16 @@
-"""Error responses: 400 for malformed JSON, 422 naming the field, 503 when the database is away."""
+"""Error responses: 400 for malformed JSON, 422 naming the field, 503 when the database is
+away; and how they appear in the OpenAPI spec."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -16,6 +19,38 @@ from flywheel.signals.service import EventConflict, ForeignApp, InvalidCursor
 _log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "2"
+
+
+class ApiError(BaseModel):
+    """An error: what is wrong, in one sentence."""
+
+    detail: str
+
+
+def _error(description: str, **extra: Any) -> dict[str, Any]:
+    return {"model": ApiError, "description": description, **extra}
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
+    }
+}
+
+PROTECTED: dict[int | str, dict[str, Any]] = {
+    401: _error("No API key, or an unknown or revoked one."),
+    403: _error("The key lacks the scope this endpoint needs."),
+    429: _error("The key's rate limit is used up.", headers=_RETRY_AFTER),
+    503: _error("The database is unavailable.", headers=_RETRY_AFTER),
+}
+"""The answers every endpoint that takes an API key may give (add to its router)."""
+
+WITH_BODY: dict[int | str, dict[str, Any]] = {
+    400: _error("The body is not JSON."),
+    413: _error("The body is larger than FLYWHEEL_MAX_REQUEST_BYTES."),
+}
+"""The answers of an endpoint that reads a JSON body, before the body is validated."""
 
 
 def _field(loc: tuple[int | str, ...]) -> str:

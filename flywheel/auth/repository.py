@@ -9,9 +9,17 @@ from flywheel.db.models import ApiKey
 
 
 def insert_api_key(
-    session: Session, *, app: str, prefix: str, secret_hash: str, scopes: list[str]
+    session: Session,
+    *,
+    app: str,
+    prefix: str,
+    secret_hash: str,
+    scopes: list[str],
+    rate_limit: str | None = None,
 ) -> ApiKey:
-    key = ApiKey(app=app, prefix=prefix, secret_hash=secret_hash, scopes=scopes)
+    key = ApiKey(
+        app=app, prefix=prefix, secret_hash=secret_hash, scopes=scopes, rate_limit=rate_limit
+    )
     session.add(key)
     session.flush()
     return key
@@ -19,10 +27,10 @@ def insert_api_key(
 
 def get_active_key_by_hash(
     session: Session, *, secret_hash: str
-) -> Row[str, str, list[str]] | None:
-    """(app, prefix, scopes) of the unrevoked key with that hash; a plain row, no ORM object,
-    since every request asks."""
-    stmt = select(ApiKey.app, ApiKey.prefix, ApiKey.scopes).where(
+) -> Row[str, str, list[str], str | None] | None:
+    """(app, prefix, scopes, rate_limit) of the unrevoked key with that hash; a plain row,
+    no ORM object, since every request asks."""
+    stmt = select(ApiKey.app, ApiKey.prefix, ApiKey.scopes, ApiKey.rate_limit).where(
         ApiKey.secret_hash == secret_hash, ApiKey.revoked_at.is_(None)
     )
     return session.execute(stmt).one_or_none()
@@ -44,6 +52,18 @@ def revoke_api_key(session: Session, *, prefix: str) -> ApiKey | None:
         update(ApiKey)
         .where(ApiKey.prefix == prefix)
         .values(revoked_at=func.coalesce(ApiKey.revoked_at, func.now()))
+        .returning(ApiKey)
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def set_rate_limit(session: Session, *, prefix: str, rate_limit: str | None) -> ApiKey | None:
+    """Give the key its own limit (``None``: the default again); ``None`` if no key has
+    that prefix."""
+    stmt = (
+        update(ApiKey)
+        .where(ApiKey.prefix == prefix)
+        .values(rate_limit=rate_limit)
         .returning(ApiKey)
     )
     return session.scalars(stmt).one_or_none()

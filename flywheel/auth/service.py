@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from flywheel.auth import repository
+from flywheel.auth.rate_limit import parse_rate_limit
 from flywheel.db.models import ApiKey, Scope
 
 KEY_PATTERN = re.compile(r"^fwk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
@@ -29,6 +30,8 @@ class Principal:
     app: str
     scopes: frozenset[Scope]
     key_prefix: str
+    rate_limit: str | None = None
+    """The key's own request limit; ``None``: the API's default."""
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes or Scope.ADMIN in self.scopes
@@ -65,12 +68,18 @@ def parse_scopes(raw: Iterable[str]) -> list[Scope]:
     return scopes
 
 
-def create_api_key(session: Session, *, app: str, scopes: Iterable[Scope]) -> CreatedKey:
+def create_api_key(
+    session: Session, *, app: str, scopes: Iterable[Scope], rate_limit: str | None = None
+) -> CreatedKey:
+    """A new key of ``app``; ``rate_limit`` (``"50/second"``, or ``"off"``) replaces the
+    API's default limit for it. Raises ``ValueError`` on a bad app name or limit."""
     if not APP_PATTERN.fullmatch(app):
         raise ValueError(
             f"invalid app name {app!r}: 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+    if rate_limit is not None:
+        rate_limit = normalized_rate_limit(rate_limit)
     prefix = secrets.token_hex(6)
     secret = f"fwk_{prefix}_{secrets.token_urlsafe(32)}"
     record = repository.insert_api_key(
@@ -79,6 +88,7 @@ def create_api_key(session: Session, *, app: str, scopes: Iterable[Scope]) -> Cr
         prefix=prefix,
         secret_hash=hash_secret(secret),
         scopes=[s.value for s in scopes],
+        rate_limit=rate_limit,
     )
     return CreatedKey(secret=secret, record=record)
 
@@ -90,5 +100,16 @@ def authenticate(session: Session, *, secret: str) -> Principal | None:
     found = repository.get_active_key_by_hash(session, secret_hash=hash_secret(secret))
     if found is None:
         return None
-    app, prefix, scopes = found
-    return Principal(app=app, scopes=frozenset(Scope(s) for s in scopes), key_prefix=prefix)
+    app, prefix, scopes, rate_limit = found
+    return Principal(
+        app=app,
+        scopes=frozenset(Scope(s) for s in scopes),
+        key_prefix=prefix,
+        rate_limit=rate_limit,
+    )
+
+
+def normalized_rate_limit(text: str) -> str:
+    """A limit as stored: checked, lower case, no surrounding blanks; raises ``ValueError``."""
+    parse_rate_limit(text)
+    return text.strip().lower()

@@ -39,12 +39,15 @@ def create_db_engine(settings: Settings, *, pool_size: int | None = None) -> Eng
 
 
 def create_async_db_engine(settings: Settings) -> AsyncEngine:
-    """The API's engine: psycopg's async mode over a fixed-size pool, no pre-ping (the API
-    retries its idempotent work once on a fresh connection instead)."""
+    """The API's engine: psycopg's async mode over a fixed-size pool whose checkouts first
+    test the connection (a restarted database is reconnected to without an error); a
+    connection that dies after its ping is covered by the API retrying its idempotent work
+    once (``flywheel.api.deps.run_authorized``)."""
     return create_async_engine(
         database_url(settings),
         pool_size=settings.db_pool_size,
         max_overflow=0,
+        pool_pre_ping=True,
         pool_timeout=10,
     )
 

@@ -163,6 +163,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(ARRAY(String(16)))
+    rate_limit: Mapped[str | None] = mapped_column(String(100))
+    """This key's request limit (``"50/second;3000/minute"``); NULL: the API's default."""
     created_at: Mapped[datetime] = _created_at()
     revoked_at: Mapped[datetime | None]
 

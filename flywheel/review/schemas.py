@@ -17,6 +17,9 @@ KindName = Literal[
     "triage_case",
 ]
 TrackName = Literal["rl", "pretraining_gap", "prompt_enhancer"]
+MAX_ID = 2**53 - 1
+"""The largest id the API takes: every JSON parser keeps integers up to 2**53 exact."""
+
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=4000), STORABLE]
 
 
@@ -33,7 +36,7 @@ class ClaimIn(_In):
     )
 
     kind: KindName | None = None
-    cluster_id: int | None = Field(default=None, ge=1)
+    cluster_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     lease_seconds: int = Field(
         default=900, ge=10, le=86_400, description="How long the claim holds the item."
     )

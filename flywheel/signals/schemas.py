@@ -7,25 +7,31 @@ Every request schema carries an example that shows up in the OpenAPI spec.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     JsonValue,
     SkipValidation,
     StrictBool,
     StrictInt,
     StringConstraints,
     TypeAdapter,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.config import JsonDict
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 from flywheel.db.models import SignalKind, SignalSource, Task
 
@@ -56,14 +62,46 @@ def _json_without_nul(value: Any) -> Any:
     return value
 
 
+def _to_utc(value: datetime) -> datetime:
+    # PostgreSQL refuses offsets beyond ±15:59 that ISO 8601 allows; store every time in UTC.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 4.0 as an integer; so does the API (4.5 and "4" stay refused).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
 
 
-# Length and pattern constraints come before the Python check so pydantic-core applies them.
-STORABLE = AfterValidator(_no_nul)
+class _Storable:
+    """Text PostgreSQL can hold: no NUL, no lone surrogate (checked after pydantic-core's
+    length and pattern constraints); the spec states the NUL rule as a pattern."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_no_nul, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema.setdefault("pattern", NUL_FREE_PATTERN)
+        return json_schema
+
+
+NUL_FREE_PATTERN = r"^[^\u0000]*$"
+STORABLE = _Storable()
 
 
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=20_000), STORABLE]
@@ -80,8 +118,30 @@ RunIdentifier = Annotated[
     Field(description="1-120 printable ASCII characters, no spaces."),
 ]
 OpaqueRef = Annotated[str, StringConstraints(min_length=1, max_length=200), STORABLE]
-SkillName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\w.:/-]+$")]
+SKILL_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+SkillName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=SKILL_PATTERN)]
 Score = Annotated[float, AfterValidator(_finite)]
+# pydantic states a dict's key pattern as patternProperties, which lets other keys through
+# in the spec; say what the API enforces.
+Scores = Annotated[
+    dict[SkillName, Score],
+    Field(max_length=64),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": 64,
+            "propertyNames": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "pattern": SKILL_PATTERN,
+            },
+            "additionalProperties": {"type": "number"},
+        }
+    ),
+]
+Timestamp = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+"""A time with its offset, stored in UTC."""
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_json_without_nul)]
 
 Flag = Literal[
@@ -94,6 +154,14 @@ _EXAMPLE_IMAGE: JsonDict = {
 }
 
 
+# No control character or Unicode space after the scheme, spelled out (not \s, which means
+# different characters to Python, Rust and ECMA regular expressions: the spec's readers).
+URI_PATTERN = (
+    r"^[A-Za-z][A-Za-z0-9+.-]*:"
+    r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+$"
+)
+
+
 class ImageRef(BaseModel):
     """Where an image lives, optionally with its content hash."""
 
@@ -101,7 +169,7 @@ class ImageRef(BaseModel):
 
     uri: Annotated[
         str,
-        StringConstraints(max_length=4096, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$"),
+        StringConstraints(max_length=4096, pattern=URI_PATTERN),
         STORABLE,
         Field(description="URI with a scheme: s3://, gs://, https://, file://, ..."),
     ]
@@ -129,7 +197,23 @@ class _FeedbackBase(BaseModel):
     model_version: Identifier
     user_id: OpaqueRef | None = Field(default=None, description="The app's opaque user id.")
     session_id: OpaqueRef | None = Field(default=None, description="The app's opaque session id.")
-    timestamp: AwareDatetime | None = Field(default=None, description="When the user gave it.")
+    timestamp: Timestamp | None = Field(default=None, description="When the user gave it.")
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # The spec states the rule below too: image_editing → at least one input image.
+        json_schema = handler.resolve_ref_schema(handler(schema))
+        json_schema["if"] = {
+            "properties": {"task": {"const": Task.IMAGE_EDITING.value}},
+            "required": ["task"],
+        }
+        json_schema["then"] = {
+            "properties": {"input_images": {"minItems": 1}},
+            "required": ["input_images"],
+        }
+        return json_schema
 
     @model_validator(mode="after")
     def _editing_needs_inputs(self) -> _FeedbackBase:
@@ -139,11 +223,7 @@ class _FeedbackBase(BaseModel):
 
 
 class _SingleImageFeedback(_FeedbackBase):
-    @model_validator(mode="after")
-    def _needs_image(self) -> _SingleImageFeedback:
-        if self.image is None:
-            raise ValueError("image: this kind of feedback needs the image it is about")
-        return self
+    image: ImageRef = Field(description="The generated image the feedback is about.")
 
 
 def _example(kind: str, **fields: Any) -> dict[str, Any]:
@@ -173,7 +253,7 @@ class RatingFeedback(_SingleImageFeedback):
 
     model_config = ConfigDict(json_schema_extra={"examples": [_example("rating", value=2)]})
     kind: Literal["rating"]
-    value: Annotated[StrictInt, Field(ge=1, le=5)]
+    value: Annotated[StrictInt, Field(ge=1, le=5), BeforeValidator(_whole_number)]
 
 
 class PairwiseFeedback(_FeedbackBase):
@@ -221,7 +301,9 @@ class FlagsFeedback(_SingleImageFeedback):
         }
     )
     kind: Literal["flags"]
-    flags: Annotated[list[Flag], Field(min_length=1, max_length=6)]
+    flags: Annotated[
+        list[Flag], Field(min_length=1, max_length=6, json_schema_extra={"uniqueItems": True})
+    ]
     note: LongText | None = None
 
     @field_validator("flags")
@@ -268,7 +350,7 @@ class EvaluationSample(BaseModel):
     image: ImageRef
     input_images: Annotated[list[ImageRef], Field(max_length=16)] = Field(default_factory=list)
     skill: SkillName | None = Field(default=None, description="The skill this sample tests.")
-    scores: Annotated[dict[SkillName, Score], Field(max_length=64)] = Field(
+    scores: Scores = Field(
         description="Per-skill scores, finite numbers (conventionally in [0, 1])."
     )
     passed: StrictBool
@@ -309,7 +391,7 @@ class EvaluationRunIn(BaseModel):
     benchmark: Identifier
     suite: Identifier | None = None
     model_version: Identifier
-    timestamp: AwareDatetime | None = None
+    timestamp: Timestamp | None = None
     samples: Annotated[list[EvaluationSample], Field(min_length=1, max_length=10_000)]
 
     @field_validator("samples")
@@ -334,8 +416,8 @@ class SignalQuery(BaseModel):
     app: Identifier | None = Field(
         default=None, description="Admin keys only; other keys see their own app."
     )
-    since: AwareDatetime | None = Field(default=None, description="received_at >= since")
-    until: AwareDatetime | None = Field(default=None, description="received_at < until")
+    since: Timestamp | None = Field(default=None, description="received_at >= since")
+    until: Timestamp | None = Field(default=None, description="received_at < until")
 
 
 # ---- responses ---------------------------------------------------------------------

@@ -5,11 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 
 from flywheel.api.deps import Credentials, run_authorized
+from flywheel.api.errors import PROTECTED, WITH_BODY
 from flywheel.db.models import Scope
 from flywheel.signals import service
 from flywheel.signals.schemas import EvaluationRunIn, EvaluationRunResult
 
-router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+router = APIRouter(
+    prefix="/v1/evaluations", tags=["evaluations"], responses={**PROTECTED, **WITH_BODY}
+)
 
 
 @router.post(

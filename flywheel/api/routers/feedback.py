@@ -7,11 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, Response, status
 
 from flywheel.api.deps import Credentials, run_authorized
+from flywheel.api.errors import PROTECTED, WITH_BODY
 from flywheel.db.models import Scope
 from flywheel.signals import service
 from flywheel.signals.schemas import BatchResult, FeedbackBatchIn, FeedbackEvent, IngestResult
 
-router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
+router = APIRouter(prefix="/v1/feedback", tags=["feedback"], responses={**PROTECTED, **WITH_BODY})
 
 _REPLAY_OR_CONFLICT: dict[int | str, dict[str, Any]] = {
     200: {"description": "A replay: the stored result."},

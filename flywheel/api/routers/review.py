@@ -12,10 +12,12 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, st
 from sqlalchemy.orm import Session
 
 from flywheel.api.deps import Credentials, run_authorized
+from flywheel.api.errors import PROTECTED, WITH_BODY
 from flywheel.auth.service import Principal
 from flywheel.db.models import ReviewKind, Scope, Track
 from flywheel.review import service
 from flywheel.review.schemas import (
+    MAX_ID,
     ApproveIn,
     AuditEntry,
     ClaimIn,
@@ -27,10 +29,10 @@ from flywheel.review.schemas import (
 )
 from flywheel.review.service import ClusterDecision, ReviewItemOut
 
-router = APIRouter(prefix="/v1/review", tags=["review"])
+router = APIRouter(prefix="/v1/review", tags=["review"], responses={**PROTECTED, **WITH_BODY})
 
 T = TypeVar("T")
-ItemId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+ItemId = Annotated[int, Path(ge=1, le=MAX_ID)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such item (or no open item of that kind in the cluster)."},
     409: {
@@ -64,7 +66,7 @@ async def list_items(
     state: Annotated[Literal["open", "all"], Query(description="open: waiting items")] = "open",
     kind: KindName | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="Last id of the page before.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="Last id of the page before.")] = 0,
 ) -> ReviewPage:
     """Items oldest first, a page at a time (``next_after`` leads to the next page)."""
     items = await _review(

@@ -7,14 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from flywheel.api.deps import Credentials, run_authorized
+from flywheel.api.errors import PROTECTED, ApiError
 from flywheel.db.models import Scope
 from flywheel.signals import service
 from flywheel.signals.schemas import SignalPage, SignalQuery
 
-router = APIRouter(prefix="/v1/signals", tags=["signals"])
+router = APIRouter(prefix="/v1/signals", tags=["signals"], responses=PROTECTED)
 
 
-@router.get("")
+@router.get(
+    "", responses={400: {"model": ApiError, "description": "A cursor this API did not hand out."}}
+)
 async def get_signals(
     query: Annotated[SignalQuery, Query()], credentials: Credentials, request: Request
 ) -> SignalPage:
