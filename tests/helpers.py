@@ -91,9 +91,9 @@ def free_port() -> int:
 class ApiProcess:
     """``flywheel serve`` in a child process, as an operator runs it."""
 
-    def __init__(self, settings: Settings, *, log: Path) -> None:
+    def __init__(self, settings: Settings, *, log: Path, port: int | None = None) -> None:
         assert settings.database_url is not None
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
@@ -101,7 +101,7 @@ class ApiProcess:
             "FLYWHEEL_HOME": str(settings.home),
             "FLYWHEEL_RATE_LIMIT": settings.rate_limit,
         }
-        self._log = log.open("wb")
+        self._log = log.open("ab")
         self.process = subprocess.Popen(
             [
                 sys.executable,
