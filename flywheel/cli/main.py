@@ -782,6 +782,7 @@ def serve(
 
     from flywheel.db import migrate
     from flywheel.db.engine import database_url
+    from flywheel.logs import uvicorn_log_config
 
     settings = get_settings()
     try:
@@ -801,6 +802,7 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        log_config=uvicorn_log_config(),
         log_level="info",
         access_log=access_log,
     )

@@ -39,6 +39,7 @@ def worker(
     ] = None,
 ) -> None:
     """Start a Celery worker of the miners on the Redis of FLYWHEEL_REDIS_URL."""
+    from flywheel.logs import redact_celery_logs
     from flywheel.mining.tasks import create_celery
 
     settings = get_settings()
@@ -48,6 +49,7 @@ def worker(
             "(eagerly) and need no worker"
         )
     app = create_celery(settings)
+    redact_celery_logs()
     app.worker_main(
         [
             "worker",
@@ -63,6 +65,7 @@ def _send(name: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool, timeo
     from celery.exceptions import TimeoutError as ResultTimeout
     from kombu.exceptions import OperationalError as BrokerError
 
+    from flywheel.logs import redact
     from flywheel.mining.tasks import create_celery
 
     settings = get_settings()
@@ -71,13 +74,17 @@ def _send(name: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool, timeo
         with database():  # in-process: the database must answer first (exits 1 if not)
             pass
     try:
+        if settings.redis_url:  # fail fast, with one line, when Redis does not answer
+            with app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=2, interval_start=0.2, timeout=5)
         result = app.tasks[name].apply_async(kwargs=kwargs)
         if not wait and settings.redis_url:
             console.print(f"sent {name} as task {result.id}")
             return
         report: dict[str, Any] = result.get(timeout=timeout)
     except BrokerError as exc:
-        fail(f"broker unreachable ({settings.redis_url}): {str(exc).splitlines()[0]}", code=1)
+        reason = redact(str(exc).splitlines()[0])
+        fail(f"broker unreachable ({redact(settings.redis_url or '')}): {reason}", code=1)
     except ResultTimeout:
         fail(f"no result in {timeout:g} s: is a `flywheel worker` running?", code=1)
     except (OperationalError, ValueError, OSError) as exc:
