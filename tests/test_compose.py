@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from flywheel.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = {"postgres", "qdrant", "redis", "prefect-server", "api", "worker", "prefect-worker"}
 
@@ -67,6 +69,8 @@ def test_the_services_and_how_they_start(resolved: dict[str, Any]) -> None:
     assert env["FLYWHEEL_QDRANT_URL"] == "http://qdrant:6333"
     assert env["FLYWHEEL_REDIS_URL"] == "redis://redis:6379/0"
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    # The rate limit the api processes share through Redis is a valid one.
+    assert Settings(rate_limit=env["FLYWHEEL_RATE_LIMIT"]).rate_limit == "100/second;3000/minute"
 
 
 def test_the_gpu_profile_reserves_the_gpus(resolved: dict[str, Any]) -> None:
