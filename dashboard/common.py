@@ -1,6 +1,10 @@
 """What every dashboard page shares: the database (one engine per URL for the process),
 a session per read, the signed-in reviewer, image display.
 
+User-supplied and stored strings (prompts, labels, reasons, names) go into Markdown only
+through ``literal`` (or ``code_span``): Markdown would otherwise load their images, follow
+their links, typeset their LaTeX and colour their ``:red[...]``.
+
 The reviewer signs in with an API key that has the ``review`` (or ``triage``) scope — the
 key's app is their name, as in the review API — or, when the deployment configures OIDC in
 Streamlit's secrets (``[auth]``), through ``st.login``.
@@ -8,11 +12,14 @@ Streamlit's secrets (``[auth]``), through ``st.login``.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -23,6 +30,36 @@ from training.io import local_path
 PAGE_SIZE = 25
 REVIEWER = "reviewer"
 """Session-state key of the signed-in reviewer's name."""
+
+_HIDDEN: dict[int, str] = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09},
+    0x0A: "\\n",
+    0x0D: "\\r",
+    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+}
+"""Control characters (tab aside) and bidi overrides, as their Python escapes: visible."""
+_LITERAL: dict[int, str] = {
+    **{ord(c): "\\" + c for c in string.punctuation},
+    **{c: shown.replace("\\", "\\\\") for c, shown in _HIDDEN.items()},
+}
+"""Every ASCII punctuation backslash-escaped (CommonMark), hidden characters made visible."""
+_REWRITTEN = re.compile(r"(?<=[:@])(?=\S)|(?<=www)(?=\.)|(?<=[-<>~])(?=[-<>=])", re.IGNORECASE)
+"""Where Streamlit rewrites text once it is parsed, escapes or not: URLs (``http://``, ``www.``,
+``a@b.c``) into links, ``:streamlit:`` and ``:material_x:`` into icons, `` -- `` and ``->``
+into a dash and an arrow; an invisible word joiner there stops it."""
+WORD_JOINER = "\N{WORD JOINER}"
+
+
+def literal(text: object) -> str:
+    """``str(text)`` escaped to show verbatim, on one line, inside Streamlit Markdown."""
+    return _REWRITTEN.sub(WORD_JOINER, str(text)).translate(_LITERAL)
+
+
+def code_span(text: object) -> str:
+    """``str(text)`` as a Markdown code span that shows it verbatim, on one line."""
+    body = str(text).translate(_HIDDEN).replace(":material/", f":{WORD_JOINER}material/")
+    fence = "`" * (max((len(run) for run in re.findall("`+", body)), default=0) + 1)
+    return f"{fence} {body} {fence}"
 
 
 @st.cache_resource(show_spinner=False)
@@ -62,7 +99,7 @@ def sign_in_panel() -> None:
 
     name = reviewer()
     if name:
-        st.sidebar.write(f"Signed in as **{name}**")
+        st.sidebar.markdown(f"Signed in as **{literal(name)}**")
         if st.sidebar.button("Sign out"):
             st.session_state.pop(REVIEWER, None)
             if _oidc_configured() and st.user.is_logged_in:
@@ -85,13 +122,28 @@ def sign_in_panel() -> None:
                 st.rerun()
 
 
+def image_file(uri: str) -> Path | None:
+    """The local file a file:// URI names, if it is an image PIL can read; else ``None``
+    (a stored URI is whatever a product app sent: a text file, a directory, a bomb)."""
+    path = local_path(uri)
+    if path is None or not path.is_file():
+        return None
+    try:
+        with Image.open(path) as opened:
+            opened.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return path
+
+
 def show_image(uri: str | None, *, caption: str | None = None, width: int = 128) -> None:
-    """A local image by its file:// URI (remote ones are named, not fetched)."""
-    path = local_path(uri) if uri else None
-    if path is not None and path.is_file():
-        st.image(str(path), caption=caption, width=width)
+    """A local image by its file:// URI (remote ones, and files that are not images, are
+    named, not shown)."""
+    path = image_file(uri) if uri else None
+    if path is not None:
+        st.image(str(path), caption=literal(caption) if caption else None, width=width)
     elif uri:
-        st.caption(f"{caption + ': ' if caption else ''}{uri}")
+        st.caption(literal(f"{caption + ': ' if caption else ''}{uri}"))
 
 
 def page(title: str) -> None:

@@ -1,13 +1,16 @@
 """The dashboard, page by page, with Streamlit's AppTest against a real PostgreSQL seeded
 with a small flywheel: signals with images, cases in clusters with routes and evidence,
-triage items, a finished cycle with its rounds, an artefact waiting for review; and the
-served app in headless Chromium (Debian's), whose screenshots of every page are left in
-``build/screenshots/``."""
+triage items, a finished cycle with its rounds, an artefact waiting for review, and a case
+whose prompt, cluster, route and review item are hostile (SQL, HTML, script, Markdown):
+stored verbatim, shown verbatim; and the served app in headless Chromium (Debian's), whose
+screenshots of every page are left in ``build/screenshots/``."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -19,10 +22,13 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import torch
+from PIL import Image
 from sqlalchemy import Engine, select
+from sqlalchemy import text as sql
 from sqlalchemy.orm import Session
 from streamlit.testing.v1 import AppTest
 
+from dashboard.common import WORD_JOINER, code_span, literal
 from flywheel.auth.service import create_api_key
 from flywheel.db.models import (
     CaseRoute,
@@ -53,6 +59,22 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+HOSTILE = (
+    "'; DROP TABLE signals; -- <script>window.__pwned=1</script> "
+    '<img src=x onerror="window.__pwned=1"> ![p](http://127.0.0.1:9/pixel.png) '
+    "[c](javascript:window.__pwned=1) $x^2$ :red[red] **bold** \x1b[31m\t tab "
+    "www.evil.example a@evil.example :streamlit: :material/home: :smile: -> x"
+)
+"""A prompt as a hostile product app might send it (no NUL: PostgreSQL cannot store one)."""
+HOSTILE_REF = "eve` **x** ![r](http://127.0.0.1:9/pixel.png) ``"
+"""A reviewer's name that would close a code span around it."""
+SHOWN = [
+    "signals; -- <script>window.__pwned=1</script>",
+    "![p](http://127.0.0.1:9/pixel.png)",
+    "**bold**",
+    "www.evil.example a@evil.example :streamlit: :material/home: :smile: -> x",
+]
+"""Parts of ``HOSTILE`` that the browser must show as they are (word joiners aside)."""
 
 
 def _seed(session: Session, images: Path) -> dict[str, int]:
@@ -63,69 +85,91 @@ def _seed(session: Session, images: Path) -> dict[str, int]:
         image[k] = 1.0
         uri, _ = store_png(image, images)
         uris.append(uri)
+    prompts = [f"a crimson square {k}" for k in range(3)] + [HOSTILE]
     stored = insert_signals(
         session,
         signals=[
             stored_signal(
                 f"fb-{k}",
-                f"a crimson square {k}",
+                prompt,
                 kind=SignalKind.FLAGS,
                 flags=["wrong_color"],
+                comment=f"comment {prompt}",
                 model_version_id=version,
-                image_uri=uris[k],
+                image_uri=uris[k % 3],
             )
-            for k in range(3)
+            for k, prompt in enumerate(prompts)
         ],
     )
-    cluster = FailureCluster(label="colour: red")
-    session.add(cluster)
+    red = FailureCluster(label="colour: red")
+    theme = FailureCluster(label=f"theme {HOSTILE}")
+    session.add_all([red, theme])
     session.flush()
-    cases = []
-    for k, event in enumerate(stored):
+    cases, routes = [], []
+    for k, (prompt, event) in enumerate(zip(prompts, stored, strict=True)):
+        hostile = prompt == HOSTILE  # the newest case: the one awaiting triage
         case = FailureCase(
             dedup_key=f"case-{k}",
-            cluster_id=cluster.id,
-            status=CaseStatus.AWAITING_TRIAGE if k == 0 else CaseStatus.ROUTED,
+            cluster_id=theme.id if hostile else red.id,
+            status=CaseStatus.AWAITING_TRIAGE if hostile else CaseStatus.ROUTED,
             task="text_to_image",
-            prompt=f"a crimson square {k}",
-            image_uri=uris[k],
+            prompt=prompt,
+            image_uri=uris[k % 3],
             model_version_id=version,
             signal_count=1,
         )
         session.add(case)
         session.flush()
         session.add(CaseSignal(case_id=case.id, signal_id=event.id))
-        session.add(
-            CaseRoute(
-                case_id=case.id,
-                track=Track.PROMPT_ENHANCER,
-                confidence=0.45 if k == 0 else 0.9,
-                evidence={
-                    "features": {
-                        "rewritten_prompt": f"a red square {k}",
-                        "rewrite_gain": 0.4,
-                        "scarcity": 0.55,
-                        "concept_rarity": 1.1,
-                        "reward_rank": 0.2,
-                        "nearest_corpus": ["a red square", "a red circle"],
-                    },
-                    "probabilities": {"rl": 0.1, "pretraining_gap": 0.2, "prompt_enhancer": 0.7},
-                    "rule": None,
+        route = CaseRoute(
+            case_id=case.id,
+            track=Track.PROMPT_ENHANCER,
+            confidence=0.45 if hostile else 0.9,
+            evidence={
+                "features": {
+                    "rewritten_prompt": f"rewritten {HOSTILE}" if hostile else f"a red square {k}",
+                    "rewrite_gain": 0.4,
+                    "scarcity": 0.55,
+                    "concept_rarity": 1.1,
+                    "reward_rank": 0.2,
+                    "nearest_corpus": [f"caption {HOSTILE}"]
+                    if hostile
+                    else ["a red square", "a red circle"],
                 },
-                decided_by=Decider.MODEL,
-                decider_ref="classifier:72-examples",
-            )
+                "probabilities": {"rl": 0.1, "pretraining_gap": 0.2, "prompt_enhancer": 0.7},
+                "rule": None,
+            },
+            decided_by=Decider.MODEL,
+            decider_ref="classifier:72-examples",
         )
+        session.add(route)
         cases.append(case)
+        routes.append(route)
     session.flush()
+    hostile_case = cases[-1]
+    session.add(  # an override by a reviewer with a hostile name and reason
+        CaseRoute(
+            case_id=hostile_case.id,
+            track=Track.RL,
+            confidence=1.0,
+            evidence={
+                "overrides_route": routes[-1].id,
+                "features": routes[-1].evidence["features"],
+                "model_track": "prompt_enhancer",
+            },
+            decided_by=Decider.HUMAN,
+            decider_ref=HOSTILE_REF,
+            reason=f"reason {HOSTILE}",
+        )
+    )
     triage = repository.add_triage_item(
         session,
-        case=cases[0],
-        title="Route case: prompt_enhancer? (0.45)",
+        case=hostile_case,
+        title=f"Route case: {HOSTILE}",
         artefact={
-            "case_id": cases[0].id,
-            "prompt": cases[0].prompt,
-            "features": {"rewritten_prompt": "a red square 0"},
+            "case_id": hostile_case.id,
+            "prompt": hostile_case.prompt,
+            "features": {"rewritten_prompt": f"rewritten {HOSTILE}"},
             "probabilities": {"rl": 0.2, "pretraining_gap": 0.35, "prompt_enhancer": 0.45},
         },
     )
@@ -164,7 +208,9 @@ def _seed(session: Session, images: Path) -> dict[str, int]:
     )
     session.add(round_)
     session.flush()
-    session.add_all(TrainingRoundCase(training_round_id=round_.id, case_id=c.id) for c in cases[1:])
+    session.add_all(
+        TrainingRoundCase(training_round_id=round_.id, case_id=c.id) for c in cases[1:3]
+    )
     batch = repository.add_item(
         session,
         kind=ReviewKind.PROMPT_ENHANCER_DATA,
@@ -182,7 +228,7 @@ def _seed(session: Session, images: Path) -> dict[str, int]:
         training_round_id=round_.id,
     )
     session.commit()
-    return {"triage": triage.id, "batch": batch.id, "cycle": cycle.id, "case": cases[0].id}
+    return {"triage": triage.id, "batch": batch.id, "cycle": cycle.id, "case": hostile_case.id}
 
 
 @pytest.fixture
@@ -215,21 +261,22 @@ def test_every_page_renders_the_seeded_flywheel(seeded: tuple[Engine, dict[str, 
     overview = _app()
     assert overview.title[0].value == "Overview"
     metrics = {m.label: m.value for m in overview.metric}
-    assert metrics["Open cases"] == "3"
+    assert metrics["Open cases"] == "4"
     assert metrics["Waiting for review"] == "2"
 
     triage = _app("triage")
     assert triage.title[0].value == "Triage"
     table = triage.dataframe[0].value
     assert table["case"].tolist() == sorted(table["case"].tolist(), reverse=True)  # newest first
-    assert len(table) == 3
+    assert len(table) == 4
     assert any(m.label == "Rewrite gain" for m in triage.metric)
-    # Filter to the cases awaiting triage: only the first remains.
+    # Filter to the cases awaiting triage: only the hostile one remains.
     triage.selectbox[1].set_value("awaiting_triage").run()
     assert triage.dataframe[0].value["case"].tolist() == [ids["case"]]
 
     clusters = _app("clusters")
-    assert clusters.dataframe[0].value["label"].tolist() == ["colour: red"]
+    labels = clusters.dataframe[0].value["label"].tolist()
+    assert sorted(labels) == ["colour: red", f"theme {HOSTILE}"]  # a table shows it as is
 
     cycles = _app("cycles")
     assert "Cycle" in cycles.markdown[0].value
@@ -239,6 +286,134 @@ def test_every_page_renders_the_seeded_flywheel(seeded: tuple[Engine, dict[str, 
 
     review = _app("review")
     assert any("Sign in" in i.value for i in review.info)
+
+
+def test_literal_escapes_markdown_and_shows_control_characters() -> None:
+    assert literal("**x** $y$ [a](javascript:b) <script>") == (
+        rf"\*\*x\*\* \$y\$ \[a\]\(javascript\:{WORD_JOINER}b\) \<script\>"
+    )
+    assert literal("![i](u) # h|~`&amp; a: b") == r"\!\[i\]\(u\) \# h\|\~\`\&amp\; a\: b"
+    # Where Streamlit rewrites parsed text (links, icons, dashes), a word joiner stops it.
+    assert literal("http://w :red[r] a@b.c WWW.x -- a->b").split(WORD_JOINER) == [
+        r"http\:",
+        r"\/\/w \:",
+        r"red\[r\] a\@",
+        r"b\.c WWW",
+        r"\.x \-",
+        r"\- a\-",
+        r"\>b",
+    ]
+    # Control characters (tab aside) and bidi overrides show as their Python escapes.
+    assert literal("a\nb\x1b[0m\tc\u202ed\\") == "a\\\\nb\\\\x1b\\[0m\tc\\\\u202ed\\\\"
+    assert (literal(0.5), literal(None), literal("été 3")) == (r"0\.5", "None", "été 3")
+    # Take out every escape pair: no punctuation nor control character is left.
+    rest = re.sub(r"\\.", "", literal(HOSTILE))
+    assert not set(rest) & set(string.punctuation)
+    assert all(c in ("\t", WORD_JOINER) or c.isprintable() for c in rest)
+    # A code span's fence is longer than any run of backticks inside.
+    assert code_span("a`b``c") == "``` a`b``c ```"
+    assert code_span("x\ny") == "` x\\ny `"
+    # Streamlit turns ":material/" into an icon's name before it parses, code or not.
+    assert code_span(":material/home:") == f"` :{WORD_JOINER}material/home: `"
+
+
+def test_image_uris_that_are_not_images_are_named_not_shown(tmp_path: Path) -> None:
+    from dashboard.common import image_file, literal
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    real = tmp_path / "real.png"
+    Image.new("RGB", (4, 4)).save(real)
+    assert image_file(real.as_uri()) == real
+    for uri in (text.as_uri(), truncated.as_uri(), tmp_path.as_uri(), "file:///no/such.png"):
+        assert image_file(uri) is None, uri
+
+    def draw(uri: str) -> None:
+        from dashboard.common import show_image
+
+        show_image(uri, caption="hostile")
+
+    shown = AppTest.from_function(draw, args=(text.as_uri(),)).run()
+    assert not shown.exception
+    assert [c.value for c in shown.caption] == [literal(f"hostile: {text.as_uri()}")]
+
+
+def test_hostile_strings_are_stored_verbatim(seeded: tuple[Engine, dict[str, int]]) -> None:
+    engine, ids = seeded
+    with engine.connect() as connection:
+
+        def row(query: str) -> tuple[object, ...]:
+            return tuple(connection.execute(sql(query), ids).one())
+
+        assert row("select count(*) from signals") == (4,)  # nothing was dropped
+        assert row("select prompt, comment from signals where event_id = 'fb-3'") == (
+            HOSTILE,
+            f"comment {HOSTILE}",
+        )
+        assert row(  # byte for byte
+            "select convert_to(c.prompt, 'UTF8'), convert_to(k.label, 'UTF8') from "
+            "failure_cases c join failure_clusters k on k.id = c.cluster_id where c.id = :case"
+        ) == (HOSTILE.encode(), f"theme {HOSTILE}".encode())
+        assert row(
+            "select evidence #>> '{features,rewritten_prompt}', "
+            "evidence #>> '{features,nearest_corpus,0}' "
+            "from case_routes where case_id = :case order by id limit 1"
+        ) == (f"rewritten {HOSTILE}", f"caption {HOSTILE}")
+        assert row(
+            "select decider_ref, reason from case_routes where case_id = :case "
+            "order by id desc limit 1"
+        ) == (HOSTILE_REF, f"reason {HOSTILE}")
+        assert row("select title, artefact->>'prompt' from review_items where id = :triage") == (
+            f"Route case: {HOSTILE}",
+            HOSTILE,
+        )
+
+
+def test_hostile_strings_render_escaped(seeded: tuple[Engine, dict[str, int]]) -> None:
+    engine, ids = seeded
+    triage = _app("triage", reviewer="alice")  # the newest case, the hostile one, is shown
+    shown = [m.value for m in triage.markdown]
+    captions = [c.value for c in triage.caption]
+    assert literal(HOSTILE) in shown
+    image = rf"\!\[p\]\(http\:{WORD_JOINER}\/\/127\.0\.0\.1\:{WORD_JOINER}9\/pixel\.png\)"
+    assert any(r"\*\*bold\*\*" in m and image in m for m in shown)
+    route = next(m for m in shown if m.startswith("**Route**"))
+    assert route == (
+        f"**Route**: rl (1.00) by human {code_span(HOSTILE_REF)} — {literal(f'reason {HOSTILE}')}"
+    )
+    assert f"rewritten: {literal(f'rewritten {HOSTILE}')}" in captions
+    assert f"Nearest corpus captions: {literal(f'caption {HOSTILE}')}" in captions
+    assert f"Earlier routes: prompt_enhancer by {literal('classifier:72-examples')}" in captions
+
+    clusters = _app("clusters")
+    shown += [m.value for m in clusters.markdown]
+    assert any(m.startswith(f"**{literal(f'theme {HOSTILE}')}** — 1 cases") for m in shown)
+
+    review = _app("review", reviewer="alice")
+    next(b for b in review.button if b.label == "Claim").click().run()
+    assert not review.exception, [e.value for e in review.exception]
+    shown += [m.value for m in review.markdown]
+    assert literal(f"Route case: {HOSTILE}") in shown
+    assert f"**Prompt**: {literal(HOSTILE)}" in shown
+    assert f"Rewritten: {literal(f'rewritten {HOSTILE}')}" in shown
+    for value in (*shown, *captions):  # nothing of the hostile strings is left as Markdown
+        assert not any(part in value for part in SHOWN), value
+
+    # A reviewer's hostile reason for an override is stored as typed.
+    why = next(t for t in triage.text_input if t.label == "Why")
+    why.input(f"why {HOSTILE}")
+    next(b for b in triage.button if b.label == "Route it").click().run()
+    assert not triage.exception, [e.value for e in triage.exception]
+    assert [s.value for s in triage.success] == [f"Case {ids['case']} routed to rl by alice."]
+    with Session(engine) as session:
+        reason = session.scalars(
+            select(CaseRoute.reason)
+            .where(CaseRoute.case_id == ids["case"])
+            .order_by(CaseRoute.id.desc())
+        ).first()
+    assert reason == f"why {HOSTILE}"
 
 
 def test_sign_in_with_a_review_key(seeded: tuple[Engine, dict[str, int]]) -> None:
@@ -308,8 +483,18 @@ _BROWSER_FLAGS = [
 ]
 
 
+def _harmless(page: Page) -> None:
+    """No script of the hostile strings ran, no image of theirs loads, no link of theirs shows."""
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("img[src*='127.0.0.1:9/']").count() == 0
+    assert page.locator("a[href^='javascript:' i]").count() == 0
+    links = page.locator("[data-testid=stMain] a[href]:not([href^='#'])")
+    assert links.count() == 0, links.evaluate_all("links => links.map(a => a.href)")
+
+
 def _settle(page: Page) -> str:
-    """Wait until the script has run and the page's text stops changing; the text."""
+    """Wait until the script has run and the page's text stops changing; the text (without
+    ``literal``'s invisible word joiners)."""
     page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]")
     text, still = "", 0
     for _ in range(120):
@@ -318,8 +503,8 @@ def _settle(page: Page) -> str:
         still = still + 1 if now == text else 0
         text = now
         if still >= 4 and text.strip():
-            return text
-    return text
+            break
+    return text.replace(WORD_JOINER, "")
 
 
 @pytest.mark.timeout(300)
@@ -370,18 +555,21 @@ def test_screenshots_of_every_page_in_chromium(
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         expected = {
             "overview": ["Overview", "Signals per day", "Routing mix"],
-            "triage": ["Triage", "a crimson square", "Rewrite gain"],
-            "clusters": ["Clusters", "colour: red"],
+            "triage": ["Triage", "Rewrite gain", "Earlier routes", *SHOWN],  # the hostile case
+            "clusters": ["Clusters", "colour: red", *SHOWN],
             "cycles": ["Cycles", "prompt_enhancer", "Gate"],
         }
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=_BROWSER_FLAGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             for name, words in expected.items():
                 page.goto(f"{base}/{'' if name == 'overview' else name}")
                 text = _settle(page)
                 for word in words:
                     assert word in text, (name, word, text[:500])
+                _harmless(page)
                 shot = SCREENSHOTS / f"{name}.png"
                 page.screenshot(path=str(shot), full_page=True)
                 assert shot.stat().st_size > 10_000
@@ -394,8 +582,12 @@ def test_screenshots_of_every_page_in_chromium(
             page.get_by_role("button", name="Claim").click()
             text = _settle(page)
             assert f"#{ids['triage']}" in text, text[:500]
+            for word in SHOWN:
+                assert word in text, ("review", word, text[:500])
+            _harmless(page)
             page.screenshot(path=str(SCREENSHOTS / "review.png"), full_page=True)
             browser.close()
+        assert not [url for url in requested if "127.0.0.1:9/" in url or url.endswith("/x")]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

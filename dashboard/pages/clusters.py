@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import page, session, show_image
+from dashboard.common import literal, page, session, show_image
 from flywheel.cases.browse import clusters
 
 page("Clusters")
@@ -35,7 +35,7 @@ st.dataframe(
 for row in rows[:10]:
     with st.container(border=True):
         st.markdown(
-            f"**{row.label}** — {row.cases} cases, {row.open} open"
+            f"**{literal(row.label)}** — {row.cases} cases, {row.open} open"
             + (f", fixed {row.fixed_at:%Y-%m-%d}" if row.fixed_at else "")
         )
         if row.examples:

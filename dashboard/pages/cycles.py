@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import page, session
+from dashboard.common import literal, page, session
 from flywheel.cycle.status import cycle_lineage, status_report
 
 page("Cycles")
@@ -23,8 +23,8 @@ with session() as s:
     lineage = cycle_lineage(s, cycle_id=chosen)
 assert lineage is not None
 st.markdown(
-    f"**Cycle {lineage.id}** — {lineage.status}; base **{lineage.base or '-'}**, "
-    f"candidate **{lineage.candidate or '-'}**"
+    f"**Cycle {lineage.id}** — {lineage.status}; base **{literal(lineage.base or '-')}**, "
+    f"candidate **{literal(lineage.candidate or '-')}**"
 )
 if lineage.rounds:
     st.subheader("Per track, before / after on the routed failure slice")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import page, session
+from dashboard.common import literal, page, session
 from flywheel.cases.browse import signal_volume
 from flywheel.cycle.status import status_report
 
@@ -15,7 +15,7 @@ with session() as s:
     volume = signal_volume(s, days=30)
 
 model = report.model
-st.caption(f"Serving model: **{model.version}**" if model else "No model promoted yet.")
+st.caption(f"Serving model: **{literal(model.version)}**" if model else "No model promoted yet.")
 left, middle, right = st.columns(3)
 left.metric("Open cases", sum(report.cases.values()))
 middle.metric("Waiting for review", sum(report.review_queue.values()))

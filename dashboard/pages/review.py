@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import page, reviewer, session, show_image
+from dashboard.common import literal, page, reviewer, session, show_image
 from flywheel.db.models import ReviewKind, Track
 from flywheel.review.service import (
     ItemNotFoundError,
@@ -55,7 +55,10 @@ if not mine:
 
 def _promotion(artefact: dict[str, Any]) -> None:
     evaluation = artefact.get("evaluation") or {}
-    st.markdown(f"Candidate **{artefact.get('candidate')}** vs serving **{artefact.get('base')}**")
+    st.markdown(
+        f"Candidate **{literal(artefact.get('candidate'))}** "
+        f"vs serving **{literal(artefact.get('base'))}**"
+    )
     tracks = evaluation.get("tracks") or {}
     if tracks:
         st.dataframe(
@@ -81,16 +84,18 @@ def _promotion(artefact: dict[str, Any]) -> None:
         )
     gate = artefact.get("gate") or {}
     st.markdown(
-        f"Gate: **{'passed' if gate.get('passed') else 'failed'}**, {gate.get('fixed')} fixed"
+        f"Gate: **{'passed' if gate.get('passed') else 'failed'}**, "
+        f"{literal(gate.get('fixed'))} fixed"
     )
 
 
 def _augmentation(artefact: dict[str, Any]) -> None:
     plan = artefact.get("plan") or {}
     st.markdown(
-        f"Concepts **{', '.join(plan.get('concepts') or [])}**: "
-        f"{len(plan.get('retrieved') or [])} retrieved, synthesized {plan.get('synthesized')}, "
-        f"{plan.get('replay')} replayed, mixture weight {plan.get('mixture_weight')}"
+        f"Concepts **{literal(', '.join(plan.get('concepts') or []))}**: "
+        f"{len(plan.get('retrieved') or [])} retrieved, "
+        f"synthesized {literal(plan.get('synthesized'))}, {literal(plan.get('replay'))} "
+        f"replayed, mixture weight {literal(plan.get('mixture_weight'))}"
     )
     shares = (artefact.get("diagnosis") or {}).get("concepts") or []
     if shares:
@@ -116,8 +121,10 @@ def _recalibration(artefact: dict[str, Any]) -> None:
 
 def _enhancer_data(artefact: dict[str, Any]) -> None:
     st.markdown(
-        f"{artefact.get('pairs')} pairs for **{', '.join(artefact.get('concepts') or [])}** "
-        f"({artefact.get('user_worded')} in the users' words, {artefact.get('echo')} echo)"
+        f"{literal(artefact.get('pairs'))} pairs for "
+        f"**{literal(', '.join(artefact.get('concepts') or []))}** "
+        f"({literal(artefact.get('user_worded'))} in the users' words, "
+        f"{literal(artefact.get('echo'))} echo)"
     )
     examples = artefact.get("examples") or []
     if examples:
@@ -126,8 +133,8 @@ def _enhancer_data(artefact: dict[str, Any]) -> None:
 
 def _triage(artefact: dict[str, Any], item: ReviewItemOut) -> None:
     features = artefact.get("features") or {}
-    st.markdown(f"**Prompt**: {artefact.get('prompt')}")
-    st.markdown(f"Rewritten: {features.get('rewritten_prompt', '-')}")
+    st.markdown(f"**Prompt**: {literal(artefact.get('prompt'))}")
+    st.markdown(f"Rewritten: {literal(features.get('rewritten_prompt', '-'))}")
     probabilities = artefact.get("probabilities") or {}
     if probabilities:
         st.bar_chart(pd.Series(probabilities, name="probability"))
@@ -155,7 +162,7 @@ for item in mine:
     with st.container(border=True):
         assert item.lease_expires_at is not None
         st.subheader(f"#{item.id} · {item.kind}")
-        st.write(item.title)
+        st.markdown(literal(item.title))
         st.caption(f"yours until {item.lease_expires_at:%H:%M:%S} UTC")
         artefact = item.artefact or {}
         _SHOW[item.kind](artefact, item)
@@ -194,7 +201,7 @@ for item in mine:
                 except json.JSONDecodeError as exc:
                     st.error(f"The edits are not JSON: {exc.msg}")
                 except (ReviewError, ItemNotFoundError) as exc:
-                    st.error(str(exc))
+                    st.error(literal(exc))
                 else:
                     st.success(f"#{out.id}: {out.status}")
                     st.rerun()

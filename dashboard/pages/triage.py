@@ -7,7 +7,7 @@ from datetime import UTC, datetime, time
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import PAGE_SIZE, page, reviewer, session, show_image
+from dashboard.common import PAGE_SIZE, code_span, literal, page, reviewer, session, show_image
 from flywheel.cases.browse import CaseFilters, case_detail, case_page, clusters, model_versions
 from flywheel.db.models import CaseStatus, SignalSource, Track
 
@@ -91,7 +91,7 @@ with session() as s:
 assert detail is not None
 case = detail.case
 st.subheader(f"Case {case.id}: {case.status}")
-st.write(case.prompt)
+st.markdown(literal(case.prompt))
 images = [sig for sig in detail.signals if sig.image_uri][:6]
 if images:
     columns = st.columns(len(images))
@@ -103,14 +103,14 @@ if detail.routes:
     route = detail.routes[0]
     st.markdown(
         f"**Route**: {route.track} ({route.confidence:.2f}) by {route.decided_by} "
-        f"`{route.decider_ref}`" + (f" — {route.reason}" if route.reason else "")
+        f"{code_span(route.decider_ref)}" + (f" — {literal(route.reason)}" if route.reason else "")
     )
     features = route.evidence.get("features") or {}
     if features:
         st.markdown("**Evidence**")
         one, two, three = st.columns(3)
         one.metric("Rewrite gain", f"{features.get('rewrite_gain', 0):+.2f}")
-        one.caption(f"rewritten: {features.get('rewritten_prompt', '')}")
+        one.caption(f"rewritten: {literal(features.get('rewritten_prompt', ''))}")
         scarcity = features.get("scarcity")
         two.metric("Scarcity", f"{scarcity:.2f}" if scarcity is not None else "-")
         rarity = features.get("concept_rarity")
@@ -119,14 +119,14 @@ if detail.routes:
         three.caption("high: the reward sees nothing wrong (reward vs human disagree)")
         neighbours = features.get("nearest_corpus") or []
         if neighbours:
-            st.caption("Nearest corpus captions: " + " · ".join(neighbours))
+            st.caption("Nearest corpus captions: " + " · ".join(map(literal, neighbours)))
         probabilities = route.evidence.get("probabilities") or {}
         if probabilities:
             st.bar_chart(pd.Series(probabilities, name="probability"))
     if len(detail.routes) > 1:
         st.caption(
             "Earlier routes: "
-            + "; ".join(f"{r.track} by {r.decider_ref}" for r in detail.routes[1:])
+            + "; ".join(f"{r.track} by {literal(r.decider_ref)}" for r in detail.routes[1:])
         )
 
 st.markdown("**Override the route**")
@@ -152,6 +152,6 @@ else:
                         reason=why or None,
                     )
             except (LookupError, ValueError) as exc:
-                st.error(str(exc))
+                st.error(literal(exc))
             else:
-                st.success(f"Case {case.id} routed to {new_track} by {name}.")
+                st.success(f"Case {case.id} routed to {new_track} by {literal(name)}.")
