@@ -289,7 +289,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def api_server(db: Database, workers: int) -> Iterator[tuple[str, int]]:
     """``flywheel serve`` in a child process; yields (host, port) once /readyz answers 200."""
     port = _free_port()
-    env = {**os.environ, "FLYWHEEL_DATABASE_URL": db.url}
+    # The bench measures capacity with one key: per-key rate limits off.
+    env = {**os.environ, "FLYWHEEL_DATABASE_URL": db.url, "FLYWHEEL_RATE_LIMIT": "off"}
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-log-") as logdir:
         log = Path(logdir) / "serve.log"
         with log.open("wb") as out:
