@@ -24,10 +24,16 @@ OPERATIONS = [f"{method.upper()} {path}" for path, item in SPEC["paths"].items()
 
 def _refused_for_a_reason_the_spec_cannot_state(case: Any) -> bool:
     """An opaque cursor the API did not hand out (400); NUL inside the free-form JSON of an
-    evaluation sample's ``spec``, or a sample id twice in a run (422). These refusals are
-    tested in test_bad_input.py."""
+    evaluation sample's ``spec``, a sample id twice in a run, a pairwise event whose two
+    images are one (422): JSON Schema cannot compare values. These refusals are tested in
+    test_bad_input.py."""
     if case.operation.path == "/v1/signals":
         return bool(case.query and "cursor" in case.query)
+    body = case.body if isinstance(case.body, dict) else {}
+    chosen, rejected = body.get("chosen"), body.get("rejected")
+    if isinstance(chosen, dict) and isinstance(rejected, dict):
+        if chosen.get("uri") == rejected.get("uri"):
+            return True
     if case.operation.path == "/v1/evaluations" and isinstance(case.body, dict):
         samples = case.body.get("samples")
         if isinstance(samples, list):
@@ -37,6 +43,12 @@ def _refused_for_a_reason_the_spec_cannot_state(case: Any) -> bool:
     return "\\u0000" in json.dumps(case.body, default=str)
 
 
+# Schemathesis draws some values with the `random` module inside strategies, which
+# Hypothesis deprecates (a warning, an error here); the draws are still reproducible.
+@pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_operation_conforms(label: str, live_api: ApiProcess, make_key: KeyFactory) -> None:
     method, path = label.split(" ", 1)
@@ -44,8 +56,14 @@ def test_operation_conforms(label: str, live_api: ApiProcess, make_key: KeyFacto
     headers = auth(make_key("admin"))
 
     @given(case=operation.as_strategy())
+    # derandomize: the same cases on every run, so CI is reproducible (what a random run
+    # finds locally is fixed, then stays covered by the example it found).
     @settings(
-        max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
     )
     def check(case: Any) -> None:
         excluded = (
