@@ -31,9 +31,12 @@ def _refused_for_a_reason_the_spec_cannot_state(case: Any) -> bool:
         return bool(case.query and "cursor" in case.query)
     body = case.body if isinstance(case.body, dict) else {}
     chosen, rejected = body.get("chosen"), body.get("rejected")
-    if isinstance(chosen, dict) and isinstance(rejected, dict):
-        if chosen.get("uri") == rejected.get("uri"):
-            return True
+    if (
+        isinstance(chosen, dict)
+        and isinstance(rejected, dict)
+        and chosen.get("uri") == rejected.get("uri")
+    ):
+        return True
     if case.operation.path == "/v1/evaluations" and isinstance(case.body, dict):
         samples = case.body.get("samples")
         if isinstance(samples, list):
