@@ -68,10 +68,9 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _valid_rate_limit(cls, value: str) -> str:
-        from flywheel.auth.rate_limit import parse_rate_limit
+        from flywheel.auth.rate_limit import normalized_rate_limit
 
-        parse_rate_limit(value)
-        return value.strip().lower()
+        return normalized_rate_limit(value)
 
     @property
     def qdrant_path(self) -> Path:

@@ -27,7 +27,7 @@ from flywheel.auth.service import create_api_key
 from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, session_factory
 from flywheel.db.models import Scope
-from flywheel.settings import Settings
+from flywheel.settings import Settings, get_settings
 from tests.helpers import ApiProcess
 
 MACHINE_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -118,6 +118,18 @@ def migrated_url(create_database: Callable[[], str]) -> str:
     migrate.upgrade(engine)
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def use_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Points the CLI at a database URL through FLYWHEEL_DATABASE_URL."""
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
+        get_settings.cache_clear()
+
+    yield use
+    get_settings.cache_clear()
 
 
 @pytest.fixture

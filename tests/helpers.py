@@ -82,6 +82,25 @@ def probe_hit(number: int, case: BenchmarkCase, version: int) -> NewSignal:
     )
 
 
+FLYWHEEL_CLI = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
+"""``flywheel`` in a process of its own (Prefect's log handlers bind to the process'
+streams: a flow run inside ``CliRunner`` would leave them writing to a closed one)."""
+
+
+def run_flywheel(
+    env: dict[str, str], *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``flywheel ARGS`` with ``env`` over this process' environment; output captured."""
+    return subprocess.run(
+        [*FLYWHEEL_CLI, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,9 +123,7 @@ class ApiProcess:
         self._log = log.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-c",
-                "from flywheel.cli.main import app; app()",
+                *FLYWHEEL_CLI,
                 "serve",
                 "--port",
                 str(self.port),

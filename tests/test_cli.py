@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from flywheel.cli.main import app
-from flywheel.settings import Settings, get_settings
+from flywheel.settings import Settings
 from tests.helpers import auth, thumbs_event
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def use_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
-    """Points the CLI at a database URL through FLYWHEEL_DATABASE_URL."""
-
-    def use(url: str) -> None:
-        monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
-        get_settings.cache_clear()
-
-    yield use
-    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -62,8 +61,8 @@ from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder
 from retrieval.store import open_qdrant, qdrant_config
+from tests.helpers import FLYWHEEL_CLI, probe_hit, run_flywheel, stored_signal
 from tests.helpers import TINY_CYCLE as TINY
-from tests.helpers import probe_hit, stored_signal
 from training.checkpoint import latest_checkpoint
 
 BAND = 97_000_000
@@ -127,11 +126,6 @@ def _store_failures(engine: Engine) -> dict[str, Track]:
     return truth
 
 
-CLI = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
-"""``flywheel`` in a process of its own (Prefect's log handlers bind to the process'
-streams: a flow run inside ``CliRunner`` would leave them writing to a closed one)."""
-
-
 def _attribute(engine: Engine, home: Path, *, min_confidence: float) -> AttributionReport:
     """Collect and route the stored failures as a cycle would (before one runs)."""
     config = CycleConfig.model_validate(TINY | {"min_confidence": min_confidence})
@@ -159,23 +153,12 @@ def _attribute(engine: Engine, home: Path, *, min_confidence: float) -> Attribut
 def _cycle_process(env: dict[str, str], config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [*CLI, "cycle", "--config", str(config)],
+            [*FLYWHEEL_CLI, "cycle", "--config", str(config)],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def _flywheel(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
@@ -244,7 +227,7 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
         assert gap_round.status == RoundStatus.RUNNING
 
     # The next run takes the lock its dead holder released and finishes the cycle.
-    resumed = _flywheel(environment, "cycle", "--config", str(config_file), "--json")
+    resumed = run_flywheel(environment, "cycle", "--config", str(config_file), "--json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     outcome = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert (outcome["cycle_id"], outcome["resumed"]) == (1, True)
@@ -326,7 +309,7 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
     # The final review: approved by a human, the candidate serves.
     # (in a process of its own: the decision may talk to Prefect, whose log handlers must
     # not bind to CliRunner's streams)
-    approved = _flywheel(environment, "review", "approve", str(promotion.id), "--by", "carol")
+    approved = run_flywheel(environment, "review", "approve", str(promotion.id), "--by", "carol")
     assert approved.returncode == 0, approved.stderr[-2000:]
     with Session(engine) as session:
         cycle = session.get(Cycle, 1)
@@ -381,7 +364,7 @@ def test_one_cycle_at_a_time_and_a_cycle_without_work(
     with cycle_lock(engine):
         with pytest.raises(CycleBusyError):
             cycle_flow(config=config)
-        busy = _flywheel(environment, "cycle")
+        busy = run_flywheel(environment, "cycle")
         assert busy.returncode == 1
         assert "another cycle is running" in busy.stderr
     with Session(engine) as session:
@@ -504,12 +487,12 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
     from flywheel.cycle.deploy import ROUTED_EVENT, emit_routed
 
     no_api = {**environment, "PREFECT_API_URL": ""}
-    refused = _flywheel(no_api, "deploy")
+    refused = run_flywheel(no_api, "deploy")
     assert refused.returncode == 2
     assert "PREFECT_API_URL" in refused.stderr
     config_file = tmp_path / "cycle.json"
     config_file.write_text(json.dumps({"min_cases": 5, "pe_steps": 50}))
-    deployed = _flywheel(
+    deployed = run_flywheel(
         environment,
         "deploy",
         "--min-cases",

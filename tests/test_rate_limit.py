@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from flywheel.api.app import create_app
 from flywheel.cli.main import app as cli
 from flywheel.db.models import Signal
-from flywheel.settings import Settings, get_settings
+from flywheel.settings import Settings
 from tests.conftest import KeyFactory
 from tests.helpers import auth, thumbs_event
 
@@ -137,11 +137,10 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def cli_database(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", migrated_url)
-    get_settings.cache_clear()
-    yield migrated_url
-    get_settings.cache_clear()
+def cli_database(migrated_url: str, use_database: Callable[[str], None]) -> str:
+    """A migrated database the CLI finds through FLYWHEEL_DATABASE_URL."""
+    use_database(migrated_url)
+    return migrated_url
 
 
 def test_cli_sets_and_shows_a_keys_limit(cli_database: str) -> None:

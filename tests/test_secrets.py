@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,15 +17,7 @@ from sqlalchemy.engine import make_url
 from flywheel.logs import RedactSecrets, redact
 from flywheel.settings import Settings
 from flywheel.stack import StackConfig, native_stack
-from tests.helpers import auth, thumbs_event
-
-FLYWHEEL = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
-
-
-def _flywheel(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FLYWHEEL, *args], env=env, capture_output=True, text=True, timeout=180, check=False
-    )
+from tests.helpers import auth, run_flywheel, thumbs_event
 
 
 def test_redact_masks_keys_and_url_passwords() -> None:
@@ -69,7 +59,9 @@ def test_no_secret_reaches_a_log(
     }
     outputs: list[str] = []
 
-    made = _flywheel("keys", "create", "--app", "web", "--scopes", "ingest,read", env=env)
+    made = run_flywheel(
+        env, "keys", "create", "--app", "web", "--scopes", "ingest,read", timeout=180
+    )
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()  # shown once, on stdout, to the operator who asked
     outputs.append(made.stderr)
@@ -86,12 +78,12 @@ def test_no_secret_reaches_a_log(
             assert client.get("/v1/signals", headers={"Authorization": key}).status_code == 401
             codes = [client.get("/v1/signals", headers=auth(key)).status_code for _ in range(3)]
             assert codes[-1] == 429
-        scanned = _flywheel("mine", "scan", "--json", "--timeout", "120", env=stack.env)
+        scanned = run_flywheel(stack.env, "mine", "scan", "--json", "--timeout", "120", timeout=180)
         assert scanned.returncode == 0, scanned.stderr[-2000:]
         outputs += [scanned.stdout, scanned.stderr]
 
     away = {**env, "FLYWHEEL_REDIS_URL": f"redis://default:{canary['redis']}@127.0.0.1:1/0"}
-    unreachable = _flywheel("mine", "scan", "--no-wait", env=away)
+    unreachable = run_flywheel(away, "mine", "scan", "--no-wait", timeout=180)
     assert unreachable.returncode == 1
     assert "broker unreachable (redis://default:***@127.0.0.1:1/0)" in unreachable.stderr
     outputs += [unreachable.stdout, unreachable.stderr]

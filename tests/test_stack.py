@@ -4,8 +4,6 @@ and stop."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +16,7 @@ from flywheel.db.models import Scope, Signal, SignalSource
 from flywheel.mining.tasks import SCAN_TASK, create_celery
 from flywheel.settings import Settings, get_settings
 from flywheel.stack import StackConfig, StackError, native_stack
-from tests.helpers import thumbs_event
+from tests.helpers import run_flywheel, thumbs_event
 
 
 @pytest.mark.timeout(240)
@@ -55,14 +53,7 @@ def test_the_native_stack_comes_up_works_and_stops(
             get_settings.cache_clear()
         # Prefect answers, and `flywheel deploy` registers the cycle with it.
         assert httpx.get(f"{stack.prefect_api_url}/health", timeout=5).status_code == 200
-        deployed = subprocess.run(
-            [sys.executable, "-c", "from flywheel.cli.main import app; app()", "deploy"],
-            env=stack.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        deployed = run_flywheel(stack.env, "deploy", timeout=120)
         assert deployed.returncode == 0, deployed.stderr[-2000:]
         assert "flywheel-cycle/production" in deployed.stdout
         processes = dict(stack.processes)

@@ -41,6 +41,13 @@ def parse_rate_limit(text: str) -> tuple[RateLimitItem, ...]:
     return _parse(text.strip().lower())
 
 
+def normalized_rate_limit(text: str) -> str:
+    """A limit as stored and configured: checked, lower case, no surrounding blanks; raises
+    ``ValueError`` as :func:`parse_rate_limit` does."""
+    parse_rate_limit(text)
+    return text.strip().lower()
+
+
 @lru_cache(maxsize=256)
 def _parse(text: str) -> tuple[RateLimitItem, ...]:
     if text == UNLIMITED:

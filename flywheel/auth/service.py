@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from flywheel.auth import repository
-from flywheel.auth.rate_limit import parse_rate_limit
+from flywheel.auth.rate_limit import normalized_rate_limit
 from flywheel.db.models import ApiKey, Scope
 
 KEY_PATTERN = re.compile(r"^fwk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
@@ -107,9 +107,3 @@ def authenticate(session: Session, *, secret: str) -> Principal | None:
         key_prefix=prefix,
         rate_limit=rate_limit,
     )
-
-
-def normalized_rate_limit(text: str) -> str:
-    """A limit as stored: checked, lower case, no surrounding blanks; raises ``ValueError``."""
-    parse_rate_limit(text)
-    return text.strip().lower()

@@ -133,13 +133,11 @@ def keys_create(
     ] = None,
 ) -> None:
     """Create a key and print it once (only its hash is stored)."""
-    from flywheel.auth.service import create_api_key, normalized_rate_limit, parse_scopes
+    from flywheel.auth.service import create_api_key, parse_scopes
     from flywheel.db.engine import session_factory
 
     try:
         parsed = parse_scopes(scopes.split(","))
-        if rate_limit is not None:
-            rate_limit = normalized_rate_limit(rate_limit)
     except ValueError as exc:
         fail(str(exc))
     with database() as engine, session_factory(engine)() as session:
@@ -208,8 +206,8 @@ def keys_set_limit(
     ],
 ) -> None:
     """Change a key's request limit; API processes apply it from the key's next request."""
+    from flywheel.auth.rate_limit import normalized_rate_limit
     from flywheel.auth.repository import set_rate_limit
-    from flywheel.auth.service import normalized_rate_limit
     from flywheel.db.engine import session_factory
 
     if prefix.startswith("fwk_"):
