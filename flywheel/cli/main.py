@@ -19,7 +19,9 @@ from rich.table import Table
 from flywheel.cli.attribution import attribution_app
 from flywheel.cli.cycle import cycle_command, deploy_command
 from flywheel.cli.mining import mine_app, worker
+from flywheel.cli.models import models_app
 from flywheel.cli.output import console, err_console, fail
+from flywheel.cli.project import doctor_command, init_command
 from flywheel.cli.retrieval import retrieval_app
 from flywheel.cli.review import review_app, status
 from flywheel.cli.services import database
@@ -48,6 +50,9 @@ app.add_typer(retrieval_app, name="retrieval")
 app.add_typer(mine_app, name="mine")
 app.add_typer(attribution_app, name="attribution")
 app.add_typer(review_app, name="review")
+app.add_typer(models_app, name="models")
+app.command("init")(init_command)
+app.command("doctor")(doctor_command)
 app.command("status")(status)
 app.command("cycle")(cycle_command)
 app.command("deploy")(deploy_command)
