@@ -109,16 +109,16 @@ def list_command() -> None:
             )
             for v in versions
         }
-        table = Table("id", "name", "created", "promoted", "components", "description")
+        table = Table("id", "serving", "promoted", "components", "description")
+        table.add_column("name", no_wrap=True)
         for v in versions:
-            name = f"{v.name} (serving)" if serving is not None and v.id == serving.id else v.name
             table.add_row(
                 str(v.id),
-                name,
-                f"{v.created_at:%Y-%m-%d %H:%M}",
+                "yes" if serving is not None and v.id == serving.id else "",
                 f"{v.promoted_at:%Y-%m-%d %H:%M}" if v.promoted_at else "-",
                 str(counts[v.id]),
                 v.description or "",
+                v.name,
             )
     console.print(table)
 
