@@ -2,8 +2,9 @@
 
 ``flywheel.toml`` in the working directory (or the file ``--project FILE`` /
 ``FLYWHEEL_PROJECT`` names) has one table per port (:data:`flywheel.ports.PORTS`), each
-naming its ``adapter`` and that adapter's settings, plus ``[project]`` (its name) and
-``[images]`` (where the server may read images from). No project file means the embedded
+naming its ``adapter`` and that adapter's settings, plus ``[project]`` (its name),
+``[images]`` (where the server may read images from) and ``[filters]`` (the thresholds of
+the filter chain augmentation passes). No project file means the embedded
 world: every port filled by the world's adapter.
 
 Adapters are found by name in :data:`ADAPTERS` and imported only when a part is built, so
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.adapters.base import Adapter, AdapterContext
 from flywheel.media.access import ImageAccessConfig
 from flywheel.ports import OPTIONAL_PORTS, PORTS, PortName
+from flywheel.tracks.filters import FilterThresholds
 
 PROJECT_FILE = "flywheel.toml"
 PROJECT_ENV = "FLYWHEEL_PROJECT"
@@ -108,6 +110,8 @@ class Project(BaseModel):
 
     project: ProjectMeta = Field(default_factory=ProjectMeta)
     images: ImageAccessConfig = Field(default_factory=ImageAccessConfig)
+    filters: FilterThresholds = Field(default_factory=FilterThresholds)
+    """Thresholds of the filter chain retrieved and synthesized samples pass."""
     generator: PartSection
     judge: PartSection
     suites: PartSection
@@ -184,7 +188,7 @@ def read_project(path: Path) -> Project:
         raise ProjectError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProjectError(f"{path}: not TOML ({exc})") from None
-    unknown = sorted(set(data) - {"project", "images", *PORTS})
+    unknown = sorted(set(data) - {"project", "images", "filters", *PORTS})
     if unknown:
         raise ProjectError(f"{path}: unknown table(s) {', '.join(unknown)}")
     missing = [p for p in PORTS if p not in data and p not in OPTIONAL_PORTS]

@@ -85,6 +85,15 @@ https_hosts = []                      # e.g. ["images.example.com"]
 max_bytes = 20971520
 timeout_s = 10.0
 
+[filters]
+# What retrieved and synthesized samples must pass before a round trains on them.
+min_side = 512                        # shorter side, pixels
+near_duplicate_bits = 4               # difference-hash distance of a near-copy
+# min_alignment = 0.2                 # your reward's score under the sample's caption
+min_entropy_bits = 1.0                # grey-level entropy below which an image is flat
+min_caption_tokens = 3
+max_caption_tokens = 512
+
 [generator]
 adapter = "diffusers"                 # a diffusers pipeline directory (model_index.json)
 path = "{generator}"
