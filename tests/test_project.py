@@ -4,7 +4,10 @@ when there is no file."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -276,3 +279,90 @@ def test_models_register_makes_a_teams_model_the_serving_one(
     gone = runner.invoke(app, ["models", "register", "v2", "--generator", str(workdir / "no")])
     assert gone.exit_code == 2
     assert "is missing" in gone.output
+
+
+class _GarbageJudge(BaseHTTPRequestHandler):
+    """A judge service that answers every request with something that is not JSON."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b"<html>upstream error</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def garbage_judge() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GarbageJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/judge"
+    server.shutdown()
+    server.server_close()
+
+
+def _doctor_errors(path: Path) -> list[str]:
+    result = runner.invoke(app, ["doctor", "--project", str(path)])
+    assert result.exit_code == 2, result.output
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+JUDGE_LINE = 'adapter = "world"        # the ground-truth evaluator'
+CORPUS_LINE = 'adapter = "world"        # the base\'s training corpus and candidate pool'
+LAUNCHER_LINE = 'adapter = "in_process"   # rounds train in the cycle\'s process'
+
+
+def test_doctor_names_a_judge_that_is_down(workdir: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = world_file(
+        workdir / "flywheel.toml",
+        **{JUDGE_LINE: f'adapter = "http"\nurl = "http://127.0.0.1:{port}/judge"\nretries = 0'},
+    )
+    [line] = _doctor_errors(path)
+    assert line.startswith("error: [judge] http: judge: ")
+    assert f"127.0.0.1:{port}" in line
+
+
+def test_doctor_names_a_judge_that_answers_garbage(workdir: Path, garbage_judge: str) -> None:
+    path = world_file(
+        workdir / "flywheel.toml", **{JUDGE_LINE: f'adapter = "http"\nurl = "{garbage_judge}"'}
+    )
+    [line] = _doctor_errors(path)
+    assert line.startswith("error: [judge] http: judge: ")
+    assert "not JSON" in line or "not json" in line
+
+
+def test_doctor_names_a_missing_corpus_directory(workdir: Path) -> None:
+    path = world_file(
+        workdir / "flywheel.toml",
+        **{
+            CORPUS_LINE: 'adapter = "directory"\npath = "data/nowhere"',
+            "train = 1500\n": "",
+            "pool = 2000\n": "",
+        },
+    )
+    [line] = _doctor_errors(path)
+    assert line.startswith("error: [corpus] directory: corpus: ")
+    assert "data/nowhere" in line
+
+
+def test_doctor_names_a_launcher_command_that_cannot_run(workdir: Path) -> None:
+    path = world_file(
+        workdir / "flywheel.toml",
+        **{
+            LAUNCHER_LINE: (
+                'adapter = "command"\ncommand = "no-such-trainer --manifest {manifest}"'
+            )
+        },
+    )
+    [line] = _doctor_errors(path)
+    assert line.startswith("error: [launcher] command: launcher: ")
+    assert "no-such-trainer" in line

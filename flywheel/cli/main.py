@@ -248,8 +248,11 @@ def convert(
     max_shard_size: Annotated[
         str, typer.Option(help="Shard the weights above this size, e.g. 5GB or 500MB.")
     ] = "5GB",
+    height: Annotated[int, typer.Option(min=16, help="A pipeline's image height.")] = 1024,
+    width: Annotated[int, typer.Option(min=16, help="A pipeline's image width.")] = 1024,
 ) -> None:
-    """Convert a Qwen-Image-2.1 transformer or VAE checkpoint between diffusers and ours."""
+    """Convert a Qwen-Image-2.1 transformer or VAE checkpoint between diffusers and ours; a
+    whole QwenImage21Pipeline directory (model_index.json) becomes a generator directory."""
     from model.convert.directory import convert_from_diffusers, convert_to_diffusers
 
     if (from_diffusers is None) == (to_diffusers is None):
@@ -262,6 +265,15 @@ def convert(
         fail(f"{out}: exists and is not an empty directory")
     if not re.fullmatch(r"\d+(KB|MB|GB|TB)?", max_shard_size):
         fail(f"--max-shard-size {max_shard_size!r}: a byte count or a size like 500MB, 5GB")
+    if from_diffusers is not None and (from_diffusers / "model_index.json").is_file():
+        from model.convert.pipeline import convert_pipeline
+
+        try:  # a whole pipeline: a generator directory Generator.load reads
+            convert_pipeline(from_diffusers, out, height=height, width=width)
+        except ValueError as exc:  # ConversionError, CheckpointError
+            fail(str(exc).splitlines()[0])
+        console.print(f"converted the pipeline {from_diffusers} into the generator directory {out}")
+        return
     try:
         if from_diffusers is not None:
             converted = convert_from_diffusers(source, out, max_shard_size=max_shard_size)
