@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.adapters.base import Adapter, AdapterContext
 from flywheel.media.access import ImageAccessConfig
+from flywheel.media.filters import FilterThresholds
 from flywheel.ports import OPTIONAL_PORTS, PORTS, PortName
-from flywheel.tracks.filters import FilterThresholds
 
 PROJECT_FILE = "flywheel.toml"
 PROJECT_ENV = "FLYWHEEL_PROJECT"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flywheel.ports import CorpusItem, PortError
-from flywheel.tracks.filters import (
+from flywheel.media.filters import (
     FILTERS,
     FilterThresholds,
     difference_hash,
     filter_candidates,
     grey_entropy,
 )
+from flywheel.ports import CorpusItem, PortError
 
 CAPTION = "A picture with a white background showing a large red circle at the centre."
 
