@@ -1,5 +1,6 @@
 """What every dashboard page shares: the database (one engine per URL for the process),
-a session per read, the signed-in reviewer, image display.
+a session per read, the signed-in reviewer, image display (only where the project's image
+policy reads).
 
 User-supplied and stored strings (prompts, labels, reasons, names) go into Markdown only
 through ``literal`` (or ``code_span``): Markdown would otherwise load their images, follow
@@ -25,7 +26,6 @@ from sqlalchemy.orm import Session
 
 from flywheel.db.engine import create_db_engine
 from flywheel.settings import Settings, get_settings
-from training.io import local_path
 
 PAGE_SIZE = 25
 REVIEWER = "reviewer"
@@ -122,28 +122,30 @@ def sign_in_panel() -> None:
                 st.rerun()
 
 
-def image_file(uri: str) -> Path | None:
-    """The local file a file:// URI names, if it is an image PIL can read; else ``None``
-    (a stored URI is whatever a product app sent: a text file, a directory, a bomb)."""
-    path = local_path(uri)
-    if path is None or not path.is_file():
-        return None
+def image_to_show(uri: str) -> Image.Image | str:
+    """The image ``uri`` names, read through the image policy in force
+    (:func:`~flywheel.media.access.image_policy`) and decoded, or why it is not shown: a
+    stored URI is whatever a product app sent (a file outside the allowed roots, a private
+    address, a text file, a bomb)."""
+    from flywheel.media.access import ImageReadError, ImageRefused, image_policy
+    from flywheel.project import ProjectError
+
     try:
-        with Image.open(path) as opened:
-            opened.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-    return path
+        return image_policy().read_image(uri)
+    except (ImageRefused, ImageReadError, ProjectError) as exc:
+        return str(exc)
 
 
 def show_image(uri: str | None, *, caption: str | None = None, width: int = 128) -> None:
-    """A local image by its file:// URI (remote ones, and files that are not images, are
-    named, not shown)."""
-    path = image_file(uri) if uri else None
-    if path is not None:
-        st.image(str(path), caption=literal(caption) if caption else None, width=width)
-    elif uri:
-        st.caption(literal(f"{caption + ': ' if caption else ''}{uri}"))
+    """An image by its URI, where the image policy reads it; else a line saying why not."""
+    if not uri:
+        return
+    shown = image_to_show(uri)
+    if isinstance(shown, Image.Image):
+        shown.thumbnail((2 * width, 2 * width))
+        st.image(shown, caption=literal(caption) if caption else None, width=width)
+    else:
+        st.caption(literal(f"{caption + ': ' if caption else ''}image not shown: {shown}"))
 
 
 def page(title: str) -> None:

@@ -238,8 +238,8 @@ def seeded(
     monkeypatch.setenv("FLYWHEEL_DATABASE_URL", fresh_engine.url.render_as_string(False))
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
-    with Session(fresh_engine) as session:
-        ids = _seed(session, tmp_path / "images")
+    with Session(fresh_engine) as session:  # images under the home: the policy reads them
+        ids = _seed(session, tmp_path / "home" / "images")
     yield fresh_engine, ids
     get_settings.cache_clear()
 
@@ -317,27 +317,41 @@ def test_literal_escapes_markdown_and_shows_control_characters() -> None:
     assert code_span(":material/home:") == f"` :{WORD_JOINER}material/home: `"
 
 
-def test_image_uris_that_are_not_images_are_named_not_shown(tmp_path: Path) -> None:
-    from dashboard.common import image_file, literal
+def test_image_uris_that_are_not_images_are_named_not_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dashboard.common import image_to_show, literal
 
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))  # the images' root
+    monkeypatch.chdir(tmp_path)  # no project file: the embedded world's image policy
+    monkeypatch.delenv("FLYWHEEL_PROJECT", raising=False)
+    get_settings.cache_clear()
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
     real = tmp_path / "real.png"
     Image.new("RGB", (4, 4)).save(real)
-    assert image_file(real.as_uri()) == real
+    shown = image_to_show(real.as_uri())
+    assert isinstance(shown, Image.Image)
+    assert shown.size == (4, 4)
     for uri in (text.as_uri(), truncated.as_uri(), tmp_path.as_uri(), "file:///no/such.png"):
-        assert image_file(uri) is None, uri
+        assert isinstance(image_to_show(uri), str), uri
 
     def draw(uri: str) -> None:
         from dashboard.common import show_image
 
         show_image(uri, caption="hostile")
 
-    shown = AppTest.from_function(draw, args=(text.as_uri(),)).run()
-    assert not shown.exception
-    assert [c.value for c in shown.caption] == [literal(f"hostile: {text.as_uri()}")]
+    drawn = AppTest.from_function(draw, args=(text.as_uri(),)).run()
+    get_settings.cache_clear()
+    assert not drawn.exception
+    assert [c.value for c in drawn.caption] == [
+        literal(
+            f"hostile: image not shown: {text.as_uri()} is not an image that can be read "
+            "(not PNG, JPEG, WEBP, GIF, BMP or TIFF)"
+        )
+    ]
 
 
 def test_hostile_strings_are_stored_verbatim(seeded: tuple[Engine, dict[str, int]]) -> None:
@@ -414,6 +428,39 @@ def test_hostile_strings_render_escaped(seeded: tuple[Engine, dict[str, int]]) -
             .order_by(CaseRoute.id.desc())
         ).first()
     assert reason == f"why {HOSTILE}"
+
+
+def test_a_signal_naming_an_image_the_policy_refuses_is_stored_and_triage_says_why(
+    seeded: tuple[Engine, dict[str, int]], tmp_path: Path
+) -> None:
+    engine, ids = seeded
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (4, 4), "red").save(outside)  # an image, but under no root
+    refused = {
+        outside.as_uri(): "is outside the allowed roots",
+        "file:///etc/passwd": "is outside the allowed roots",
+        "https://169.254.169.254/x.png": ": host 169.254.169.254 is not an allowed https host",
+    }
+    with Session(engine) as session:  # an app's feedback on the case awaiting triage
+        stored = insert_signals(
+            session,
+            signals=[
+                stored_signal(f"far-{k}", HOSTILE, kind=SignalKind.FLAGS, image_uri=uri)
+                for k, uri in enumerate(refused)
+            ],
+        )
+        session.add_all(CaseSignal(case_id=ids["case"], signal_id=s.id) for s in stored)
+        session.commit()
+        uris = session.scalars(
+            sql("select image_uri from signals where event_id like 'far-%' order by id")
+        )
+        assert list(uris) == list(refused)  # stored as sent
+    triage = _app("triage", reviewer="alice")
+    captions = [c.value for c in triage.caption]
+    for row, (uri, why) in zip(stored, refused.items(), strict=True):
+        line = literal(f"#{row.id}: image not shown: {uri}{'' if why[0] == ':' else ' '}{why}")
+        assert any(line in caption for caption in captions), (line, captions)
+    assert len(triage.get("image")) == 1  # the case's own image, under the home
 
 
 def test_sign_in_with_a_review_key(seeded: tuple[Engine, dict[str, int]]) -> None:

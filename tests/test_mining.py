@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from flywheel.cases.service import collect_failures
 from flywheel.cases.themes import assign_themes
 from flywheel.db.engine import session_factory
 from flywheel.db.models import FailureCase, FailureCluster, Signal, SignalKind, SignalSource
+from flywheel.media.access import SCHEMES, ImageAccessConfig, ImagePolicy
 from flywheel.mining.miners import (
     MINER_APP,
     ProbeBatch,
@@ -50,6 +52,7 @@ from model.pipeline import Generator
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
 from tests.helpers import stored_signal
+from tests.test_image_access import opened_files
 from training.io import local_path
 
 BAND = 50_000_000
@@ -179,8 +182,10 @@ def test_scan_flags_generations_the_reward_rejects(fresh_engine: Engine, tmp_pat
     # A signal whose image is gone is skipped, not a failure of the scan.
     local_path(rows[1].image_uri or "").unlink()  # type: ignore[union-attr]
     sessions = session_factory(fresh_engine)
-    report = scan_generations(sessions, reward=load_world_reward(), chunk=64)
+    policy = ImagePolicy(ImageAccessConfig(), home=tmp_path)  # the images are under the home
+    report = scan_generations(sessions, reward=load_world_reward(), chunk=64, policy=policy)
     assert report.examined == len(cases) - 1
+    assert [signal for signal, _ in report.unreadable] == [ids[1]]
     assert report.last_signal_id == ids[-1]
     flagged = {int(e.split(":")[1]) for e in report.hit_event_ids}
     wrong = {ids[k] for k in swapped}
@@ -188,12 +193,63 @@ def test_scan_flags_generations_the_reward_rejects(fresh_engine: Engine, tmp_pat
     false_alarms = len(flagged - wrong) / (len(cases) - 1 - len(wrong))
     assert recall >= 0.6, (recall, false_alarms)
     assert false_alarms <= 0.05, (recall, false_alarms)
-    assert scan_generations(sessions, reward=load_world_reward(), chunk=64).stored == 0
+    again = scan_generations(sessions, reward=load_world_reward(), chunk=64, policy=policy)
+    assert again.stored == 0
     # Nothing after the last id: the next scan examines nothing.
-    later = scan_generations(sessions, reward=load_world_reward(), after_id=ids[-1])
+    later = scan_generations(sessions, reward=load_world_reward(), after_id=ids[-1], policy=policy)
     with pytest.raises(ValueError, match="min_rank"):
-        scan_generations(sessions, reward=load_world_reward(), min_rank=0.0)
+        scan_generations(sessions, reward=load_world_reward(), min_rank=0.0, policy=policy)
     assert (later.examined, later.last_signal_id) == (0, ids[-1])
+
+
+def test_a_scan_reads_no_image_the_policy_refuses_and_reports_why(
+    fresh_engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    allowed = []
+    for k in range(3):
+        pixels = torch.zeros(3, 32, 32)
+        pixels[k] = 1.0
+        allowed.append(store_png(pixels, root)[0])
+    secret = store_png(torch.ones(3, 32, 32), outside)[0]  # an image, but outside the roots
+    refused = {
+        secret: f"{secret} is outside the allowed roots",
+        "file:///etc/passwd": "file:///etc/passwd is outside the allowed roots",
+        "https://169.254.169.254/latest/meta-data/x.png": (
+            "https://169.254.169.254/latest/meta-data/x.png: host 169.254.169.254 is not an "
+            "allowed https host"
+        ),
+        "data:image/png;base64,iVBORw0KGgo=": "data:image/png;base64,iVBORw0KGgo=: data: URIs "
+        f"are never read (only {SCHEMES})",
+    }
+    uris = [*allowed, *refused]
+    rows = [
+        stored_signal(f"gen-{k}", f"a square {k}", image_uri=uri, thumbs_up=True)
+        for k, uri in enumerate(uris)
+    ]
+    sessions = session_factory(fresh_engine)
+    with sessions() as session:
+        ids = [row.id for row in insert_signals(session, signals=rows)]
+        session.commit()
+    policy = ImagePolicy(ImageAccessConfig(file_roots=[root]), home=tmp_path / "home")
+    reward = load_world_reward()
+    with (
+        caplog.at_level(logging.WARNING, logger="flywheel.mining.miners"),
+        opened_files() as opened,
+    ):
+        report = scan_generations(sessions, reward=reward, policy=policy)
+    assert report.examined == 3  # the allowed images only
+    assert report.refused == [(ids[k], refused[uri]) for k, uri in enumerate(uris) if k >= 3]
+    assert report.as_dict()["refused"][0] == {"signal_id": ids[3], "reason": refused[secret]}
+    assert not [p for p in opened if p.startswith(str(outside)) or p == "/etc/passwd"], opened
+    assert [r.getMessage() for r in caplog.records] == [
+        f"scan: signal {ids[k]}: image refused: {refused[uri]}"
+        for k, uri in enumerate(uris)
+        if k >= 3
+    ]
+    with sessions() as session:  # stored as sent, never read
+        query = select(Signal.image_uri).where(Signal.id.in_(ids[3:])).order_by(Signal.id)
+        assert list(session.scalars(query)) == list(refused)
 
 
 RED = "A picture with a white background showing a large red circle at the centre."
@@ -260,7 +316,8 @@ def test_tasks_on_a_worker_over_redis(
     app = redis_app
     assert not app.conf.task_always_eager
     cases = probes("colour", 8, band=BAND)
-    _store_generations(fresh_engine, cases, tmp_path, [c.prompt for c in cases])
+    home = Path(get_settings().home)  # the worker reads images through the policy in force
+    _store_generations(fresh_engine, cases, home / "generations", [c.prompt for c in cases])
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
         scan = app.tasks[SCAN_TASK].apply_async(kwargs={"reward_dir": str(BASE_REWARD)})
         near = app.tasks[NEAR_TASK].apply_async(kwargs={})
