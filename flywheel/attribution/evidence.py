@@ -22,19 +22,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
 from qdrant_client import QdrantClient
 from torch import Tensor
 
 from flywheel.db.models import Task
-from flywheel.world.benchmark import BenchmarkCase
-from flywheel.world.evaluation import score_case
-from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
 from model.reward import AlignmentReward, rank_batches, rank_matrix
 from retrieval.embedding import TextEmbedder
 from retrieval.scarcity import Calibration, ScarcityConfig, diagnose
+
+if TYPE_CHECKING:  # the world's evaluator judges world scenes: imported when one is judged
+    from flywheel.world.benchmark import BenchmarkCase
+    from flywheel.world.evaluator import Evaluator
 
 FLAGS = ("text_wrong", "artifact", "ignored_instruction", "wrong_count", "wrong_color", "other")
 """The feedback flags the API accepts (features one by one)."""
@@ -59,6 +61,10 @@ class CaseView:
     negative_feedback: int = 0
     """Thumbs down and low ratings among them."""
     flags: tuple[str, ...] = ()
+    spec: dict[str, JsonValue] | None = None
+    """What the case asked for, structured (a team's judge spec from a signal's
+    ``details["spec"]``; the world's intended scene is :attr:`scene`): the judge port reads it
+    in the rewrite test on a team's stack."""
 
 
 class Evidence(BaseModel):
@@ -128,6 +134,8 @@ class EvidenceTools:
 
 
 def _scene_score(scene: BenchmarkCase, image: Tensor, evaluator: Evaluator) -> tuple[float, bool]:
+    from flywheel.world.evaluation import score_case
+
     result = score_case(scene, image, evaluator=evaluator)
     return result.score, result.passed
 

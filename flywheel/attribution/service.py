@@ -7,6 +7,13 @@ a human or another router settled meanwhile is left as it is. A case decided wit
 ``min_confidence`` becomes ``routed``; one below waits for human triage
 (``awaiting_triage``, with a ``triage_case`` review item holding the evidence).
 
+The evidence and the decision are the caller's: ``tools`` gathers the world's evidence
+(:func:`~flywheel.attribution.evidence.gather_evidence`), ``gather`` any other's (a team's
+stack: :func:`~flywheel.attribution.stack_evidence.gather_stack_evidence`); the router is a
+fitted :class:`~flywheel.attribution.classifier.TrackClassifier` or, before enough human
+decisions exist, the cold-start rules (:mod:`flywheel.attribution.rules`) — any
+:class:`Router`.
+
 :func:`override_route` records a human's route (``decided_by = human``) — for a case in
 triage or one the model routed — settles its pending triage items, and from then on the
 case is a labeled example: :func:`override_examples` hands every human route, with the
@@ -17,10 +24,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 from sqlalchemy.orm import Session
 
 from flywheel.attribution import repository
@@ -44,7 +52,9 @@ from flywheel.db.models import (
     Track,
 )
 from flywheel.review import repository as review_repository
-from flywheel.world.benchmark import BenchmarkCase
+
+if TYPE_CHECKING:  # a world scene is parsed only when a signal carries one
+    from flywheel.world.benchmark import BenchmarkCase
 
 
 class CaseNotFoundError(LookupError):
@@ -53,6 +63,35 @@ class CaseNotFoundError(LookupError):
 
 class CaseClosedError(ValueError):
     """The case is fixed, dismissed or in a training round: its route can no longer change."""
+
+
+Gather = Callable[[Sequence[CaseView]], list[Evidence]]
+"""The evidence of each case view, in order."""
+
+
+class RouterSettings(Protocol):
+    """What :func:`attribute_open_cases` reads of a router's config."""
+
+    @property
+    def min_confidence(self) -> float:
+        """Below this a case waits for human triage."""
+        ...
+
+
+class Router(Protocol):
+    """Evidence in, a :class:`~flywheel.attribution.classifier.Decision` per case out: a
+    fitted :class:`~flywheel.attribution.classifier.TrackClassifier`, or the cold-start
+    :class:`~flywheel.attribution.rules.RuleRouter`."""
+
+    @property
+    def config(self) -> RouterSettings: ...
+
+    @property
+    def examples(self) -> dict[str, int]:
+        """Labeled examples per track it learnt from (none for rules)."""
+        ...
+
+    def decide(self, evidence: Sequence[Evidence]) -> list[Decision]: ...
 
 
 class AttributionReport(BaseModel):
@@ -70,7 +109,21 @@ class AttributionReport(BaseModel):
     seconds: float
 
 
+def _spec(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
+    """The first signal's judge spec that is not the world's ``{"case": scene}`` form."""
+    for signal in signals:
+        details = signal.details if isinstance(signal.details, dict) else {}
+        spec = details.get("spec")
+        if isinstance(spec, dict) and not isinstance(spec.get("case"), dict):
+            return dict(spec)
+    return None
+
+
 def _scene(signals: Sequence[Signal]) -> BenchmarkCase | None:
+    if not any(_world_scene(s) for s in signals):
+        return None
+    from flywheel.world.benchmark import BenchmarkCase
+
     for signal in signals:
         details = signal.details if isinstance(signal.details, dict) else {}
         spec = details.get("spec")
@@ -80,6 +133,12 @@ def _scene(signals: Sequence[Signal]) -> BenchmarkCase | None:
             except ValidationError:
                 continue
     return None
+
+
+def _world_scene(signal: Signal) -> bool:
+    details = signal.details if isinstance(signal.details, dict) else {}
+    spec = details.get("spec")
+    return isinstance(spec, dict) and isinstance(spec.get("case"), dict)
 
 
 def _negative(signal: Signal) -> bool:
@@ -93,7 +152,8 @@ def _negative(signal: Signal) -> bool:
 
 def case_views(session: Session, cases: Sequence[FailureCase]) -> list[CaseView]:
     """What attribution reads of each case: prompt, task, skill, the intended scene (from an
-    evaluated signal), signals per source, negative feedback and flags."""
+    evaluated signal) or a team's judge spec, signals per source, negative feedback and
+    flags."""
     signals = repository.case_signals(session, case_ids=[c.id for c in cases])
     views = []
     for case in cases:
@@ -105,6 +165,7 @@ def case_views(session: Session, cases: Sequence[FailureCase]) -> list[CaseView]
                 prompt=case.prompt,
                 skill=case.skill,
                 scene=_scene(mine),
+                spec=_spec(mine),
                 sources=dict(Counter(s.source.value for s in mine)),
                 negative_feedback=sum(_negative(s) for s in mine),
                 flags=tuple(sorted({f for s in mine for f in (s.flags or [])})),
@@ -121,15 +182,38 @@ def _route_evidence(evidence: Evidence, decision: Decision) -> dict[str, object]
     }
 
 
+def _decider_ref(classifier: Router, decision: Decision, reference: str) -> str:
+    """Who decided: a router's own name for its rule decisions (the cold-start rules:
+    ``rules:cold-start``), a classifier's decisive rewrite rule, else the classifier."""
+    if decision.rule is None:
+        return reference
+    own = getattr(classifier, "decider_ref", None)
+    return own if isinstance(own, str) else "rule:rewrite"
+
+
 def attribute_open_cases(
     session: Session,
     *,
-    tools: EvidenceTools,
-    classifier: TrackClassifier,
+    tools: EvidenceTools | None = None,
+    classifier: Router,
+    gather: Gather | None = None,
     limit: int | None = None,
     batch_size: int = 64,
 ) -> AttributionReport:
-    """Route open cases (see the module docstring); commits batch by batch."""
+    """Route open cases (see the module docstring); commits batch by batch.
+
+    The evidence comes from ``gather`` (any stack's) or, when it is None, from the world's
+    ``tools``; one of the two must be given."""
+    if gather is not None and tools is not None:
+        raise ValueError("attribute_open_cases: give the world's tools or a gather, not both")
+    if gather is None:
+        if tools is None:
+            raise ValueError("attribute_open_cases: give the world's tools or a gather")
+        world_tools: EvidenceTools = tools
+
+        def gather(views: Sequence[CaseView]) -> list[Evidence]:
+            return gather_evidence(views, world_tools)
+
     started = time.perf_counter()
     routed: Counter[str] = Counter()
     triage = by_rule = total = 0
@@ -144,7 +228,7 @@ def attribute_open_cases(
         after_id = cases[-1].id
         views = case_views(session, cases)
         session.rollback()  # no transaction (and no lock) while the evidence is gathered
-        evidence = gather_evidence(views, tools)
+        evidence = gather(views)
         decisions = classifier.decide(evidence)
         locked = repository.lock_still_open(session, case_ids=[v.case_id or 0 for v in views])
         for view, found, decision in zip(views, evidence, decisions, strict=True):
@@ -159,7 +243,7 @@ def attribute_open_cases(
                 confidence=decision.confidence,
                 evidence=payload,
                 decided_by=Decider.MODEL,
-                decider_ref="rule:rewrite" if decision.rule else reference,
+                decider_ref=_decider_ref(classifier, decision, reference),
                 reason=decision.rule,
             )
             if decision.confidence >= threshold:

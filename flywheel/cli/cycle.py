@@ -124,11 +124,18 @@ def cycle_command(
     config = load_cycle_config(config_file, dry_run=dry_run)
     if config.auto_approve:
         fail("auto_approve is for `flywheel demo` only: a cycle's final review is a human's")
+    from flywheel.project import ProjectError, load_project
+
+    try:
+        project = load_project()
+    except ProjectError as exc:
+        fail(str(exc))
+    if dry_run and not project.is_world:
+        fail("--dry-run plans the embedded world's cycle only, not yet a project's stack")
     settings = get_settings()
     with database(settings):
         pass  # one-line failure when the database is unreachable
     from flywheel.cycle.lock import CycleBusyError
-    from flywheel.cycle.plan import CyclePlan
     from flywheel.cycle.runner import run_cycle
 
     try:
@@ -140,9 +147,15 @@ def cycle_command(
     if as_json:
         typer.echo(result.model_dump_json())
         return
-    if isinstance(result, CyclePlan):
+    if config.dry_run:
+        from flywheel.cycle.plan import CyclePlan
+
+        assert isinstance(result, CyclePlan)
         _plan_table(result)
         return
+    from flywheel.cycle.flow import CycleOutcome
+
+    assert isinstance(result, CycleOutcome)
     outcome_table(result)
     if result.status == "awaiting_review":
         console.print(

@@ -15,7 +15,6 @@ from sqlalchemy.exc import OperationalError
 from flywheel.cli.output import console, fail
 from flywheel.cli.services import database
 from flywheel.settings import get_settings
-from flywheel.world.benchmark import SKILLS
 
 mine_app = typer.Typer(
     help="Bad-case mining: send miner tasks to the workers (in-process without Redis).",
@@ -114,7 +113,13 @@ TimeoutOption = Annotated[
 
 @mine_app.command("probe")
 def mine_probe(
-    skill: Annotated[str, typer.Option(help=f"Skill to probe: {', '.join(SKILLS)}.")],
+    skill: Annotated[
+        str,
+        typer.Option(
+            help="Skill to probe: shape, colour, count, relation, text-latin, "
+            "text-logographic, editing, terse."
+        ),
+    ],
     count: Annotated[int, typer.Option(min=1, help="Probe cases.")] = 64,
     band: Annotated[int, typer.Option(min=0, help="Seed band of the probe scenes.")] = PROBE_BAND,
     seed: Annotated[int, typer.Option(help="Noise seed of the first chunk.")] = 0,
@@ -135,6 +140,7 @@ def mine_probe(
 ) -> None:
     """Targeted mining: generate a skill's probes, store the failing ones as mining hits."""
     from flywheel.world.base_model import BASE_REWARD
+    from flywheel.world.benchmark import SKILLS
     from flywheel.world.evaluation import BASE_MODEL
     from retrieval.embedding import weights_digest
 
@@ -168,7 +174,11 @@ def mine_scan(
     after_id: Annotated[int, typer.Option(min=0, help="Scan signals after this id.")] = 0,
     limit: Annotated[int, typer.Option(min=1, help="Signals to scan at most.")] = 256,
     reward: Annotated[
-        Path | None, typer.Option(help="Reward model directory (default: the shipped one).")
+        Path | None,
+        typer.Option(
+            help="An open_clip reward directory (default: the project's [reward]; the embedded "
+            "world's shipped reward)."
+        ),
     ] = None,
     wait: WaitOption = True,
     as_json: JsonOption = False,
@@ -176,12 +186,24 @@ def mine_scan(
 ) -> None:
     """Score stored generations with the reward model; store the ones it rejects as hits."""
     from flywheel.mining.tasks import SCAN_TASK
-    from flywheel.world.base_model import BASE_REWARD
+    from flywheel.project import ProjectError, load_project
 
-    reward_dir = (reward or BASE_REWARD).resolve()
-    if not (reward_dir / "open_clip_config.json").is_file():
+    try:
+        project = load_project()
+    except ProjectError as exc:
+        fail(str(exc))
+    reward_dir: Path | None = reward.resolve() if reward is not None else None
+    if reward_dir is None and project.is_world:
+        from flywheel.world.base_model import BASE_REWARD
+
+        reward_dir = BASE_REWARD.resolve()
+    if reward_dir is not None and not (reward_dir / "open_clip_config.json").is_file():
         fail(f"{reward_dir}: not a reward model directory (no open_clip_config.json)")
-    kwargs = {"reward_dir": str(reward_dir), "after_id": after_id, "limit": limit}
+    kwargs = {
+        "reward_dir": str(reward_dir) if reward_dir is not None else None,
+        "after_id": after_id,
+        "limit": limit,
+    }
     _send(SCAN_TASK, kwargs, wait=wait, as_json=as_json, timeout=timeout)
 
 

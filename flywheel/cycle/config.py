@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.tracks.pretraining_gap import GapTrackConfig
-from flywheel.tracks.prompt_enhancer import PromptEnhancerTrackConfig
-from flywheel.tracks.rl import RLTrackConfig
+if TYPE_CHECKING:  # the world's track configs: imported only when the world's steps ask
+    from flywheel.tracks.pretraining_gap import GapTrackConfig
+    from flywheel.tracks.prompt_enhancer import PromptEnhancerTrackConfig
+    from flywheel.tracks.rl import RLTrackConfig
 
 
 class CycleConfig(BaseModel):
@@ -56,13 +59,19 @@ class CycleConfig(BaseModel):
     the cycle on its own). Above 0: the flow run pauses (Prefect) for up to this long,
     holding the cycle lock, and the reviewer's decision resumes it."""
     seed: int = 0
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    """Where a project's models run during the cycle (the embedded world: always the CPU)."""
 
     def prompt_enhancer(self) -> PromptEnhancerTrackConfig:
+        from flywheel.tracks.prompt_enhancer import PromptEnhancerTrackConfig
+
         return PromptEnhancerTrackConfig(
             steps=self.pe_steps, pairs_per_concept=self.pe_pairs_per_concept, seed=self.seed
         )
 
     def pretraining_gap(self) -> GapTrackConfig:
+        from flywheel.tracks.pretraining_gap import GapTrackConfig
+
         return GapTrackConfig(
             steps=self.gap_steps,
             vae_steps=self.gap_vae_steps,
@@ -72,6 +81,8 @@ class CycleConfig(BaseModel):
         )
 
     def rl(self) -> RLTrackConfig:
+        from flywheel.tracks.rl import RLTrackConfig
+
         return RLTrackConfig(
             steps=self.rl_steps,
             pairs_per_category=self.rl_pairs_per_category,

@@ -1,4 +1,6 @@
-"""The cycle as a Prefect 3 flow: small tasks over :mod:`flywheel.cycle.service`.
+"""The cycle as a Prefect 3 flow: small tasks over the cycle's steps — the embedded world's
+(:mod:`flywheel.cycle.service`) or, when the project file names a team's stack, the ports'
+(:mod:`flywheel.cycle.stack_steps`), and the steps both share (:mod:`flywheel.cycle.steps`).
 
 ``cycle_flow`` holds the cycle lock (one cycle at a time, any host on the database), opens
 or resumes the cycle, and runs attribute → prepare rounds → each round → candidate →
@@ -34,11 +36,13 @@ from qdrant_client import QdrantClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from flywheel.cycle import service
+from flywheel.cycle import steps
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import cycle_lock
 from flywheel.db.engine import create_db_engine
 from flywheel.db.models import Cycle, CycleStatus
+from flywheel.parts import Parts
+from flywheel.project import Project, load_project
 from flywheel.settings import Settings, get_settings
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig, open_qdrant, qdrant_config
@@ -69,6 +73,8 @@ class CycleRuntime:
     qdrant: QdrantConfig
     embedder: TextEmbedder
     progress: bool
+    parts: Parts | None
+    """A project's parts (its stack, through the ports); None: the embedded world."""
 
 
 def _cycle(session: Session, cycle_id: int) -> Cycle:
@@ -94,48 +100,92 @@ def _with_indexes(runtime: CycleRuntime, cycle_id: int, step: Callable[..., T]) 
 @task(name="attribute", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def attribute_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
     """Turn signals into cases, theme them and route them."""
-    return _with_indexes(runtime, cycle_id, service.attribute)
+    if runtime.parts is None:
+        from flywheel.cycle import service
+
+        return _with_indexes(runtime, cycle_id, service.attribute)
+    from flywheel.cycle import stack_steps
+
+    with Session(runtime.engine) as session:
+        return stack_steps.attribute(
+            session,
+            _cycle(session, cycle_id),
+            parts=runtime.parts,
+            client=runtime.client,
+            qdrant=runtime.qdrant,
+            embedder=runtime.embedder,
+        )
 
 
 @task(name="prepare-rounds", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def prepare_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
     """Build each track's artefact, review item and pending round."""
-    return _with_indexes(runtime, cycle_id, service.prepare_rounds)
+    if runtime.parts is None:
+        from flywheel.cycle import service
+
+        return _with_indexes(runtime, cycle_id, service.prepare_rounds)
+    from flywheel.cycle import stack_steps
+
+    with Session(runtime.engine) as session:
+        return stack_steps.prepare_rounds(
+            session,
+            _cycle(session, cycle_id),
+            home=runtime.home,
+            parts=runtime.parts,
+            client=runtime.client,
+            qdrant=runtime.qdrant,
+            embedder=runtime.embedder,
+        )
 
 
 @task(name="training-round", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def round_task(runtime: CycleRuntime, round_id: int) -> dict[str, Any]:
-    """Train one round, resuming from its checkpoints."""
+    """Train one round (in-process, or through the project's launcher), resuming from its
+    checkpoints."""
     with Session(runtime.engine) as session:
-        return service.run_round(session, round_id, home=runtime.home, progress=runtime.progress)
+        if runtime.parts is None:
+            from flywheel.cycle import service
+
+            return service.run_round(
+                session, round_id, home=runtime.home, progress=runtime.progress
+            )
+        from flywheel.cycle import stack_steps
+
+        return stack_steps.run_round(session, round_id, home=runtime.home, parts=runtime.parts)
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def candidate_task(runtime: CycleRuntime, cycle_id: int) -> int:
     """Register the candidate model version."""
     with Session(runtime.engine) as session:
-        return service.register_candidate(session, _cycle(session, cycle_id))
+        return steps.register_candidate(session, _cycle(session, cycle_id))
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def evaluate_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
     """Evaluate base and candidate on the slices, the regression suite and the scenarios."""
     with Session(runtime.engine) as session:
-        return service.evaluate(session, _cycle(session, cycle_id))
+        if runtime.parts is None:
+            from flywheel.cycle import service
+
+            return service.evaluate(session, _cycle(session, cycle_id))
+        from flywheel.cycle import stack_steps
+
+        return stack_steps.evaluate(session, _cycle(session, cycle_id), parts=runtime.parts)
 
 
 @task(name="gate-and-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def review_task(runtime: CycleRuntime, cycle_id: int) -> str:
     """Gate the candidate and ask for the final review."""
     with Session(runtime.engine) as session:
-        return service.request_review(session, _cycle(session, cycle_id)).value
+        return steps.request_review(session, _cycle(session, cycle_id)).value
 
 
 @task(name="close-without-rounds", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def close_task(runtime: CycleRuntime, cycle_id: int) -> str:
     """Close a cycle that had nothing to train."""
     with Session(runtime.engine) as session:
-        return service.close_without_rounds(session, _cycle(session, cycle_id)).value
+        return steps.close_without_rounds(session, _cycle(session, cycle_id)).value
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -146,21 +196,26 @@ def cycle_flow(config: CycleConfig | None = None, progress: bool = False) -> Cyc
         raise ValueError("the cycle flow does not plan: run_cycle plans a dry run")
     settings = get_settings()
     logger = get_run_logger()
+    project = load_project()
     engine = create_db_engine(settings, pool_size=2)
     try:
         with cycle_lock(engine):
             with Session(engine) as session:
-                cycle, resumed = service.open_cycle(session, config=config)
+                cycle, resumed = steps.open_cycle(
+                    session, config=config, register_base=project.is_world
+                )
                 cycle.flow_run_id = str(flow_run.get_id() or "") or cycle.flow_run_id
                 session.commit()
                 cycle_id = cycle.id
             logger.info("%s cycle %d", "resuming" if resumed else "started", cycle_id)
-            with _runtime(settings, engine, progress=progress) as runtime:
+            with _runtime(
+                settings, engine, project=project, device=config.device, progress=progress
+            ) as runtime:
                 try:
                     _steps(runtime, cycle_id, logger)
                 except Exception as exc:
                     with Session(engine) as session:
-                        service.fail_cycle(session, cycle_id, error=f"{type(exc).__name__}: {exc}")
+                        steps.fail_cycle(session, cycle_id, error=f"{type(exc).__name__}: {exc}")
                     raise
             with Session(engine) as session:
                 cycle = _cycle(session, cycle_id)
@@ -192,7 +247,7 @@ def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
     status = review_task(runtime, cycle_id)
     logger.info("cycle %d is %s", cycle_id, status)
     with Session(runtime.engine) as session:
-        wait = service.cycle_config(_cycle(session, cycle_id)).review_wait_seconds
+        wait = steps.cycle_config(_cycle(session, cycle_id)).review_wait_seconds
     if status == CycleStatus.AWAITING_REVIEW.value and wait > 0:
         try:
             pause_flow_run(timeout=wait, poll_interval=max(1, min(10, wait // 20)))
@@ -203,7 +258,16 @@ def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
 
 
 @contextmanager
-def _runtime(settings: Settings, engine: Engine, *, progress: bool) -> Iterator[CycleRuntime]:
+def _runtime(
+    settings: Settings, engine: Engine, *, project: Project, device: str, progress: bool
+) -> Iterator[CycleRuntime]:
+    parts = None
+    if not project.is_world:
+        from flywheel.adapters.base import AdapterContext
+        from flywheel.parts import build_parts
+
+        context = AdapterContext(root=project.root, home=settings.home, device=device)
+        parts = build_parts(project, context)
     qdrant = qdrant_config(settings)
     client = open_qdrant(qdrant)
     try:
@@ -214,6 +278,7 @@ def _runtime(settings: Settings, engine: Engine, *, progress: bool) -> Iterator[
             qdrant=qdrant,
             embedder=TextEmbedder(),
             progress=progress,
+            parts=parts,
         )
     finally:
         client.close()

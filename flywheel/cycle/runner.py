@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flywheel.cycle.config import CycleConfig
-from flywheel.cycle.plan import CyclePlan, plan_cycle
 from flywheel.db.engine import create_db_engine
 from flywheel.settings import get_settings, prefect_environment
 
 if TYPE_CHECKING:
     from flywheel.cycle.flow import CycleOutcome
+    from flywheel.cycle.plan import CyclePlan
 
 
 def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | CyclePlan:
@@ -18,6 +18,8 @@ def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | 
     outcome of :func:`~flywheel.cycle.flow.cycle_flow`."""
     settings = get_settings()
     if config.dry_run:
+        from flywheel.cycle.plan import plan_cycle
+
         engine = create_db_engine(settings, pool_size=2)
         try:
             return plan_cycle(engine, config=config, home=settings.home)

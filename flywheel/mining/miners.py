@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -54,14 +54,17 @@ from flywheel.db.models import (
     Task,
 )
 from flywheel.media.access import ImagePolicy, ImageReadError, ImageRefused, image_policy
+from flywheel.ports import RewardModel
 from flywheel.signals import repository
 from flywheel.signals.repository import NewSignal
 from flywheel.signals.service import canonical_json
-from flywheel.world.benchmark import SKILLS, BenchmarkCase, Skill, build_case
-from flywheel.world.evaluation import CaseResult, generate_cases, image_tensor, score_case
-from flywheel.world.evaluator import Evaluator
 from model.pipeline import Generator
 from model.reward import AlignmentReward, rank_batches, rank_matrix, ranks_from_scores
+
+if TYPE_CHECKING:  # the probe miner is the world's: imported when it runs
+    from flywheel.world.benchmark import BenchmarkCase, Skill
+    from flywheel.world.evaluation import CaseResult
+    from flywheel.world.evaluator import Evaluator
 from training.io import atomic_write_bytes
 
 MINER_APP = "miner"
@@ -191,6 +194,8 @@ class ProbeBatch:
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
+        from flywheel.world.benchmark import SKILLS
+
         if self.skill not in SKILLS:
             raise ValueError(f"unknown skill {self.skill!r}; known: {', '.join(SKILLS)}")
         if self.count < 1:
@@ -199,6 +204,8 @@ class ProbeBatch:
             raise ValueError(f"ProbeBatch.band must be >= 0, got {self.band}")
 
     def cases(self) -> list[BenchmarkCase]:
+        from flywheel.world.benchmark import build_case
+
         """The probe cases, always the same for the same fields."""
         self.validate()
         return [
@@ -263,6 +270,8 @@ def mine_probes(
 ) -> MiningReport:
     """Generate ``batch``'s probes with ``generator`` and store every failing one as a hit
     (see the module docstring); commits chunk by chunk."""
+    from flywheel.world.evaluation import generate_cases, score_case
+
     cases = batch.cases()
     report = MiningReport(miner="probe")
     with sessions() as session:
@@ -322,7 +331,7 @@ def _unmined(after_id: int, rules: FailureRules) -> Any:
 def scan_generations(
     sessions: Sessions,
     *,
-    reward: AlignmentReward,
+    reward: AlignmentReward | RewardModel,
     after_id: int = 0,
     limit: int = 256,
     chunk: int = 64,
@@ -349,7 +358,7 @@ def scan_generations(
         found: list[tuple[Signal, Tensor]] = []
         for signal in part:
             try:
-                found.append((signal, image_tensor(policy.read_image(signal.image_uri or ""))))
+                found.append((signal, _tensor(policy.read_image(signal.image_uri or ""))))
             except ImageRefused as refused:
                 report.refused.append((signal.id, str(refused)))
                 log.warning("scan: signal %d: image refused: %s", signal.id, refused)
@@ -360,11 +369,7 @@ def scan_generations(
         if len(found) < 2:  # images gone: nothing to rank this one against
             continue
         report.examined += len(found)
-        pixels = torch.cat([reward.preprocess(t.unsqueeze(0)) for _, t in found])
-        with torch.no_grad():
-            image_emb = reward.encode_preprocessed(pixels)  # (B, D)
-            text_emb = reward.encode_text(reward.tokenize([s.prompt for s, _ in found]))
-            scores = reward.scale * image_emb @ text_emb.T  # (B, B)
+        scores = _scores(reward, [t for _, t in found], [s.prompt for s, _ in found])  # (B, B)
         own = scores.diagonal()
         ranks = ranks_from_scores(scores).diagonal().tolist()
         hits = [
@@ -382,6 +387,30 @@ def scan_generations(
         ]
         _store(sessions, hits, report)
     return report
+
+
+def _tensor(image: Image.Image) -> Tensor:
+    """(3, H, W) float in [0, 1] of a decoded image."""
+    rgb = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    return rgb.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255
+
+
+def _scores(
+    reward: AlignmentReward | RewardModel, images: Sequence[Tensor], prompts: Sequence[str]
+) -> Tensor:
+    """Scores (B, B) of every image (its own size) under every prompt: an open_clip reward
+    in one pass; any other reward (a port) image by image."""
+    with torch.no_grad():
+        if isinstance(reward, AlignmentReward):
+            pixels = torch.cat([reward.preprocess(t.unsqueeze(0)) for t in images])
+            image_emb = reward.encode_preprocessed(pixels)  # (B, D)
+            text_emb = reward.encode_text(reward.tokenize(list(prompts)))
+            return reward.scale * image_emb @ text_emb.T
+        rows = [
+            reward.score(image.unsqueeze(0).expand(len(prompts), -1, -1, -1), list(prompts))
+            for image in images
+        ]
+        return torch.stack([r.float().reshape(-1) for r in rows])
 
 
 def _skill(signal: Signal) -> str | None:

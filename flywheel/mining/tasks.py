@@ -100,9 +100,23 @@ def _generator(directory: str) -> Any:
 
 @functools.cache
 def _reward(directory: str) -> Any:
-    from flywheel.world.base_model import load_world_reward
+    """An open_clip reward directory (the world's is one)."""
+    from flywheel.adapters.native import LocalReward
 
-    return load_world_reward(directory)
+    return LocalReward(Path(directory)).model
+
+
+@functools.cache
+def _project_reward() -> Any:
+    """The reward part of the project in force (its adapter, its settings)."""
+    from flywheel.adapters.base import AdapterContext
+    from flywheel.project import build_part, load_project
+
+    project = load_project()
+    context = AdapterContext(root=project.root, home=get_settings().home)
+    built = build_part(project, "reward", context)
+    assert built is not None
+    return built.part
 
 
 @functools.cache
@@ -149,13 +163,15 @@ def probe_task(
 
 
 @shared_task(name=SCAN_TASK, **_AT_LEAST_ONCE)
-def scan_task(*, reward_dir: str, after_id: int = 0, limit: int = 256) -> dict[str, Any]:
-    """Reward scan of stored generations (:func:`~flywheel.mining.miners.scan_generations`)."""
+def scan_task(
+    *, reward_dir: str | None = None, after_id: int = 0, limit: int = 256
+) -> dict[str, Any]:
+    """Reward scan of stored generations (:func:`~flywheel.mining.miners.scan_generations`)
+    with the reward at ``reward_dir``, else the project's reward part."""
     from flywheel.mining.miners import scan_generations
 
-    report = scan_generations(
-        _sessions(), reward=_reward(reward_dir), after_id=after_id, limit=limit
-    )
+    reward = _reward(reward_dir) if reward_dir is not None else _project_reward()
+    report = scan_generations(_sessions(), reward=reward, after_id=after_id, limit=limit)
     return report.as_dict()
 
 

@@ -1,0 +1,524 @@
+"""The cycle's stack-dependent steps on a project's ports (a team's stack): attribute,
+build each track's artefact, run its round through the launcher, evaluate through the judge.
+
+They write the same rows as the embedded world's steps (:mod:`flywheel.cycle.service`), so
+the shared steps (:mod:`flywheel.cycle.steps`: candidate, gate, review) and the reviewer's
+decision finish the cycle the same way. Nothing here imports the world.
+
+- **attribute**: signals to cases and themes, evidence through the ports
+  (:func:`~flywheel.attribution.stack_evidence.gather_stack_evidence`: the rewrite test
+  re-judged, density and tag rarity over the corpus index, the reward's rank), routed by the
+  cold-start rules until enough human triage decisions exist
+  (:func:`~flywheel.attribution.rules.cold_start_router`).
+- **prepare rounds**: per track with at least ``min_cases`` routed cases, its cases split
+  (:func:`~flywheel.tracks.routed.split_cases`): the train share builds the artefact
+  (:data:`~flywheel.tracks.specs.TRACK_SPECS`), the gate share is only ever judged.
+- **run a round**: its manifest written (``manifest.json``: base checkpoint, artefact files,
+  recipe, budget) before the launcher runs it; generator rounds chain.
+- **evaluate**: base and candidate — each its enhancer then its generator, as a product app
+  serves them — on every round case (which are fixed), the gate share (what the gate
+  counts), the regression suite (``suites``) and the active scenarios, all judged by the
+  judge port; never by a round's own reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, JsonValue
+from qdrant_client import QdrantClient
+from sqlalchemy.orm import Session
+
+from flywheel.attribution.rules import RuleRouterConfig, cold_start_router
+from flywheel.attribution.service import AttributionReport, attribute_open_cases
+from flywheel.attribution.stack_evidence import (
+    corpus_scarcity,
+    gather_stack_evidence,
+    tag_rarity,
+)
+from flywheel.cases.service import collect_failures
+from flywheel.cases.themes import assign_themes
+from flywheel.cycle import repository
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.registry import ModelBundle, bundle
+from flywheel.cycle.steps import (
+    ACTOR,
+    AUTO_REVIEWER,
+    ROUND_ORDER,
+    _note,
+    _summary,
+    base_model,
+    cycle_config,
+    cycle_dir,
+    cycle_rounds,
+    round_case_ids,
+    round_output,
+)
+from flywheel.db.models import (
+    CaseStatus,
+    Cycle,
+    FailureCase,
+    ReviewStatus,
+    RoundStatus,
+    Signal,
+    SignalKind,
+    Track,
+    TrainingRound,
+    TrainingRoundCase,
+)
+from flywheel.parts import Parts
+from flywheel.ports import (
+    ImageGenerator,
+    JudgeRequest,
+    PortName,
+    PromptEnhancer,
+    RoundManifest,
+    SuitePrompt,
+)
+from flywheel.project import PartSection, build_part
+from flywheel.review import repository as review_repository
+from flywheel.tracks.routed import CaseFeedback, RoutedCase, split_cases
+from flywheel.tracks.specs import TRACK_SPECS, TrackInputs
+from retrieval.embedding import TextEmbedder
+from retrieval.store import QdrantConfig, collection_name
+from training.io import atomic_write_text
+
+MANIFEST_FILE = "manifest.json"
+GATE_SEED = 1000
+"""Noise seed of the gate's first batch (unlike the rewrite test's)."""
+
+
+def _budget(track: Track, config: CycleConfig) -> dict[str, int]:
+    steps = {
+        Track.PRETRAINING_GAP: config.gap_steps,
+        Track.RL: config.rl_steps,
+        Track.PROMPT_ENHANCER: config.pe_steps,
+    }[track]
+    return {TRACK_SPECS[track].recipe: steps}
+
+
+# ---- 2. attribute ----------------------------------------------------------------------------
+
+
+def attribute(
+    session: Session,
+    cycle: Cycle,
+    *,
+    parts: Parts,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> dict[str, Any]:
+    """Collect, theme and route on the ports (once per cycle); what it did."""
+    done = _summary(cycle).get("attribution")
+    if done is not None:
+        return dict(done)
+    config = cycle_config(cycle)
+    collected = collect_failures(session)
+    assign_themes(session, embedder=embedder)
+    probe = corpus_scarcity(parts, client, qdrant, embedder)
+    rarity = tag_rarity(client, collection_name(qdrant, "prompts"))
+    router = cold_start_router(session, RuleRouterConfig(min_confidence=config.min_confidence))
+    attributed: AttributionReport = attribute_open_cases(
+        session,
+        gather=lambda views: gather_stack_evidence(
+            views, parts, scarcity=probe, rarity=rarity, seed=config.seed
+        ),
+        classifier=router,
+    )
+    report = {
+        "signals_collected": collected.signals_linked,
+        "cases_created": collected.cases_created,
+        "routed": attributed.routed,
+        "awaiting_triage": attributed.awaiting_triage,
+        "by_rule": attributed.by_rule,
+        "router": type(router).__name__,
+    }
+    _note(cycle, attribution=report)
+    session.commit()
+    return report
+
+
+# ---- 3. artefacts and rounds -----------------------------------------------------------------
+
+
+def _feedback(signal: Signal) -> CaseFeedback:
+    return CaseFeedback(
+        kind=signal.kind.value,
+        image_uri=signal.image_uri,
+        thumbs_up=signal.thumbs_up,
+        rating=signal.rating,
+        chosen_image_uri=signal.chosen_image_uri,
+        rejected_image_uri=signal.rejected_image_uri,
+        flags=tuple(signal.flags or ()),
+    )
+
+
+def _spec(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
+    for signal in signals:
+        details = signal.details if isinstance(signal.details, dict) else {}
+        spec = details.get("spec")
+        if isinstance(spec, dict):
+            return spec
+    return None
+
+
+def routed_cases(
+    session: Session, *, case_ids: Sequence[int] | None = None
+) -> dict[Track, list[tuple[RoutedCase, FailureCase]]]:
+    """The routed cases of each track (their current route), or the given cases'."""
+    pairs = repository.latest_routes(session, case_ids=case_ids)
+    cases = [case for _, case in pairs]
+    signals = repository.case_signals(session, case_ids=[c.id for c in cases])
+    by_prompt = repository.feedback_for_prompts(session, prompts=[c.prompt for c in cases])
+    labels = repository.cluster_labels(
+        session, cluster_ids=[c.cluster_id for c in cases if c.cluster_id is not None]
+    )
+    out: dict[Track, list[tuple[RoutedCase, FailureCase]]] = {t: [] for t in Track}
+    for route, case in pairs:
+        evidence = route.evidence if isinstance(route.evidence, dict) else {}
+        features = evidence.get("features")
+        reference = features.get("rewritten_prompt") if isinstance(features, dict) else None
+        mine = signals.get(case.id, [])
+        linked = {s.id for s in mine}
+        feedback = [s for s in mine if s.kind != SignalKind.EVALUATION_SAMPLE]
+        feedback += [s for s in by_prompt.get(case.prompt, []) if s.id not in linked]
+        routed = RoutedCase(
+            case_id=case.id,
+            prompt=case.prompt,
+            reference=str(reference or case.prompt),
+            spec=_spec(mine),
+            image_uri=case.image_uri,
+            theme=labels.get(case.cluster_id) if case.cluster_id is not None else None,
+            flags=tuple(sorted({f for s in mine for f in (s.flags or [])})),
+            feedback=tuple(_feedback(s) for s in sorted(feedback, key=lambda s: s.id)),
+        )
+        out[route.track].append((routed, case))
+    return out
+
+
+def prepare_rounds(
+    session: Session,
+    cycle: Cycle,
+    *,
+    home: Path,
+    parts: Parts,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> dict[str, Any]:
+    """Artefacts, review items and pending rounds of the tracks with work (once per cycle);
+    per track what was decided."""
+    done = _summary(cycle).get("tracks")
+    if done is not None:
+        return dict(done)
+    config = cycle_config(cycle)
+    by_track = routed_cases(session)
+    tracks: dict[str, Any] = {}
+    for track in ROUND_ORDER:
+        spec = TRACK_SPECS[track]
+        pairs = by_track[track]
+        train, held = split_cases([c for c, _ in pairs], seed=config.seed)
+        if len(pairs) < config.min_cases or not held:
+            tracks[track.value] = {
+                "cases": len(pairs),
+                "round": None,
+                "reason": f"{len(pairs)} routed case(s), fewer than min_cases={config.min_cases}",
+            }
+            continue
+        directory = cycle_dir(home, cycle.id) / track.value
+        artefact = spec.build(
+            TrackInputs(
+                cases=train,
+                parts=parts,
+                client=client,
+                qdrant=qdrant,
+                embedder=embedder,
+                out_dir=directory / "data",
+                seed=config.seed,
+                replay=config.gap_replay,
+            )
+        )
+        if isinstance(artefact, str):
+            tracks[track.value] = {"cases": len(pairs), "round": None, "reason": artefact}
+            continue
+        body = artefact.model_dump(mode="json")
+        split = {"train_cases": [c.case_id for c in train], "gate_cases": [c.case_id for c in held]}
+        round_ = TrainingRound(
+            cycle_id=cycle.id,
+            track=track,
+            recipe=spec.recipe,
+            status=RoundStatus.PENDING,
+            config={"budget": _budget(track, config), "seed": config.seed},
+            data_manifest={"artefact": body, "files": spec.files(artefact), **split},
+        )
+        session.add(round_)
+        session.flush()
+        for _, case in pairs:
+            session.add(TrainingRoundCase(training_round_id=round_.id, case_id=case.id))
+            case.status = CaseStatus.IN_ROUND
+        item = review_repository.add_item(
+            session,
+            kind=spec.review_kind,
+            title=spec.title(artefact, len(pairs)),
+            artefact={"track": track.value, "cases": [c.id for _, c in pairs], **split, **body},
+            actor=ACTOR,
+            cycle_id=cycle.id,
+            training_round_id=round_.id,
+        )
+        if config.auto_approve:
+            review_repository.decide_item(
+                session,
+                item=item,
+                status=ReviewStatus.APPROVED,
+                actor=AUTO_REVIEWER,
+                reason="demo mode: approved without a human",
+                at=datetime.now(UTC),
+            )
+        tracks[track.value] = {"cases": len(pairs), "round": round_.id, "review_item": item.id}
+    _note(cycle, tracks=tracks)
+    session.commit()
+    return tracks
+
+
+def _start(session: Session, cycle: Cycle, round_: TrainingRound) -> Path:
+    """The checkpoint a round starts from: the base's component, or for a generator round the
+    previous generator round's output."""
+    base = base_model(session, cycle)
+    component = TRACK_SPECS[round_.track].component
+    start = base.components()[component]
+    for earlier in cycle_rounds(session, cycle):
+        if earlier.id == round_.id:
+            break
+        if TRACK_SPECS[earlier.track].component == component:
+            start = round_output(earlier) or start
+    return start
+
+
+def write_round_manifest(
+    session: Session, round_: TrainingRound, *, home: Path, device: str
+) -> Path:
+    """The round's manifest (written once, before the round starts); its path."""
+    cycle = session.get(Cycle, round_.cycle_id)
+    assert cycle is not None
+    directory = cycle_dir(home, cycle.id) / round_.track.value
+    path = directory / MANIFEST_FILE
+    if path.is_file():
+        return path
+    data = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
+    settings = round_.config if isinstance(round_.config, dict) else {}
+    manifest = RoundManifest(
+        round_id=round_.id,
+        cycle_id=cycle.id,
+        track=round_.track.value,
+        recipe=TRACK_SPECS[round_.track].recipe,
+        base_checkpoint=str(_start(session, cycle, round_)),
+        artefacts={k: str(v) for k, v in dict(data.get("files", {})).items()},
+        budget={k: int(v) for k, v in dict(settings.get("budget", {})).items()},
+        settings={"seed": settings.get("seed", 0)},
+        output_dir=str(directory / "candidate"),
+        work_dir=str(directory / "work"),
+        device=device,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, manifest.model_dump_json(indent=1) + "\n")
+    return path
+
+
+def run_round(session: Session, round_id: int, *, home: Path, parts: Parts) -> dict[str, Any]:
+    """Launch the round from its manifest (a finished round returns what it recorded); its
+    metrics. Commits its status; a launcher's failure marks it failed and is raised."""
+    round_ = session.get(TrainingRound, round_id)
+    if round_ is None:
+        raise LookupError(f"no training round {round_id}")
+    if round_output(round_) is not None:
+        return dict(round_.metrics or {})
+    manifest = write_round_manifest(session, round_, home=home, device=parts.context.device)
+    round_.status = RoundStatus.RUNNING
+    round_.started_at = round_.started_at or datetime.now(UTC)
+    session.commit()
+    try:
+        result = parts.launcher.launch(manifest)
+    except BaseException as exc:
+        session.rollback()
+        round_.status = RoundStatus.FAILED
+        round_.metrics = {"error": f"{type(exc).__name__}: {exc}", "manifest": str(manifest)}
+        session.commit()
+        raise
+    round_.status = RoundStatus.SUCCEEDED
+    round_.finished_at = datetime.now(UTC)
+    round_.metrics = {
+        "output": str(result.checkpoint),
+        "manifest": str(manifest),
+        "stages": dict(result.metrics),
+    }
+    session.commit()
+    return dict(round_.metrics)
+
+
+# ---- 6. evaluate -----------------------------------------------------------------------------
+
+
+class Judged(BaseModel):
+    """One model on one set of prompts, as the judge saw it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cases: int
+    failures: int
+    failure_rate: float
+    failed: list[int | None]
+    """Ids of the failing cases (None: prompts without one)."""
+    score: float
+    """Mean verdict score."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Served:
+    """A model as an app serves it: its enhancer, then its generator."""
+
+    enhancer: PromptEnhancer
+    generator: ImageGenerator
+
+
+def _with_path(parts: Parts, port: PortName, directory: Path) -> Any:
+    """``port``'s part built from the project's section with ``path`` set to ``directory``."""
+    section = parts.project.section(port)
+    assert section is not None
+    moved = PartSection(adapter=section.adapter, **{**section.settings(), "path": str(directory)})
+    project = parts.project.model_copy(update={port: moved})
+    built = build_part(project, port, parts.context)
+    assert built is not None
+    return built.part
+
+
+def _served(parts: Parts, model: ModelBundle) -> _Served:
+    return _Served(
+        enhancer=_with_path(parts, "enhancer", model.enhancer),
+        generator=_with_path(parts, "generator", model.generator),
+    )
+
+
+def judge_prompts(
+    served: _Served,
+    prompts: Sequence[tuple[int | None, str, dict[str, JsonValue] | None]],
+    parts: Parts,
+    *,
+    seed: int,
+    batch_size: int = 8,
+) -> Judged:
+    """Rewrite, generate (seeded per batch) and judge each (case id, prompt, spec)."""
+    if not prompts:
+        return Judged(cases=0, failures=0, failure_rate=0.0, failed=[], score=0.0)
+    failed: list[int | None] = []
+    scores: list[float] = []
+    for k in range(0, len(prompts), batch_size):
+        batch = prompts[k : k + batch_size]
+        rewritten = served.enhancer.enhance([p for _, p, _ in batch])
+        images = served.generator.generate(rewritten, seed=seed + k // batch_size)
+        verdicts = parts.judge.judge(
+            [
+                JudgeRequest(prompt=prompt, image=image, spec=spec)
+                for (_, prompt, spec), image in zip(batch, images, strict=True)
+            ]
+        )
+        for (case_id, _, _), verdict in zip(batch, verdicts, strict=True):
+            scores.append(verdict.score)
+            if not verdict.passed:
+                failed.append(case_id)
+    return Judged(
+        cases=len(prompts),
+        failures=len(failed),
+        failure_rate=len(failed) / len(prompts),
+        failed=failed,
+        score=fmean(scores),
+    )
+
+
+def _suite(parts: Parts) -> list[SuitePrompt]:
+    """The regression suite: ``regression``, or ``standard`` while it is empty."""
+    cases = parts.suites.suite("regression")
+    return cases or parts.suites.suite("standard")
+
+
+def evaluate(session: Session, cycle: Cycle, *, parts: Parts) -> dict[str, Any]:
+    """Base and candidate through the judge (once per cycle); the figures, also per round."""
+    done = _summary(cycle).get("evaluation")
+    if done is not None:
+        return dict(done)
+    config = cycle_config(cycle)
+    assert cycle.candidate_model_version_id is not None
+    models = {
+        "before": _served(parts, base_model(session, cycle)),
+        "after": _served(parts, bundle(session, version_id=cycle.candidate_model_version_id)),
+    }
+    tracks: dict[str, Any] = {}
+    for round_ in cycle_rounds(session, cycle):
+        data = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
+        gate_ids = {int(i) for i in data.get("gate_cases", [])}
+        ids = round_case_ids(session, round_)
+        cases = [c for c, _ in routed_cases(session, case_ids=ids)[round_.track]]
+        prompts = [(c.case_id, c.prompt, c.spec) for c in cases]
+        results = {
+            when: judge_prompts(served, prompts, parts, seed=GATE_SEED)
+            for when, served in models.items()
+        }
+        round_.evaluation = {
+            "slice": [
+                {"case_id": c.case_id, "reference": c.reference, "spec": c.spec} for c in cases
+            ],
+            "gate_cases": sorted(gate_ids),
+            **{when: r.model_dump(mode="json") for when, r in results.items()},
+        }
+        gate_failures = {
+            when: sum(1 for i in r.failed if i in gate_ids) for when, r in results.items()
+        }
+        tracks[round_.track.value] = {
+            "cases": len(gate_ids),
+            "failures_before": gate_failures["before"],
+            "failures_after": gate_failures["after"],
+            "failure_rate_before": gate_failures["before"] / max(1, len(gate_ids)),
+            "failure_rate_after": gate_failures["after"] / max(1, len(gate_ids)),
+            "fixed_of_all_cases": results["before"].failures - results["after"].failures,
+        }
+    suite = [(None, p.prompt, p.spec) for p in _suite(parts)]
+    scores = {
+        when: fmean(
+            1.0 - judge_prompts(served, suite, parts, seed=seed).failure_rate
+            for seed in range(config.regression_seeds)
+        )
+        if suite
+        else 0.0
+        for when, served in models.items()
+    }
+    scenarios = [
+        (s.id, s.prompt, (s.spec or {}).get("spec") if isinstance(s.spec, dict) else None)
+        for s in repository.active_scenarios(session)
+    ]
+    held = {
+        when: judge_prompts(served, scenarios, parts, seed=GATE_SEED)
+        for when, served in models.items()
+    }
+    evaluation = {
+        "tracks": tracks,
+        "regression": {
+            "score_before": scores["before"],
+            "score_after": scores["after"],
+            "cases": len(suite),
+            "seeds": config.regression_seeds,
+            "judged_by": "judge",
+        },
+        "scenarios": {
+            "count": len(scenarios),
+            "failures_before": held["before"].failures,
+            "failures_after": held["after"].failures,
+        },
+    }
+    _note(cycle, evaluation=evaluation)
+    session.commit()
+    return evaluation

@@ -1,0 +1,303 @@
+"""The steps of a cycle that every stack shares — open, register the candidate, gate, ask
+for the final review, close — and the state they keep in PostgreSQL.
+
+The steps that depend on the stack (attribute, build the tracks' artefacts, run the rounds,
+evaluate) are :mod:`flywheel.cycle.service` for the embedded world and
+:mod:`flywheel.cycle.stack_steps` for a project's ports; both write the same rows, so these
+steps, the flow and the review's decision (:mod:`flywheel.cycle.finish`) serve either.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.registry import (
+    ModelBundle,
+    RegistryError,
+    bundle,
+    current_model,
+    register_version,
+)
+from flywheel.db.models import (
+    CaseStatus,
+    Component,
+    Cycle,
+    CycleStatus,
+    FailureCase,
+    Json,
+    ReviewKind,
+    RoundStatus,
+    Track,
+    TrainingRound,
+    TrainingRoundCase,
+)
+from flywheel.review import repository as review_repository
+
+ROUND_ORDER = (Track.PRETRAINING_GAP, Track.RL, Track.PROMPT_ENHANCER)
+"""Rounds run in this order; generator rounds chain (RL fine-tunes the gap round's
+generator)."""
+RECIPES = {
+    Track.PRETRAINING_GAP: "continued_pretraining",
+    Track.RL: "flow_grpo",
+    Track.PROMPT_ENHANCER: "pe_sft",
+}
+ARTEFACT_KIND = {
+    Track.PRETRAINING_GAP: ReviewKind.AUGMENTATION_BATCH,
+    Track.RL: ReviewKind.REWARD_RECALIBRATION,
+    Track.PROMPT_ENHANCER: ReviewKind.PROMPT_ENHANCER_DATA,
+}
+AUTO_REVIEWER = "demo (auto-approve)"
+"""Who decides review items in ``auto_approve`` mode (the demo only)."""
+ACTOR = "cycle"
+
+
+def cycle_dir(home: Path, cycle_id: int) -> Path:
+    """Where a cycle's rounds write: ``$FLYWHEEL_HOME/cycles/<id>``."""
+    return home / "cycles" / str(cycle_id)
+
+
+def _note(cycle: Cycle, **fields: Any) -> None:
+    cycle.summary = {**(cycle.summary or {}), **fields}
+
+
+def _summary(cycle: Cycle) -> dict[str, Any]:
+    return dict(cycle.summary or {})
+
+
+def cycle_config(cycle: Cycle) -> CycleConfig:
+    """The configuration the cycle was started with."""
+    return CycleConfig.model_validate(cycle.config)
+
+
+# ---- 1. open ---------------------------------------------------------------------------------
+
+
+def open_cycle(
+    session: Session, *, config: CycleConfig, register_base: bool = True
+) -> tuple[Cycle, bool]:
+    """The cycle to run (call it under the cycle lock) and whether it is resumed; commits.
+    With ``register_base`` (the embedded world) a fresh registry gets the shipped base;
+    without, a registry with no serving model is an error (``flywheel models register``)."""
+    if config.dry_run:
+        raise ValueError("a dry run opens no cycle: plan it (flywheel.cycle.plan)")
+    left = session.scalars(
+        select(Cycle).where(Cycle.status == CycleStatus.RUNNING).order_by(Cycle.id).limit(1)
+    ).first()
+    if left is not None:
+        return left, True
+    model = current_model(session, register_base=register_base)
+    if model is None:
+        raise RegistryError(
+            "no serving model: register yours with `flywheel models register NAME --generator DIR`"
+        )
+    cycle = Cycle(
+        status=CycleStatus.RUNNING,
+        base_model_version_id=model.version_id,
+        config=config.model_dump(mode="json"),
+        summary={},
+    )
+    session.add(cycle)
+    session.commit()
+    return cycle, False
+
+
+def base_model(session: Session, cycle: Cycle) -> ModelBundle:
+    """The model the cycle started from."""
+    assert cycle.base_model_version_id is not None
+    return bundle(session, version_id=cycle.base_model_version_id)
+
+
+def cycle_rounds(session: Session, cycle: Cycle) -> list[TrainingRound]:
+    """The cycle's rounds in the order they run."""
+    rounds = session.scalars(select(TrainingRound).where(TrainingRound.cycle_id == cycle.id)).all()
+    return sorted(rounds, key=lambda r: ROUND_ORDER.index(r.track))
+
+
+def round_case_ids(session: Session, round_: TrainingRound) -> list[int]:
+    return list(
+        session.scalars(
+            select(TrainingRoundCase.case_id)
+            .where(TrainingRoundCase.training_round_id == round_.id)
+            .order_by(TrainingRoundCase.case_id)
+        )
+    )
+
+
+def round_output(round_: TrainingRound) -> Path | None:
+    """The candidate directory of a succeeded round."""
+    metrics = round_.metrics if isinstance(round_.metrics, dict) else {}
+    output = metrics.get("output")
+    if round_.status != RoundStatus.SUCCEEDED or not output or not Path(output).is_dir():
+        return None
+    return Path(output)
+
+
+def _generator_before(session: Session, cycle: Cycle, round_: TrainingRound) -> Path:
+    """The generator a generator round starts from: the previous generator round's, else the
+    base's."""
+    start = base_model(session, cycle).generator
+    for earlier in cycle_rounds(session, cycle):
+        if earlier.id == round_.id:
+            break
+        if earlier.track in (Track.PRETRAINING_GAP, Track.RL):
+            start = round_output(earlier) or start
+    return start
+
+
+# ---- 5. candidate ----------------------------------------------------------------------------
+
+
+def register_candidate(session: Session, cycle: Cycle) -> int:
+    """Register ``cycle-<id>`` (once): the rounds' components and the base's others."""
+    if cycle.candidate_model_version_id is not None:
+        return cycle.candidate_model_version_id
+    base = base_model(session, cycle)
+    components = base.components()
+    rounds: dict[Component, int] = {}
+    for round_ in cycle_rounds(session, cycle):
+        output = round_output(round_)
+        if output is None:
+            raise RuntimeError(f"round {round_.id} ({round_.track.value}) has not succeeded")
+        component = (
+            Component.ENHANCER if round_.track == Track.PROMPT_ENHANCER else Component.GENERATOR
+        )
+        components[component] = output
+        rounds[component] = round_.id
+    version_id = register_version(
+        session,
+        name=f"cycle-{cycle.id}",
+        components=components,
+        description=f"candidate of cycle {cycle.id} (from {base.name})",
+        rounds=rounds,
+    )
+    cycle.candidate_model_version_id = version_id
+    session.commit()
+    return version_id
+
+
+# ---- 7. gate and review ----------------------------------------------------------------------
+
+
+def gate(evaluation: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
+    """Fixed failures up, the regression suite flat (drop <= ``tolerance``), no scenario
+    broken; the verdict and its reasons."""
+    tracks = evaluation["tracks"].values()
+    before = sum(t["failures_before"] for t in tracks)
+    after = sum(t["failures_after"] for t in tracks)
+    regression = evaluation["regression"]
+    delta = regression["score_after"] - regression["score_before"]
+    scenarios = evaluation["scenarios"]
+    reasons = []
+    if after >= before:
+        reasons.append(f"no failure fixed on the routed slices ({before} -> {after})")
+    if delta < -tolerance:
+        reasons.append(f"the regression suite dropped {-delta:.3f} (> {tolerance:g})")
+    if scenarios["failures_after"] > scenarios["failures_before"]:
+        reasons.append(
+            f"regression scenarios broken ({scenarios['failures_before']} -> "
+            f"{scenarios['failures_after']} failing)"
+        )
+    return {
+        "passed": not reasons,
+        "fixed": before - after,
+        "regression_delta": delta,
+        "reasons": reasons,
+    }
+
+
+def _release_cases(session: Session, cycle: Cycle) -> None:
+    """The cycle's cases still ``in_round`` go back to ``routed`` (for the next cycle)."""
+    cases = session.scalars(
+        select(FailureCase)
+        .join(TrainingRoundCase, TrainingRoundCase.case_id == FailureCase.id)
+        .join(TrainingRound, TrainingRound.id == TrainingRoundCase.training_round_id)
+        .where(TrainingRound.cycle_id == cycle.id, FailureCase.status == CaseStatus.IN_ROUND)
+    ).all()
+    for case in cases:
+        case.status = CaseStatus.ROUTED
+
+
+def request_review(session: Session, cycle: Cycle) -> CycleStatus:
+    """Gate the candidate; passed: a promotion review item and ``awaiting_review`` (decided
+    at once by the demo reviewer in ``auto_approve`` mode); failed: the cycle rejected."""
+    if cycle.status != CycleStatus.RUNNING:
+        return cycle.status
+    config = cycle_config(cycle)
+    evaluation = _summary(cycle)["evaluation"]
+    verdict = gate(evaluation, tolerance=config.regression_tolerance)
+    _note(cycle, gate=verdict)
+    if not verdict["passed"]:
+        _release_cases(session, cycle)
+        cycle.status = CycleStatus.REJECTED
+        cycle.finished_at = datetime.now(UTC)
+        _note(cycle, outcome={"decision": "rejected", "by": "gate", "reasons": verdict["reasons"]})
+        session.commit()
+        return cycle.status
+    base = base_model(session, cycle)
+    artefact: Json = {
+        "base": base.name,
+        "candidate": f"cycle-{cycle.id}",
+        "candidate_version_id": cycle.candidate_model_version_id,
+        "gate": verdict,
+        "evaluation": evaluation,
+        "rounds": {
+            r.track.value: {"id": r.id, "recipe": r.recipe, "metrics": r.metrics}
+            for r in cycle_rounds(session, cycle)
+        },
+    }
+    item = review_repository.add_item(
+        session,
+        kind=ReviewKind.MODEL_PROMOTION,
+        title=(
+            f"Promote cycle-{cycle.id} over {base.name}? {verdict['fixed']} failure(s) fixed, "
+            f"regression {verdict['regression_delta']:+.3f}"
+        ),
+        artefact=artefact,
+        actor=ACTOR,
+        cycle_id=cycle.id,
+    )
+    cycle.status = CycleStatus.AWAITING_REVIEW
+    session.commit()
+    if config.auto_approve:
+        from flywheel.review.service import approve
+
+        approve(
+            session,
+            item_id=item.id,
+            reviewer=AUTO_REVIEWER,
+            reason="demo mode: the final review is approved without a human",
+        )
+        session.refresh(cycle)
+    return cycle.status
+
+
+def close_without_rounds(session: Session, cycle: Cycle) -> CycleStatus:
+    """Close a cycle in which no track had a round (``no_rounds``); commits."""
+    if cycle.status == CycleStatus.RUNNING:
+        cycle.status = CycleStatus.NO_ROUNDS
+        cycle.finished_at = datetime.now(UTC)
+        session.commit()
+    return cycle.status
+
+
+def fail_cycle(session: Session, cycle_id: int, *, error: str) -> None:
+    """Close a cycle whose step failed for good: rounds not finished and the cycle
+    ``failed``, its cases back to ``routed``; commits."""
+    session.rollback()
+    cycle = session.get(Cycle, cycle_id)
+    if cycle is None or cycle.status != CycleStatus.RUNNING:
+        return
+    for round_ in cycle_rounds(session, cycle):
+        if round_.status in (RoundStatus.PENDING, RoundStatus.RUNNING):
+            round_.status = RoundStatus.FAILED
+    _release_cases(session, cycle)
+    cycle.status = CycleStatus.FAILED
+    cycle.finished_at = datetime.now(UTC)
+    _note(cycle, error=error)
+    session.commit()

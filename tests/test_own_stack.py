@@ -1,0 +1,321 @@
+"""The acid test: a whole flywheel cycle on a team's own stack — feedback through the API,
+mining, attribution from a cold start, every track, rounds launched from their manifests,
+the gate, review and promotion — with a project file that names no world adapter, in
+processes where importing ``flywheel.world`` raises.
+
+The team's parts are real formats the test makes (:mod:`tests.team_stack`): a tiny seeded
+diffusers pipeline, a causal-LM enhancer directory, an open_clip reward directory, a dataset
+directory, JSONL suites, a judge served over HTTP and a trainer script the command launcher
+runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flywheel.api.app import create_app
+from flywheel.attribution.service import override_route
+from flywheel.auth.service import create_api_key
+from flywheel.db.engine import create_db_engine
+from flywheel.db.models import (
+    CaseStatus,
+    Cycle,
+    CycleStatus,
+    FailureCase,
+    ReviewItem,
+    ReviewKind,
+    RoundStatus,
+    Scope,
+    Track,
+    TrainingRound,
+)
+from flywheel.ports import RoundManifest
+from flywheel.settings import Settings, get_settings
+from tests.helpers import auth, new_id
+from tests.team_stack import GENERATOR_DIR, JudgeServer, app_image, build_team_stack
+
+NO_WORLD = """
+import importlib.abc, sys
+
+class NoWorld(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "flywheel.world" or name.startswith("flywheel.world."):
+            raise ImportError(f"{name}: the world is not to be imported in this process")
+        return None
+
+sys.meta_path.insert(0, NoWorld())
+from flywheel.cli.main import app
+app()
+"""
+"""``flywheel`` in a process of its own where importing the embedded world raises."""
+
+PROMPTS: dict[Track, list[str]] = {
+    Track.PRETRAINING_GAP: [
+        "a purple circle",
+        "a purple square at the top",
+        "a purple triangle on grey",
+        "two purple squares",
+    ],
+    Track.PROMPT_ENHANCER: [
+        "crimson square",
+        "scarlet circle",
+        "crimson triangle please",
+        "a scarlet square",
+    ],
+    Track.RL: [
+        "a red circle at the bottom left",
+        "a blue square at the top right",
+        "a green triangle in the middle",
+        "a yellow circle at the top left",
+    ],
+}
+"""What the simulated users asked, by the track a human reviewer routes it to."""
+
+CONFIG = {
+    "min_cases": 2,
+    "pe_steps": 3,
+    "gap_steps": 2,
+    "gap_replay": 12,
+    "rl_steps": 2,
+    "regression_seeds": 1,
+    "labeled_per_track": 2,
+}
+
+
+def flywheel(
+    env: dict[str, str], *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``flywheel ARGS`` with the world forbidden; output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", NO_WORLD, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def team(
+    tmp_path: Path, migrated_url: str, prefect_api: str
+) -> Iterator[tuple[Path, dict[str, str], JudgeServer]]:
+    """The team's stack, its judge served, the environment of every flywheel process."""
+    with JudgeServer() as judge:
+        project = build_team_stack(tmp_path / "team", judge_url=judge.url)
+        env = {
+            "FLYWHEEL_DATABASE_URL": migrated_url,
+            "FLYWHEEL_HOME": str(tmp_path / "home"),
+            "FLYWHEEL_PROJECT": str(project),
+            "FLYWHEEL_RATE_LIMIT": "off",
+            "PREFECT_API_URL": prefect_api,
+            "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(tmp_path / "prefect")),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+        yield project, env, judge
+
+
+def _post_feedback(root: Path, settings: Settings) -> None:
+    """The product app's users: a thumbs down (with a flag) on each prompt, a thumbs up and a
+    pairwise preference on the RL prompts."""
+    engine = create_db_engine(settings, pool_size=1)
+    with Session(engine) as session:
+        key = create_api_key(session, app="team-app", scopes=[Scope.INGEST]).secret
+        session.commit()
+    engine.dispose()
+    events: list[dict[str, object]] = []
+    for track, prompts in PROMPTS.items():
+        for k, prompt in enumerate(prompts):
+            wrong = "orange" if "green" in prompt else "green"  # not what was asked for
+            bad = app_image(root, f"{track.value}-{k}-bad", wrong)
+            events.append(
+                {
+                    "kind": "thumbs",
+                    "event_id": new_id(),
+                    "prompt": prompt,
+                    "image": {"uri": bad},
+                    "model_version": "team-v1",
+                    "value": "down",
+                }
+            )
+            if track == Track.RL:
+                colour = prompt.split()[1]
+                good = app_image(root, f"{track.value}-{k}-good", colour)
+                events += [
+                    {
+                        "kind": "thumbs",
+                        "event_id": new_id(),
+                        "prompt": prompt,
+                        "image": {"uri": good},
+                        "model_version": "team-v1",
+                        "value": "up",
+                    },
+                    {
+                        "kind": "pairwise",
+                        "event_id": new_id(),
+                        "prompt": prompt,
+                        "image": None,
+                        "chosen": {"uri": good},
+                        "rejected": {"uri": bad},
+                        "model_version": "team-v1",
+                    },
+                ]
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/feedback/batch", json={"events": events}, headers=auth(key))
+        assert response.status_code in (200, 201, 207), response.text
+
+
+def test_a_whole_cycle_runs_on_a_teams_stack_with_the_world_forbidden(
+    team: tuple[Path, dict[str, str], JudgeServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project, env, judge = team
+    root = project.parent
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    # The team's serving model, registered from its own pipeline directory.
+    registered = flywheel(
+        env, "models", "register", "team-v1", "--generator", str(root / GENERATOR_DIR)
+    )
+    assert registered.returncode == 0, registered.stderr[-2000:]
+
+    # Feedback through the API, then the reward scan (Celery, eager) with the team's reward.
+    _post_feedback(root, settings)
+    scan = flywheel(env, "mine", "scan", "--json")
+    assert scan.returncode == 0, scan.stderr[-2000:]
+    assert json.loads(scan.stdout.strip().splitlines()[-1])["miner"] == "scan"
+
+    # Cycle 1 at a cold start: attribution by rule (evidence from the ports); nothing trains.
+    config = root / "cycle.json"
+    config.write_text(json.dumps({**CONFIG, "min_cases": 1000}))
+    first = flywheel(env, "cycle", "--config", str(config), "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    outcome = json.loads(first.stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "no_rounds"
+    assert outcome["summary"]["attribution"]["router"] == "RuleRouter"
+
+    # A reviewer routes the cases (the human decisions the classifier will later learn from).
+    engine = create_db_engine(settings, pool_size=2)
+    intended = {p: t for t, prompts in PROMPTS.items() for p in prompts}
+    with Session(engine) as session:
+        cases = session.scalars(select(FailureCase)).all()
+        assert {c.prompt for c in cases} >= set(intended)
+        for case in cases:
+            if case.prompt in intended and case.status in (
+                CaseStatus.ROUTED,
+                CaseStatus.AWAITING_TRIAGE,
+                CaseStatus.OPEN,
+            ):
+                override_route(
+                    session, case_id=case.id, track=intended[case.prompt], reviewer="alice"
+                )
+
+    # Cycle 2: every track's artefact, its round launched from its manifest, the gate.
+    config.write_text(json.dumps(CONFIG))
+    requests_before = judge.requests
+    second = flywheel(env, "cycle", "--config", str(config), "--json")
+    assert second.returncode == 0, second.stderr[-4000:]
+    outcome = json.loads(second.stdout.strip().splitlines()[-1])
+    summary = outcome["summary"]
+    assert set(summary["tracks"]) == {t.value for t in Track}
+    assert all(t["round"] is not None for t in summary["tracks"].values()), summary["tracks"]
+    assert judge.requests > requests_before  # the gate's verdicts came from the HTTP judge
+    assert summary["evaluation"]["regression"]["judged_by"] == "judge"
+    # The gate counts the judge's verdicts on the held-out cases, base against candidate.
+    gate = summary["gate"]
+    fixed = sum(
+        t["failures_before"] - t["failures_after"] for t in summary["evaluation"]["tracks"].values()
+    )
+    assert gate["fixed"] == fixed
+    assert all(t["cases"] >= 1 for t in summary["evaluation"]["tracks"].values())
+    assert outcome["status"] == ("awaiting_review" if gate["passed"] else "rejected"), gate
+
+    home = Path(env["FLYWHEEL_HOME"])
+    cycle_dir = home / "cycles" / str(outcome["cycle_id"])
+    with Session(engine) as session:
+        rounds = {
+            r.track: r
+            for r in session.scalars(
+                select(TrainingRound).where(TrainingRound.cycle_id == outcome["cycle_id"])
+            )
+        }
+        assert set(rounds) == set(Track)
+        for track, round_ in rounds.items():
+            assert round_.status == RoundStatus.SUCCEEDED, round_.metrics
+            manifest = RoundManifest.model_validate_json(
+                (cycle_dir / track.value / "manifest.json").read_text()
+            )
+            assert manifest.round_id == round_.id
+            # The round ran as its own process: the trainer's log, its metrics, its output.
+            log = (Path(manifest.work_dir) / "launch.log").read_text()
+            assert "step" in log
+            metrics = json.loads((Path(manifest.output_dir) / "metrics.json").read_text())
+            assert metrics["steps"] >= 1
+            assert (Path(manifest.output_dir) / ".flywheel-round-done").is_file()
+        # Every track's artefact on disk, in its documented format.
+        pe = rounds[Track.PROMPT_ENHANCER].data_manifest
+        assert isinstance(pe, dict)
+        pairs = [json.loads(line) for line in Path(pe["files"]["pairs"]).read_text().splitlines()]
+        assert pairs
+        assert all(set(p) >= {"prompt", "target"} for p in pairs)
+        gap = rounds[Track.PRETRAINING_GAP].data_manifest
+        assert isinstance(gap, dict)
+        dataset = Path(gap["files"]["dataset"])
+        samples = [
+            json.loads(line) for line in (dataset / "samples.jsonl").read_text().splitlines()
+        ]
+        assert any(s["provenance"]["split"] == "pool" for s in samples)
+        assert "purple" in " ".join(gap["artefact"]["diagnosis"]["scarce"])
+        assert sum(gap["artefact"]["filters"]["dropped"].values()) >= 0
+        rl = rounds[Track.RL].data_manifest
+        assert isinstance(rl, dict)
+        preferences = [
+            json.loads(line) for line in Path(rl["files"]["preferences"]).read_text().splitlines()
+        ]
+        assert preferences
+        assert all(set(p) >= {"prompt", "chosen", "rejected"} for p in preferences)
+        cycle = session.get(Cycle, outcome["cycle_id"])
+        assert cycle is not None
+        assert cycle.candidate_model_version_id is not None
+        promotion = session.scalars(
+            select(ReviewItem).where(
+                ReviewItem.kind == ReviewKind.MODEL_PROMOTION,
+                ReviewItem.cycle_id == cycle.id,
+            )
+        ).first()
+
+    shown = flywheel(env, "models", "show", f"cycle-{outcome['cycle_id']}")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    if not gate["passed"]:
+        # A candidate that fixes nothing is refused by the gate (a few steps of tiny random
+        # models fix nothing): no promotion item, its cases back to routed for the next cycle.
+        assert promotion is None
+        assert "no failure fixed" in " ".join(gate["reasons"])
+        with Session(engine) as session:
+            statuses = {c.status for c in session.scalars(select(FailureCase))}
+            assert CaseStatus.IN_ROUND not in statuses
+            assert session.get(Cycle, cycle.id).status == CycleStatus.REJECTED  # type: ignore[union-attr]
+    else:
+        # The final review, by a human, through the CLI: the candidate is promoted.
+        assert promotion is not None
+        approved = flywheel(env, "review", "approve", str(promotion.id), "--by", "alice")
+        assert approved.returncode == 0, approved.stderr[-2000:]
+        listed = flywheel(env, "models", "list")
+        row = next(line for line in listed.stdout.splitlines() if f"cycle-{cycle.id}" in line)
+        assert "yes" in row
+        with Session(engine) as session:
+            assert session.get(Cycle, cycle.id).status == CycleStatus.PROMOTED  # type: ignore[union-attr]
+    engine.dispose()
