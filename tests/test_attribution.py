@@ -301,3 +301,10 @@ def test_cli_override_refuses_bad_input(migrated_url: str, monkeypatch: pytest.M
         assert "no failure case 7" in result.output
     finally:
         get_settings.cache_clear()
+
+
+def test_the_classifiers_skill_columns_are_the_worlds_skills() -> None:
+    from flywheel.attribution.classifier import SKILLS as COLUMNS
+    from flywheel.world.benchmark import SKILLS
+
+    assert COLUMNS == SKILLS

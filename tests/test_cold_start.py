@@ -18,6 +18,7 @@ from qdrant_client import QdrantClient
 from sqlalchemy import Engine, select
 
 from flywheel.adapters.base import AdapterContext
+from flywheel.adapters.native import LocalReward
 from flywheel.adapters.datasets import write_records
 from flywheel.attribution.classifier import TrackClassifier
 from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
@@ -59,6 +60,7 @@ from flywheel.parts import Parts, build_parts
 from flywheel.ports import CorpusItem, JudgeRequest
 from flywheel.project import WORLD, WORLD_LAUNCHER, PartSection, Project
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
+from model.reward import rank_matrix
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig, collection_name
 from tests.adapters.test_http_judge import ColourJudgeService
@@ -428,9 +430,12 @@ def test_evidence_on_a_teams_stack_is_computed_through_its_ports(stack: Stack) -
         ]
     )
     assert [e.score_original for e in drawn] == pytest.approx([v.score for v in verdicts])
-    assert [e.reward_rank for e in drawn] == pytest.approx(
-        reward_ranks(parts.reward, images, rewritten)
-    )
+    ranks = reward_ranks(parts.reward, images, rewritten)
+    assert [e.reward_rank for e in drawn] == pytest.approx(ranks)
+    # The port-generic rank is the model stack's rank matrix diagonal, for any reward.
+    assert isinstance(parts.reward, LocalReward)
+    assert ranks == pytest.approx(rank_matrix(parts.reward.model, images, rewritten).diagonal())
+    assert reward_ranks(parts.reward, images[:1], rewritten[:1]) == [0.5]
     redrawn = parts.generator.generate(rewritten, seed=3)
     again = parts.judge.judge(
         [
@@ -438,6 +443,7 @@ def test_evidence_on_a_teams_stack_is_computed_through_its_ports(stack: Stack) -
             for v, image in zip(views[:4], redrawn, strict=True)
         ]
     )
+    captions = {item.rich_caption for item in parts.corpus.items("train")}
     for e, view, verdict in zip(drawn, views[:4], again, strict=True):
         assert e.scored_by == "judge"
         assert 0.0 <= e.reward_rank <= 1.0

@@ -65,26 +65,31 @@ def gather_stack_evidence(
     return out
 
 
+_PAIR_FLOATS = 1 << 26
+"""Most image floats (256 MB) one reward call is handed when ranking (rows are grouped up
+to it)."""
+
+
 def reward_ranks(reward: RewardModel, images: Tensor, prompts: Sequence[str]) -> list[float]:
     """Per image ``i``, the share of the other prompts ``j != i`` it scores below its own
     prompt ``i`` under ``reward`` (a tie counts half; 1: its own prompt fits it best; 0.5 for
     a batch of one) — :func:`model.reward.rank_matrix`'s diagonal, for any reward port. The
-    reward scores every image against every prompt, one image's row per call."""
+    reward scores every image against every prompt, as many images' rows per call as fit in
+    256 MB of pixels."""
     n = len(prompts)
     if images.shape[0] != n:
         raise ValueError(f"{images.shape[0]} images for {n} prompts")
     if n < 2:
         return [0.5] * n
-    rows = [
-        reward.score(images[i : i + 1].repeat(n, 1, 1, 1), list(prompts))
-        .detach()
-        .float()
-        .reshape(n)
-        .cpu()
-        for i in range(n)
-    ]
-    scores = torch.stack(rows)
-    ranks: list[float] = ranks_from_scores(scores).diagonal().tolist()
+    per_row = n * images[0].numel()
+    step = max(1, _PAIR_FLOATS // per_row)
+    rows: list[Tensor] = []
+    for start in range(0, n, step):
+        chunk = images[start : start + step]
+        pairs = chunk.repeat_interleave(n, dim=0)  # image i against every prompt, row by row
+        scores = reward.score(pairs, list(prompts) * chunk.shape[0])
+        rows.append(scores.detach().float().reshape(chunk.shape[0], n).cpu())
+    ranks: list[float] = ranks_from_scores(torch.cat(rows)).diagonal().tolist()
     return ranks
 
 
