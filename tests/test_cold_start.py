@@ -18,8 +18,8 @@ from qdrant_client import QdrantClient
 from sqlalchemy import Engine, select
 
 from flywheel.adapters.base import AdapterContext
-from flywheel.adapters.native import LocalReward
 from flywheel.adapters.datasets import write_records
+from flywheel.adapters.native import LocalReward
 from flywheel.attribution.classifier import TrackClassifier
 from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
 from flywheel.attribution.rules import (
@@ -267,21 +267,22 @@ def test_the_rules_route_until_every_track_has_enough_human_decisions_then_the_c
         assert sum(report.routed.values()) == report.by_rule == len(prompts)
         cases = session.scalars(select(FailureCase).order_by(FailureCase.id)).all()
 
-        def decide(upto: int, tracks: Sequence[Track] = tuple(Track)) -> None:
+        def decide(numbers: range, tracks: Sequence[Track] = tuple(Track)) -> None:
+            """A person routes the cases of ``tracks`` numbered in ``numbers``, rightly."""
             for case in cases:
                 track = _kind_of(case.prompt)
-                if track in tracks and int(case.prompt.rsplit(" ", 1)[1]) < upto:
+                if track in tracks and int(case.prompt.rsplit(" ", 1)[1]) in numbers:
                     override_route(session, case_id=case.id, track=track, reviewer="alice")
 
-        decide(per_track - 1)
+        decide(range(per_track - 1))
         router = cold_start_router(session)
         assert isinstance(router, RuleRouter)
         assert router.human_decisions == dict.fromkeys((t.value for t in Track), per_track - 1)
         assert router.examples == {}
         # Two tracks with enough are not enough: every track needs its share.
-        decide(per_track, [Track.RL, Track.PRETRAINING_GAP])
+        decide(range(per_track - 1, per_track), [Track.RL, Track.PRETRAINING_GAP])
         assert isinstance(cold_start_router(session), RuleRouter)
-        decide(per_track, [Track.PROMPT_ENHANCER])
+        decide(range(per_track - 1, per_track), [Track.PROMPT_ENHANCER])
         assert len(override_examples(session)) == 3 * per_track
         classifier = cold_start_router(session, RuleRouterConfig(min_confidence=0.5))
         assert isinstance(classifier, TrackClassifier)
@@ -289,7 +290,7 @@ def test_the_rules_route_until_every_track_has_enough_human_decisions_then_the_c
         assert classifier.config.min_confidence == 0.5
         fresh = [evidence(**KINDS[t]) for t in Track]
         assert [d.track for d in classifier.decide(fresh)] == list(Track)
-        # A lower bar hands over sooner.
+        # A higher bar keeps the rules.
         assert isinstance(
             cold_start_router(session, RuleRouterConfig(min_human_per_track=9)), RuleRouter
         )

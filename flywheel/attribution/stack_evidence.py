@@ -33,7 +33,7 @@ from torch import Tensor
 from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
 from flywheel.db.models import Task
 from flywheel.parts import Parts, index_corpus
-from flywheel.ports import JudgeRequest, RewardModel, Verdict
+from flywheel.ports import JudgeRequest, PortError, RewardModel, Verdict
 from model.reward import rank_batches, ranks_from_scores
 from retrieval.embedding import TextEmbedder
 from retrieval.index import CORPUS
@@ -107,7 +107,7 @@ def _gather_batch(
     if drawn:
         enhanced = parts.enhancer.enhance([prompts[i] for i in drawn])
         if len(enhanced) != len(drawn):
-            raise ValueError(f"the enhancer gave {len(enhanced)} rewrites for {len(drawn)}")
+            raise PortError("enhancer", f"{len(enhanced)} rewrites for {len(drawn)} prompts")
         for i, text in zip(drawn, enhanced, strict=True):
             # An empty or identical rewrite is no rewrite.
             if text.strip() and text.strip() != prompts[i].strip():
@@ -135,7 +135,7 @@ def _gather_batch(
             ]
         judged = parts.judge.judge(requests)
         if len(judged) != len(requests):
-            raise ValueError(f"the judge gave {len(judged)} verdicts for {len(requests)} images")
+            raise PortError("judge", f"{len(judged)} verdicts for {len(requests)} images")
         verdicts = dict(zip(drawn, judged[: len(drawn)], strict=True))
         again = dict(zip([i for i in drawn if i in changed], judged[len(drawn) :], strict=True))
         ranks = dict(zip(drawn, reward_ranks(parts.reward, images, references), strict=True))
