@@ -6,7 +6,8 @@ processes where importing ``flywheel.world`` raises.
 The team's parts are real formats the test makes (:mod:`tests.team_stack`): a tiny seeded
 diffusers pipeline, a causal-LM enhancer directory, an open_clip reward directory, a dataset
 directory, JSONL suites, a judge served over HTTP and a trainer script the command launcher
-runs in its own process.
+runs in its own process — behind a wrapper that SIGKILLs the first attempt of the enhancer
+round mid-way, so the cycle must retry the round and never take its half checkpoint.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from flywheel.db.models import (
 from flywheel.ports import RoundManifest
 from flywheel.settings import Settings, get_settings
 from tests.helpers import auth, new_id
-from tests.team_stack import GENERATOR_DIR, JudgeServer, app_image, build_team_stack
+from tests.team_stack import GENERATOR_DIR, TRAINER, JudgeServer, app_image, build_team_stack
 
 NO_WORLD = """
 import importlib.abc, sys
@@ -92,6 +93,28 @@ CONFIG = {
 }
 
 
+FLAKY_TRAINER = """
+import json, os, signal, sys
+from pathlib import Path
+
+manifest = Path(sys.argv[sys.argv.index("--manifest") + 1])
+round_ = json.loads(manifest.read_text())
+work, out = Path(round_["work_dir"]), Path(round_["output_dir"])
+marker = work / "killed-once"
+if round_["recipe"] == "pe_sft" and not marker.exists():
+    # The first attempt of the enhancer round dies mid-way, half a checkpoint written.
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes(b"half")
+    print("step 1 of the first attempt: killed", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+trainer = Path(__file__).with_name(%r)
+os.execv(sys.executable, [sys.executable, str(trainer), "--manifest", str(manifest)])
+"""
+"""The team's trainer behind a wrapper whose first enhancer round is SIGKILLed mid-way."""
+
+
 def flywheel(
     env: dict[str, str], *args: str, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
@@ -113,6 +136,12 @@ def team(
     """The team's stack, its judge served, the environment of every flywheel process."""
     with JudgeServer() as judge:
         project = build_team_stack(tmp_path / "team", judge_url=judge.url)
+        flaky = project.parent / "flaky_trainer.py"
+        flaky.write_text(FLAKY_TRAINER % TRAINER)
+        text = project.read_text()
+        trainer = str((project.parent / TRAINER).resolve())
+        assert trainer in text
+        project.write_text(text.replace(trainer, str(flaky.resolve())))
         env = {
             "FLYWHEEL_DATABASE_URL": migrated_url,
             "FLYWHEEL_HOME": str(tmp_path / "home"),
@@ -265,6 +294,16 @@ def test_a_whole_cycle_runs_on_a_teams_stack_with_the_world_forbidden(
             metrics = json.loads((Path(manifest.output_dir) / "metrics.json").read_text())
             assert metrics["steps"] >= 1
             assert (Path(manifest.output_dir) / ".flywheel-round-done").is_file()
+        # The enhancer round's first process died mid-round: its half checkpoint was moved
+        # aside (never taken for one), and the retried launch finished the round.
+        pe_manifest = RoundManifest.model_validate_json(
+            (cycle_dir / Track.PROMPT_ENHANCER.value / "manifest.json").read_text()
+        )
+        assert (Path(pe_manifest.work_dir) / "killed-once").is_file()
+        failed = list(Path(pe_manifest.output_dir).parent.glob("candidate.failed-*"))
+        assert len(failed) == 1
+        assert (failed[0] / "model.safetensors").read_bytes() == b"half"
+        assert (Path(pe_manifest.output_dir) / "model.safetensors").read_bytes() != b"half"
         # Every track's artefact on disk, in its documented format.
         pe = rounds[Track.PROMPT_ENHANCER].data_manifest
         assert isinstance(pe, dict)

@@ -225,11 +225,12 @@ def prepare_rounds(
         pairs = by_track[track]
         train, held = split_cases([c for c, _ in pairs], seed=config.seed)
         if len(pairs) < config.min_cases or not held:
-            tracks[track.value] = {
-                "cases": len(pairs),
-                "round": None,
-                "reason": f"{len(pairs)} routed case(s), fewer than min_cases={config.min_cases}",
-            }
+            reason = (
+                f"{len(pairs)} routed case(s), fewer than min_cases={config.min_cases}"
+                if len(pairs) < config.min_cases
+                else "one routed case: none left to judge a round on"
+            )
+            tracks[track.value] = {"cases": len(pairs), "round": None, "reason": reason}
             continue
         directory = cycle_dir(home, cycle.id) / track.value
         artefact = spec.build(
