@@ -252,8 +252,26 @@ def test_a_whole_cycle_runs_on_a_teams_stack_with_the_world_forbidden(
                     session, case_id=case.id, track=intended[case.prompt], reviewer="alice"
                 )
 
-    # Cycle 2: every track's artefact, its round launched from its manifest, the gate.
+    # The plan first: what cycle 2 would build and train, nothing written.
     config.write_text(json.dumps(CONFIG))
+    with Session(engine) as session:
+        cycles_before = len(session.scalars(select(Cycle)).all())
+        statuses_before = {c.id: c.status for c in session.scalars(select(FailureCase))}
+    planned = flywheel(env, "cycle", "--dry-run", "--config", str(config), "--json")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    plan = json.loads(planned.stdout.strip().splitlines()[-1])
+    assert plan["model"] == "team-v1"
+    recipes = {t["track"]: (t["round"] or {}).get("recipe") for t in plan["tracks"]}
+    assert recipes == {
+        "pretraining_gap": "continued_pretraining",
+        "rl": "diffusion_dpo",
+        "prompt_enhancer": "pe_sft",
+    }, plan["tracks"]
+    with Session(engine) as session:
+        assert len(session.scalars(select(Cycle)).all()) == cycles_before
+        assert {c.id: c.status for c in session.scalars(select(FailureCase))} == statuses_before
+
+    # Cycle 2: every track's artefact, its round launched from its manifest, the gate.
     requests_before = judge.requests
     second = flywheel(env, "cycle", "--config", str(config), "--json")
     assert second.returncode == 0, second.stderr[-4000:]

@@ -17,7 +17,7 @@ from flywheel.settings import get_settings
 if TYPE_CHECKING:
     from flywheel.cycle.config import CycleConfig
     from flywheel.cycle.flow import CycleOutcome
-    from flywheel.cycle.plan import CyclePlan
+    from flywheel.cycle.plan_types import CyclePlan
 
 
 def load_cycle_config(path: Path | None, **fields: Any) -> CycleConfig:
@@ -70,10 +70,13 @@ def _plan_table(plan: CyclePlan) -> None:
             clusters,
             data,
             round_,
-            f"{track.round.estimated_seconds:.0f}" if track.round else "-",
+            f"{track.round.estimated_seconds:.0f}"
+            if track.round and track.round.estimated_seconds is not None
+            else "-",
         )
     console.print(table)
-    console.print(f"estimated training time: {plan.estimated_seconds:.0f} s", highlight=False)
+    if any(t.round and t.round.estimated_seconds is not None for t in plan.tracks):
+        console.print(f"estimated training time: {plan.estimated_seconds:.0f} s", highlight=False)
 
 
 def outcome_table(outcome: CycleOutcome) -> None:
@@ -127,11 +130,9 @@ def cycle_command(
     from flywheel.project import ProjectError, load_project
 
     try:
-        project = load_project()
+        load_project()
     except ProjectError as exc:
         fail(str(exc))
-    if dry_run and not project.is_world:
-        fail("--dry-run plans the embedded world's cycle only, not yet a project's stack")
     settings = get_settings()
     with database(settings):
         pass  # one-line failure when the database is unreachable
@@ -148,7 +149,7 @@ def cycle_command(
         typer.echo(result.model_dump_json())
         return
     if config.dry_run:
-        from flywheel.cycle.plan import CyclePlan
+        from flywheel.cycle.plan_types import CyclePlan
 
         assert isinstance(result, CyclePlan)
         _plan_table(result)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean
 
-from pydantic import BaseModel, ConfigDict
 from qdrant_client import QdrantClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -36,6 +35,7 @@ from flywheel.attribution.world import (
 from flywheel.cases.service import CollectReport, collect_failures
 from flywheel.cases.themes import assign_themes
 from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import ModelBundle, current_model
 from flywheel.db.models import CaseRoute, CaseStatus, FailureCase, FailureCluster, Track
 from flywheel.tracks.pretraining_gap import diagnose_gap, index_world_pool, plan_augmentation
@@ -47,38 +47,6 @@ from retrieval.store import QdrantConfig
 SECONDS_PER_STEP = {"pe_sft": 0.075, "vae": 0.13, "pretrain": 0.21, "flow_grpo": 18.0}
 """Measured on a 2-core AVX-512 CPU at the shipped base's sizes (README, The tracks): what a
 plan's cost estimate multiplies the steps by."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RoundPlan(_Frozen):
-    recipe: str
-    steps: dict[str, int]
-    estimated_seconds: float
-
-
-class TrackPlan(_Frozen):
-    track: str
-    cases: int
-    mean_confidence: float | None
-    top_clusters: list[tuple[str, int]]
-    """Theme labels of the routed cases, most common first (three at most)."""
-    data: dict[str, object]
-    """What would be built, retrieved or synthesized for the round."""
-    round: RoundPlan | None
-    """None: too few cases (below ``min_cases``) or nothing to train on."""
-
-
-class CyclePlan(_Frozen):
-    model: str
-    signals_collected: int
-    cases_created: int
-    routed: dict[str, int]
-    awaiting_triage: int
-    tracks: list[TrackPlan]
-    estimated_seconds: float
 
 
 def _latest_routes(
@@ -306,5 +274,5 @@ def _plan(
         routed=attributed.routed,
         awaiting_triage=attributed.awaiting_triage,
         tracks=tracks,
-        estimated_seconds=sum(t.round.estimated_seconds for t in tracks if t.round),
+        estimated_seconds=sum(t.round.estimated_seconds or 0.0 for t in tracks if t.round),
     )

@@ -10,7 +10,7 @@ from flywheel.settings import get_settings, prefect_environment
 
 if TYPE_CHECKING:
     from flywheel.cycle.flow import CycleOutcome
-    from flywheel.cycle.plan import CyclePlan
+    from flywheel.cycle.plan_types import CyclePlan
 
 
 def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | CyclePlan:
@@ -18,10 +18,17 @@ def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | 
     outcome of :func:`~flywheel.cycle.flow.cycle_flow`."""
     settings = get_settings()
     if config.dry_run:
-        from flywheel.cycle.plan import plan_cycle
+        from flywheel.project import load_project
 
+        project = load_project()
         engine = create_db_engine(settings, pool_size=2)
         try:
+            if not project.is_world:
+                from flywheel.cycle.stack_plan import plan_stack_cycle
+
+                return plan_stack_cycle(engine, config=config, project=project, home=settings.home)
+            from flywheel.cycle.plan import plan_cycle
+
             return plan_cycle(engine, config=config, home=settings.home)
         finally:
             engine.dispose()

@@ -93,7 +93,7 @@ GATE_SEED = 1000
 """Noise seed of the gate's first batch (unlike the rewrite test's)."""
 
 
-def _budget(track: Track, config: CycleConfig) -> dict[str, int]:
+def round_budget(track: Track, config: CycleConfig) -> dict[str, int]:
     steps = {
         Track.PRETRAINING_GAP: config.gap_steps,
         Track.RL: config.rl_steps,
@@ -103,6 +103,39 @@ def _budget(track: Track, config: CycleConfig) -> dict[str, int]:
 
 
 # ---- 2. attribute ----------------------------------------------------------------------------
+
+
+def attribute_cases(
+    session: Session,
+    *,
+    config: CycleConfig,
+    parts: Parts,
+    client: QdrantClient,
+    qdrant: QdrantConfig,
+    embedder: TextEmbedder,
+) -> dict[str, Any]:
+    """Signals to cases and themes, every open case routed on the ports; what it did
+    (commits as it goes)."""
+    collected = collect_failures(session)
+    assign_themes(session, embedder=embedder)
+    probe = corpus_scarcity(parts, client, qdrant, embedder)
+    rarity = tag_rarity(client, collection_name(qdrant, "prompts"))
+    router = cold_start_router(session, RuleRouterConfig(min_confidence=config.min_confidence))
+    attributed: AttributionReport = attribute_open_cases(
+        session,
+        gather=lambda views: gather_stack_evidence(
+            views, parts, scarcity=probe, rarity=rarity, seed=config.seed
+        ),
+        classifier=router,
+    )
+    return {
+        "signals_collected": collected.signals_linked,
+        "cases_created": collected.cases_created,
+        "routed": attributed.routed,
+        "awaiting_triage": attributed.awaiting_triage,
+        "by_rule": attributed.by_rule,
+        "router": type(router).__name__,
+    }
 
 
 def attribute(
@@ -118,27 +151,14 @@ def attribute(
     done = _summary(cycle).get("attribution")
     if done is not None:
         return dict(done)
-    config = cycle_config(cycle)
-    collected = collect_failures(session)
-    assign_themes(session, embedder=embedder)
-    probe = corpus_scarcity(parts, client, qdrant, embedder)
-    rarity = tag_rarity(client, collection_name(qdrant, "prompts"))
-    router = cold_start_router(session, RuleRouterConfig(min_confidence=config.min_confidence))
-    attributed: AttributionReport = attribute_open_cases(
+    report = attribute_cases(
         session,
-        gather=lambda views: gather_stack_evidence(
-            views, parts, scarcity=probe, rarity=rarity, seed=config.seed
-        ),
-        classifier=router,
+        config=cycle_config(cycle),
+        parts=parts,
+        client=client,
+        qdrant=qdrant,
+        embedder=embedder,
     )
-    report = {
-        "signals_collected": collected.signals_linked,
-        "cases_created": collected.cases_created,
-        "routed": attributed.routed,
-        "awaiting_triage": attributed.awaiting_triage,
-        "by_rule": attributed.by_rule,
-        "router": type(router).__name__,
-    }
     _note(cycle, attribution=report)
     session.commit()
     return report
@@ -255,7 +275,7 @@ def prepare_rounds(
             track=track,
             recipe=spec.recipe,
             status=RoundStatus.PENDING,
-            config={"budget": _budget(track, config), "seed": config.seed},
+            config={"budget": round_budget(track, config), "seed": config.seed},
             data_manifest={"artefact": body, "files": spec.files(artefact), **split},
         )
         session.add(round_)
