@@ -9,13 +9,11 @@ checkpoints or cycle row.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import fmean
 
 from qdrant_client import QdrantClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from flywheel.attribution.classifier import ClassifierConfig
@@ -34,10 +32,11 @@ from flywheel.attribution.world import (
 )
 from flywheel.cases.service import CollectReport, collect_failures
 from flywheel.cases.themes import assign_themes
+from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import ModelBundle, current_model
-from flywheel.db.models import CaseRoute, CaseStatus, FailureCase, FailureCluster, Track
+from flywheel.db.models import CaseRoute, FailureCase, Track
 from flywheel.tracks.pretraining_gap import diagnose_gap, index_world_pool, plan_augmentation
 from flywheel.tracks.prompt_enhancer import enhancer_pairs, failing_concepts
 from flywheel.tracks.slices import SliceCase
@@ -47,22 +46,6 @@ from retrieval.store import QdrantConfig
 SECONDS_PER_STEP = {"pe_sft": 0.075, "vae": 0.13, "pretrain": 0.21, "flow_grpo": 18.0}
 """Measured on a 2-core AVX-512 CPU at the shipped base's sizes (README, The tracks): what a
 plan's cost estimate multiplies the steps by."""
-
-
-def _latest_routes(
-    session: Session, *, case_ids: Sequence[int] | None
-) -> list[tuple[CaseRoute, FailureCase]]:
-    """Each case's current route: the routed cases' (``case_ids`` None) or those cases'."""
-    query = select(CaseRoute, FailureCase).join(FailureCase, FailureCase.id == CaseRoute.case_id)
-    if case_ids is None:
-        query = query.where(FailureCase.status == CaseStatus.ROUTED)
-    else:
-        query = query.where(FailureCase.id.in_(case_ids))
-    rows = session.execute(query.order_by(CaseRoute.case_id, CaseRoute.id.desc())).all()
-    latest: dict[int, tuple[CaseRoute, FailureCase]] = {}
-    for route, case in rows:
-        latest.setdefault(case.id, (route, case))
-    return list(latest.values())
 
 
 def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]]) -> list[SliceCase]:
@@ -83,7 +66,7 @@ def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]])
 
 def routed_slices(session: Session) -> dict[Track, tuple[list[SliceCase], list[FailureCase]]]:
     """The routed cases of each track (their current route), as slices and as rows."""
-    pairs = _latest_routes(session, case_ids=None)
+    pairs = repository.latest_routes(session, case_ids=None)
     out: dict[Track, tuple[list[SliceCase], list[FailureCase]]] = {t: ([], []) for t in Track}
     for (route, case), slice_case in zip(pairs, _as_slices(session, pairs), strict=True):
         slices, rows = out[route.track]
@@ -94,25 +77,8 @@ def routed_slices(session: Session) -> dict[Track, tuple[list[SliceCase], list[F
 
 def case_slices(session: Session, *, case_ids: Sequence[int]) -> list[SliceCase]:
     """The slice of the given cases (judged against their current route's reference)."""
-    pairs = _latest_routes(session, case_ids=case_ids)
+    pairs = repository.latest_routes(session, case_ids=case_ids)
     return _as_slices(session, pairs)
-
-
-def _top_clusters(session: Session, cases: Sequence[FailureCase]) -> list[tuple[str, int]]:
-    ids = [c.cluster_id for c in cases if c.cluster_id is not None]
-    labels = dict(
-        session.execute(
-            select(FailureCluster.id, FailureCluster.label).where(FailureCluster.id.in_(ids))
-        ).all()
-    )
-    return Counter(labels[i] for i in ids).most_common(3)
-
-
-def _confidence(session: Session, cases: Sequence[FailureCase]) -> float | None:
-    values = session.scalars(
-        select(CaseRoute.confidence).where(CaseRoute.case_id.in_([c.id for c in cases]))
-    ).all()
-    return fmean(values) if values else None
 
 
 def plan_cycle(engine: Engine, *, config: CycleConfig, home: Path) -> CyclePlan:
@@ -261,8 +227,8 @@ def _plan(
             TrackPlan(
                 track=track.value,
                 cases=len(cases),
-                mean_confidence=_confidence(session, rows),
-                top_clusters=_top_clusters(session, rows),
+                mean_confidence=repository.mean_confidence(session, cases=rows),
+                top_clusters=repository.top_clusters(session, cases=rows),
                 data=data,
                 round=round_plan,
             )

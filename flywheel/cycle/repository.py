@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from statistics import fmean
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flywheel.attribution.repository import case_signals
 from flywheel.db.models import (
     CaseRoute,
-    CaseSignal,
     CaseStatus,
     FailureCase,
     FailureCluster,
@@ -44,18 +46,19 @@ def cluster_labels(session: Session, *, cluster_ids: Sequence[int]) -> dict[int,
     return {int(cluster_id): str(label) for cluster_id, label in rows}
 
 
-def case_signals(session: Session, *, case_ids: Sequence[int]) -> dict[int, list[Signal]]:
-    """Each case's linked signals, oldest first."""
-    rows = session.execute(
-        select(CaseSignal.case_id, Signal)
-        .join(Signal, Signal.id == CaseSignal.signal_id)
-        .where(CaseSignal.case_id.in_(case_ids))
-        .order_by(Signal.id)
+def top_clusters(session: Session, *, cases: Sequence[FailureCase]) -> list[tuple[str, int]]:
+    """The theme labels of ``cases``, most common first (three at most)."""
+    ids = [c.cluster_id for c in cases if c.cluster_id is not None]
+    labels = cluster_labels(session, cluster_ids=ids)
+    return Counter(labels[i] for i in ids).most_common(3)
+
+
+def mean_confidence(session: Session, *, cases: Sequence[FailureCase]) -> float | None:
+    """The mean confidence of the routes of ``cases`` (None: no route)."""
+    values = session.scalars(
+        select(CaseRoute.confidence).where(CaseRoute.case_id.in_([c.id for c in cases]))
     ).all()
-    out: dict[int, list[Signal]] = {}
-    for case_id, signal in rows:
-        out.setdefault(case_id, []).append(signal)
-    return out
+    return fmean(values) if values else None
 
 
 def feedback_for_prompts(session: Session, *, prompts: Sequence[str]) -> dict[str, list[Signal]]:
@@ -81,3 +84,14 @@ def active_scenarios(session: Session) -> list[RegressionScenario]:
             .order_by(RegressionScenario.id)
         )
     )
+
+
+__all__ = [
+    "active_scenarios",
+    "case_signals",
+    "cluster_labels",
+    "feedback_for_prompts",
+    "latest_routes",
+    "mean_confidence",
+    "top_clusters",
+]

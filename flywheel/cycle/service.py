@@ -51,6 +51,7 @@ from flywheel.cycle.steps import (
     _generator_before,
     _note,
     _summary,
+    add_round,
     base_model,
     close_without_rounds,
     cycle_config,
@@ -65,16 +66,12 @@ from flywheel.cycle.steps import (
     round_output,
 )
 from flywheel.db.models import (
-    CaseStatus,
     Cycle,
     RegressionScenario,
-    ReviewStatus,
     RoundStatus,
     Track,
     TrainingRound,
-    TrainingRoundCase,
 )
-from flywheel.review import repository as review_repository
 from flywheel.tracks.pretraining_gap import (
     AugmentationPlan,
     GapTrackConfig,
@@ -280,30 +277,17 @@ def prepare_rounds(
             config=dataclasses.asdict(track_config),
             data_manifest=artefact,
         )
-        session.add(round_)
-        session.flush()
-        for case in rows:
-            session.add(TrainingRoundCase(training_round_id=round_.id, case_id=case.id))
-            case.status = CaseStatus.IN_ROUND
-        item = review_repository.add_item(
+        item_id = add_round(
             session,
+            cycle,
+            round_=round_,
+            cases=rows,
             kind=ARTEFACT_KIND[track],
             title=_title(track, artefact, len(cases)),
-            artefact={"track": track.value, "cases": [c.id for c in rows], **artefact},
-            actor=ACTOR,
-            cycle_id=cycle.id,
-            training_round_id=round_.id,
+            artefact=artefact,
+            auto_approve=config.auto_approve,
         )
-        if config.auto_approve:
-            review_repository.decide_item(
-                session,
-                item=item,
-                status=ReviewStatus.APPROVED,
-                actor=AUTO_REVIEWER,
-                reason="demo mode: approved without a human",
-                at=datetime.now(UTC),
-            )
-        tracks[track.value] = {"cases": len(cases), "round": round_.id, "review_item": item.id}
+        tracks[track.value] = {"cases": len(cases), "round": round_.id, "review_item": item_id}
     _note(cycle, tracks=tracks)
     session.commit()
     return tracks

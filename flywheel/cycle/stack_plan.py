@@ -6,9 +6,7 @@ written to a temporary directory that is removed: nothing it finds persists."""
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
 from pathlib import Path
-from statistics import fmean
 
 from qdrant_client import QdrantClient
 from sqlalchemy import Engine
@@ -87,21 +85,12 @@ def plan_stack_cycle(
                             estimated_seconds=None,
                         )
                 rows = [case for _, case in pairs]
-                labels = repository.cluster_labels(
-                    session,
-                    cluster_ids=[c.cluster_id for c in rows if c.cluster_id is not None],
-                )
-                clusters = Counter(labels[c.cluster_id] for c in rows if c.cluster_id in labels)
-                confidences = [
-                    route.confidence
-                    for route, _ in repository.latest_routes(session, case_ids=[c.id for c in rows])
-                ]
                 tracks.append(
                     TrackPlan(
                         track=track.value,
                         cases=len(pairs),
-                        mean_confidence=fmean(confidences) if confidences else None,
-                        top_clusters=clusters.most_common(3),
+                        mean_confidence=repository.mean_confidence(session, cases=rows),
+                        top_clusters=repository.top_clusters(session, cases=rows),
                         data=data,
                         round=round_plan,
                     )

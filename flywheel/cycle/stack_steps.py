@@ -47,11 +47,10 @@ from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import ModelBundle, bundle
 from flywheel.cycle.steps import (
-    ACTOR,
-    AUTO_REVIEWER,
     ROUND_ORDER,
     _note,
     _summary,
+    add_round,
     base_model,
     cycle_config,
     cycle_dir,
@@ -60,16 +59,13 @@ from flywheel.cycle.steps import (
     round_output,
 )
 from flywheel.db.models import (
-    CaseStatus,
     Cycle,
     FailureCase,
-    ReviewStatus,
     RoundStatus,
     Signal,
     SignalKind,
     Track,
     TrainingRound,
-    TrainingRoundCase,
 )
 from flywheel.parts import Parts
 from flywheel.ports import (
@@ -81,7 +77,6 @@ from flywheel.ports import (
     SuitePrompt,
 )
 from flywheel.project import PartSection, build_part
-from flywheel.review import repository as review_repository
 from flywheel.tracks.routed import CaseFeedback, RoutedCase, split_cases
 from flywheel.tracks.specs import TRACK_SPECS, TrackInputs
 from retrieval.embedding import TextEmbedder
@@ -278,30 +273,17 @@ def prepare_rounds(
             config={"budget": round_budget(track, config), "seed": config.seed},
             data_manifest={"artefact": body, "files": spec.files(artefact), **split},
         )
-        session.add(round_)
-        session.flush()
-        for _, case in pairs:
-            session.add(TrainingRoundCase(training_round_id=round_.id, case_id=case.id))
-            case.status = CaseStatus.IN_ROUND
-        item = review_repository.add_item(
+        item_id = add_round(
             session,
+            cycle,
+            round_=round_,
+            cases=[case for _, case in pairs],
             kind=spec.review_kind,
             title=spec.title(artefact, len(pairs)),
-            artefact={"track": track.value, "cases": [c.id for _, c in pairs], **split, **body},
-            actor=ACTOR,
-            cycle_id=cycle.id,
-            training_round_id=round_.id,
+            artefact={**split, **body},
+            auto_approve=config.auto_approve,
         )
-        if config.auto_approve:
-            review_repository.decide_item(
-                session,
-                item=item,
-                status=ReviewStatus.APPROVED,
-                actor=AUTO_REVIEWER,
-                reason="demo mode: approved without a human",
-                at=datetime.now(UTC),
-            )
-        tracks[track.value] = {"cases": len(pairs), "round": round_.id, "review_item": item.id}
+        tracks[track.value] = {"cases": len(pairs), "round": round_.id, "review_item": item_id}
     _note(cycle, tracks=tracks)
     session.commit()
     return tracks

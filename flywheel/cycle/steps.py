@@ -9,6 +9,7 @@ steps, the flow and the review's decision (:mod:`flywheel.cycle.finish`) serve e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from flywheel.db.models import (
     FailureCase,
     Json,
     ReviewKind,
+    ReviewStatus,
     RoundStatus,
     Track,
     TrainingRound,
@@ -111,6 +113,46 @@ def base_model(session: Session, cycle: Cycle) -> ModelBundle:
     """The model the cycle started from."""
     assert cycle.base_model_version_id is not None
     return bundle(session, version_id=cycle.base_model_version_id)
+
+
+def add_round(
+    session: Session,
+    cycle: Cycle,
+    *,
+    round_: TrainingRound,
+    cases: Sequence[FailureCase],
+    kind: ReviewKind,
+    title: str,
+    artefact: dict[str, Any],
+    auto_approve: bool,
+) -> int:
+    """Add a pending round, its cases (now ``in_round``) and its artefact's review item
+    (approved at once by the demo reviewer with ``auto_approve``); the item's id. Flushes,
+    the caller commits."""
+    session.add(round_)
+    session.flush()
+    for case in cases:
+        session.add(TrainingRoundCase(training_round_id=round_.id, case_id=case.id))
+        case.status = CaseStatus.IN_ROUND
+    item = review_repository.add_item(
+        session,
+        kind=kind,
+        title=title,
+        artefact={"track": round_.track.value, "cases": [c.id for c in cases], **artefact},
+        actor=ACTOR,
+        cycle_id=cycle.id,
+        training_round_id=round_.id,
+    )
+    if auto_approve:
+        review_repository.decide_item(
+            session,
+            item=item,
+            status=ReviewStatus.APPROVED,
+            actor=AUTO_REVIEWER,
+            reason="demo mode: approved without a human",
+            at=datetime.now(UTC),
+        )
+    return item.id
 
 
 def cycle_rounds(session: Session, cycle: Cycle) -> list[TrainingRound]:
