@@ -1,6 +1,6 @@
 """Benchmark of targeted bad-case mining: probes per second, against generation alone.
 
-A probe-mining round (:func:`flywheel.mining.miners.mine_probes`) generates its probes with
+A probe-mining round (:func:`flywheel.world.loop.mining.mine_probes`) generates its probes with
 the shipped world base, judges each image with the ground-truth evaluator and the reward
 model, writes the failing ones' PNGs and stores them as signals, chunk by chunk. The
 baseline, measured in the same run on the same probes, chunk size and seeds, is the
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, session_factory
-from flywheel.mining.miners import ProbeBatch, mine_probes
 from flywheel.settings import Settings
 from flywheel.world.base_model import load_world_reward
 from flywheel.world.evaluation import BASE_MODEL, generate_cases
 from flywheel.world.evaluator import load_evaluator
+from flywheel.world.loop.mining import ProbeBatch, mine_probes
 from model.pipeline import Generator
 
 BAND = 77_000_000

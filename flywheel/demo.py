@@ -105,13 +105,14 @@ class _BackgroundServer:
 def _prepare(settings: Settings, console: Console) -> tuple[str, _Base]:
     """Migrate, register the base, create the demo key; the key's secret and the base."""
     from flywheel.cycle.registry import current_model
+    from flywheel.world.loop.backend import shipped_base
 
     engine = create_db_engine(settings, pool_size=2)
     try:
         migrate.upgrade(engine)
         console.print(f"[bold]schema[/]: migrated to {migrate.current_revision(engine)}")
         with session_factory(engine)() as session:
-            model = current_model(session)
+            model = current_model(session, shipped=shipped_base())
             assert model is not None
             key = create_api_key(session, app=DEMO_APP, scopes=[Scope.INGEST, Scope.READ])
             session.commit()
@@ -285,8 +286,8 @@ def _attribution(
 ) -> dict[str, Any]:
     """The classifier fitted on the cycle's seed set, measured on a held-out labeled set."""
     from flywheel.attribution.classifier import fit_classifier, measure
-    from flywheel.attribution.world import LabeledSetConfig, labeled_examples
-    from flywheel.cycle.plan import attribution_tools
+    from flywheel.world.loop.attribution import LabeledSetConfig, labeled_examples
+    from flywheel.world.loop.plan import attribution_tools
     from retrieval.embedding import TextEmbedder
     from retrieval.store import open_qdrant, qdrant_config
 

@@ -158,24 +158,13 @@ class ApiProcess:
 
 
 TINY_CYCLE: dict[str, Any] = {
-    "labeled_per_track": 3,
-    "corpus": 300,
-    "pool": 300,
     "min_cases": 2,
     "min_confidence": 0.0,
-    "pe_steps": 120,
-    "pe_pairs_per_concept": 60,
-    "gap_steps": 60,
-    "gap_vae_steps": 2,
-    "gap_replay": 30,
-    "gap_batch_size": 4,
-    "rl_steps": 1,
-    "rl_pairs_per_category": 4,
-    "rl_group_size": 2,
-    "rl_prompts_per_step": 1,
-    "regression_seeds": 1,
-    "regression_cases": 1,
-    "regression_tolerance": 1.0,
+    "world": {"labeled_per_track": 3, "corpus": 300, "pool": 300},
+    "prompt_enhancer": {"steps": 120, "pairs_per_concept": 60},
+    "pretraining_gap": {"steps": 60, "vae_steps": 2, "replay": 30, "batch_size": 4},
+    "rl": {"steps": 1, "pairs_per_category": 4, "group_size": 2, "prompts_per_step": 1},
+    "regression": {"seeds": 1, "cases": 1, "tolerance": 1.0},
 }
 """A cycle of about a minute on two cores. The regression gate is opened (tolerance 1):
 one case per skill is too few for a two-point gate (``test_cycle.py::test_the_gate``

@@ -22,7 +22,7 @@ from flywheel.attribution.classifier import (
     fit_classifier,
     measure,
 )
-from flywheel.attribution.evidence import Evidence, EvidenceTools
+from flywheel.attribution.evidence import Evidence
 from flywheel.attribution.service import (
     CaseClosedError,
     CaseNotFoundError,
@@ -30,14 +30,6 @@ from flywheel.attribution.service import (
     override_examples,
     override_route,
     routing_classifier,
-)
-from flywheel.attribution.world import (
-    LabeledSetConfig,
-    labeled_examples,
-    read_examples,
-    seed_examples,
-    world_evidence_tools,
-    world_scarcity,
 )
 from flywheel.cases.service import collect_failures
 from flywheel.cli.main import app
@@ -59,6 +51,15 @@ from flywheel.signals.repository import NewSignal, insert_signals, model_version
 from flywheel.world.base_model import BASE_REWARD
 from flywheel.world.benchmark import build_case
 from flywheel.world.evaluation import BASE_MODEL
+from flywheel.world.loop.attribution import (
+    LabeledSetConfig,
+    labeled_examples,
+    read_examples,
+    seed_examples,
+    world_evidence_tools,
+    world_scarcity,
+)
+from flywheel.world.loop.evidence import EvidenceTools
 from flywheel.world.vocabulary import (
     USER_COLOURS,
     has_user_words,
@@ -214,7 +215,7 @@ def test_routes_stored_cases_with_evidence(
     with session_factory(fresh_engine)() as session:
         truth = _store_failures(session)
         classifier = routing_classifier(session, seeds, ClassifierConfig(min_confidence=0.0))
-        report = attribute_open_cases(session, tools=tools, classifier=classifier, batch_size=5)
+        report = attribute_open_cases(session, gather=tools, classifier=classifier, batch_size=5)
         assert report.cases == len(truth) == 12
         assert report.awaiting_triage == 0
         assert sum(report.routed.values()) == 12
@@ -228,7 +229,7 @@ def test_routes_stored_cases_with_evidence(
             Evidence.model_validate(route.evidence["features"])
         assert all(c.status == CaseStatus.ROUTED for c in cases.values())
         # Routed cases are not routed again.
-        again = attribute_open_cases(session, tools=tools, classifier=classifier)
+        again = attribute_open_cases(session, gather=tools, classifier=classifier)
         assert again.cases == 0
 
 
@@ -239,7 +240,7 @@ def test_triage_and_overrides_become_examples(
         truth = _store_failures(session)
         strict = routing_classifier(session, seeds, ClassifierConfig(min_confidence=1.0))
         assert sum(strict.examples.values()) == len(seeds)
-        report = attribute_open_cases(session, tools=tools, classifier=strict)
+        report = attribute_open_cases(session, gather=tools, classifier=strict)
         # Only decisive rules reach confidence 1: the rest wait for a human.
         assert report.awaiting_triage == report.cases - report.by_rule > 0
         items = session.scalars(select(ReviewItem).order_by(ReviewItem.id)).all()

@@ -29,9 +29,14 @@ from flywheel.attribution.service import AttributionReport, override_route
 from flywheel.cli.main import app
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import CycleBusyError, cycle_lock
-from flywheel.cycle.plan import collect_and_attribute
 from flywheel.cycle.registry import current_model
-from flywheel.cycle.service import gate
+from flywheel.cycle.verdicts import (
+    Evaluation,
+    RegressionEvaluation,
+    ScenarioEvaluation,
+    TrackEvaluation,
+    gate,
+)
 from flywheel.db.engine import create_db_engine, session_factory
 from flywheel.db.models import (
     CaseRoute,
@@ -57,6 +62,8 @@ from flywheel.review.service import ReviewError, approve, reject
 from flywheel.settings import Settings, get_settings
 from flywheel.signals.repository import insert_signals, model_version_id
 from flywheel.world.benchmark import build_case
+from flywheel.world.loop.backend import shipped_base
+from flywheel.world.loop.plan import collect_and_attribute
 from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder
@@ -133,7 +140,7 @@ def _attribute(engine: Engine, home: Path, *, min_confidence: float) -> Attribut
     client = open_qdrant(qdrant)
     try:
         with Session(engine) as session:
-            model = current_model(session)
+            model = current_model(session, shipped=shipped_base())
             assert model is not None
             session.commit()
             _, attributed = collect_and_attribute(
@@ -315,7 +322,7 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
         cycle = session.get(Cycle, 1)
         assert cycle is not None
         assert cycle.status == CycleStatus.PROMOTED
-        model = current_model(session, register_base=False)
+        model = current_model(session)
         assert model is not None
         assert model.name == "cycle-1"
         artefacts = session.scalars(
@@ -377,10 +384,10 @@ def test_one_cycle_at_a_time_and_a_cycle_without_work(
 def test_cli_cycle_edges(environment: dict[str, str], tmp_path: Path) -> None:
     runner = CliRunner()
     bad = tmp_path / "bad.json"
-    bad.write_text('{"pe_steps": 0}')
+    bad.write_text('{"prompt_enhancer": {"steps": 0}}')
     result = runner.invoke(app, ["cycle", "--config", str(bad)])
     assert result.exit_code == 2
-    assert "pe_steps" in result.output
+    assert "prompt_enhancer.steps" in result.output
     bad.write_text('{"auto_approve": true}')
     result = runner.invoke(app, ["cycle", "--config", str(bad)])
     assert result.exit_code == 2
@@ -392,25 +399,36 @@ def test_cli_cycle_edges(environment: dict[str, str], tmp_path: Path) -> None:
     assert "cannot read" in result.output
 
 
-def test_the_gate() -> None:
-    def evaluation(before: int, after: int, score: float, broken: int = 0) -> dict[str, Any]:
-        return {
-            "tracks": {"rl": {"failures_before": before, "failures_after": after}},
-            "regression": {"score_before": 0.5, "score_after": score},
-            "scenarios": {"failures_before": 0, "failures_after": broken},
-        }
+def test_the_gate_passes_fixed_failures_with_the_regression_flat_and_no_scenario_broken() -> None:
+    def evaluation(before: int, after: int, score: float, broken: int = 0) -> Evaluation:
+        return Evaluation(
+            tracks={
+                "rl": TrackEvaluation(
+                    cases=4,
+                    failures_before=before,
+                    failures_after=after,
+                    failure_rate_before=before / 4,
+                    failure_rate_after=after / 4,
+                )
+            },
+            regression=RegressionEvaluation(score_before=0.5, score_after=score, cases=8, seeds=1),
+            scenarios=ScenarioEvaluation(count=2, failures_before=0, failures_after=broken),
+        )
 
-    assert gate(evaluation(4, 1, 0.49), tolerance=0.02)["passed"]
-    assert gate(evaluation(4, 1, 0.49), tolerance=0.02)["fixed"] == 3
+    passed = gate(evaluation(4, 1, 0.49), tolerance=0.02)
+    assert passed.passed
+    assert passed.fixed == 3
+    assert passed.reasons == []
     failed = gate(evaluation(4, 4, 0.45, broken=1), tolerance=0.02)
-    assert not failed["passed"]
-    assert len(failed["reasons"]) == 3
+    assert not failed.passed
+    assert len(failed.reasons) == 3
+    assert failed.regression_delta == pytest.approx(-0.05)
 
 
 def _awaiting_cycle(session: Session) -> tuple[Cycle, list[FailureCase], ReviewItem, ReviewItem]:
     """A cycle waiting for its final review, written directly: one round of two cases (the
     candidate fixes the first), its artefact item and its promotion item."""
-    base = current_model(session)
+    base = current_model(session, shipped=shipped_base())
     assert base is not None
     cycle = Cycle(
         status=CycleStatus.AWAITING_REVIEW,
@@ -491,7 +509,7 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
     assert refused.returncode == 2
     assert "PREFECT_API_URL" in refused.stderr
     config_file = tmp_path / "cycle.json"
-    config_file.write_text(json.dumps({"min_cases": 5, "pe_steps": 50}))
+    config_file.write_text(json.dumps({"min_cases": 5, "prompt_enhancer": {"steps": 50}}))
     deployed = run_flywheel(
         environment,
         "deploy",
@@ -510,7 +528,7 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
         deployment = client.read_deployment_by_name("flywheel-cycle/production")
         assert deployment.entrypoint == "flywheel.cycle.flow.cycle_flow"
         assert deployment.work_pool_name == "flywheel"
-        assert deployment.parameters["config"]["pe_steps"] == 50
+        assert deployment.parameters["config"]["prompt_enhancer"]["steps"] == 50
         (automation,) = [
             a
             for a in client.read_automations()
@@ -528,7 +546,7 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
         with get_client(sync_client=True) as client:
             runs = [r for r in client.read_flow_runs() if r.deployment_id == deployment.id]
     assert len(runs) == 1
-    assert runs[0].parameters["config"]["pe_steps"] == 50
+    assert runs[0].parameters["config"]["prompt_enhancer"]["steps"] == 50
 
 
 def test_a_paused_cycle_flow_is_resumed_by_the_reviewers_decision(

@@ -12,13 +12,13 @@ from sqlalchemy import Engine, func, select, text
 from typer.testing import CliRunner
 
 from flywheel.cli.main import app
-from flywheel.cycle.config import CycleConfig
-from flywheel.cycle.plan import plan_cycle
+from flywheel.cycle.config import CycleConfig, WorldIndexConfig
 from flywheel.db.engine import session_factory
 from flywheel.db.models import Base, SignalKind
 from flywheel.settings import get_settings
 from flywheel.signals.repository import insert_signals, model_version_id
 from flywheel.world.benchmark import build_case
+from flywheel.world.loop.plan import plan_cycle
 from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import to_user_words
 from tests.helpers import probe_hit, stored_signal
@@ -61,7 +61,10 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     home = tmp_path / "home"
     home.mkdir()
     config = CycleConfig(
-        dry_run=True, labeled_per_track=3, corpus=300, pool=300, min_cases=1, min_confidence=0.0
+        dry_run=True,
+        world=WorldIndexConfig(labeled_per_track=3, corpus=300, pool=300),
+        min_cases=1,
+        min_confidence=0.0,
     )
     plan = plan_cycle(fresh_engine, config=config, home=home)
     assert plan.model == "world-base"

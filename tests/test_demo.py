@@ -15,10 +15,9 @@ from tests.helpers import TINY_CYCLE
 
 TINY_DEMO = TINY_CYCLE | {
     "min_confidence": 0.0,
-    "pe_steps": 60,
-    "pe_pairs_per_concept": 30,
-    "gap_steps": 10,
-    "regression_cases": 2,
+    "prompt_enhancer": {"steps": 60, "pairs_per_concept": 30},
+    "pretraining_gap": TINY_CYCLE["pretraining_gap"] | {"steps": 10},
+    "regression": TINY_CYCLE["regression"] | {"cases": 2},
 }
 
 

@@ -33,9 +33,7 @@ from flywheel.db.models import FailureCase, FailureCluster, Signal, SignalKind, 
 from flywheel.media.access import SCHEMES, ImageAccessConfig, ImagePolicy
 from flywheel.mining.miners import (
     MINER_APP,
-    ProbeBatch,
     mine_near_duplicates,
-    mine_probes,
     scan_generations,
     store_png,
 )
@@ -46,6 +44,7 @@ from flywheel.world.base_model import BASE_REWARD, load_world_reward
 from flywheel.world.benchmark import BenchmarkCase
 from flywheel.world.evaluation import BASE_MODEL, image_tensor
 from flywheel.world.evaluator import load_evaluator
+from flywheel.world.loop.mining import ProbeBatch, mine_probes
 from flywheel.world.scenes import render
 from flywheel.world.weaknesses import probes
 from model.pipeline import Generator

@@ -18,12 +18,10 @@ from typer.testing import CliRunner
 from flywheel.cli.main import app
 from flywheel.cycle.lock import CycleBusyError, cycle_lock
 from flywheel.cycle.registry import (
-    BASE_VERSION,
     RegistryError,
     current_model,
     promote,
     register_version,
-    shipped_base,
 )
 from flywheel.cycle.status import status_report
 from flywheel.db.engine import create_db_engine, session_factory
@@ -44,6 +42,7 @@ from flywheel.db.models import (
 from flywheel.review import repository as review_repository
 from flywheel.review.service import ReviewError, approve, list_queue, reject, show_item
 from flywheel.settings import Settings, get_settings
+from flywheel.world.loop.backend import BASE_VERSION, shipped_base
 
 runner = CliRunner()
 
@@ -58,28 +57,28 @@ def cli(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_the_registry_starts_from_the_shipped_base(fresh_engine: Engine, tmp_path: Path) -> None:
     with session_factory(fresh_engine)() as session:
-        assert current_model(session, register_base=False) is None
-        base = current_model(session)
+        assert current_model(session) is None
+        base = current_model(session, shipped=shipped_base())
         assert base is not None
         session.commit()
         assert base.name == BASE_VERSION
-        assert base.components() == {c: p.resolve() for c, p in shipped_base().items()}
-        again = current_model(session)
+        assert base.components() == {c: p.resolve() for c, p in shipped_base().components.items()}
+        again = current_model(session, shipped=shipped_base())
         assert again == base  # registered once
         with pytest.raises(RegistryError, match="already registered"):
-            register_version(session, name=BASE_VERSION, components=shipped_base())
+            register_version(session, name=BASE_VERSION, components=shipped_base().components)
         with pytest.raises(RegistryError, match="no enhancer, reward"):
             register_version(session, name="partial", components={Component.GENERATOR: tmp_path})
-        components = {**shipped_base(), Component.ENHANCER: tmp_path}
+        components = {**shipped_base().components, Component.ENHANCER: tmp_path}
         with pytest.raises(RegistryError, match="missing"):
             register_version(
                 session, name="gone", components={**components, Component.REWARD: tmp_path / "x"}
             )
         candidate = register_version(session, name="cycle-1", components=components)
-        assert current_model(session) == base  # registered, not promoted
+        assert current_model(session, shipped=shipped_base()) == base  # registered, not promoted
         promote(session, version_id=candidate)
         session.commit()
-        serving = current_model(session)
+        serving = current_model(session, shipped=shipped_base())
         assert serving is not None
         assert (serving.name, serving.enhancer) == ("cycle-1", tmp_path.resolve())
 

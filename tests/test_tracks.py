@@ -12,28 +12,6 @@ import pytest
 import torch
 from qdrant_client import QdrantClient
 
-from flywheel.attribution.world import world_scarcity
-from flywheel.tracks.pretraining_gap import (
-    GapTrackConfig,
-    diagnose_gap,
-    index_world_pool,
-    plan_augmentation,
-)
-from flywheel.tracks.prompt_enhancer import (
-    PromptEnhancerTrackConfig,
-    enhancer_pairs,
-    failing_concepts,
-)
-from flywheel.tracks.rl import (
-    ALIGNMENT,
-    VERIFIER,
-    RLTrackConfig,
-    default_weights,
-    recalibrate,
-    round_reward,
-)
-from flywheel.tracks.rounds import run_enhancer_round, run_gap_round, run_rl_round
-from flywheel.tracks.slices import SliceCase, SliceJudges, failure_rate
 from flywheel.world.base_model import (
     BASE_ENHANCER,
     load_world_enhancer,
@@ -43,6 +21,28 @@ from flywheel.world.base_model import (
 from flywheel.world.benchmark import build_case
 from flywheel.world.evaluation import BASE_MODEL
 from flywheel.world.evaluator import load_evaluator
+from flywheel.world.loop.attribution import world_scarcity
+from flywheel.world.loop.pretraining_gap import (
+    GapTrackConfig,
+    diagnose_gap,
+    index_world_pool,
+    plan_augmentation,
+)
+from flywheel.world.loop.prompt_enhancer import (
+    PromptEnhancerTrackConfig,
+    enhancer_pairs,
+    failing_concepts,
+)
+from flywheel.world.loop.rl import (
+    ALIGNMENT,
+    VERIFIER,
+    RLTrackConfig,
+    default_weights,
+    recalibrate,
+    round_reward,
+)
+from flywheel.world.loop.rounds import run_enhancer_round, run_gap_round, run_rl_round
+from flywheel.world.loop.slices import SliceCase, SliceJudges, failure_rate
 from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import USER_COLOURS, has_user_words, to_user_words
 from model.pipeline import Generator

@@ -7,9 +7,9 @@ a human or another router settled meanwhile is left as it is. A case decided wit
 ``min_confidence`` becomes ``routed``; one below waits for human triage
 (``awaiting_triage``, with a ``triage_case`` review item holding the evidence).
 
-The evidence and the decision are the caller's: ``tools`` gathers the world's evidence
-(:func:`~flywheel.attribution.evidence.gather_evidence`), ``gather`` any other's (a team's
-stack: :func:`~flywheel.attribution.stack_evidence.gather_stack_evidence`); the router is a
+The evidence and the decision are the caller's: ``gather`` is the stack's (a team's
+ports: :func:`~flywheel.attribution.stack_evidence.gather_stack_evidence`; the embedded
+world's tools: :class:`~flywheel.world.loop.evidence.EvidenceTools`); the router is a
 fitted :class:`~flywheel.attribution.classifier.TrackClassifier` or, before enough human
 decisions exist, the cold-start rules (:mod:`flywheel.attribution.rules`) — any
 :class:`Router`.
@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 from sqlalchemy.orm import Session
@@ -38,7 +38,7 @@ from flywheel.attribution.classifier import (
     TrackClassifier,
     fit_classifier,
 )
-from flywheel.attribution.evidence import CaseView, Evidence, EvidenceTools, gather_evidence
+from flywheel.attribution.evidence import CaseView, Evidence
 from flywheel.cases.rules import FailureRules
 from flywheel.db.models import (
     CaseRoute,
@@ -52,9 +52,6 @@ from flywheel.db.models import (
     Track,
 )
 from flywheel.review import repository as review_repository
-
-if TYPE_CHECKING:  # a world scene is parsed only when a signal carries one
-    from flywheel.world.benchmark import BenchmarkCase
 
 
 class CaseNotFoundError(LookupError):
@@ -119,19 +116,17 @@ def _spec(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
     return None
 
 
-def _scene(signals: Sequence[Signal]) -> BenchmarkCase | None:
-    if not any(_world_scene(s) for s in signals):
-        return None
-    from flywheel.world.benchmark import BenchmarkCase
-
+def _scene(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
+    """The intended scene the first signal carries (the world's ``{"case": scene}`` spec)."""
     for signal in signals:
-        details = signal.details if isinstance(signal.details, dict) else {}
-        spec = details.get("spec")
-        if isinstance(spec, dict) and isinstance(spec.get("case"), dict):
-            try:
-                return BenchmarkCase.model_validate(spec["case"])
-            except ValidationError:
-                continue
+        if _world_scene(signal):
+            details = signal.details
+            assert isinstance(details, dict)
+            spec = details["spec"]
+            assert isinstance(spec, dict)
+            case = spec["case"]
+            assert isinstance(case, dict)
+            return dict(case)
     return None
 
 
@@ -194,26 +189,14 @@ def _decider_ref(classifier: Router, decision: Decision, reference: str) -> str:
 def attribute_open_cases(
     session: Session,
     *,
-    tools: EvidenceTools | None = None,
+    gather: Gather,
     classifier: Router,
-    gather: Gather | None = None,
     limit: int | None = None,
     batch_size: int = 64,
 ) -> AttributionReport:
-    """Route open cases (see the module docstring); commits batch by batch.
-
-    The evidence comes from ``gather`` (any stack's) or, when it is None, from the world's
-    ``tools``; one of the two must be given."""
-    if gather is not None and tools is not None:
-        raise ValueError("attribute_open_cases: give the world's tools or a gather, not both")
-    if gather is None:
-        if tools is None:
-            raise ValueError("attribute_open_cases: give the world's tools or a gather")
-        world_tools: EvidenceTools = tools
-
-        def gather(views: Sequence[CaseView]) -> list[Evidence]:
-            return gather_evidence(views, world_tools)
-
+    """Route open cases (see the module docstring), the evidence from ``gather`` (the
+    stack's: :func:`~flywheel.attribution.stack_evidence.gather_stack_evidence` on a
+    project's ports, the world's tools in the embedded world); commits batch by batch."""
     started = time.perf_counter()
     routed: Counter[str] = Counter()
     triage = by_rule = total = 0

@@ -72,7 +72,7 @@ def measure_command(
     """Fit the classifier on one labeled set of the world's weaknesses, measure it on another
     (per-track precision / recall / F1, macro-F1, calibration error)."""
     from flywheel.attribution.classifier import NotEnoughExamplesError, fit_classifier, measure
-    from flywheel.attribution.world import (
+    from flywheel.world.loop.attribution import (
         LabeledSetConfig,
         labeled_examples,
         world_evidence_tools,
@@ -121,14 +121,14 @@ def run_command(
     """Route every open failure case (evidence, classifier, triage below the threshold)."""
     from flywheel.attribution.classifier import ClassifierConfig, NotEnoughExamplesError
     from flywheel.attribution.service import attribute_open_cases, routing_classifier
-    from flywheel.attribution.world import (
+    from flywheel.db.engine import session_factory
+    from flywheel.settings import get_settings
+    from flywheel.world.loop.attribution import (
         LabeledSetConfig,
         seed_examples,
         world_evidence_tools,
         world_scarcity,
     )
-    from flywheel.db.engine import session_factory
-    from flywheel.settings import get_settings
     from retrieval.embedding import TextEmbedder
 
     generator, reward_dir = _directories(model, reward)
@@ -152,7 +152,7 @@ def run_command(
                 )
             except NotEnoughExamplesError as exc:
                 fail(str(exc))
-            report = attribute_open_cases(session, tools=tools, classifier=classifier, limit=limit)
+            report = attribute_open_cases(session, gather=tools, classifier=classifier, limit=limit)
     sent = _announce(report.routed)
     if as_json:
         typer.echo(report.model_dump_json())

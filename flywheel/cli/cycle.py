@@ -157,6 +157,13 @@ def cycle_command(
     from flywheel.cycle.flow import CycleOutcome
 
     assert isinstance(result, CycleOutcome)
+    if result.status == "paused":
+        paused = result.summary.get("paused") or {}
+        fail(
+            f"cycle {result.cycle_id} paused at {paused.get('step', '?')}: "
+            f"{paused.get('reason', '?')} — fix it and run `flywheel cycle` again to resume",
+            code=1,
+        )
     outcome_table(result)
     if result.status == "awaiting_review":
         console.print(

@@ -30,10 +30,11 @@ def _default_component(project: Project, component: Component) -> Path | None:
     if section is None:
         return None
     if section.adapter == "world":
-        from flywheel.cycle.registry import shipped_base
+        from flywheel.world.loop.backend import shipped_base
 
         configured = section.settings().get("path")
-        return project.root / str(configured) if configured else shipped_base()[component]
+        shipped = shipped_base().components[component]
+        return project.root / str(configured) if configured else shipped
     configured = section.settings().get("path")
     return (project.root / str(configured)) if configured else None
 

@@ -1,15 +1,93 @@
-"""The cycle's configuration: one pydantic model whose ``dry_run`` the CLI maps onto."""
+"""The cycle's configuration: one pydantic model, nested per track, whose ``dry_run`` the CLI
+maps onto (a JSON file of it: ``flywheel cycle --config FILE``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-if TYPE_CHECKING:  # the world's track configs: imported only when the world's steps ask
-    from flywheel.tracks.pretraining_gap import GapTrackConfig
-    from flywheel.tracks.prompt_enhancer import PromptEnhancerTrackConfig
-    from flywheel.tracks.rl import RLTrackConfig
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PromptEnhancerRoundConfig(_Section):
+    """The prompt-enhancer track's round."""
+
+    steps: int = Field(default=200, ge=1)
+    """PE SFT steps."""
+    pairs_per_concept: int = Field(default=200, ge=1)
+    """Reverse-engineered pairs per failing concept (the embedded world's pair builder)."""
+
+
+class GapRoundConfig(_Section):
+    """The pretraining-gap track's round."""
+
+    steps: int = Field(default=600, ge=1)
+    """Continued-pretraining steps."""
+    vae_steps: int = Field(default=300, ge=0)
+    """VAE fine-tuning steps before it (0: none; the embedded world's recipe)."""
+    replay: int = Field(default=1200, ge=1)
+    """Corpus items replayed with the augmentation batch (against forgetting)."""
+    batch_size: int = Field(default=16, ge=1)
+
+
+class RLRoundConfig(_Section):
+    """The RL track's round."""
+
+    steps: int = Field(default=6, ge=1)
+    """Optimizer steps (Flow-GRPO in the embedded world; the recipe a team's launcher runs)."""
+    pairs_per_category: int = Field(default=32, ge=1)
+    """Labelled comparisons per category for the reward recalibration (the world's)."""
+    group_size: int = Field(default=8, ge=2)
+    """Images per prompt in a GRPO group."""
+    prompts_per_step: int = Field(default=4, ge=1)
+
+
+class RegressionConfig(_Section):
+    """The regression suite every candidate is judged on, and how much it may drop."""
+
+    seeds: int = Field(default=2, ge=1)
+    """Noise seeds the suite is run with."""
+    cases: int | None = Field(default=None, ge=1)
+    """Cases per skill (None: all of them; the world's standard suite)."""
+    tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+    """The gate's "regression flat": the candidate's score may drop at most this much."""
+
+
+class WorldIndexConfig(_Section):
+    """What the embedded world indexes and seeds attribution with (a team's stack reads its
+    corpus and its reviewers' decisions instead)."""
+
+    corpus: int = Field(default=1500, ge=10)
+    """Corpus captions indexed for scarcity and the gap diagnosis."""
+    pool: int = Field(default=2000, ge=10)
+    """Pool captions indexed for retrieval."""
+    labeled_per_track: int = Field(default=24, ge=2)
+    """Seed labeled examples per track (the classifier's start)."""
+
+
+_LEGACY = {
+    "pe_steps": ("prompt_enhancer", "steps"),
+    "pe_pairs_per_concept": ("prompt_enhancer", "pairs_per_concept"),
+    "gap_steps": ("pretraining_gap", "steps"),
+    "gap_vae_steps": ("pretraining_gap", "vae_steps"),
+    "gap_replay": ("pretraining_gap", "replay"),
+    "gap_batch_size": ("pretraining_gap", "batch_size"),
+    "rl_steps": ("rl", "steps"),
+    "rl_pairs_per_category": ("rl", "pairs_per_category"),
+    "rl_group_size": ("rl", "group_size"),
+    "rl_prompts_per_step": ("rl", "prompts_per_step"),
+    "regression_seeds": ("regression", "seeds"),
+    "regression_cases": ("regression", "cases"),
+    "regression_tolerance": ("regression", "tolerance"),
+    "corpus": ("world", "corpus"),
+    "pool": ("world", "pool"),
+    "labeled_per_track": ("world", "labeled_per_track"),
+}
+"""The flat fields of configs stored before the sections (cycle rows, config files) and the
+section field each now is."""
 
 
 class CycleConfig(BaseModel):
@@ -25,35 +103,11 @@ class CycleConfig(BaseModel):
     """Routes below this wait for human triage."""
     min_cases: int = Field(default=2, ge=1)
     """A track with fewer routed cases gets no round this cycle."""
-    labeled_per_track: int = Field(default=24, ge=2)
-    """Seed labeled examples per track (the classifier's start)."""
-    corpus: int = Field(default=1500, ge=10)
-    """Corpus captions indexed for scarcity and the gap diagnosis."""
-    pool: int = Field(default=2000, ge=10)
-    """Pool captions indexed for retrieval."""
-    pe_steps: int = Field(default=200, ge=1)
-    """PE SFT steps of the prompt-enhancer round."""
-    pe_pairs_per_concept: int = Field(default=200, ge=1)
-    """Reverse-engineered pairs per failing concept."""
-    gap_steps: int = Field(default=600, ge=1)
-    """Continued-pretraining steps of the gap round."""
-    gap_vae_steps: int = Field(default=300, ge=0)
-    """VAE fine-tuning steps before it (0: none)."""
-    gap_replay: int = Field(default=1200, ge=1)
-    """Corpus scenes replayed in the gap round."""
-    gap_batch_size: int = Field(default=16, ge=1)
-    rl_steps: int = Field(default=6, ge=1)
-    """Flow-GRPO steps of the RL round."""
-    rl_pairs_per_category: int = Field(default=32, ge=1)
-    """Labelled comparisons per category for the reward recalibration."""
-    rl_group_size: int = Field(default=8, ge=2)
-    rl_prompts_per_step: int = Field(default=4, ge=1)
-    regression_seeds: int = Field(default=2, ge=1)
-    """Noise seeds the regression suite (the world's standard suite) is run with."""
-    regression_cases: int | None = Field(default=None, ge=1)
-    """Cases per skill of the regression suite (None: all of them)."""
-    regression_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
-    """The gate's "regression flat": the candidate's score may drop at most this much."""
+    prompt_enhancer: PromptEnhancerRoundConfig = PromptEnhancerRoundConfig()
+    pretraining_gap: GapRoundConfig = GapRoundConfig()
+    rl: RLRoundConfig = RLRoundConfig()
+    regression: RegressionConfig = RegressionConfig()
+    world: WorldIndexConfig = WorldIndexConfig()
     review_wait_seconds: int = Field(default=0, ge=0, le=7 * 86_400)
     """0: the flow ends when the cycle waits for its final review (the decision finishes
     the cycle on its own). Above 0: the flow run pauses (Prefect) for up to this long,
@@ -62,31 +116,17 @@ class CycleConfig(BaseModel):
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
     """Where a project's models run during the cycle (the embedded world: always the CPU)."""
 
-    def prompt_enhancer(self) -> PromptEnhancerTrackConfig:
-        from flywheel.tracks.prompt_enhancer import PromptEnhancerTrackConfig
-
-        return PromptEnhancerTrackConfig(
-            steps=self.pe_steps, pairs_per_concept=self.pe_pairs_per_concept, seed=self.seed
-        )
-
-    def pretraining_gap(self) -> GapTrackConfig:
-        from flywheel.tracks.pretraining_gap import GapTrackConfig
-
-        return GapTrackConfig(
-            steps=self.gap_steps,
-            vae_steps=self.gap_vae_steps,
-            replay=self.gap_replay,
-            batch_size=self.gap_batch_size,
-            seed=self.seed,
-        )
-
-    def rl(self) -> RLTrackConfig:
-        from flywheel.tracks.rl import RLTrackConfig
-
-        return RLTrackConfig(
-            steps=self.rl_steps,
-            pairs_per_category=self.rl_pairs_per_category,
-            group_size=self.rl_group_size,
-            prompts_per_step=self.rl_prompts_per_step,
-            seed=self.seed,
-        )
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_legacy_fields(cls, data: Any) -> Any:
+        """Read a config stored with the flat fields (``gap_steps``, ``regression_seeds``, …)
+        into its sections."""
+        if not isinstance(data, dict) or not any(key in data for key in _LEGACY):
+            return data
+        nested: dict[str, Any] = {k: v for k, v in data.items() if k not in _LEGACY}
+        for key, (section, field) in _LEGACY.items():
+            if key in data:
+                current = nested.get(section)
+                values = current.model_dump() if isinstance(current, BaseModel) else current
+                nested[section] = {**(values or {}), field: data[key]}
+        return nested

@@ -1,5 +1,5 @@
 """The cycle as a Prefect 3 flow: small tasks over the cycle's steps — the embedded world's
-(:mod:`flywheel.cycle.service`) or, when the project file names a team's stack, the ports'
+(:mod:`flywheel.world.loop.steps`) or, when the project file names a team's stack, the ports'
 (:mod:`flywheel.cycle.stack_steps`), and the steps both share (:mod:`flywheel.cycle.steps`).
 
 ``cycle_flow`` holds the cycle lock (one cycle at a time, any host on the database), opens
@@ -20,11 +20,11 @@ Prefect and without writing; otherwise it runs this flow.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -32,23 +32,27 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
-from qdrant_client import QdrantClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from flywheel.adapters.base import AdapterContext
 from flywheel.cycle import steps
+from flywheel.cycle.backend import CycleBackend, Indexes, cycle_backend
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import cycle_lock
+from flywheel.cycle.verdicts import Evaluation
 from flywheel.db.engine import create_db_engine
 from flywheel.db.models import Cycle, CycleStatus
-from flywheel.parts import Parts
+from flywheel.ports import PortError
 from flywheel.project import Project, load_project
 from flywheel.settings import Settings, get_settings
 from retrieval.embedding import TextEmbedder
-from retrieval.store import QdrantConfig, open_qdrant, qdrant_config
+from retrieval.store import open_qdrant, qdrant_config
 
 FLOW_NAME = "flywheel-cycle"
-T = TypeVar("T")
+PAUSED = "paused"
+"""A run's outcome when a part of the stack failed: the cycle stays ``running`` with the
+reason in its summary (``paused``), and the next run resumes it."""
 
 
 class CycleOutcome(BaseModel):
@@ -69,12 +73,10 @@ class CycleRuntime:
 
     engine: Engine
     home: Path
-    client: QdrantClient
-    qdrant: QdrantConfig
-    embedder: TextEmbedder
+    indexes: Indexes
+    backend: CycleBackend
+    """The stack-dependent steps: a project's ports, or the embedded world's."""
     progress: bool
-    parts: Parts | None
-    """A project's parts (its stack, through the ports); None: the embedded world."""
 
 
 def _cycle(session: Session, cycle_id: int) -> Cycle:
@@ -84,57 +86,21 @@ def _cycle(session: Session, cycle_id: int) -> Cycle:
     return cycle
 
 
-def _with_indexes(runtime: CycleRuntime, cycle_id: int, step: Callable[..., T]) -> T:
-    """Run a step that needs the cycle, the home directory and the vector indexes."""
-    with Session(runtime.engine) as session:
-        return step(
-            session,
-            _cycle(session, cycle_id),
-            home=runtime.home,
-            client=runtime.client,
-            qdrant=runtime.qdrant,
-            embedder=runtime.embedder,
-        )
-
-
 @task(name="attribute", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def attribute_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
     """Turn signals into cases, theme them and route them."""
-    if runtime.parts is None:
-        from flywheel.cycle import service
-
-        return _with_indexes(runtime, cycle_id, service.attribute)
-    from flywheel.cycle import stack_steps
-
     with Session(runtime.engine) as session:
-        return stack_steps.attribute(
-            session,
-            _cycle(session, cycle_id),
-            parts=runtime.parts,
-            client=runtime.client,
-            qdrant=runtime.qdrant,
-            embedder=runtime.embedder,
+        return runtime.backend.attribute(
+            session, _cycle(session, cycle_id), home=runtime.home, indexes=runtime.indexes
         )
 
 
 @task(name="prepare-rounds", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def prepare_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
     """Build each track's artefact, review item and pending round."""
-    if runtime.parts is None:
-        from flywheel.cycle import service
-
-        return _with_indexes(runtime, cycle_id, service.prepare_rounds)
-    from flywheel.cycle import stack_steps
-
     with Session(runtime.engine) as session:
-        return stack_steps.prepare_rounds(
-            session,
-            _cycle(session, cycle_id),
-            home=runtime.home,
-            parts=runtime.parts,
-            client=runtime.client,
-            qdrant=runtime.qdrant,
-            embedder=runtime.embedder,
+        return runtime.backend.prepare_rounds(
+            session, _cycle(session, cycle_id), home=runtime.home, indexes=runtime.indexes
         )
 
 
@@ -143,15 +109,9 @@ def round_task(runtime: CycleRuntime, round_id: int) -> dict[str, Any]:
     """Train one round (in-process, or through the project's launcher), resuming from its
     checkpoints."""
     with Session(runtime.engine) as session:
-        if runtime.parts is None:
-            from flywheel.cycle import service
-
-            return service.run_round(
-                session, round_id, home=runtime.home, progress=runtime.progress
-            )
-        from flywheel.cycle import stack_steps
-
-        return stack_steps.run_round(session, round_id, home=runtime.home, parts=runtime.parts)
+        return runtime.backend.run_round(
+            session, round_id, home=runtime.home, progress=runtime.progress
+        )
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -162,16 +122,11 @@ def candidate_task(runtime: CycleRuntime, cycle_id: int) -> int:
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def evaluate_task(runtime: CycleRuntime, cycle_id: int) -> dict[str, Any]:
-    """Evaluate base and candidate on the slices, the regression suite and the scenarios."""
+def evaluate_task(runtime: CycleRuntime, cycle_id: int) -> Evaluation:
+    """Evaluate base and candidate on the gate's cases, the regression suite and the
+    scenarios."""
     with Session(runtime.engine) as session:
-        if runtime.parts is None:
-            from flywheel.cycle import service
-
-            return service.evaluate(session, _cycle(session, cycle_id))
-        from flywheel.cycle import stack_steps
-
-        return stack_steps.evaluate(session, _cycle(session, cycle_id), parts=runtime.parts)
+        return runtime.backend.evaluate(session, _cycle(session, cycle_id))
 
 
 @task(name="gate-and-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -199,29 +154,44 @@ def cycle_flow(config: CycleConfig | None = None, progress: bool = False) -> Cyc
     project = load_project()
     engine = create_db_engine(settings, pool_size=2)
     try:
-        with cycle_lock(engine):
+        with (
+            cycle_lock(engine),
+            _runtime(
+                settings, engine, project=project, device=config.device, progress=progress
+            ) as runtime,
+        ):
             with Session(engine) as session:
                 cycle, resumed = steps.open_cycle(
-                    session, config=config, register_base=project.is_world
+                    session, config=config, shipped=runtime.backend.shipped_model()
                 )
+                steps.resume_cycle(session, cycle)
                 cycle.flow_run_id = str(flow_run.get_id() or "") or cycle.flow_run_id
                 session.commit()
                 cycle_id = cycle.id
-            logger.info("%s cycle %d", "resuming" if resumed else "started", cycle_id)
-            with _runtime(
-                settings, engine, project=project, device=config.device, progress=progress
-            ) as runtime:
-                try:
-                    _steps(runtime, cycle_id, logger)
-                except Exception as exc:
-                    with Session(engine) as session:
-                        steps.fail_cycle(session, cycle_id, error=f"{type(exc).__name__}: {exc}")
-                    raise
+            logger.info(
+                "%s cycle %d on %s",
+                "resuming" if resumed else "started",
+                cycle_id,
+                runtime.backend.name,
+            )
+            position = _Position()
+            try:
+                _steps(runtime, cycle_id, logger, position)
+            except PortError as exc:
+                # A part of the stack failed (retries spent): pause, keep everything.
+                with Session(engine) as session:
+                    steps.pause_cycle(session, cycle_id, step=position.step, reason=str(exc))
+                logger.warning("cycle %d paused: %s", cycle_id, exc)
+            except Exception as exc:
+                with Session(engine) as session:
+                    steps.fail_cycle(session, cycle_id, error=f"{type(exc).__name__}: {exc}")
+                raise
             with Session(engine) as session:
                 cycle = _cycle(session, cycle_id)
+                paused = cycle.status == CycleStatus.RUNNING and "paused" in (cycle.summary or {})
                 return CycleOutcome(
                     cycle_id=cycle.id,
-                    status=cycle.status.value,
+                    status=PAUSED if paused else cycle.status.value,
                     resumed=resumed,
                     summary=dict(cycle.summary or {}),
                 )
@@ -229,9 +199,17 @@ def cycle_flow(config: CycleConfig | None = None, progress: bool = False) -> Cyc
         engine.dispose()
 
 
-def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
+@dataclass(slots=True)
+class _Position:
+    """The step a cycle run is at (what a pause names)."""
+
+    step: str = "attribute"
+
+
+def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any, position: _Position) -> None:
     attribution = attribute_task(runtime, cycle_id)
     logger.info("attribution: %s", attribution)
+    position.step = "prepare-rounds"
     tracks = prepare_task(runtime, cycle_id)
     rounds = [(name, t["round"]) for name, t in tracks.items() if t.get("round") is not None]
     if not rounds:
@@ -239,11 +217,15 @@ def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
         close_task(runtime, cycle_id)
         return
     for name, round_id in rounds:
+        position.step = f"round-{name}"
         metrics = round_task.with_options(name=f"round-{name}")(runtime, round_id)
         logger.info("%s round %d: %s", name, round_id, metrics.get("stages"))
+    position.step = "register-candidate"
     candidate_task(runtime, cycle_id)
+    position.step = "evaluate"
     evaluation = evaluate_task(runtime, cycle_id)
     logger.info("evaluation: %s", evaluation)
+    position.step = "gate-and-review"
     status = review_task(runtime, cycle_id)
     logger.info("cycle %d is %s", cycle_id, status)
     with Session(runtime.engine) as session:
@@ -261,24 +243,17 @@ def _steps(runtime: CycleRuntime, cycle_id: int, logger: Any) -> None:
 def _runtime(
     settings: Settings, engine: Engine, *, project: Project, device: str, progress: bool
 ) -> Iterator[CycleRuntime]:
-    parts = None
-    if not project.is_world:
-        from flywheel.adapters.base import AdapterContext
-        from flywheel.parts import build_parts
-
-        context = AdapterContext(root=project.root, home=settings.home, device=device)
-        parts = build_parts(project, context)
+    context = AdapterContext(root=project.root, home=settings.home, device=device)
+    backend = cycle_backend(project, context)
     qdrant = qdrant_config(settings)
     client = open_qdrant(qdrant)
     try:
         yield CycleRuntime(
             engine=engine,
             home=settings.home,
-            client=client,
-            qdrant=qdrant,
-            embedder=TextEmbedder(),
+            indexes=Indexes(client=client, qdrant=qdrant, embedder=TextEmbedder()),
+            backend=backend,
             progress=progress,
-            parts=parts,
         )
     finally:
         client.close()

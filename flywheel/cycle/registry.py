@@ -22,8 +22,6 @@ from flywheel.signals import repository as signals
 from retrieval.embedding import weights_digest
 from training.io import local_path
 
-BASE_VERSION = "world-base"
-
 
 class RegistryError(ValueError):
     """A version that cannot be registered or served."""
@@ -125,21 +123,19 @@ def bundle(session: Session, *, version_id: int) -> ModelBundle:
     )
 
 
-def shipped_base() -> dict[Component, Path]:
-    """The components of the shipped world base."""
-    from flywheel.world.base_model import BASE_ENHANCER, BASE_REWARD
-    from flywheel.world.evaluation import BASE_MODEL
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShippedModel:
+    """A model a stack ships (the embedded world's base): registered and promoted on a
+    registry that serves none."""
 
-    return {
-        Component.GENERATOR: BASE_MODEL,
-        Component.ENHANCER: BASE_ENHANCER,
-        Component.REWARD: BASE_REWARD,
-    }
+    name: str
+    components: Mapping[Component, Path]
+    description: str
 
 
-def current_model(session: Session, *, register_base: bool = True) -> ModelBundle | None:
-    """The version promoted last; on a registry with none, the shipped base registered and
-    promoted (``register_base``; flushed, the caller commits) or None."""
+def current_model(session: Session, *, shipped: ShippedModel | None = None) -> ModelBundle | None:
+    """The version promoted last; on a registry with none, the ``shipped`` model registered
+    and promoted (flushed, the caller commits), or None without one."""
     version_id = session.scalar(
         select(ModelVersion.id)
         .where(ModelVersion.promoted_at.is_not(None))
@@ -148,13 +144,13 @@ def current_model(session: Session, *, register_base: bool = True) -> ModelBundl
     )
     if version_id is not None:
         return bundle(session, version_id=version_id)
-    if not register_base:
+    if shipped is None:
         return None
     version_id = register_version(
         session,
-        name=BASE_VERSION,
-        components=shipped_base(),
-        description="the shipped world base (generator, prompt enhancer, reward)",
+        name=shipped.name,
+        components=shipped.components,
+        description=shipped.description,
     )
     promote(session, version_id=version_id)
     return bundle(session, version_id=version_id)

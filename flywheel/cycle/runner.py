@@ -14,22 +14,20 @@ if TYPE_CHECKING:
 
 
 def run_cycle(config: CycleConfig, *, progress: bool = False) -> CycleOutcome | CyclePlan:
-    """A dry run's plan (nothing written, no flow run, Prefect not even imported), else the
-    outcome of :func:`~flywheel.cycle.flow.cycle_flow`."""
+    """A dry run's plan from the project's backend (nothing written, no flow run, Prefect not
+    even imported), else the outcome of :func:`~flywheel.cycle.flow.cycle_flow`."""
     settings = get_settings()
     if config.dry_run:
+        from flywheel.adapters.base import AdapterContext
+        from flywheel.cycle.backend import cycle_backend
         from flywheel.project import load_project
 
         project = load_project()
+        context = AdapterContext(root=project.root, home=settings.home, device=config.device)
+        backend = cycle_backend(project, context)
         engine = create_db_engine(settings, pool_size=2)
         try:
-            if not project.is_world:
-                from flywheel.cycle.stack_plan import plan_stack_cycle
-
-                return plan_stack_cycle(engine, config=config, project=project, home=settings.home)
-            from flywheel.cycle.plan import plan_cycle
-
-            return plan_cycle(engine, config=config, home=settings.home)
+            return backend.plan(engine, config=config, home=settings.home)
         finally:
             engine.dispose()
     prefect_environment(settings)

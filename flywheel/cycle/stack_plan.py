@@ -12,26 +12,21 @@ from qdrant_client import QdrantClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from flywheel.adapters.base import AdapterContext
 from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import RegistryError, current_model
 from flywheel.cycle.stack_steps import attribute_cases, round_budget, routed_cases
 from flywheel.cycle.steps import ROUND_ORDER
-from flywheel.parts import build_parts
-from flywheel.project import Project
+from flywheel.parts import Parts
 from flywheel.tracks.routed import split_cases
 from flywheel.tracks.specs import TRACK_SPECS, TrackInputs
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
 
 
-def plan_stack_cycle(
-    engine: Engine, *, config: CycleConfig, project: Project, home: Path
-) -> CyclePlan:
-    """Run the cycle's first steps on ``project``'s parts and roll them back; the plan."""
-    parts = build_parts(project, AdapterContext(root=project.root, home=home, device=config.device))
+def plan_stack_cycle(engine: Engine, *, config: CycleConfig, parts: Parts, home: Path) -> CyclePlan:
+    """Run the cycle's first steps on a project's ``parts`` and roll them back; the plan."""
     client, qdrant, embedder = QdrantClient(location=":memory:"), QdrantConfig(), TextEmbedder()
     with (
         engine.connect() as connection,
@@ -40,7 +35,7 @@ def plan_stack_cycle(
         outer = connection.begin()
         session = Session(bind=connection, join_transaction_mode="create_savepoint")
         try:
-            model = current_model(session, register_base=False)
+            model = current_model(session)
             if model is None:
                 raise RegistryError(
                     "no serving model: register yours with "
@@ -72,7 +67,7 @@ def plan_stack_cycle(
                             embedder=embedder,
                             out_dir=Path(scratch) / track.value,
                             seed=config.seed,
-                            replay=config.gap_replay,
+                            replay=config.pretraining_gap.replay,
                         )
                     )
                     if isinstance(artefact, str):

@@ -1,7 +1,7 @@
 """The cycle's stack-dependent steps on a project's ports (a team's stack): attribute,
 build each track's artefact, run its round through the launcher, evaluate through the judge.
 
-They write the same rows as the embedded world's steps (:mod:`flywheel.cycle.service`), so
+They write the same rows as the embedded world's steps (:mod:`flywheel.world.loop.steps`), so
 the shared steps (:mod:`flywheel.cycle.steps`: candidate, gate, review) and the reviewer's
 decision finish the cycle the same way. Nothing here imports the world.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -55,12 +54,20 @@ from flywheel.cycle.steps import (
     cycle_config,
     cycle_dir,
     cycle_rounds,
+    record_round,
     round_case_ids,
     round_output,
+)
+from flywheel.cycle.verdicts import (
+    Evaluation,
+    RegressionEvaluation,
+    ScenarioEvaluation,
+    TrackEvaluation,
 )
 from flywheel.db.models import (
     Cycle,
     FailureCase,
+    Json,
     RoundStatus,
     Signal,
     SignalKind,
@@ -90,9 +97,9 @@ GATE_SEED = 1000
 
 def round_budget(track: Track, config: CycleConfig) -> dict[str, int]:
     steps = {
-        Track.PRETRAINING_GAP: config.gap_steps,
-        Track.RL: config.rl_steps,
-        Track.PROMPT_ENHANCER: config.pe_steps,
+        Track.PRETRAINING_GAP: config.pretraining_gap.steps,
+        Track.RL: config.rl.steps,
+        Track.PROMPT_ENHANCER: config.prompt_enhancer.steps,
     }[track]
     return {TRACK_SPECS[track].recipe: steps}
 
@@ -257,7 +264,7 @@ def prepare_rounds(
                 embedder=embedder,
                 out_dir=directory / "data",
                 seed=config.seed,
-                replay=config.gap_replay,
+                replay=config.pretraining_gap.replay,
             )
         )
         if isinstance(artefact, str):
@@ -334,34 +341,19 @@ def write_round_manifest(
 
 
 def run_round(session: Session, round_id: int, *, home: Path, parts: Parts) -> dict[str, Any]:
-    """Launch the round from its manifest (a finished round returns what it recorded); its
-    metrics. Commits its status; a launcher's failure marks it failed and is raised."""
-    round_ = session.get(TrainingRound, round_id)
-    if round_ is None:
-        raise LookupError(f"no training round {round_id}")
-    if round_output(round_) is not None:
-        return dict(round_.metrics or {})
-    manifest = write_round_manifest(session, round_, home=home, device=parts.context.device)
-    round_.status = RoundStatus.RUNNING
-    round_.started_at = round_.started_at or datetime.now(UTC)
-    session.commit()
-    try:
+    """Launch the round from its manifest (written first; a finished round returns what it
+    recorded); its metrics. A launcher's failure marks it failed and is raised."""
+
+    def launch(round_: TrainingRound) -> Json:
+        manifest = write_round_manifest(session, round_, home=home, device=parts.context.device)
         result = parts.launcher.launch(manifest)
-    except BaseException as exc:
-        session.rollback()
-        round_.status = RoundStatus.FAILED
-        round_.metrics = {"error": f"{type(exc).__name__}: {exc}", "manifest": str(manifest)}
-        session.commit()
-        raise
-    round_.status = RoundStatus.SUCCEEDED
-    round_.finished_at = datetime.now(UTC)
-    round_.metrics = {
-        "output": str(result.checkpoint),
-        "manifest": str(manifest),
-        "stages": dict(result.metrics),
-    }
-    session.commit()
-    return dict(round_.metrics)
+        return {
+            "output": str(result.checkpoint),
+            "manifest": str(manifest),
+            "stages": dict(result.metrics),
+        }
+
+    return record_round(session, round_id, launch)
 
 
 # ---- 6. evaluate -----------------------------------------------------------------------------
@@ -449,18 +441,18 @@ def _suite(parts: Parts) -> list[SuitePrompt]:
     return cases or parts.suites.suite("standard")
 
 
-def evaluate(session: Session, cycle: Cycle, *, parts: Parts) -> dict[str, Any]:
+def evaluate(session: Session, cycle: Cycle, *, parts: Parts) -> Evaluation:
     """Base and candidate through the judge (once per cycle); the figures, also per round."""
     done = _summary(cycle).get("evaluation")
     if done is not None:
-        return dict(done)
+        return Evaluation.model_validate(done)
     config = cycle_config(cycle)
     assert cycle.candidate_model_version_id is not None
     models = {
         "before": _served(parts, base_model(session, cycle)),
         "after": _served(parts, bundle(session, version_id=cycle.candidate_model_version_id)),
     }
-    tracks: dict[str, Any] = {}
+    tracks: dict[str, TrackEvaluation] = {}
     for round_ in cycle_rounds(session, cycle):
         data = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
         gate_ids = {int(i) for i in data.get("gate_cases", [])}
@@ -481,19 +473,19 @@ def evaluate(session: Session, cycle: Cycle, *, parts: Parts) -> dict[str, Any]:
         gate_failures = {
             when: sum(1 for i in r.failed if i in gate_ids) for when, r in results.items()
         }
-        tracks[round_.track.value] = {
-            "cases": len(gate_ids),
-            "failures_before": gate_failures["before"],
-            "failures_after": gate_failures["after"],
-            "failure_rate_before": gate_failures["before"] / max(1, len(gate_ids)),
-            "failure_rate_after": gate_failures["after"] / max(1, len(gate_ids)),
-            "fixed_of_all_cases": results["before"].failures - results["after"].failures,
-        }
+        tracks[round_.track.value] = TrackEvaluation(
+            cases=len(gate_ids),
+            failures_before=gate_failures["before"],
+            failures_after=gate_failures["after"],
+            failure_rate_before=gate_failures["before"] / max(1, len(gate_ids)),
+            failure_rate_after=gate_failures["after"] / max(1, len(gate_ids)),
+            fixed_of_all_cases=results["before"].failures - results["after"].failures,
+        )
     suite = [(None, p.prompt, p.spec) for p in _suite(parts)]
     scores = {
         when: fmean(
             1.0 - judge_prompts(served, suite, parts, seed=seed).failure_rate
-            for seed in range(config.regression_seeds)
+            for seed in range(config.regression.seeds)
         )
         if suite
         else 0.0
@@ -507,21 +499,21 @@ def evaluate(session: Session, cycle: Cycle, *, parts: Parts) -> dict[str, Any]:
         when: judge_prompts(served, scenarios, parts, seed=GATE_SEED)
         for when, served in models.items()
     }
-    evaluation = {
-        "tracks": tracks,
-        "regression": {
-            "score_before": scores["before"],
-            "score_after": scores["after"],
-            "cases": len(suite),
-            "seeds": config.regression_seeds,
-            "judged_by": "judge",
-        },
-        "scenarios": {
-            "count": len(scenarios),
-            "failures_before": held["before"].failures,
-            "failures_after": held["after"].failures,
-        },
-    }
-    _note(cycle, evaluation=evaluation)
+    evaluation = Evaluation(
+        tracks=tracks,
+        regression=RegressionEvaluation(
+            score_before=scores["before"],
+            score_after=scores["after"],
+            cases=len(suite),
+            seeds=config.regression.seeds,
+            judged_by="judge",
+        ),
+        scenarios=ScenarioEvaluation(
+            count=len(scenarios),
+            failures_before=held["before"].failures,
+            failures_after=held["after"].failures,
+        ),
+    )
+    _note(cycle, evaluation=evaluation.model_dump(mode="json"))
     session.commit()
     return evaluation

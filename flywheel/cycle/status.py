@@ -62,7 +62,7 @@ class StatusReport(_Frozen):
 
 def status_report(session: Session, *, cycles: int = 5) -> StatusReport:
     """Read the status (nothing is written)."""
-    model = current_model(session, register_base=False)
+    model = current_model(session)
     by_status = dict(
         session.execute(
             select(FailureCase.status, func.count())

@@ -2,14 +2,15 @@
 for the final review, close — and the state they keep in PostgreSQL.
 
 The steps that depend on the stack (attribute, build the tracks' artefacts, run the rounds,
-evaluate) are :mod:`flywheel.cycle.service` for the embedded world and
-:mod:`flywheel.cycle.stack_steps` for a project's ports; both write the same rows, so these
-steps, the flow and the review's decision (:mod:`flywheel.cycle.finish`) serve either.
+evaluate) come from the project's backend (:mod:`flywheel.cycle.backend`: a team's ports in
+:mod:`flywheel.cycle.stack_steps`, or the embedded world's); every backend writes the same
+rows, so these steps, the flow and the review's decision (:mod:`flywheel.cycle.finish`)
+serve any stack.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import (
     ModelBundle,
     RegistryError,
+    ShippedModel,
     bundle,
     current_model,
     register_version,
 )
+from flywheel.cycle.verdicts import Evaluation, gate
 from flywheel.db.models import (
     CaseStatus,
     Component,
@@ -81,19 +84,19 @@ def cycle_config(cycle: Cycle) -> CycleConfig:
 
 
 def open_cycle(
-    session: Session, *, config: CycleConfig, register_base: bool = True
+    session: Session, *, config: CycleConfig, shipped: ShippedModel | None
 ) -> tuple[Cycle, bool]:
     """The cycle to run (call it under the cycle lock) and whether it is resumed; commits.
-    With ``register_base`` (the embedded world) a fresh registry gets the shipped base;
-    without, a registry with no serving model is an error (``flywheel models register``)."""
+    A fresh registry gets the stack's ``shipped`` model (the embedded world's base); without
+    one, a registry with no serving model is an error (``flywheel models register``)."""
     if config.dry_run:
-        raise ValueError("a dry run opens no cycle: plan it (flywheel.cycle.plan)")
+        raise ValueError("a dry run opens no cycle: plan it (CycleBackend.plan)")
     left = session.scalars(
         select(Cycle).where(Cycle.status == CycleStatus.RUNNING).order_by(Cycle.id).limit(1)
     ).first()
     if left is not None:
         return left, True
-    model = current_model(session, register_base=register_base)
+    model = current_model(session, shipped=shipped)
     if model is None:
         raise RegistryError(
             "no serving model: register yours with `flywheel models register NAME --generator DIR`"
@@ -192,6 +195,36 @@ def _generator_before(session: Session, cycle: Cycle, round_: TrainingRound) -> 
     return start
 
 
+def record_round(
+    session: Session, round_id: int, train: Callable[[TrainingRound], Json]
+) -> dict[str, Any]:
+    """Run ``train`` on a round and record it: a round that already succeeded returns what
+    it recorded; otherwise ``running`` (committed) while it trains, then ``succeeded`` with
+    the metrics ``train`` returns (``output``: the candidate directory), or ``failed`` with
+    the error, which is raised."""
+    round_ = session.get(TrainingRound, round_id)
+    if round_ is None:
+        raise LookupError(f"no training round {round_id}")
+    if round_output(round_) is not None:
+        return dict(round_.metrics or {})
+    round_.status = RoundStatus.RUNNING
+    round_.started_at = round_.started_at or datetime.now(UTC)
+    session.commit()
+    try:
+        metrics = train(round_)
+    except BaseException as exc:
+        session.rollback()
+        round_.status = RoundStatus.FAILED
+        round_.metrics = {"error": f"{type(exc).__name__}: {exc}"}
+        session.commit()
+        raise
+    round_.status = RoundStatus.SUCCEEDED
+    round_.finished_at = datetime.now(UTC)
+    round_.metrics = metrics
+    session.commit()
+    return dict(round_.metrics)
+
+
 # ---- 5. candidate ----------------------------------------------------------------------------
 
 
@@ -223,34 +256,7 @@ def register_candidate(session: Session, cycle: Cycle) -> int:
     return version_id
 
 
-# ---- 7. gate and review ----------------------------------------------------------------------
-
-
-def gate(evaluation: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
-    """Fixed failures up, the regression suite flat (drop <= ``tolerance``), no scenario
-    broken; the verdict and its reasons."""
-    tracks = evaluation["tracks"].values()
-    before = sum(t["failures_before"] for t in tracks)
-    after = sum(t["failures_after"] for t in tracks)
-    regression = evaluation["regression"]
-    delta = regression["score_after"] - regression["score_before"]
-    scenarios = evaluation["scenarios"]
-    reasons = []
-    if after >= before:
-        reasons.append(f"no failure fixed on the routed slices ({before} -> {after})")
-    if delta < -tolerance:
-        reasons.append(f"the regression suite dropped {-delta:.3f} (> {tolerance:g})")
-    if scenarios["failures_after"] > scenarios["failures_before"]:
-        reasons.append(
-            f"regression scenarios broken ({scenarios['failures_before']} -> "
-            f"{scenarios['failures_after']} failing)"
-        )
-    return {
-        "passed": not reasons,
-        "fixed": before - after,
-        "regression_delta": delta,
-        "reasons": reasons,
-    }
+# ---- 7. gate (flywheel.cycle.verdicts) and review ------------------------------------------------
 
 
 def _release_cases(session: Session, cycle: Cycle) -> None:
@@ -271,14 +277,14 @@ def request_review(session: Session, cycle: Cycle) -> CycleStatus:
     if cycle.status != CycleStatus.RUNNING:
         return cycle.status
     config = cycle_config(cycle)
-    evaluation = _summary(cycle)["evaluation"]
-    verdict = gate(evaluation, tolerance=config.regression_tolerance)
-    _note(cycle, gate=verdict)
-    if not verdict["passed"]:
+    evaluation = Evaluation.model_validate(_summary(cycle)["evaluation"])
+    verdict = gate(evaluation, tolerance=config.regression.tolerance)
+    _note(cycle, gate=verdict.model_dump(mode="json"))
+    if not verdict.passed:
         _release_cases(session, cycle)
         cycle.status = CycleStatus.REJECTED
         cycle.finished_at = datetime.now(UTC)
-        _note(cycle, outcome={"decision": "rejected", "by": "gate", "reasons": verdict["reasons"]})
+        _note(cycle, outcome={"decision": "rejected", "by": "gate", "reasons": verdict.reasons})
         session.commit()
         return cycle.status
     base = base_model(session, cycle)
@@ -286,8 +292,8 @@ def request_review(session: Session, cycle: Cycle) -> CycleStatus:
         "base": base.name,
         "candidate": f"cycle-{cycle.id}",
         "candidate_version_id": cycle.candidate_model_version_id,
-        "gate": verdict,
-        "evaluation": evaluation,
+        "gate": verdict.model_dump(mode="json"),
+        "evaluation": evaluation.model_dump(mode="json"),
         "rounds": {
             r.track.value: {"id": r.id, "recipe": r.recipe, "metrics": r.metrics}
             for r in cycle_rounds(session, cycle)
@@ -297,8 +303,8 @@ def request_review(session: Session, cycle: Cycle) -> CycleStatus:
         session,
         kind=ReviewKind.MODEL_PROMOTION,
         title=(
-            f"Promote cycle-{cycle.id} over {base.name}? {verdict['fixed']} failure(s) fixed, "
-            f"regression {verdict['regression_delta']:+.3f}"
+            f"Promote cycle-{cycle.id} over {base.name}? {verdict.fixed} failure(s) fixed, "
+            f"regression {verdict.regression_delta:+.3f}"
         ),
         artefact=artefact,
         actor=ACTOR,
@@ -326,6 +332,28 @@ def close_without_rounds(session: Session, cycle: Cycle) -> CycleStatus:
         cycle.finished_at = datetime.now(UTC)
         session.commit()
     return cycle.status
+
+
+def pause_cycle(session: Session, cycle_id: int, *, step: str, reason: str) -> None:
+    """Leave a cycle whose stack part failed (a judge down, a launcher's process dead, a
+    broken dataset file) ``running`` with what stopped it: nothing it finished is lost, and
+    the next run resumes it at that step (a round that failed is launched again and resumes
+    from its checkpoints). Commits."""
+    session.rollback()
+    cycle = session.get(Cycle, cycle_id)
+    if cycle is None or cycle.status != CycleStatus.RUNNING:
+        return
+    _note(cycle, paused={"step": step, "reason": reason, "at": datetime.now(UTC).isoformat()})
+    session.commit()
+
+
+def resume_cycle(session: Session, cycle: Cycle) -> None:
+    """Clear a paused cycle's pause note (it runs again); commits."""
+    summary = _summary(cycle)
+    if "paused" in summary:
+        summary.pop("paused")
+        cycle.summary = summary
+        session.commit()
 
 
 def fail_cycle(session: Session, cycle_id: int, *, error: str) -> None:

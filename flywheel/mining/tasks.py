@@ -26,10 +26,13 @@ from sqlalchemy.exc import OperationalError
 from flywheel.settings import Settings, get_settings
 
 PROBE_TASK = "flywheel.mining.probe"
+"""The embedded world's probe miner (:mod:`flywheel.world.loop.mining`), registered by name
+when the project is the world."""
+WORLD_TASKS = "flywheel.world.loop.mining"
 SCAN_TASK = "flywheel.mining.scan"
 NEAR_TASK = "flywheel.mining.near"
 
-_AT_LEAST_ONCE: dict[str, Any] = {
+AT_LEAST_ONCE: dict[str, Any] = {
     "acks_late": True,
     "reject_on_worker_lost": True,
     # A database that hiccups (restart, failover) is retried, not lost.
@@ -37,6 +40,14 @@ _AT_LEAST_ONCE: dict[str, Any] = {
     "retry_backoff": True,
     "max_retries": 5,
 }
+
+
+def _task_modules() -> tuple[str, ...]:
+    """The modules whose tasks the app runs: the miners here, and the world's probe miner
+    when the project is the embedded world."""
+    from flywheel.project import load_project
+
+    return ("flywheel.mining.tasks", *((WORLD_TASKS,) if load_project().is_world else ()))
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -52,7 +63,7 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
-        imports=("flywheel.mining.tasks",),
+        imports=_task_modules(),
     )
     if settings.redis_url:
         app.conf.update(
@@ -84,7 +95,7 @@ def _engine(url: str) -> Engine:
     return create_db_engine(get_settings().model_copy(update={"database_url": url}), pool_size=2)
 
 
-def _sessions() -> Any:
+def sessions() -> Any:
     from flywheel.db.engine import database_url, session_factory
 
     settings = get_settings()
@@ -92,14 +103,14 @@ def _sessions() -> Any:
 
 
 @functools.cache
-def _generator(directory: str) -> Any:
+def generator_at(directory: str) -> Any:
     from model.pipeline import Generator
 
     return Generator.load(directory)
 
 
 @functools.cache
-def _reward(directory: str) -> Any:
+def reward_at(directory: str) -> Any:
     """An open_clip reward directory (the world's is one)."""
     from flywheel.adapters.native import LocalReward
 
@@ -119,50 +130,14 @@ def _project_reward() -> Any:
     return built.part
 
 
-@functools.cache
-def _evaluator() -> Any:
-    from flywheel.world.evaluator import load_evaluator
-
-    return load_evaluator()
-
-
-def _image_dir() -> Path:
+def image_dir() -> Path:
     return get_settings().home / "mining"
 
 
 # ---- the tasks ---------------------------------------------------------------------------------
 
 
-@shared_task(name=PROBE_TASK, **_AT_LEAST_ONCE)
-def probe_task(
-    *,
-    model_version: str,
-    generator_dir: str,
-    reward_dir: str,
-    skill: str,
-    count: int,
-    band: int,
-    seed: int = 0,
-    chunk: int = 16,
-) -> dict[str, Any]:
-    """Targeted mining of one skill's probes (:func:`~flywheel.mining.miners.mine_probes`)."""
-    from flywheel.mining.miners import ProbeBatch, mine_probes
-
-    batch = ProbeBatch(skill=skill, count=count, band=band, seed=seed)  # type: ignore[arg-type]
-    report = mine_probes(
-        _sessions(),
-        generator=_generator(generator_dir),
-        evaluator=_evaluator(),
-        reward=_reward(reward_dir),
-        model_version=model_version,
-        batch=batch,
-        image_dir=_image_dir(),
-        chunk=chunk,
-    )
-    return report.as_dict()
-
-
-@shared_task(name=SCAN_TASK, **_AT_LEAST_ONCE)
+@shared_task(name=SCAN_TASK, **AT_LEAST_ONCE)
 def scan_task(
     *, reward_dir: str | None = None, after_id: int = 0, limit: int = 256
 ) -> dict[str, Any]:
@@ -170,12 +145,12 @@ def scan_task(
     with the reward at ``reward_dir``, else the project's reward part."""
     from flywheel.mining.miners import scan_generations
 
-    reward = _reward(reward_dir) if reward_dir is not None else _project_reward()
-    report = scan_generations(_sessions(), reward=reward, after_id=after_id, limit=limit)
+    reward = reward_at(reward_dir) if reward_dir is not None else _project_reward()
+    report = scan_generations(sessions(), reward=reward, after_id=after_id, limit=limit)
     return report.as_dict()
 
 
-@shared_task(name=NEAR_TASK, **_AT_LEAST_ONCE)
+@shared_task(name=NEAR_TASK, **AT_LEAST_ONCE)
 def near_task(*, after_id: int = 0, limit: int = 1024) -> dict[str, Any]:
     """Near-duplicates of known failures (:func:`~flywheel.mining.miners.mine_near_duplicates`)."""
     from flywheel.cases.near import CasePrompts
@@ -188,7 +163,7 @@ def near_task(*, after_id: int = 0, limit: int = 1024) -> dict[str, Any]:
     client = open_qdrant(config)
     try:
         prompts = CasePrompts(client=client, config=config, embedder=TextEmbedder())
-        report = mine_near_duplicates(_sessions(), prompts=prompts, after_id=after_id, limit=limit)
+        report = mine_near_duplicates(sessions(), prompts=prompts, after_id=after_id, limit=limit)
     finally:
         client.close()
     return report.as_dict()

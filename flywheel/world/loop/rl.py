@@ -28,10 +28,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from flywheel.tracks.slices import SliceCase
+from flywheel.cycle.config import CycleConfig
 from flywheel.world.benchmark import BenchmarkCase
 from flywheel.world.evaluation import image_tensor, score_case
 from flywheel.world.evaluator import Evaluator
+from flywheel.world.loop.slices import SliceCase
 from flywheel.world.scenes import render
 from flywheel.world.weaknesses import paired_probes
 from model.pipeline import Generator
@@ -58,6 +59,18 @@ class RLTrackConfig:
     prompts_per_step: int = 4
     sampler_steps: int = 10
     seed: int = 0
+
+    @classmethod
+    def from_cycle(cls, config: CycleConfig) -> RLTrackConfig:
+        """The track's config from a cycle's (its ``rl`` section and seed)."""
+        section = config.rl
+        return cls(
+            steps=section.steps,
+            pairs_per_category=section.pairs_per_category,
+            group_size=section.group_size,
+            prompts_per_step=section.prompts_per_step,
+            seed=config.seed,
+        )
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""

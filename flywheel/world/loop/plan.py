@@ -17,18 +17,12 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from flywheel.attribution.classifier import ClassifierConfig
-from flywheel.attribution.evidence import Evidence, EvidenceTools
+from flywheel.attribution.evidence import Evidence
 from flywheel.attribution.service import (
     AttributionReport,
     attribute_open_cases,
     case_views,
     routing_classifier,
-)
-from flywheel.attribution.world import (
-    LabeledSetConfig,
-    seed_examples,
-    world_evidence_tools,
-    world_scarcity,
 )
 from flywheel.cases.service import CollectReport, collect_failures
 from flywheel.cases.themes import assign_themes
@@ -37,9 +31,28 @@ from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import ModelBundle, current_model
 from flywheel.db.models import CaseRoute, FailureCase, Track
-from flywheel.tracks.pretraining_gap import diagnose_gap, index_world_pool, plan_augmentation
-from flywheel.tracks.prompt_enhancer import enhancer_pairs, failing_concepts
-from flywheel.tracks.slices import SliceCase
+from flywheel.world.loop.attribution import (
+    LabeledSetConfig,
+    seed_examples,
+    world_evidence_tools,
+    world_scarcity,
+)
+from flywheel.world.loop.backend import shipped_base
+from flywheel.world.loop.evidence import EvidenceTools
+from flywheel.world.loop.pretraining_gap import (
+    GapTrackConfig,
+    diagnose_gap,
+    index_world_pool,
+    plan_augmentation,
+)
+from flywheel.world.loop.prompt_enhancer import (
+    PromptEnhancerTrackConfig,
+    enhancer_pairs,
+    failing_concepts,
+)
+from flywheel.world.loop.rl import RLTrackConfig
+from flywheel.world.loop.slices import SliceCase
+from flywheel.world.loop.slices import scene_of as _scene
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
 
@@ -59,7 +72,9 @@ def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]])
             else case.prompt
         )
         out.append(
-            SliceCase(case_id=case.id, prompt=case.prompt, reference=reference, scene=view.scene)
+            SliceCase(
+                case_id=case.id, prompt=case.prompt, reference=reference, scene=_scene(view.scene)
+            )
         )
     return out
 
@@ -110,14 +125,14 @@ def attribution_tools(
 ) -> tuple[EvidenceTools, list[tuple[Evidence, Track]]]:
     """The evidence tools a cycle attributes with and its seed labeled set (built once per
     model and config under ``$FLYWHEEL_HOME/attribution``; a dry run writes none)."""
-    probe = world_scarcity(client, qdrant, embedder, corpus=config.corpus)
+    probe = world_scarcity(client, qdrant, embedder, corpus=config.world.corpus)
     tools = world_evidence_tools(generator, reward_dir=reward, scarcity=probe, seed=config.seed)
     seeds = seed_examples(
         tools,
         generator_dir=generator,
         reward_dir=reward,
         directory=home / "attribution",
-        config=LabeledSetConfig(per_track=config.labeled_per_track),
+        config=LabeledSetConfig(per_track=config.world.labeled_per_track),
         keep=not config.dry_run,
     )
     return tools, seeds
@@ -149,7 +164,7 @@ def collect_and_attribute(
     classifier = routing_classifier(
         session, seeds, ClassifierConfig(min_confidence=config.min_confidence)
     )
-    attributed = attribute_open_cases(session, tools=tools, classifier=classifier)
+    attributed = attribute_open_cases(session, gather=tools, classifier=classifier)
     return collected, attributed
 
 
@@ -162,7 +177,7 @@ def _plan(
     qdrant: QdrantConfig,
     embedder: TextEmbedder,
 ) -> CyclePlan:
-    model = current_model(session)
+    model = current_model(session, shipped=shipped_base())
     assert model is not None  # registered on first use
     collected, attributed = collect_and_attribute(
         session,
@@ -184,7 +199,7 @@ def _plan(
             concepts = failing_concepts(cases)
             data["concepts"] = concepts
             if concepts and enough:
-                pe = config.prompt_enhancer()
+                pe = PromptEnhancerTrackConfig.from_cycle(config)
                 data["pairs"] = len(enhancer_pairs(concepts, pe))
                 round_plan = RoundPlan(
                     recipe="pe_sft",
@@ -192,12 +207,12 @@ def _plan(
                     estimated_seconds=pe.steps * SECONDS_PER_STEP["pe_sft"],
                 )
         elif track == Track.PRETRAINING_GAP and cases:
-            gap = config.pretraining_gap()
+            gap = GapTrackConfig.from_cycle(config)
             diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
             data["scarce"] = diagnosis.scarce
             data["shares"] = {c.concept: round(c.share, 4) for c in diagnosis.concepts[:3]}
             if diagnosis.scarce and enough:
-                index_world_pool(client, qdrant, embedder, count=config.pool)
+                index_world_pool(client, qdrant, embedder, count=config.world.pool)
                 plan = plan_augmentation(
                     cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=gap
                 )
@@ -217,7 +232,7 @@ def _plan(
             categories = sorted({c.scene.skill for c in cases if c.scene is not None})
             data["categories"] = categories
             if categories and enough:
-                rl = config.rl()
+                rl = RLTrackConfig.from_cycle(config)
                 round_plan = RoundPlan(
                     recipe="flow_grpo",
                     steps={"flow_grpo": rl.steps},

@@ -1,10 +1,11 @@
-"""The steps of one cycle, each reading and writing its state in PostgreSQL.
+"""The embedded world's steps of a cycle (its backend: :mod:`flywheel.world.loop.backend`),
+each reading and writing its state in PostgreSQL.
 
 A step that finds its work already recorded returns what was recorded, so a cycle killed
 anywhere is finished by the next run (which finds it ``running`` under a free cycle lock):
 
 The world's steps (2, 3, 4, 6) are here; the steps every stack shares (1, 5, 7) are in
-:mod:`flywheel.cycle.steps` and re-exported.
+:mod:`flywheel.cycle.steps`.
 
 1. :func:`open_cycle` — the cycle left running by a dead run (resumed with its own config),
    else a new ``running`` cycle on the serving model.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -40,12 +40,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flywheel.cycle.config import CycleConfig
-from flywheel.cycle.plan import case_slices, collect_and_attribute, routed_slices
 from flywheel.cycle.registry import ModelBundle, bundle
 from flywheel.cycle.steps import (
-    ACTOR,
     ARTEFACT_KIND,
-    AUTO_REVIEWER,
     RECIPES,
     ROUND_ORDER,
     _generator_before,
@@ -53,52 +50,54 @@ from flywheel.cycle.steps import (
     _summary,
     add_round,
     base_model,
-    close_without_rounds,
     cycle_config,
     cycle_dir,
     cycle_rounds,
-    fail_cycle,
-    gate,
-    open_cycle,
-    register_candidate,
-    request_review,
+    record_round,
     round_case_ids,
-    round_output,
+)
+from flywheel.cycle.verdicts import (
+    Evaluation,
+    RegressionEvaluation,
+    ScenarioEvaluation,
+    TrackEvaluation,
 )
 from flywheel.db.models import (
     Cycle,
+    Json,
     RegressionScenario,
     RoundStatus,
     Track,
     TrainingRound,
 )
-from flywheel.tracks.pretraining_gap import (
+from flywheel.world.benchmark import BenchmarkCase, suite
+from flywheel.world.loop.plan import case_slices, collect_and_attribute, routed_slices
+from flywheel.world.loop.pretraining_gap import (
     AugmentationPlan,
     GapTrackConfig,
     diagnose_gap,
     index_world_pool,
     plan_augmentation,
 )
-from flywheel.tracks.prompt_enhancer import (
+from flywheel.world.loop.prompt_enhancer import (
     PromptEnhancerTrackConfig,
     enhancer_pairs,
     failing_concepts,
 )
-from flywheel.tracks.rl import (
+from flywheel.world.loop.rl import (
     Recalibration,
     RLTrackConfig,
     default_weights,
     recalibrate,
     round_reward,
 )
-from flywheel.tracks.rounds import (
+from flywheel.world.loop.rounds import (
     RoundOutput,
     run_enhancer_round,
     run_gap_round,
     run_rl_round,
 )
-from flywheel.tracks.slices import SliceCase, SliceJudges, failure_rate
-from flywheel.world.benchmark import BenchmarkCase, suite
+from flywheel.world.loop.slices import SliceCase, SliceJudges, failure_rate
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
 from training.pe_sft import write_pairs
@@ -159,7 +158,7 @@ def _artefact(
         concepts = failing_concepts(cases)
         if not concepts:
             return None, "no routed prompt names a colour in the users' words"
-        pe = config.prompt_enhancer()
+        pe = PromptEnhancerTrackConfig.from_cycle(config)
         pairs = enhancer_pairs(concepts, pe)
         directory.mkdir(parents=True, exist_ok=True)
         write_pairs(directory / "pairs.jsonl", pairs)
@@ -173,11 +172,11 @@ def _artefact(
             "pairs_file": str(directory / "pairs.jsonl"),
         }, ""
     if track == Track.PRETRAINING_GAP:
-        gap = config.pretraining_gap()
+        gap = GapTrackConfig.from_cycle(config)
         diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
         if not diagnosis.scarce:
             return None, "no concept the cases ask for is scarce in the corpus"
-        index_world_pool(client, qdrant, embedder, count=config.pool)
+        index_world_pool(client, qdrant, embedder, count=config.world.pool)
         plan = plan_augmentation(
             cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=gap
         )
@@ -196,7 +195,7 @@ def _artefact(
         reward=load_world_reward(model.reward),
         evaluator=load_evaluator(),
         weights=default_weights(),
-        config=config.rl(),
+        config=RLTrackConfig.from_cycle(config),
     )
     return {"categories": categories, "recalibration": recalibration.model_dump(mode="json")}, ""
 
@@ -222,10 +221,10 @@ def _track_config(
     track: Track, config: CycleConfig
 ) -> GapTrackConfig | RLTrackConfig | PromptEnhancerTrackConfig:
     if track == Track.PRETRAINING_GAP:
-        return config.pretraining_gap()
+        return GapTrackConfig.from_cycle(config)
     if track == Track.RL:
-        return config.rl()
-    return config.prompt_enhancer()
+        return RLTrackConfig.from_cycle(config)
+    return PromptEnhancerTrackConfig.from_cycle(config)
 
 
 def prepare_rounds(
@@ -297,42 +296,24 @@ def run_round(
     session: Session, round_id: int, *, home: Path, progress: bool = False
 ) -> dict[str, Any]:
     """Train the round (resuming from its checkpoints); its metrics. Commits its status."""
-    round_ = session.get(TrainingRound, round_id)
-    if round_ is None:
-        raise LookupError(f"no training round {round_id}")
-    if round_output(round_) is not None:
-        return dict(round_.metrics or {})
-    cycle = session.get(Cycle, round_.cycle_id)
-    assert cycle is not None
-    model = base_model(session, cycle)
-    out = cycle_dir(home, cycle.id) / round_.track.value
-    manifest = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
-    round_.status = RoundStatus.RUNNING
-    round_.started_at = round_.started_at or datetime.now(UTC)
-    session.commit()
-    config = cycle_config(cycle)
-    try:
+
+    def train(round_: TrainingRound) -> Json:
+        cycle = session.get(Cycle, round_.cycle_id)
+        assert cycle is not None
+        manifest = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
         output = _train(
             session,
             cycle,
             round_,
             manifest=manifest,
-            model=model,
-            config=config,
-            out=out,
+            model=base_model(session, cycle),
+            config=cycle_config(cycle),
+            out=cycle_dir(home, cycle.id) / round_.track.value,
             progress=progress,
         )
-    except BaseException as exc:
-        session.rollback()
-        round_.status = RoundStatus.FAILED
-        round_.metrics = {"error": f"{type(exc).__name__}: {exc}"}
-        session.commit()
-        raise
-    round_.status = RoundStatus.SUCCEEDED
-    round_.finished_at = datetime.now(UTC)
-    round_.metrics = {"output": str(output.candidate), "stages": output.summary()}
-    session.commit()
-    return dict(round_.metrics)
+        return {"output": str(output.candidate), "stages": output.summary()}
+
+    return record_round(session, round_id, train)
 
 
 def _train(
@@ -354,7 +335,7 @@ def _train(
             pairs,
             enhancer=model.enhancer,
             out=out,
-            config=config.prompt_enhancer(),
+            config=PromptEnhancerTrackConfig.from_cycle(config),
             progress=progress,
         )
     generator = _generator_before(session, cycle, round_)
@@ -366,7 +347,7 @@ def _train(
             generator=generator,
             out=out,
             base=world_base(),
-            config=config.pretraining_gap(),
+            config=GapTrackConfig.from_cycle(config),
             progress=progress,
         )
     from flywheel.world.base_model import load_world_reward
@@ -381,7 +362,12 @@ def _train(
         evaluator=load_evaluator(),
     )
     return run_rl_round(
-        cases, generator=generator, reward=reward, out=out, config=config.rl(), progress=progress
+        cases,
+        generator=generator,
+        reward=reward,
+        out=out,
+        config=RLTrackConfig.from_cycle(config),
+        progress=progress,
     )
 
 
@@ -391,12 +377,12 @@ def _train(
 def regression_cases(config: CycleConfig) -> list[BenchmarkCase]:
     """The regression suite: the world's standard suite (``regression_cases`` per skill)."""
     cases = suite("standard")
-    if config.regression_cases is None:
+    if config.regression.cases is None:
         return cases
     kept: dict[str, int] = {}
     out = []
     for case in cases:
-        if kept.get(case.skill, 0) < config.regression_cases:
+        if kept.get(case.skill, 0) < config.regression.cases:
             kept[case.skill] = kept.get(case.skill, 0) + 1
             out.append(case)
     return out
@@ -431,12 +417,12 @@ def _scenario_slice(session: Session) -> list[SliceCase]:
     return out
 
 
-def evaluate(session: Session, cycle: Cycle) -> dict[str, Any]:
+def evaluate(session: Session, cycle: Cycle) -> Evaluation:
     """Base and candidate on the failure slices, the regression suite and the scenarios
     (once per cycle); the figures, also stored per round."""
     done = _summary(cycle).get("evaluation")
     if done is not None:
-        return dict(done)
+        return Evaluation.model_validate(done)
     from flywheel.world.base_model import load_world_enhancer, load_world_reward
     from flywheel.world.evaluation import run_suite
     from flywheel.world.evaluator import load_evaluator
@@ -452,7 +438,7 @@ def evaluate(session: Session, cycle: Cycle) -> dict[str, Any]:
         "before": (Generator.load(base.generator), load_world_enhancer(base.enhancer)),
         "after": (Generator.load(candidate.generator), load_world_enhancer(candidate.enhancer)),
     }
-    tracks: dict[str, Any] = {}
+    tracks: dict[str, TrackEvaluation] = {}
     for round_ in cycle_rounds(session, cycle):
         cases = case_slices(session, case_ids=round_case_ids(session, round_))
         results = {
@@ -463,19 +449,19 @@ def evaluate(session: Session, cycle: Cycle) -> dict[str, Any]:
             "slice": [scenario_spec(c) | {"case_id": c.case_id} for c in cases],
             **{when: r.model_dump(mode="json") for when, r in results.items()},
         }
-        tracks[round_.track.value] = {
-            "cases": len(cases),
-            "failure_rate_before": results["before"].failure_rate,
-            "failure_rate_after": results["after"].failure_rate,
-            "failures_before": results["before"].failures,
-            "failures_after": results["after"].failures,
-        }
+        tracks[round_.track.value] = TrackEvaluation(
+            cases=len(cases),
+            failure_rate_before=results["before"].failure_rate,
+            failure_rate_after=results["after"].failure_rate,
+            failures_before=results["before"].failures,
+            failures_after=results["after"].failures,
+        )
     suite_cases = regression_cases(config)
     scores: dict[str, float] = {}
     for when, (generator, _) in models.items():
         runs = [
             run_suite(generator, suite_cases, suite="standard", seed=seed, evaluator=evaluator)[0]
-            for seed in range(config.regression_seeds)
+            for seed in range(config.regression.seeds)
         ]
         scores[when] = fmean(r.score for r in runs)
     scenarios = _scenario_slice(session)
@@ -483,47 +469,20 @@ def evaluate(session: Session, cycle: Cycle) -> dict[str, Any]:
         when: failure_rate(generator, scenarios, judges, enhancer=enhancer)
         for when, (generator, enhancer) in models.items()
     }
-    evaluation = {
-        "tracks": tracks,
-        "regression": {
-            "score_before": scores["before"],
-            "score_after": scores["after"],
-            "cases": len(suite_cases),
-            "seeds": config.regression_seeds,
-        },
-        "scenarios": {
-            "count": len(scenarios),
-            "failures_before": held["before"].failures,
-            "failures_after": held["after"].failures,
-        },
-    }
-    _note(cycle, evaluation=evaluation)
+    evaluation = Evaluation(
+        tracks=tracks,
+        regression=RegressionEvaluation(
+            score_before=scores["before"],
+            score_after=scores["after"],
+            cases=len(suite_cases),
+            seeds=config.regression.seeds,
+        ),
+        scenarios=ScenarioEvaluation(
+            count=len(scenarios),
+            failures_before=held["before"].failures,
+            failures_after=held["after"].failures,
+        ),
+    )
+    _note(cycle, evaluation=evaluation.model_dump(mode="json"))
     session.commit()
     return evaluation
-
-
-__all__ = [
-    "ACTOR",
-    "ARTEFACT_KIND",
-    "AUTO_REVIEWER",
-    "RECIPES",
-    "ROUND_ORDER",
-    "attribute",
-    "base_model",
-    "close_without_rounds",
-    "cycle_config",
-    "cycle_dir",
-    "cycle_rounds",
-    "evaluate",
-    "fail_cycle",
-    "gate",
-    "open_cycle",
-    "prepare_rounds",
-    "register_candidate",
-    "regression_cases",
-    "request_review",
-    "round_case_ids",
-    "round_output",
-    "run_round",
-    "scenario_spec",
-]

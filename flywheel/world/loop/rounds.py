@@ -12,17 +12,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel.tracks.pretraining_gap import (
+from flywheel.world.base_model import WorldBaseConfig
+from flywheel.world.loop.pretraining_gap import (
     AugmentationPlan,
     GapTrackConfig,
     transformer_round,
     vae_round,
     write_round_dataset,
 )
-from flywheel.tracks.prompt_enhancer import Pair, PromptEnhancerTrackConfig, enhancer_round
-from flywheel.tracks.rl import RewardFn, RLTrackConfig, rl_round
-from flywheel.tracks.slices import SliceCase
-from flywheel.world.base_model import WorldBaseConfig
+from flywheel.world.loop.prompt_enhancer import Pair, PromptEnhancerTrackConfig, enhancer_round
+from flywheel.world.loop.rl import RewardFn, RLTrackConfig, rl_round
+from flywheel.world.loop.slices import SliceCase
 from model.pipeline import Generator
 from training.cache import DONE_FILE, ProducerConfig, produce
 from training.checkpoint import load_model_weights

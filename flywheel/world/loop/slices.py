@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
 
 from flywheel.attribution.evidence import CaseView, Evidence
 from flywheel.world.benchmark import BenchmarkCase
@@ -41,10 +41,20 @@ class SliceCase:
     """The intended scene, when known (the evaluator judges)."""
 
 
+def scene_of(scene: dict[str, JsonValue] | None) -> BenchmarkCase | None:
+    """A case view's intended scene, parsed (None: it carries none)."""
+    return BenchmarkCase.model_validate(scene) if scene is not None else None
+
+
 def slice_cases(views: Sequence[CaseView], evidence: Sequence[Evidence]) -> list[SliceCase]:
     """The slice of routed cases (their views and the evidence they were routed on)."""
     return [
-        SliceCase(case_id=v.case_id, prompt=v.prompt, reference=e.rewritten_prompt, scene=v.scene)
+        SliceCase(
+            case_id=v.case_id,
+            prompt=v.prompt,
+            reference=e.rewritten_prompt,
+            scene=scene_of(v.scene),
+        )
         for v, e in zip(views, evidence, strict=True)
     ]
 

@@ -29,8 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 from qdrant_client import QdrantClient, models
 
-from flywheel.attribution.world import corpus_scene_items
-from flywheel.tracks.slices import SliceCase
+from flywheel.cycle.config import CycleConfig
 from flywheel.world.base_model import WorldBaseConfig, world_base
 from flywheel.world.corpus import (
     IMAGES_DIR,
@@ -39,6 +38,8 @@ from flywheel.world.corpus import (
     scene_seeds,
     write_world_corpus,
 )
+from flywheel.world.loop.attribution import corpus_scene_items
+from flywheel.world.loop.slices import SliceCase
 from flywheel.world.scenes import COLOURS, SceneConfig, captions, render, sample_scene
 from model.pipeline import Generator
 from retrieval.augment import AugmentConfig, Candidate, retrieve_for_augmentation
@@ -75,6 +76,18 @@ class GapTrackConfig:
     lr: float = 1e-3
     batch_size: int = 16
     seed: int = 0
+
+    @classmethod
+    def from_cycle(cls, config: CycleConfig) -> GapTrackConfig:
+        """The track's config from a cycle's (its ``pretraining_gap`` section and seed)."""
+        section = config.pretraining_gap
+        return cls(
+            steps=section.steps,
+            vae_steps=section.vae_steps,
+            replay=section.replay,
+            batch_size=section.batch_size,
+            seed=config.seed,
+        )
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""

@@ -29,18 +29,13 @@ from pathlib import Path
 
 from qdrant_client import QdrantClient
 
-from flywheel.attribution.evidence import (
-    CaseView,
-    Evidence,
-    EvidenceTools,
-    ScarcityProbe,
-    gather_evidence,
-)
+from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
 from flywheel.db.models import Task, Track
 from flywheel.world.base_model import WorldBaseConfig, world_base
 from flywheel.world.benchmark import BenchmarkCase, build_case
 from flywheel.world.corpus import scene_seeds, scene_tags
 from flywheel.world.evaluation import generate_cases, score_case
+from flywheel.world.loop.evidence import EvidenceTools, gather_evidence
 from flywheel.world.scenes import COLOURS, SceneConfig, captions, sample_scene
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder, weights_digest
@@ -189,7 +184,7 @@ def labeled_views(tools: EvidenceTools, config: LabeledSetConfig) -> list[tuple[
                     task=Task.TEXT_TO_IMAGE,
                     prompt=case.prompt,
                     skill=case.skill,
-                    scene=case,
+                    scene=case.model_dump(mode="json"),
                     sources={"mining": 1},
                 )
             out.append((view, track))
@@ -263,7 +258,7 @@ _COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
 def world_rarity(client: QdrantClient, collection: str) -> Rarity:
     """Concept rarity from the corpus index's colour tags: per prompt, the corpus count of
     the rarest colour it names over the median colour's (None: it names no colour)."""
-    from flywheel.tracks.pretraining_gap import count_tagged
+    from flywheel.world.loop.pretraining_gap import count_tagged
 
     counts = {c: count_tagged(client, collection, CORPUS, f"colour:{c}") for c in COLOURS}
     median = statistics.median(counts.values())

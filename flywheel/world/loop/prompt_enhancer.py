@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from flywheel.tracks.slices import SliceCase
+from flywheel.cycle.config import CycleConfig
 from flywheel.world.base_model import world_enhancer_loop
 from flywheel.world.corpus import scene_seeds
+from flywheel.world.loop.slices import SliceCase
 from flywheel.world.scenes import COLOURS, SceneConfig, captions, sample_scene
 from flywheel.world.vocabulary import (
     USER_COLOURS,
@@ -54,6 +55,14 @@ class PromptEnhancerTrackConfig:
     """PE SFT steps of the round."""
     batch_size: int = 16
     seed: int = 0
+
+    @classmethod
+    def from_cycle(cls, config: CycleConfig) -> PromptEnhancerTrackConfig:
+        """The track's config from a cycle's (its ``prompt_enhancer`` section and seed)."""
+        section = config.prompt_enhancer
+        return cls(
+            steps=section.steps, pairs_per_concept=section.pairs_per_concept, seed=config.seed
+        )
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""

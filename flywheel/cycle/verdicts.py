@@ -1,0 +1,88 @@
+"""What a cycle's evaluation found and what its gate decided: typed, stored as JSON in the
+cycle's summary (``evaluation``, ``gate``) and in the promotion review item."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackEvaluation(_Record):
+    """Base and candidate on one round's cases (on a team's stack: the gate's share, which
+    no round trained on)."""
+
+    cases: int
+    failures_before: int
+    failures_after: int
+    failure_rate_before: float
+    failure_rate_after: float
+    fixed_of_all_cases: int | None = None
+    """Failures fixed among all the round's cases, trained-on included (a team's stack; the
+    gate counts only the held-out share)."""
+
+
+class RegressionEvaluation(_Record):
+    """Base and candidate on the regression suite."""
+
+    score_before: float
+    score_after: float
+    cases: int
+    seeds: int
+    judged_by: str = "evaluator"
+    """Who judged it: the world's ``evaluator`` or the project's ``judge``."""
+
+
+class ScenarioEvaluation(_Record):
+    """Base and candidate on the active regression scenarios (fixed failures of earlier
+    cycles)."""
+
+    count: int
+    failures_before: int
+    failures_after: int
+
+
+class Evaluation(_Record):
+    """One cycle's evaluation of its candidate against its base."""
+
+    tracks: dict[str, TrackEvaluation]
+    """Per track that had a round."""
+    regression: RegressionEvaluation
+    scenarios: ScenarioEvaluation
+
+
+class GateVerdict(_Record):
+    """The gate's decision on an :class:`Evaluation`."""
+
+    passed: bool
+    fixed: int
+    """Failures fixed on the gate's cases, all tracks together."""
+    regression_delta: float
+    """The regression suite's score, candidate minus base."""
+    reasons: list[str]
+    """Why it failed (empty when it passed)."""
+
+
+def gate(evaluation: Evaluation, *, tolerance: float) -> GateVerdict:
+    """Fixed failures up, the regression suite flat (drop <= ``tolerance``), no scenario
+    broken; the verdict and its reasons."""
+    before = sum(t.failures_before for t in evaluation.tracks.values())
+    after = sum(t.failures_after for t in evaluation.tracks.values())
+    regression = evaluation.regression
+    delta = regression.score_after - regression.score_before
+    scenarios = evaluation.scenarios
+    reasons = []
+    if after >= before:
+        reasons.append(f"no failure fixed on the routed slices ({before} -> {after})")
+    if delta < -tolerance:
+        reasons.append(f"the regression suite dropped {-delta:.3f} (> {tolerance:g})")
+    if scenarios.failures_after > scenarios.failures_before:
+        reasons.append(
+            f"regression scenarios broken ({scenarios.failures_before} -> "
+            f"{scenarios.failures_after} failing)"
+        )
+    return GateVerdict(
+        passed=not reasons, fixed=before - after, regression_delta=delta, reasons=reasons
+    )
