@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
+from rapidfuzz.distance import Levenshtein
 from torch import Tensor, nn
 
 from model.torchvision_compat import import_open_clip
@@ -454,18 +455,9 @@ def normalize_text(text: str, *, case_sensitive: bool) -> str:
 
 
 def levenshtein(a: str, b: str) -> int:
-    """Edit distance: fewest single-character insertions, deletions, substitutions."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(
-                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
-            )
-        previous = current
-    return previous[-1]
+    """Edit distance: fewest single-character insertions, deletions, substitutions
+    (``rapidfuzz``'s Levenshtein distance, unit weights)."""
+    return Levenshtein.distance(a, b)
 
 
 def normalized_edit_distance(a: str, b: str) -> float:

@@ -13,7 +13,9 @@ changed items (``wait=True``: a returned report means the points are stored).
 Payload of every point: ``key``, ``dataset``, ``split`` (:data:`CORPUS`, the training corpus,
 or :data:`POOL`, the candidate pool), ``stage`` (curriculum stage or null), ``tags`` (the
 annotation's, e.g. ``colour:purple``), ``text`` and ``image`` (path) where there are, the
-``provenance`` (source dataset, split and origin URI) and the ``digest``.
+``provenance`` (source dataset, split and origin URI) and the ``digest``. :func:`count_tagged`
+and :func:`count_tags` count the points of a split by these fields (the scarcity of a concept
+in the corpus).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,18 +222,71 @@ def prune(
     if not client.collection_exists(name):
         return 0
     keep = {item.point_id(collection, item.content_digest()) for item in items}
-    which = models.Filter(
-        must=[
-            models.FieldCondition(key="dataset", match=models.MatchValue(value=dataset)),
-            models.FieldCondition(key="split", match=models.MatchValue(value=split)),
-        ]
-    )
+    which = _where(split, dataset=dataset)
     stale = [
         point.id for point in scroll_all(client, name, where=which) if str(point.id) not in keep
     ]
     if stale:
         client.delete(name, points_selector=models.PointIdsList(points=stale), wait=True)
     return len(stale)
+
+
+# ---- counts by the payload ---------------------------------------------------------------
+
+FACET_LIMIT = 100_000
+"""Most distinct tags one facet query counts; a collection with more is counted by a scroll."""
+
+
+def _where(split: str, *, dataset: str | None = None, tag: str | None = None) -> models.Filter:
+    """The points of ``split`` (of ``dataset`` and with ``tag``, when given)."""
+    must: list[models.Condition] = []
+    if dataset is not None:
+        must.append(models.FieldCondition(key="dataset", match=models.MatchValue(value=dataset)))
+    must.append(models.FieldCondition(key="split", match=models.MatchValue(value=split)))
+    if tag is not None:
+        must.append(models.FieldCondition(key="tags", match=models.MatchValue(value=tag)))
+    return models.Filter(must=must)
+
+
+def count_tagged(
+    client: QdrantClient,
+    name: str,
+    split: str,
+    tag: str | None = None,
+    *,
+    dataset: str | None = None,
+) -> int:
+    """Points of ``split`` in collection ``name`` (with ``tag`` and of ``dataset``, when
+    given): one exact count."""
+    where = _where(split, dataset=dataset, tag=tag)
+    return client.count(name, count_filter=where, exact=True).count
+
+
+def count_tags(
+    client: QdrantClient,
+    name: str,
+    dataset: str | None,
+    split: str,
+    *,
+    limit: int = FACET_LIMIT,
+) -> Counter[str]:
+    """Points of ``dataset`` (None: every dataset) / ``split`` in collection ``name`` per
+    tag: one exact facet query, or (when the facet may have been cut at ``limit`` values) a
+    scroll over the points' tags."""
+    where = _where(split, dataset=dataset)
+    facet = client.facet(name, key="tags", facet_filter=where, limit=limit, exact=True)
+    if len(facet.hits) < limit:
+        return Counter({str(hit.value): hit.count for hit in facet.hits})
+    counts: Counter[str] = Counter()
+    offset = None
+    while True:  # page by page: only one page of payloads in memory
+        page, offset = client.scroll(
+            name, scroll_filter=where, limit=1024, offset=offset, with_payload=["tags"]
+        )
+        for point in page:
+            counts.update(set((point.payload or {}).get("tags") or []))
+        if offset is None:
+            return counts
 
 
 def _batches(items: Sequence[IndexItem], size: int) -> Iterator[Sequence[IndexItem]]:

@@ -21,7 +21,8 @@
 ======================  ==========================================================================
 
 :class:`JudgeServer` is a real ``flywheel-judge/1`` service on 127.0.0.1: an element naming a
-colour passes when the image's dominant non-background colour is nearest to it.
+colour passes when the image's dominant non-background colour is nearest to it. A test can
+make it stall or go down (:meth:`JudgeServer.fail`) and heal it again.
 :func:`app_image` draws an image an app would send with its feedback.
 
 **The trainer** (:func:`trainer_main`) reads the round manifest (relative paths from the
@@ -67,7 +68,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -414,6 +415,25 @@ def _judge_item(item: object) -> dict[str, Any]:
     return {"id": item_id, "elements": judge_elements(pixels, elements)}
 
 
+@dataclass(kw_only=True, slots=True)
+class JudgeFault:
+    """How a :class:`JudgeServer` misbehaves (:meth:`JudgeServer.fail`)."""
+
+    mode: Literal["stall", "down"]
+    """``stall``: the request gets no answer until the fault is healed (or ``stall_s``
+    passed), so a client's timeout expires; ``down``: it is answered 503 at once."""
+    matching: str = ""
+    """Only requests with an item whose prompt contains this are hit ("" : every request)."""
+    after: int = 0
+    """Matching requests answered well before the fault starts."""
+    stall_s: float = 60.0
+    """Longest a stalled request is held."""
+    seen: int = 0
+    """Matching requests so far."""
+    hit: int = 0
+    """Requests the fault answered (or held)."""
+
+
 class _JudgeHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -424,6 +444,27 @@ class _JudgeHTTPServer(ThreadingHTTPServer):
         self.requests = 0
         self.items = 0
         self.errors: list[str] = []
+        self.fault: JudgeFault | None = None
+        self.healed = threading.Event()
+        self.healed.set()
+
+    def faulted(self, body: object) -> JudgeFault | None:
+        """The fault that hits a request of ``body`` (counted), or None."""
+        with self.lock:
+            fault = self.fault
+            if fault is None:
+                return None
+            items = body.get("items") if isinstance(body, dict) else None
+            prompts = [
+                str(item.get("prompt", "")) for item in items or [] if isinstance(item, dict)
+            ]
+            if not any(fault.matching in prompt for prompt in prompts):
+                return None
+            fault.seen += 1
+            if fault.seen <= fault.after:
+                return None
+            fault.hit += 1
+            return fault
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         with self.lock:
@@ -457,6 +498,13 @@ class _JudgeHandler(BaseHTTPRequestHandler):
             return
         try:
             body = json.loads(raw)
+            fault = self.server.faulted(body)
+            if fault is not None:
+                if fault.mode == "stall":
+                    self.server.healed.wait(fault.stall_s)
+                state = "stalled" if fault.mode == "stall" else "down"
+                self._json(503, {"error": f"the judge is {state} (a test's fault)"})
+                return
             if not isinstance(body, dict) or body.get("protocol") != PROTOCOL:
                 raise ValueError(f"not a {PROTOCOL} request")
             items = body.get("items")
@@ -473,7 +521,9 @@ class _JudgeHandler(BaseHTTPRequestHandler):
 
 class JudgeServer:
     """A ``flywheel-judge/1`` service on 127.0.0.1 (an ephemeral port), in a thread, for the
-    ``with`` block: ``url`` is where to POST; ``requests`` and ``items`` count what came."""
+    ``with`` block: ``url`` is where to POST; ``requests`` and ``items`` count what came;
+    :meth:`fail` makes it stall or go down (for some prompts, after some requests) until
+    :meth:`heal`."""
 
     def __init__(self, path: str = JUDGE_PATH) -> None:
         self._server = _JudgeHTTPServer(path)
@@ -495,6 +545,30 @@ class JudgeServer:
         with self._server.lock:
             return self._server.items
 
+    def fail(
+        self,
+        mode: Literal["stall", "down"],
+        *,
+        matching: str = "",
+        after: int = 0,
+        stall_s: float = 60.0,
+    ) -> JudgeFault:
+        """Misbehave from now on (see :class:`JudgeFault`) until :meth:`heal`; the fault, whose
+        ``hit`` counts the requests it answered."""
+        fault = JudgeFault(mode=mode, matching=matching, after=after, stall_s=stall_s)
+        with self._server.lock:
+            self._server.fault = fault
+            if mode == "stall":
+                self._server.healed.clear()
+        return fault
+
+    def heal(self) -> None:
+        """Judge well again; stalled requests are let go (answered 503: their clients have
+        given up)."""
+        with self._server.lock:
+            self._server.fault = None
+            self._server.healed.set()
+
     @property
     def errors(self) -> list[str]:
         """Tracebacks of the service's own failures (a bug of the test when not empty)."""
@@ -511,6 +585,7 @@ class JudgeServer:
         value: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        self.heal()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

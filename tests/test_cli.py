@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -113,3 +114,35 @@ def test_db_revision_refuses_a_database_behind_head(cli_database: str) -> None:
     result = runner.invoke(app, ["db", "revision", "-m", "x"])
     assert result.exit_code == 2
     assert "not at head" in result.stderr
+
+
+def _command_paths(command: object, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    subcommands: dict[str, object] = getattr(command, "commands", {})
+    paths = {prefix} if prefix else set()
+    for name, sub in subcommands.items():
+        paths |= _command_paths(sub, (*prefix, name))
+    return paths
+
+
+def test_every_command_name_is_kept_and_each_sub_app_has_a_module_of_its_own() -> None:
+    """The command names are a contract; each sub-app's Typer lives in flywheel/cli/NAME.py
+    (``mine``: mining.py) and is put together in flywheel/cli/main.py."""
+    from typer.main import get_command
+
+    paths = {" ".join(p) for p in _command_paths(get_command(app))}
+    assert {
+        "init", "doctor", "status", "cycle", "deploy", "worker", "convert", "train", "eval",
+        "serve", "demo", "dashboard", "stack",
+        "db upgrade", "db downgrade", "db revision", "db current",
+        "keys create", "keys list", "keys revoke", "keys set-limit",
+        "world render", "world corpus", "world suite", "world base", "world weaknesses",
+        "world check", "world evaluator-train", "world evaluator-measure",
+        "cache produce", "vae export",
+    } <= paths  # fmt: skip
+    modules = {group.name: group.typer_instance for group in app.registered_groups}
+    for name, typer_app in modules.items():
+        module = {"mine": "mining"}.get(str(name), str(name))
+        assert typer_app is not None
+        assert getattr(importlib.import_module(f"flywheel.cli.{module}"), f"{name}_app") is (
+            typer_app
+        ), name

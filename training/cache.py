@@ -19,7 +19,7 @@ image size, annotation), so the trainer filters without the dataset. Every file 
 under a temporary name and moved in place with ``os.replace`` (:mod:`training.io`), so a reader
 never sees a partial shard.
 
-The producer (:func:`produce`, or ``python -m training.cache produce``) reads a dataset
+The producer (:func:`produce`, or ``flywheel cache produce``) reads a dataset
 (:mod:`training.data`), buckets each target image, encodes it with the VAE and its prompt with
 the condition encoder (the caption, or for an editing sample the instruction with the editing
 template), and writes a shard per ``shard_size`` samples of a (bucket, number of inputs) group,
@@ -44,11 +44,9 @@ exactly.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -62,19 +60,10 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from model.condition import (
-    TASKS,
-    ConditionEncoder,
-    ConditionEncoderConfig,
-    ConditionTask,
-    minilm_condition,
-    qwen3_vl_condition,
-    qwen25_vl_condition,
-)
-from model.vae import ResidualVAE, VAEConfig, vae_debug, vae_f8c16, vae_f16c64
+from model.condition import TASKS, ConditionEncoder, ConditionTask
+from model.vae import ResidualVAE
 from training.data import (
     BucketConfig,
-    DatasetError,
     Sample,
     SampleFilter,
     image_to_tensor,
@@ -609,95 +598,3 @@ class CachedBatches(IterableDataset[dict[str, Any]]):
             batch.update(ids=[ids[r] for r in rows], bucket=bucket)
             pos.offset = cursor
             yield batch
-
-
-# ---- command line -----------------------------------------------------------------------
-
-_VAE_RECIPES = {"f16c64": vae_f16c64, "f8c16": vae_f8c16, "debug": vae_debug}
-_CONDITION_RECIPES = ("minilm", "qwen25-vl", "qwen3-vl")
-
-
-def _condition_config(recipe: str, path: Path | None) -> ConditionEncoderConfig:
-    if recipe == "minilm":
-        return minilm_condition()
-    if path is None:
-        raise ValueError(f"--condition {recipe} needs --condition-path (the model directory)")
-    return qwen25_vl_condition(path) if recipe == "qwen25-vl" else qwen3_vl_condition(path)
-
-
-def _build_vae(recipe: str, weights: Path | None, init_seed: int) -> ResidualVAE:
-    config: VAEConfig = _VAE_RECIPES[recipe]()
-    with torch.random.fork_rng(devices=[]):  # seeded weights, the global RNG left alone
-        torch.manual_seed(init_seed)
-        vae = ResidualVAE(config)
-    if weights is not None:
-        vae.load_state_dict(load_file(str(weights)), strict=True)
-    return vae.eval()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.cache produce --data DIR --cache DIR [...]``; returns an exit code."""
-    parser = argparse.ArgumentParser(prog="python -m training.cache")
-    commands = parser.add_subparsers(dest="command", required=True)
-    prod = commands.add_parser("produce", help="encode a dataset into a cache directory")
-    prod.add_argument("--data", type=Path, required=True, help="dataset directory")
-    prod.add_argument("--cache", type=Path, required=True, help="new or empty cache directory")
-    prod.add_argument("--vae", choices=sorted(_VAE_RECIPES), default="f16c64", help="VAE recipe")
-    prod.add_argument("--vae-weights", type=Path, help="safetensors state dict of the VAE")
-    prod.add_argument(
-        "--init-seed", type=int, default=0, help="seed of random VAE weights (tests only)"
-    )
-    prod.add_argument(
-        "--condition",
-        choices=_CONDITION_RECIPES,
-        default="minilm",
-        help="condition encoder: the packaged MiniLM, or Qwen2.5-VL / Qwen3-VL from a directory",
-    )
-    prod.add_argument("--condition-path", type=Path, help="local model directory (Qwen encoders)")
-    prod.add_argument("--target-area", type=int, default=1024 * 1024, help="pixels per bucket")
-    prod.add_argument(
-        "--extra-areas",
-        default="",
-        help="comma-separated further bucket areas, for images with at least that many pixels",
-    )
-    prod.add_argument(
-        "--aspect-ratios",
-        default="1,1.3333333,0.75,1.5,0.6666667,1.7777778,0.5625",
-        help="comma-separated width/height ratios",
-    )
-    prod.add_argument("--multiple-of", type=int, default=32, help="bucket side multiple")
-    prod.add_argument("--shard-size", type=int, default=64, help="samples per shard")
-    prod.add_argument("--batch-size", type=int, default=8, help="samples per encoder call")
-    args = parser.parse_args(argv)
-    if args.vae_weights is None and args.vae != "debug":
-        parser.error("--vae-weights is required except for the debug VAE")
-    try:
-        ratios = tuple(float(r) for r in args.aspect_ratios.split(","))
-        extra_areas = tuple(int(a) for a in args.extra_areas.split(",") if a.strip())
-    except ValueError as error:
-        parser.error(f"--aspect-ratios / --extra-areas: {error}")
-    config = ProducerConfig(
-        buckets=BucketConfig(
-            target_area=args.target_area, aspect_ratios=ratios, multiple_of=args.multiple_of
-        ),
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        extra_areas=extra_areas,
-    )
-    try:
-        condition = _condition_config(args.condition, args.condition_path)
-        vae = _build_vae(args.vae, args.vae_weights, args.init_seed)
-        encoder = ConditionEncoder.load(condition)
-        shards = produce(args.data, args.cache, vae=vae, encoder=encoder, config=config)
-    except (DatasetError, ValueError) as error:  # bad input
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except CacheError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {shards} shards to {args.cache}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ edit fraction go to its :class:`training.pretrain.DataConfig`, which the objecti
 :mod:`training.pretrain` for how the mix is drawn).
 
 One cache serves every stage: it holds each sample at every stage's bucket area its image
-covers (``python -m training.cache produce --target-area A1 --extra-areas A2,A3``), and each
+covers (``flywheel cache produce --target-area A1 --extra-areas A2,A3``), and each
 stage reads the shards of its own area. Stage k > 1 starts from stage k - 1 with ``--init``::
 
     flywheel train pretrain-stage1 --data CACHE --out runs/stage1
@@ -150,7 +150,7 @@ def pretrain_stage1() -> PretrainConfig:
     """Pretraining stage 1 of 3, GPU: 256² buckets, T2I : editing 9:1, sides >= 256; --data.
 
     The 1B transformer from seeded random weights. ``--data``: a cache of f16c64 latents and
-    Qwen3-VL conditions with the three stages' areas, e.g. ``python -m training.cache produce
+    Qwen3-VL conditions with the three stages' areas, e.g. ``flywheel cache produce
     --data DATASET --cache CACHE --vae f16c64 --vae-weights VAE --condition qwen3-vl
     --condition-path QWEN3VL --multiple-of 16 --target-area 65536 --extra-areas
     262144,1763584``. Next: pretrain-stage2 with ``--init`` this run.

@@ -55,8 +55,9 @@ def atomic_write_text(path: Path, data: str) -> None:
 
 
 def local_path(uri: str) -> Path | None:
-    """The file a ``file://`` URI names, or None for any other scheme."""
+    """The file a ``file://`` URI names on this host, or None for any other scheme or a
+    ``file://`` URI naming another host."""
     parsed = urlparse(uri)
-    if parsed.scheme != "file":
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
         return None
     return Path(unquote(parsed.path))

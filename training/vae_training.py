@@ -47,14 +47,12 @@ VAE and the projection only.
 Weights. The checkpoints hold the state dict of :class:`VAEWithAlignment`: the VAE's keys
 prefixed ``vae.``, the projection's ``projection.``. :func:`export_vae_weights` strips the
 prefix (a state dict that :class:`ResidualVAE` loads strictly) and :func:`save_vae_weights`
-writes it as the safetensors file ``python -m training.cache produce --vae-weights`` reads;
-on the command line, ``python -m training.vae_training export RUN OUT.safetensors``.
+writes it as the safetensors file ``flywheel cache produce --vae-weights`` reads; on the
+command line, ``flywheel vae export RUN OUT.safetensors``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -574,20 +572,3 @@ def build_vae_training(config: VAETrainConfig, out: Path) -> Objective:
     return Objective(
         model=model, step=step, data_state=crops.state_dict, load_data_state=crops.load_state_dict
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.vae_training export RUN OUT.safetensors``; returns an exit code."""
-    parser = argparse.ArgumentParser(prog="python -m training.vae_training")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a run's VAE weights for training.cache")
-    export.add_argument("run", type=Path, help="training run, its checkpoints/ or a checkpoint")
-    export.add_argument("out", type=Path, help="safetensors file to write")
-    args = parser.parse_args(argv)
-    path = save_vae_weights(args.run, args.out)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from flywheel.adapters.base import Adapter, AdapterContext, AdapterSettings
 from flywheel.ports import CorpusItem, CorpusSplit, PortError, SuitePrompt
-from training.io import atomic_write_text
+from training.io import atomic_write_text, local_path
 
 RECORDS_FILE = "records.jsonl"
 """The item index of a dataset directory."""
@@ -102,13 +102,6 @@ def _inside(path: Path, root: Path) -> bool:
     return Path(os.path.normpath(path)).is_relative_to(os.path.normpath(root))
 
 
-def _file_path(uri: str) -> Path | None:
-    parsed = urlparse(uri)
-    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
-        return None
-    return Path(unquote(parsed.path))
-
-
 def decode_image(source: Path | bytes, what: str, *, max_pixels: int) -> Tensor:
     """The image at ``source`` (a file or its bytes), upright (its EXIF orientation applied),
     as RGB ``(3, H, W)`` floats in [0, 1]; :class:`PortError` naming ``what`` when it cannot be
@@ -142,7 +135,7 @@ def _relative_image(root: Path, image: str) -> str:
     """``image`` (a relative path or a ``file://`` URI under ``root``) relative to ``root``."""
     if "://" not in image:
         return check_relative_path(image)
-    path = _file_path(image)
+    path = local_path(image)
     if path is None:
         raise ValueError(f"image {image!r}: only file:// URIs and relative paths are written")
     for base in (root.absolute(), root.resolve()):
@@ -249,7 +242,7 @@ class DirectoryCorpus:
         return item.model_copy(update={"image": path.as_uri()})
 
     def image(self, item: CorpusItem) -> Tensor:
-        path = _file_path(item.image)
+        path = local_path(item.image)
         if path is None or not _inside(path, self.directory):
             raise PortError("corpus", f"{item.image}: not an image of dataset {self.name!r}")
         return decode_image(path, f"{item.id} ({path})", max_pixels=self.max_pixels)
@@ -409,7 +402,7 @@ class _TableCorpus:
         what = f"{item.id} ({item.image})"
         if urlparse(item.image).scheme == self.scheme:
             return decode_image(self._embedded(item.image), what, max_pixels=self.max_pixels)
-        path = _file_path(item.image)
+        path = local_path(item.image)
         if path is None or not any(_inside(path, root) for root in self._image_roots()):
             raise PortError("corpus", f"{item.image}: not an image of dataset {self.name!r}")
         return decode_image(path, what, max_pixels=self.max_pixels)

@@ -6,7 +6,10 @@ returns :class:`~flywheel.ports.LaunchResult` with ``output_dir`` as the checkpo
 adapters:
 
 - ``in_process`` (:data:`IN_PROCESS`): the recipe's runner in this process, from
-  :data:`RECIPE_RUNNERS` (``pe_sft`` is built in; :func:`register_recipe` adds more);
+  :data:`RECIPE_RUNNERS` (``pe_sft`` is built in, and ``continued_pretraining`` and
+  ``diffusion_dpo`` on a generator directory or a diffusers pipeline of ``model/``'s
+  architecture, :mod:`flywheel.adapters.generator_rounds`; :func:`register_recipe` adds
+  more);
 - ``command`` (:data:`COMMAND`): a command template (``torchrun ... --manifest {manifest}``)
   run without a shell, its output logged to ``work_dir/launch.log``;
 - ``prefect`` (:data:`PREFECT`): a flow run of a deployment of :func:`round_flow` on a work
@@ -63,6 +66,7 @@ from prefect.types.entrypoint import EntrypointType
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
 from flywheel.adapters.base import Adapter, AdapterContext, AdapterSettings
+from flywheel.adapters.generator_rounds import run_continued_pretraining, run_diffusion_dpo
 from flywheel.ports import LaunchResult, PortError, Recipe, RoundManifest
 from training.io import atomic_write_text, fsync_directory, fsync_tree
 
@@ -368,6 +372,8 @@ def run_pe_sft(manifest: RoundManifest) -> dict[str, JsonValue]:
 
 
 register_recipe("pe_sft", run_pe_sft)
+register_recipe("continued_pretraining", run_continued_pretraining)
+register_recipe("diffusion_dpo", run_diffusion_dpo)
 
 
 class InProcessSettings(AdapterSettings):
@@ -378,7 +384,8 @@ class InProcessSettings(AdapterSettings):
     manifest's ``device``."""
     modules: list[str] = Field(default_factory=list)
     """Python modules imported when the launcher is built, each registering recipe runners
-    with :func:`register_recipe` (a team's recipes beside the built-in ``pe_sft``)."""
+    with :func:`register_recipe` (a team's recipes beside, or instead of, the built-in
+    ``pe_sft``, ``continued_pretraining`` and ``diffusion_dpo``)."""
 
 
 class InProcessLauncher:
@@ -442,7 +449,10 @@ def _build_in_process(settings: InProcessSettings, context: AdapterContext) -> I
 IN_PROCESS: Adapter[InProcessSettings] = Adapter(
     settings=InProcessSettings,
     build=_build_in_process,
-    summary="rounds train in the flywheel process (built-in recipe: pe_sft)",
+    summary=(
+        "rounds train in the flywheel process "
+        "(built-in recipes: continued_pretraining, diffusion_dpo, pe_sft)"
+    ),
 )
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
-from qdrant_client import QdrantClient, models
+from qdrant_client import QdrantClient
 from torch import Tensor
 
 from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
@@ -36,9 +36,9 @@ from flywheel.parts import Parts, index_corpus
 from flywheel.ports import JudgeRequest, PortError, RewardModel, Verdict
 from model.reward import rank_batches, ranks_from_scores
 from retrieval.embedding import TextEmbedder
-from retrieval.index import CORPUS
+from retrieval.index import CORPUS, POOL, count_tags
 from retrieval.scarcity import ScarcityConfig, calibration_for
-from retrieval.store import QdrantConfig, collection_name, scroll_all
+from retrieval.store import QdrantConfig, collection_name
 
 Rarity = Callable[[Sequence[str]], list[float | None]]
 """Per prompt, :attr:`Evidence.concept_rarity` (None: it names no known concept)."""
@@ -205,21 +205,13 @@ def tag_counts(
     has counts too) -> how many train-split (``corpus``) items carry it."""
     if not client.collection_exists(collection):
         return {}
-    where = models.Filter(
-        must=(
-            [models.FieldCondition(key="dataset", match=models.MatchValue(value=dataset))]
-            if dataset is not None
-            else None
-        )
-    )
-    counts: Counter[str] = Counter()
-    for point in scroll_all(client, collection, where=where, with_payload=["tags", "split"]):
-        payload = point.payload or {}
-        tags = payload.get("tags") or []
-        for tag in tags if isinstance(tags, list) else []:
-            if isinstance(tag, str) and ":" in tag and _words(tag.partition(":")[2]):
-                counts[tag] += payload.get("split") == CORPUS
-    return dict(counts)
+    train = count_tags(client, collection, dataset, CORPUS)
+    pool = count_tags(client, collection, dataset, POOL)
+    return {
+        tag: train[tag]
+        for tag in sorted({*train, *pool})
+        if ":" in tag and _words(tag.partition(":")[2])
+    }
 
 
 def tag_rarity(client: QdrantClient, collection: str, *, dataset: str | None = None) -> Rarity:

@@ -14,5 +14,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str, *, code: int = 2) -> NoReturn:
     """Print a one-line reason to stderr (verbatim: brackets are not markup) and exit."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False
+    )
     raise typer.Exit(code)

@@ -17,6 +17,7 @@ from flywheel.db.models import (
     CaseStatus,
     Checkpoint,
     Cycle,
+    CycleStatus,
     FailureCase,
     ModelVersion,
     ReviewItem,
@@ -42,6 +43,7 @@ class ServingModel(_Frozen):
 class CycleLine(_Frozen):
     id: int
     status: str
+    """The cycle's status; ``paused`` for a running cycle a failing part stopped."""
     started_at: datetime
     finished_at: datetime | None
     summary: dict[str, object] | None
@@ -58,6 +60,15 @@ class StatusReport(_Frozen):
     """Pending or claimed review items by kind."""
     cycles: list[CycleLine]
     """The last cycles, newest first."""
+
+
+def _paused(cycle: Cycle) -> bool:
+    """A running cycle whose step stopped on a failing part (the next run resumes it)."""
+    return (
+        cycle.status == CycleStatus.RUNNING
+        and isinstance(cycle.summary, dict)
+        and ("paused" in cycle.summary)
+    )
 
 
 def status_report(session: Session, *, cycles: int = 5) -> StatusReport:
@@ -107,7 +118,7 @@ def status_report(session: Session, *, cycles: int = 5) -> StatusReport:
         cycles=[
             CycleLine(
                 id=c.id,
-                status=c.status.value,
+                status="paused" if _paused(c) else c.status.value,
                 started_at=c.started_at,
                 finished_at=c.finished_at,
                 summary=c.summary if isinstance(c.summary, dict) else None,

@@ -64,7 +64,8 @@ from flywheel.ports import CorpusItem
 from flywheel.tracks.routed import RoutedCase
 from retrieval.augment import AugmentConfig, Candidate, retrieve_for_augmentation
 from retrieval.embedding import TextEmbedder
-from retrieval.index import CORPUS, POOL
+from retrieval.index import CORPUS, POOL, count_tagged
+from retrieval.index import count_tags as count_tags  # re-exported: tests import it here
 from retrieval.scarcity import ScarcityConfig, calibration_for, diagnose
 from retrieval.store import QdrantConfig, check_embedders, collection_name
 from training.data import Provenance, Sample, write_dataset
@@ -76,8 +77,6 @@ DATASET_DIR = "dataset"
 """The round's dataset (:mod:`training.data` format), inside ``out_dir``."""
 SYNTHESIZED_DIR = "synthesized"
 """What the synthesizer wrote, one folder per concept, inside ``out_dir``."""
-FACET_LIMIT = 100_000
-"""Most distinct tags one facet query counts; a corpus with more is counted by a scroll."""
 SYNTHESIZED = "synthesized"
 """The provenance split of a synthesized sample (``train``: replayed; ``pool``: retrieved)."""
 
@@ -250,28 +249,6 @@ def _where(dataset: str, split: str) -> models.Filter:
             models.FieldCondition(key="split", match=models.MatchValue(value=split)),
         ]
     )
-
-
-def count_tags(
-    client: QdrantClient, name: str, dataset: str, split: str, *, limit: int = FACET_LIMIT
-) -> Counter[str]:
-    """Points of ``dataset`` / ``split`` in collection ``name`` per tag: one exact facet
-    query, or (when the facet may have been cut at ``limit`` values) a scroll over the
-    points' tags."""
-    where = _where(dataset, split)
-    facet = client.facet(name, key="tags", facet_filter=where, limit=limit, exact=True)
-    if len(facet.hits) < limit:
-        return Counter({str(hit.value): hit.count for hit in facet.hits})
-    counts: Counter[str] = Counter()
-    offset = None
-    while True:
-        page, offset = client.scroll(
-            name, scroll_filter=where, limit=1024, offset=offset, with_payload=["tags"]
-        )
-        for point in page:
-            counts.update(set((point.payload or {}).get("tags") or []))
-        if offset is None:
-            return counts
 
 
 def _phrase(value: str) -> re.Pattern[str]:
@@ -558,7 +535,7 @@ def build_gap_data(
 
     # 1. Diagnosis.
     counts = count_tags(client, name, corpus.name, CORPUS)
-    total = client.count(name, count_filter=_where(corpus.name, CORPUS), exact=True).count
+    total = count_tagged(client, name, CORPUS, dataset=corpus.name)
     if total < 2:
         return f"the index holds {total} train item(s) of {corpus.name!r}: index the corpus first"
     known = set(counts) | set(count_tags(client, name, corpus.name, POOL))

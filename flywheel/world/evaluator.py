@@ -21,9 +21,9 @@ into the six shapes or "text"; components smaller than
 components of one colour are grouped into lines (bounding boxes closer than 0.6 of the taller
 one's height across, 0.5 down) and each line is read by a CRNN with CTC
 (:class:`~flywheel.world.recognizers.TextNet`). Both networks are trained on rendered scenes
-by :func:`flywheel.world.evaluator_training.train_evaluator` (``python -m
-flywheel.world.evaluator train --out PATH``); the
-shipped weights are ``flywheel/world/weights/evaluator.safetensors``.
+by :func:`flywheel.world.evaluator_training.train_evaluator` (``flywheel world
+evaluator-train --out PATH``); the shipped weights are
+``flywheel/world/weights/evaluator.safetensors``.
 
 **Elements and their scores** (``score`` in [0, 1]; ``passed`` is the strict verdict):
 
@@ -47,11 +47,9 @@ Scene seeds below :data:`TRAIN_SEED_OFFSET` are never trained on: they are the h
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -535,8 +533,7 @@ def _load(path: Path, config: EvaluatorConfig) -> Evaluator:
 
     if not path.is_file():
         raise FileNotFoundError(
-            f"no evaluator weights at {path}; train them: "
-            "python -m flywheel.world.evaluator train --out PATH"
+            f"no evaluator weights at {path}; train them: flywheel world evaluator-train --out PATH"
         )
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -809,47 +806,3 @@ def measure_accuracy(
         scene = sample_scene(seed, config)
         elements += evaluate(scene, render(scene, size, size), evaluator=evaluator).elements
     return summarize(elements)
-
-
-# ---- command line -------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flywheel.world.evaluator train --out PATH`` / ``measure``."""
-    parser = argparse.ArgumentParser(prog="python -m flywheel.world.evaluator")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train the evaluator's networks on rendered scenes")
-    train.add_argument("--out", type=Path, required=True, help="safetensors file to write")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--scenes", type=int, default=None, help="rendered training scenes")
-    train.add_argument("--no-progress", action="store_true")
-    measure = commands.add_parser("measure", help="per-kind accuracy on held-out clean renders")
-    measure.add_argument("--weights", type=Path, default=None)
-    measure.add_argument("--scenes", type=int, default=200)
-    measure.add_argument("--size", type=int, nargs="+", default=[64, 128])
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        from flywheel.world.evaluator_training import EvaluatorTrainConfig, train_evaluator
-
-        config = EvaluatorTrainConfig()
-        if args.scenes is not None:
-            config.scenes = args.scenes
-        _, report = train_evaluator(
-            args.out, seed=args.seed, config=config, progress=not args.no_progress
-        )
-        print(
-            f"{report.components} component crops, {report.lines} lines; validation: shapes "
-            f"{report.shape_accuracy:.4f}, text {report.text_accuracy:.4f}; "
-            f"{report.seconds:.1f} s -> {report.path}"
-        )
-        return 0
-    evaluator = load_evaluator(args.weights)
-    for size in args.size:
-        scores = measure_accuracy(args.scenes, size=size, evaluator=evaluator)
-        summary = ", ".join(f"{k} {v.accuracy:.4f} ({v.elements})" for k, v in scores.items())
-        print(f"{size}x{size}: {summary}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

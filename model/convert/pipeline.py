@@ -26,6 +26,12 @@ steps, the same decode. Editing does not: the pipeline shows the input images to
 vision-language encoder as well as to the transformer, while our condition encoder reads text
 only (the input images reach the transformer as latents alone).
 
+:func:`export_pipeline` goes back: a trained transformer of ours, written as a copy of the
+pipeline it was converted from (every other file hard-linked) whose ``transformer/`` holds it
+converted with :func:`~model.convert.transformer.transformer_to_diffusers`, each tensor in
+the dtype the pipeline stored it in. Converting a pipeline and exporting its untrained
+transformer gives back the pipeline's transformer weights exactly.
+
 What does not convert raises :class:`~model.convert.checkpoint.ConversionError`: another
 pipeline class or component, a scheduler option our sampler lacks (Karras / exponential /
 beta sigmas, linear time shift, inverted sigmas, stochastic sampling), a ``sample_sigmas``
@@ -39,23 +45,31 @@ import json
 import math
 import os
 import shutil
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
+from torch import Tensor
 
 from model.convert.checkpoint import (
+    DIFFUSERS_WEIGHTS_NAME,
     CheckpointError,
     ConversionError,
     StateDict,
+    _weight_files,
     read_config,
     read_state_dict,
+    write_checkpoint,
 )
-from model.convert.transformer import transformer_from_diffusers
+from model.convert.transformer import transformer_from_diffusers, transformer_to_diffusers
 from model.convert.vae import vae_from_diffusers
 from model.pipeline import CONFIG_FILE, TRANSFORMER_FILE, VAE_FILE, GeneratorConfig
 from model.sampling import SamplerConfig
+from model.transformer import TransformerConfig
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "QwenImage21Pipeline"
@@ -145,6 +159,101 @@ def convert_pipeline(
     partial.write_text(json.dumps(asdict(config), indent=1) + "\n")
     os.replace(partial, out_dir / CONFIG_FILE)
     return out_dir
+
+
+def check_pipeline(pipeline_dir: Path) -> None:
+    """Raise :class:`CheckpointError` (no ``model_index.json``) or :class:`ConversionError`
+    (another pipeline class or component) unless ``pipeline_dir`` is a pipeline that
+    :func:`convert_pipeline` converts (its scheduler is checked when converting)."""
+    _read_index(Path(pipeline_dir))
+
+
+def export_pipeline(
+    pipeline_dir: Path,
+    transformer: Mapping[str, Tensor],
+    config: TransformerConfig,
+    out_dir: Path,
+    *,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write ``out_dir`` (absent) as the ``QwenImage21Pipeline`` directory ``pipeline_dir``
+    with its transformer replaced by ``transformer`` (our state dict, for ``config``); returns
+    ``out_dir``.
+
+    Every file but ``transformer/`` is hard-linked from ``pipeline_dir`` (copied across file
+    systems); ``transformer/`` gets the weights converted to diffusers' names, each tensor in
+    the dtype ``pipeline_dir`` stores it in (sharded above ``max_shard_size``), and its
+    ``config.json`` is the pipeline's with ``config`` converted over it. The directory is
+    written as a hidden sibling and renamed into place: ``out_dir`` is complete or absent.
+    """
+    pipeline_dir = Path(pipeline_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        raise CheckpointError(f"{out_dir}: already exists")
+    _read_index(pipeline_dir)
+    diffusers_config, state = transformer_to_diffusers(transformer, config)
+    source = pipeline_dir / "transformer"
+    dtypes = stored_dtypes(_weight_files(source))
+    tensors = {
+        name: tensor.detach().to(device="cpu", dtype=dtypes.get(name, tensor.dtype))
+        for name, tensor in state.items()
+    }
+    document = {**read_config(source), **diffusers_config}
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    link_tree(pipeline_dir, partial, skip=[source])
+    write_checkpoint(
+        partial / "transformer",
+        config=document,
+        state_dict=tensors,
+        weights_name=DIFFUSERS_WEIGHTS_NAME,
+        max_shard_size=max_shard_size,
+    )
+    os.rename(partial, out_dir)
+    return out_dir
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def stored_dtypes(files: Iterable[Path]) -> dict[str, torch.dtype]:
+    """Tensor name -> the dtype it is stored in, read from the headers of safetensors
+    ``files`` (nothing else is read); tensors of non-float dtypes are left out."""
+    dtypes: dict[str, torch.dtype] = {}
+    for path in files:
+        with Path(path).open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" else None
+            if dtype is not None:
+                dtypes[name] = dtype
+    return dtypes
+
+
+def link_tree(source: Path, target: Path, *, skip: Iterable[Path] = ()) -> None:
+    """Recreate the directory ``source`` at ``target`` (absent): folders made, files
+    hard-linked (symbolic links followed; copied where links fail), nothing under ``skip``."""
+    skipped = {Path(p).absolute() for p in skip}
+    target.mkdir(parents=True)
+    for folder, names, files in os.walk(source, followlinks=True):
+        here = Path(folder)
+        names[:] = [n for n in sorted(names) if (here / n).absolute() not in skipped]
+        destination = target / here.relative_to(source)
+        destination.mkdir(exist_ok=True)
+        for name in sorted(files):
+            if (here / name).absolute() in skipped:
+                continue
+            try:
+                os.link(here / name, destination / name)
+            except OSError:  # another file system, or links refused: copy
+                shutil.copy2(here / name, destination / name)
 
 
 def _read_index(pipeline_dir: Path) -> dict[str, Any]:

@@ -357,8 +357,8 @@ def test_an_in_process_runner_that_raises_fails_the_round_and_moves_its_output_a
 
 
 def test_a_recipe_with_no_in_process_runner_is_a_launcher_error(tmp_path: Path) -> None:
-    with pytest.raises(PortError, match=r"no in-process runner for recipe 'diffusion_dpo'"):
-        InProcessLauncher().launch(_manifest(tmp_path, recipe="diffusion_dpo"))
+    with pytest.raises(PortError, match=r"no in-process runner for recipe 'flow_grpo'"):
+        InProcessLauncher().launch(_manifest(tmp_path))
     with pytest.raises(PortError, match=r"recipe module 'no_such_recipes_xyz'"):
         InProcessLauncher(InProcessSettings(modules=["no_such_recipes_xyz"]))
 

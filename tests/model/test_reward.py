@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -271,6 +272,34 @@ def test_quality_head_shape_and_gradients() -> None:
 )
 def test_extract_quoted_text(prompt: str, expected: list[str]) -> None:
     assert extract_quoted_text(prompt) == expected
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """The textbook dynamic programme: what ``levenshtein`` must agree with."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            substitute = previous[j - 1] + (char_a != char_b)
+            current.append(min(previous[j] + 1, current[j - 1] + 1, substitute))
+        previous = current
+    return previous[-1]
+
+
+def test_levenshtein_counts_characters_not_bytes_and_agrees_with_the_definition() -> None:
+    # Han text and characters outside the BMP are one edit each, as the evaluator reads them.
+    assert levenshtein("营业中", "营业") == 1
+    assert levenshtein("a\U0001f600b", "ab") == 1
+    assert levenshtein("GRAND OPEN", "grand open") == 9  # case counts; the space matches
+    rng = random.Random(0)
+    alphabet = "ab营业\u00e9"
+    for _ in range(300):
+        a = "".join(rng.choices(alphabet, k=rng.randrange(9)))
+        b = "".join(rng.choices(alphabet, k=rng.randrange(9)))
+        assert levenshtein(a, b) == _edit_distance(a, b), (a, b)
+        longest = max(len(a), len(b))
+        expected = _edit_distance(a, b) / longest if longest else 0.0
+        assert normalized_edit_distance(a, b) == pytest.approx(expected)
 
 
 def test_edit_distances_on_known_strings() -> None:

@@ -26,6 +26,8 @@ from retrieval.index import (
     POOL,
     Embedders,
     IndexItem,
+    count_tagged,
+    count_tags,
     dataset_items,
     index_items,
     prune,
@@ -467,3 +469,27 @@ def test_prune_deletes_what_the_dataset_no_longer_makes(
     assert client.count(name).count == 5  # the pool's point is another split's
     assert prune(client, config, "prompts", now, dataset="d", split=CORPUS) == 0
     assert prune(client, config, "images", now, dataset="d", split=CORPUS) == 0  # no collection
+
+
+def test_counts_by_split_tag_and_dataset_read_the_payload_conventions(
+    text: TextEmbedder, qdrant: tuple[QdrantClient, QdrantConfig]
+) -> None:
+    client, config = qdrant
+    items = [
+        IndexItem(dataset="a", split=CORPUS, key="1", text="x", tags=("colour:red",)),
+        IndexItem(dataset="a", split=CORPUS, key="2", text="y", tags=("colour:red", "shape:star")),
+        IndexItem(dataset="a", split=POOL, key="3", text="z", tags=("colour:purple",)),
+        IndexItem(dataset="b", split=CORPUS, key="4", text="w", tags=("colour:red",)),
+    ]
+    index_items(client, config, "prompts", items, Embedders(text=text))
+    name = collection_name(config, "prompts")
+    assert count_tagged(client, name, CORPUS) == 3
+    assert count_tagged(client, name, CORPUS, "colour:red") == 3
+    assert count_tagged(client, name, CORPUS, "colour:red", dataset="a") == 2
+    assert count_tagged(client, name, CORPUS, "colour:purple") == 0  # only the pool has it
+    assert count_tagged(client, name, POOL, dataset="b") == 0
+    both = {"colour:red": 3, "shape:star": 1}
+    assert count_tags(client, name, None, CORPUS) == both
+    assert count_tags(client, name, None, CORPUS, limit=1) == both  # a cut facet: a scroll
+    assert count_tags(client, name, "a", CORPUS) == {"colour:red": 2, "shape:star": 1}
+    assert count_tags(client, name, "a", POOL) == {"colour:purple": 1}

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,18 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
+from typer.testing import CliRunner
 
+from flywheel.cli.main import app
 from model.condition import ConditionEncoder, minilm_condition
 from model.vae import ResidualVAE, vae_debug
+from tests.helpers import FLYWHEEL_CLI
 from training.cache import (
     DONE_FILE,
     CachedBatches,
     CacheError,
     ConsumerConfig,
     ProducerConfig,
-    main,
     produce,
 )
 from training.data import (
@@ -284,12 +285,38 @@ def test_consumer_shuffles_by_seed_and_epoch(cache: Path) -> None:
     assert [i for b in loader for i in b["ids"]] == two_epochs[:7]
 
 
-def test_cli_refuses_a_bad_dataset(offline: None, tmp_path: Path) -> None:
-    (tmp_path / SAMPLES_FILE).write_text("{}\n")
-    code = main(["produce", "--data", str(tmp_path), "--cache", str(tmp_path / "c"),
-                 "--vae", "debug", "--multiple-of", "8"])  # fmt: skip
-    assert code == 2
-    assert not (tmp_path / "c").exists()  # nothing written
+def _refused(args: list[str]) -> str:
+    """``flywheel cache produce ARGS``'s one-line reason; it must exit 2."""
+    result = CliRunner().invoke(app, ["cache", "produce", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_cache_produce_refuses_bad_input_in_one_line_and_writes_nothing(
+    offline: None, dataset: tuple[Path, list[Sample]], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / SAMPLES_FILE).write_text("{}\n")
+    out = tmp_path / "c"
+    debug = ["--vae", "debug", "--multiple-of", "8"]
+    data = ["--data", str(dataset[0]), "--cache", str(out)]
+    assert "samples.jsonl" in _refused(["--data", str(bad), "--cache", str(out), *debug])
+    assert "--vae-weights is required" in _refused(data)
+    assert "no such file" in _refused([*data, "--vae-weights", str(tmp_path / "missing")])
+    assert "--aspect-ratios" in _refused([*data, *debug, "--aspect-ratios", "1,wide"])
+    other = tmp_path / "other.safetensors"  # the weights of another VAE
+    save_file({"x": torch.zeros(1)}, str(other))
+    assert "not weights of the debug VAE" in _refused([*data, *debug, "--vae-weights", str(other)])
+    assert "needs --condition-path" in _refused([*data, *debug, "--condition", "qwen3-vl"])
+    assert not out.exists()  # nothing written
+    taken = tmp_path / "taken"
+    (taken / "x").mkdir(parents=True)
+    assert "not an empty directory" in _refused(
+        ["--data", str(dataset[0]), "--cache", str(taken), *debug]
+    )
 
 
 @pytest.mark.parametrize(("batch_size", "taken"), [(2, 1), (2, 5), (1, 3), (1, 6), (1, 9)])
@@ -311,7 +338,7 @@ def test_consumer_resumes_exactly(cache: Path, batch_size: int, taken: int) -> N
         assert torch.equal(got["condition"], want["condition"])
 
 
-def test_concurrent_producer_subprocess(
+def test_flywheel_cache_produce_in_a_process_feeds_a_consumer_that_started_first(
     cache: Path, dataset: tuple[Path, list[Sample]], vae: ResidualVAE, tmp_path: Path
 ) -> None:
     weights = tmp_path / "vae.safetensors"
@@ -319,14 +346,16 @@ def test_concurrent_producer_subprocess(
     out = tmp_path / "live-cache"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "training.cache", "produce",
+        *FLYWHEEL_CLI, "cache", "produce",
         "--data", str(dataset[0]), "--cache", str(out),
         "--vae", "debug", "--vae-weights", str(weights),
         "--target-area", str(BUCKETS.target_area),
         "--aspect-ratios", ",".join(str(r) for r in BUCKETS.aspect_ratios),
         "--multiple-of", "8", "--shard-size", "2", "--batch-size", "2",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         config = ConsumerConfig(batch_size=2, seed=0, poll_interval=0.05, timeout=120)
         consumer = CachedBatches(out, config)
@@ -336,8 +365,9 @@ def test_concurrent_producer_subprocess(
         assert consumer.state_dict()["order"] == "written"
         batches.extend(iterator)
     finally:
-        _, stderr = process.communicate(timeout=120)
+        stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
+    assert stdout.strip() == f"wrote 5 shards to {out}"
     ids = [i for b in batches for i in b["ids"]]
     assert sorted(ids) == sorted(s.id for s in dataset[1])  # all samples, exactly once
     # The subprocess wrote what the in-process producer wrote.

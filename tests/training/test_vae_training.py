@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from flywheel.cli.main import app
 from model.reward import alignment_reward_debug
 from model.vae import ResidualVAE, vae_debug
 from training.checkpoint import load_model_weights
@@ -81,10 +83,34 @@ def test_training_improves_reconstruction(run: Path) -> None:
     assert _mean(last, "semantic") > _mean(first, "semantic") + 0.2
 
 
+def test_flywheel_vae_export_writes_the_weights_the_cache_producer_reads(
+    run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "exported" / "vae.safetensors"
+    result = CliRunner().invoke(app, ["vae", "export", str(run), str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(out)
+    exported = load_file(str(out))
+    reference = load_file(str(save_vae_weights(run, tmp_path / "reference.safetensors")))
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    ResidualVAE(vae_debug()).load_state_dict(exported, strict=True)
+
+    for args, reason in (
+        ([str(tmp_path / "missing"), str(out)], "no such file or directory"),
+        ([str(tmp_path), str(tmp_path / "x.safetensors")], "no checkpoint here"),
+        ([str(run), str(tmp_path)], "a directory"),
+    ):
+        bad = CliRunner().invoke(app, ["vae", "export", *args])
+        assert bad.exit_code == 2, bad.output
+        assert len(bad.output.strip().splitlines()) == 1, bad.output
+        assert reason in bad.output
+
+
 def test_exported_weights_load_into_residual_vae_and_reconstruct(run: Path, tmp_path: Path) -> None:
     config = vae_debug_recipe()
     path = save_vae_weights(run, tmp_path / "vae.safetensors")
-    # As `python -m training.cache produce --vae debug --vae-weights PATH` loads it.
+    # As `flywheel cache produce --vae debug --vae-weights PATH` loads it.
     vae = ResidualVAE(vae_debug())
     vae.load_state_dict(load_file(str(path)), strict=True)
     vae.eval()

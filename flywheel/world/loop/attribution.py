@@ -39,7 +39,7 @@ from flywheel.world.loop.evidence import EvidenceTools, gather_evidence
 from flywheel.world.scenes import COLOURS, SceneConfig, captions, sample_scene
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder, weights_digest
-from retrieval.index import CORPUS, Embedders, IndexItem, Split, index_items
+from retrieval.index import CORPUS, Embedders, IndexItem, Split, count_tagged, index_items
 from retrieval.scarcity import ScarcityConfig, calibration_for
 from retrieval.store import QdrantConfig, collection_name
 from training.io import atomic_write_bytes
@@ -258,8 +258,6 @@ _COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
 def world_rarity(client: QdrantClient, collection: str) -> Rarity:
     """Concept rarity from the corpus index's colour tags: per prompt, the corpus count of
     the rarest colour it names over the median colour's (None: it names no colour)."""
-    from flywheel.world.loop.pretraining_gap import count_tagged
-
     counts = {c: count_tagged(client, collection, CORPUS, f"colour:{c}") for c in COLOURS}
     median = statistics.median(counts.values())
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
-from qdrant_client import QdrantClient, models
+from qdrant_client import QdrantClient
 
 from flywheel.cycle.config import CycleConfig
 from flywheel.world.base_model import WorldBaseConfig, world_base
@@ -44,7 +44,7 @@ from flywheel.world.scenes import COLOURS, SceneConfig, captions, render, sample
 from model.pipeline import Generator
 from retrieval.augment import AugmentConfig, Candidate, retrieve_for_augmentation
 from retrieval.embedding import TextEmbedder
-from retrieval.index import CORPUS, POOL, Embedders, index_items
+from retrieval.index import CORPUS, POOL, Embedders, count_tagged, index_items
 from retrieval.store import QdrantConfig, collection_name
 from training.data import Provenance, Sample, read_dataset, write_dataset
 from training.loop import OptimizerConfig, round_loop
@@ -129,16 +129,6 @@ class GapDiagnosis(BaseModel):
 def asked_colours(cases: Sequence[SliceCase]) -> set[str]:
     """The caption colours the cases' reference prompts name."""
     return {c for case in cases for c in COLOURS if c in case.reference.casefold().split()}
-
-
-def count_tagged(client: QdrantClient, name: str, split: str, tag: str | None = None) -> int:
-    """Points of ``split`` in collection ``name`` (with ``tag``, when given)."""
-    must: list[models.Condition] = [
-        models.FieldCondition(key="split", match=models.MatchValue(value=split))
-    ]
-    if tag is not None:
-        must.append(models.FieldCondition(key="tags", match=models.MatchValue(value=tag)))
-    return client.count(name, count_filter=models.Filter(must=must), exact=True).count
 
 
 def diagnose_gap(
