@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from training.loop import LoopConfig
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -56,3 +59,33 @@ class Adapter(Generic[SettingsT]):
     """The part (an object satisfying the port's Protocol)."""
     summary: str
     """One line for ``flywheel init`` and the README."""
+
+
+def launched_round_loop(
+    steps: int,
+    *,
+    lr: float,
+    warmup_steps: int | None,
+    checkpoint_every: int | None,
+    seed: int,
+    device: str,
+    keep_checkpoints: int = 1,
+) -> LoopConfig:
+    """The loop of a round the in-process launcher trains from its manifest's settings:
+    ``steps`` steps warmed up (``warmup_steps``; default a quarter of them, at most 20) then
+    cosine-decayed to the end, a checkpoint every ``checkpoint_every`` steps (default every
+    500, and at the end) so a killed round resumes there, progress every 10."""
+    from training.loop import LoopConfig, OptimizerConfig
+
+    warmup = min(20, steps // 4) if warmup_steps is None else warmup_steps
+    return LoopConfig(
+        optimizer=OptimizerConfig(
+            lr=lr, warmup_steps=warmup, decay_steps=steps - warmup if steps > warmup else None
+        ),
+        max_steps=steps,
+        checkpoint_every=checkpoint_every or min(steps, 500),
+        keep_checkpoints=keep_checkpoints,
+        log_every=10,
+        seed=seed,
+        device=device,
+    )

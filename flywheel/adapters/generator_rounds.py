@@ -50,6 +50,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from flywheel.adapters.base import launched_round_loop
 from flywheel.ports import PortError, Recipe, RoundManifest
 from training.io import local_path
 
@@ -367,19 +368,11 @@ def _preference_dataset(preferences: Path, work: Path) -> tuple[Path, int, int]:
 
 
 def _loop(steps: int, settings: GeneratorRoundSettings, device: str) -> LoopConfig:
-    from training.loop import LoopConfig, OptimizerConfig
-
-    warmup = min(20, steps // 4) if settings.warmup_steps is None else settings.warmup_steps
-    return LoopConfig(
-        optimizer=OptimizerConfig(
-            lr=settings.lr,
-            warmup_steps=warmup,
-            decay_steps=steps - warmup if steps > warmup else None,
-        ),
-        max_steps=steps,
-        checkpoint_every=settings.checkpoint_every or min(steps, 500),
-        keep_checkpoints=1,
-        log_every=10,
+    return launched_round_loop(
+        steps,
+        lr=settings.lr,
+        warmup_steps=settings.warmup_steps,
+        checkpoint_every=settings.checkpoint_every,
         seed=settings.seed,
         device=device,
     )

@@ -65,7 +65,7 @@ from prefect.states import Cancelling
 from prefect.types.entrypoint import EntrypointType
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
-from flywheel.adapters.base import Adapter, AdapterContext, AdapterSettings
+from flywheel.adapters.base import Adapter, AdapterContext, AdapterSettings, launched_round_loop
 from flywheel.adapters.generator_rounds import run_continued_pretraining, run_diffusion_dpo
 from flywheel.ports import LaunchResult, PortError, Recipe, RoundManifest
 from training.io import atomic_write_text, fsync_directory, fsync_tree
@@ -321,7 +321,6 @@ def run_pe_sft(manifest: RoundManifest) -> dict[str, JsonValue]:
     :func:`training.pe_sft.write_pairs`), the run kept in ``work_dir/pe_sft`` (resumable),
     the enhancer exported to ``output_dir``."""
     from model.prompt_enhancer import DEFAULT_T2I_SYSTEM
-    from training.loop import LoopConfig, OptimizerConfig
     from training.pe_sft import PESFTConfig, PromptPairsConfig, export_enhancer
     from training.trainer import train
 
@@ -331,7 +330,6 @@ def run_pe_sft(manifest: RoundManifest) -> dict[str, JsonValue]:
     if "pairs" not in manifest.artefacts:
         raise ValueError('a pe_sft round needs artefacts["pairs"] (a JSONL of pairs)')
     settings = PESFTRoundSettings.model_validate(manifest.settings)
-    warmup = min(20, steps // 4) if settings.warmup_steps is None else settings.warmup_steps
     config = PESFTConfig(
         model=Path(manifest.base_checkpoint),
         data=PromptPairsConfig(pairs=Path(manifest.artefacts["pairs"])),
@@ -339,18 +337,14 @@ def run_pe_sft(manifest: RoundManifest) -> dict[str, JsonValue]:
         enable_thinking=settings.enable_thinking,
         batch_size=settings.batch_size,
         max_length=settings.max_length,
-        loop=LoopConfig(
-            optimizer=OptimizerConfig(
-                lr=settings.lr,
-                warmup_steps=warmup,
-                decay_steps=steps - warmup if steps > warmup else None,
-            ),
-            max_steps=steps,
-            checkpoint_every=settings.checkpoint_every or min(steps, 500),
-            keep_checkpoints=2,
-            log_every=10,
+        loop=launched_round_loop(
+            steps,
+            lr=settings.lr,
+            warmup_steps=settings.warmup_steps,
+            checkpoint_every=settings.checkpoint_every,
             seed=settings.seed,
             device=manifest.device,
+            keep_checkpoints=2,
         ),
     )
     run = Path(manifest.work_dir) / "pe_sft"

@@ -61,6 +61,7 @@ def plan_stack_cycle(engine: Engine, *, config: CycleConfig, parts: Parts, home:
                     artefact = spec.build(
                         TrackInputs(
                             cases=train,
+                            held_out=held,
                             parts=parts,
                             client=client,
                             qdrant=qdrant,

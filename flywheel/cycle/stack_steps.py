@@ -258,6 +258,7 @@ def prepare_rounds(
         artefact = spec.build(
             TrackInputs(
                 cases=train,
+                held_out=held,
                 parts=parts,
                 client=client,
                 qdrant=qdrant,

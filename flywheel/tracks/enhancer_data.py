@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from qdrant_client import QdrantClient, models
 
 from flywheel.parts import Parts
 from flywheel.ports import PortError
-from flywheel.tracks.routed import RoutedCase
+from flywheel.tracks.routed import RoutedCase, prompt_keys, same_prompt_key
 from retrieval.embedding import TextEmbedder
 from retrieval.index import CORPUS
 from retrieval.store import QdrantConfig, check_embedders, collection_name
@@ -94,7 +93,8 @@ class EnhancerPairsArtefact(BaseModel):
     echo: int
     """Echo pairs (input = target)."""
     held_out: int
-    """Pairs left out because their input or target is a routed case's prompt or reference."""
+    """Pairs left out because their input or target is the prompt or reference of a routed
+    case, the gate share's included."""
     examples: list[EnhancerPair]
     """The first pairs of the file (at most 8)."""
     pairs_file: str
@@ -113,16 +113,6 @@ class _Neighbour:
     item: str
     caption: str
     score: float
-
-
-_ARTICLES = frozenset({"a", "an", "the"})
-
-
-def same_prompt_key(text: str) -> str:
-    """What two prompts share when they are the same prompt: their words, case-folded,
-    without punctuation and articles ("A violet triangle." and "violet triangle" are one)."""
-    words = re.findall(r"\w+", text.casefold())
-    return " ".join(w for w in words if w not in _ARTICLES)
 
 
 def _queries(case: RoutedCase) -> list[str]:
@@ -217,10 +207,13 @@ def build_enhancer_pairs(
     embedder: TextEmbedder,
     out_dir: Path,
     config: EnhancerDataConfig,
+    held_out: Sequence[RoutedCase] = (),
 ) -> EnhancerPairsArtefact | str:
     """Build the pairs for ``cases`` (the track's train share, :func:`split_cases`) and write
     ``pairs.jsonl`` and ``artefact.json`` into ``out_dir``; or why there is no artefact (no
-    case, the corpus not indexed, too few pairs). :class:`~flywheel.ports.PortError` when the
+    case, the corpus not indexed, too few pairs). No pair's input or target is the prompt (or
+    reference) of a case in ``cases`` or ``held_out`` (the gate share): the gate judges
+    prompts no round trained on. :class:`~flywheel.ports.PortError` when the
     degrader or the corpus fails; :class:`~retrieval.store.EmbedderMismatchError` when the
     index was built by another embedder."""
     config.validate()
@@ -243,8 +236,7 @@ def build_enhancer_pairs(
     if not nearest:
         return f"no train item of the corpus {dataset!r} is near the routed cases (not indexed?)"
 
-    routed = {same_prompt_key(t) for case in ordered for t in (case.prompt, case.reference)}
-    routed.discard("")
+    routed = prompt_keys([*ordered, *held_out])
     sources: dict[str, str] = {}
     for case in ordered:
         for hit in nearest.get(case.case_id, []):
@@ -255,13 +247,13 @@ def build_enhancer_pairs(
         raise PortError(
             "degrader", f"returned {len(degraded_texts)} prompts for {len(captions)} captions"
         )
-    held_out = 0
+    withheld = 0
     pairs: list[EnhancerPair] = []
     used: list[str] = []
     for item, caption, prompt in zip(sources, captions, degraded_texts, strict=True):
         prompt, key = prompt.strip(), same_prompt_key(prompt)
         if key in routed or same_prompt_key(caption) in routed:
-            held_out += 1
+            withheld += 1
             continue
         if key and key != same_prompt_key(caption):
             pairs.append(EnhancerPair(prompt=prompt, target=caption))
@@ -302,7 +294,7 @@ def build_enhancer_pairs(
         pairs=len(everything),
         degraded=len(pairs),
         echo=len(echo_pairs),
-        held_out=held_out,
+        held_out=withheld,
         examples=everything[:EXAMPLES],
         pairs_file=str(pairs_file),
         source_items=sorted(used),

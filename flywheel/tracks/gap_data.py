@@ -61,7 +61,7 @@ from flywheel.media.access import ImageAccessConfig, ImagePolicy
 from flywheel.media.filters import difference_hash, filter_candidates
 from flywheel.parts import Parts
 from flywheel.ports import CorpusItem
-from flywheel.tracks.routed import RoutedCase
+from flywheel.tracks.routed import RoutedCase, prompt_keys, same_prompt_key
 from retrieval.augment import AugmentConfig, Candidate, retrieve_for_augmentation
 from retrieval.embedding import TextEmbedder
 from retrieval.index import CORPUS, POOL, count_tagged
@@ -237,6 +237,9 @@ class GapArtefact(BaseModel):
     cases: list[int]
     """The routed cases' ids (all of them named the concepts; the train share's references
     were the retrieval queries)."""
+    held_out: int = 0
+    """Pool items retrieved but left out because their caption is a gate-share case's prompt
+    (the gate judges prompts no round trained on)."""
 
 
 # ---- diagnosis -------------------------------------------------------------------------------
@@ -504,10 +507,12 @@ def build_gap_data(
     embedder: TextEmbedder,
     out_dir: Path,
     config: GapDataConfig,
+    held_out: Sequence[RoutedCase] = (),
 ) -> GapArtefact | str:
     """Diagnose, retrieve, synthesize, filter and write the augmentation batch into
     ``out_dir`` (see the module docstring); the artefact, or why there is none (nothing is
-    written then).
+    written then). A pool item whose caption is the prompt of a ``held_out`` (gate-share)
+    case is never retrieved into it (``held_out`` in the artefact counts them).
 
     The near-duplicate filter compares each sample with the train items nearest to the
     retrieval queries (``corpus_neighbours`` each), not with the whole corpus: hashing every
@@ -592,6 +597,15 @@ def build_gap_data(
             )
         retrieved += found
         missing[concept] = share - len(found)
+    gate_keys = prompt_keys(held_out)
+    kept_retrieved = [
+        r
+        for r in retrieved
+        if not {same_prompt_key(r.item.rich_caption), same_prompt_key(r.item.raw_caption)}
+        & gate_keys
+    ]
+    held = len(retrieved) - len(kept_retrieved)
+    retrieved = kept_retrieved
     if not retrieved and synthesizer is None:
         return f"the pool has no item showing {', '.join(scarce)} and no synthesizer is set"
 
@@ -614,6 +628,7 @@ def build_gap_data(
             work=work,
             out_dir=out_dir,
             config=config,
+            held_out=held,
         )
         if isinstance(artefact, str):
             shutil.rmtree(work)
@@ -639,6 +654,7 @@ def _write_batch(
     work: Path,
     out_dir: Path,
     config: GapDataConfig,
+    held_out: int,
 ) -> GapArtefact | str:
     corpus = parts.corpus
     synthesized_root = work / SYNTHESIZED_DIR
@@ -748,6 +764,7 @@ def _write_batch(
         samples=len(samples),
         mixture_weight=config.mixture_weight,
         cases=[case.case_id for case in cases],
+        held_out=held_out,
     )
     atomic_write_text(work / ARTEFACT_FILE, artefact.model_dump_json(indent=2) + "\n")
     return artefact

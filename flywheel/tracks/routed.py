@@ -10,6 +10,7 @@ base against candidate). A track with fewer than two cases has no gate share and
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,3 +67,21 @@ def split_cases(
         return list(ordered), []
     gate_count = min(len(ordered) - 1, max(1, round(len(ordered) * gate_share)))
     return ordered[gate_count:], ordered[:gate_count]
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def same_prompt_key(text: str) -> str:
+    """What two prompts share when they are the same prompt: their words, case-folded,
+    without punctuation and articles ("A violet triangle." and "violet triangle" are one)."""
+    words = re.findall(r"\w+", text.casefold())
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def prompt_keys(cases: Sequence[RoutedCase]) -> set[str]:
+    """The :func:`same_prompt_key` of every case's prompt and reference (what no round may
+    train on when the cases are the gate's)."""
+    keys = {same_prompt_key(t) for case in cases for t in (case.prompt, case.reference)}
+    keys.discard("")
+    return keys

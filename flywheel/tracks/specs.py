@@ -36,6 +36,8 @@ class TrackInputs:
 
     cases: Sequence[RoutedCase]
     """The train share of the track's routed cases (the gate share is never trained on)."""
+    held_out: Sequence[RoutedCase] = ()
+    """The gate share: only ever judged; no artefact may train on its prompts."""
     parts: Parts
     client: QdrantClient
     qdrant: QdrantConfig
@@ -75,6 +77,7 @@ def _enhancer(inputs: TrackInputs) -> BaseModel | str:
         embedder=inputs.embedder,
         out_dir=inputs.out_dir,
         config=EnhancerDataConfig(seed=inputs.seed),
+        held_out=inputs.held_out,
     )
 
 
@@ -87,6 +90,7 @@ def _gap(inputs: TrackInputs) -> BaseModel | str:
         embedder=inputs.embedder,
         out_dir=inputs.out_dir,
         config=GapDataConfig(seed=inputs.seed, replay=inputs.replay),
+        held_out=inputs.held_out,
     )
 
 
