@@ -17,8 +17,8 @@ models, read by the non-world adapters, with a corpus, suites, a judge and users
 ``[judge]``             ``http``: :class:`ColourJudge`, the dominant colour of the image against
                         the colour the prompt names (the users' words included)
 ``[degrader]``          ``rules``: the captions' colour words swapped for the users' (or kept)
-``[launcher]``          ``in_process``: flywheel's built-in ``pe_sft``, with the team's settings
-                        registered by the team's module ``team_recipes`` (:data:`TEAM_RECIPES`)
+``[launcher]``          ``in_process``: flywheel's built-in ``pe_sft`` (its settings from the
+                        cycle's ``prompt_enhancer.settings``, the system prompt the enhancer's)
 ======================  ==========================================================================
 
 The users ask, in their own colour words (:data:`USER_WORDS`), for the colour and shape
@@ -114,7 +114,6 @@ CORPUS_DIR = "data/corpus"
 SUITES_DIR = "suites"
 APP_IMAGES = "app-images"
 PROJECT_FILE = "flywheel.toml"
-RECIPES_MODULE = "team_recipes"
 ENHANCER_SYSTEM_PROMPT = "Rewrite the image prompt as a rich, detailed caption."
 """What the world's enhancer was trained with (``training.pe_sft.DEBUG_SYSTEM_PROMPT``)."""
 JUDGE_PATH = "/v1/judge"
@@ -128,29 +127,6 @@ REGRESSION_SUITE = [
 ]
 """Terse prompts in the captions' words, of what the corpus shows (12)."""
 STANDARD_SUITE = [(colour, shape) for colour in COLOURS for shape in ("diamond", "star")]
-
-TEAM_RECIPES = f'''\
-"""The team's settings for flywheel's built-in ``pe_sft`` (its enhancer is tiny: a high
-learning rate; it serves with a short system prompt). The cycle's manifests carry only a seed."""
-
-from flywheel.adapters.launchers import register_recipe, run_pe_sft
-
-SETTINGS = {{
-    "lr": 3e-3,
-    "batch_size": 16,
-    "max_length": 256,
-    "system_prompt": {ENHANCER_SYSTEM_PROMPT!r},
-}}
-
-
-def pe_sft(manifest):
-    settings = {{**SETTINGS, **manifest.settings}}
-    return run_pe_sft(manifest.model_copy(update={{"settings": settings}}))
-
-
-register_recipe("pe_sft", pe_sft)
-'''
-"""The module the project's ``[launcher] modules`` imports (``team_recipes.py``)."""
 
 
 def article(word: str) -> str:
@@ -472,7 +448,6 @@ def build_promotion_stack(root: Path, *, judge_url: str) -> PromotionStack:
     write_corpus(root / CORPUS_DIR)
     write_suites(root / SUITES_DIR)
     (root / APP_IMAGES).mkdir(parents=True, exist_ok=True)
-    (root / f"{RECIPES_MODULE}.py").write_text(TEAM_RECIPES, encoding="utf-8")
     synonyms = ", ".join(
         f"{colour} = [{', '.join(_toml(w) for w in (*USER_WORDS[colour], colour))}]"
         for colour in COLOURS
@@ -532,7 +507,6 @@ synonyms = {{ {synonyms} }}
 
 [launcher]
 adapter = "in_process"
-modules = [{_toml(RECIPES_MODULE)}]
 """
     project = root / PROJECT_FILE
     project.write_text(text, encoding="utf-8")

@@ -8,7 +8,7 @@ words, so the base draws the wrong colours and the users give a thumbs down thro
 ingestion API. Cycle 1 attributes the cases from a cold start; a reviewer routes them to the
 prompt enhancer (``flywheel attribution override``). Cycle 2 builds the track's pairs from the
 corpus (captions degraded into the users' words, never one of their prompts), trains the
-enhancer with flywheel's built-in ``pe_sft`` (the team's settings registered by its module),
+enhancer with flywheel's built-in ``pe_sft`` (the team's settings from the cycle's config),
 and evaluates base and candidate through the HTTP judge: the gate passes on the held-out
 share, the regression suite holds, a human approves and ``cycle-N`` serves.
 """
@@ -48,6 +48,7 @@ from flywheel.settings import Settings, get_settings
 from flywheel.tracks.routed import same_prompt_key
 from tests.helpers import auth, new_id
 from tests.promotion_stack import (
+    ENHANCER_SYSTEM_PROMPT,
     GENERATOR_DIR,
     REPO,
     ColourJudge,
@@ -68,7 +69,12 @@ TOLERANCE = 0.1
 """The regression suite may drop this much: two of its 24 images (12 prompts, two seeds)."""
 CONFIG = {
     "min_cases": 2,
-    "prompt_enhancer": {"steps": PE_STEPS},
+    # The team's enhancer is tiny: a high learning rate (the system prompt is the project's
+    # [enhancer] one, which the round's manifest carries).
+    "prompt_enhancer": {
+        "steps": PE_STEPS,
+        "settings": {"lr": 3e-3, "batch_size": 16, "max_length": 256},
+    },
     "regression": {"seeds": 2, "tolerance": TOLERANCE},
 }
 
@@ -223,6 +229,15 @@ def test_a_round_on_a_teams_trained_stack_fixes_held_out_failures_and_a_human_pr
         assert any(word in p["prompt"].split() for p in pairs for word in ("navy", "ebony"))
         metrics = round_.metrics
         assert isinstance(metrics, dict)
+        # The round's manifest carried the cycle's settings and the project's system prompt.
+        manifest = json.loads(Path(metrics["manifest"]).read_text())
+        assert manifest["settings"] == {
+            "lr": 3e-3,
+            "batch_size": 16,
+            "max_length": 256,
+            "system_prompt": ENHANCER_SYSTEM_PROMPT,
+            "seed": 0,
+        }
         stages = metrics["stages"]
         assert stages["steps"] == PE_STEPS
         assert stages["loss_last_mean"] < 0.1 * stages["loss_first_mean"]

@@ -5,14 +5,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PromptEnhancerRoundConfig(_Section):
+class RoundSection(_Section):
+    """What every track's round section holds besides its own fields."""
+
+    steps: int = Field(default=1, ge=1)
+    """The round's optimizer steps (its manifest's ``budget``; each track sets its default)."""
+    settings: dict[str, JsonValue] = Field(default_factory=dict)
+    """The recipe's settings, written into the round's manifest (``settings``) for the
+    launcher: the in-process recipes' keys (``lr``, ``batch_size``, ``warmup_steps``, …; see
+    the README's Launchers section), or whatever a team's trainer reads. ``seed`` is the
+    cycle's."""
+
+
+class PromptEnhancerRoundConfig(RoundSection):
     """The prompt-enhancer track's round."""
 
     steps: int = Field(default=200, ge=1)
@@ -21,7 +33,7 @@ class PromptEnhancerRoundConfig(_Section):
     """Reverse-engineered pairs per failing concept (the embedded world's pair builder)."""
 
 
-class GapRoundConfig(_Section):
+class GapRoundConfig(RoundSection):
     """The pretraining-gap track's round."""
 
     steps: int = Field(default=600, ge=1)
@@ -33,7 +45,7 @@ class GapRoundConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
 
 
-class RLRoundConfig(_Section):
+class RLRoundConfig(RoundSection):
     """The RL track's round."""
 
     steps: int = Field(default=6, ge=1)
@@ -115,6 +127,14 @@ class CycleConfig(BaseModel):
     seed: int = 0
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
     """Where a project's models run during the cycle (the embedded world: always the CPU)."""
+
+    def round_section(self, track: str) -> RoundSection:
+        """The section of the track named ``track`` (a ``Track`` value: the sections are
+        named after the tracks)."""
+        section = getattr(self, track, None)
+        if not isinstance(section, RoundSection):
+            raise KeyError(f"no round section for track {track!r}")
+        return section
 
     @model_validator(mode="before")
     @classmethod

@@ -96,12 +96,21 @@ GATE_SEED = 1000
 
 
 def round_budget(track: Track, config: CycleConfig) -> dict[str, int]:
-    steps = {
-        Track.PRETRAINING_GAP: config.pretraining_gap.steps,
-        Track.RL: config.rl.steps,
-        Track.PROMPT_ENHANCER: config.prompt_enhancer.steps,
-    }[track]
-    return {TRACK_SPECS[track].recipe: steps}
+    """The round's steps, named by its recipe (the manifest's ``budget``)."""
+    return {TRACK_SPECS[track].recipe: config.round_section(track.value).steps}
+
+
+def round_settings(track: Track, config: CycleConfig, parts: Parts) -> dict[str, JsonValue]:
+    """The manifest's ``settings``: the track section's ``settings`` and the cycle's seed; a
+    prompt-enhancer round also gets the project's enhancer ``system_prompt`` unless the
+    section names its own."""
+    settings: dict[str, JsonValue] = {**config.round_section(track.value).settings}
+    if track == Track.PROMPT_ENHANCER and "system_prompt" not in settings:
+        section = parts.project.section("enhancer")
+        prompt = section.settings().get("system_prompt") if section is not None else None
+        if isinstance(prompt, str) and prompt:
+            settings["system_prompt"] = prompt
+    return {**settings, "seed": config.seed}
 
 
 # ---- 2. attribute ----------------------------------------------------------------------------
@@ -278,7 +287,11 @@ def prepare_rounds(
             track=track,
             recipe=spec.recipe,
             status=RoundStatus.PENDING,
-            config={"budget": round_budget(track, config), "seed": config.seed},
+            config={
+                "budget": round_budget(track, config),
+                "settings": round_settings(track, config, parts),
+                "seed": config.seed,
+            },
             data_manifest={"artefact": body, "files": spec.files(artefact), **split},
         )
         item_id = add_round(
@@ -311,6 +324,14 @@ def _start(session: Session, cycle: Cycle, round_: TrainingRound) -> Path:
     return start
 
 
+def _manifest_settings(config: dict[str, Any]) -> dict[str, JsonValue]:
+    """A round's recorded ``settings`` (rounds recorded before them: the seed alone)."""
+    settings = config.get("settings")
+    if isinstance(settings, dict):
+        return dict(settings)
+    return {"seed": config.get("seed", 0)}
+
+
 def write_round_manifest(
     session: Session, round_: TrainingRound, *, home: Path, device: str
 ) -> Path:
@@ -331,7 +352,7 @@ def write_round_manifest(
         base_checkpoint=str(_start(session, cycle, round_)),
         artefacts={k: str(v) for k, v in dict(data.get("files", {})).items()},
         budget={k: int(v) for k, v in dict(settings.get("budget", {})).items()},
-        settings={"seed": settings.get("seed", 0)},
+        settings=_manifest_settings(settings),
         output_dir=str(directory / "candidate"),
         work_dir=str(directory / "work"),
         device=device,

@@ -211,9 +211,9 @@ def build_enhancer_pairs(
 ) -> EnhancerPairsArtefact | str:
     """Build the pairs for ``cases`` (the track's train share, :func:`split_cases`) and write
     ``pairs.jsonl`` and ``artefact.json`` into ``out_dir``; or why there is no artefact (no
-    case, the corpus not indexed, too few pairs). No pair's input or target is the prompt (or
-    reference) of a case in ``cases`` or ``held_out`` (the gate share): the gate judges
-    prompts no round trained on. :class:`~flywheel.ports.PortError` when the
+    case, the corpus not indexed, too few pairs). No pair's input or target is the prompt or
+    reference of a case in ``cases``, or the prompt of one in ``held_out`` (the gate share):
+    the gate judges prompts no round trained on. :class:`~flywheel.ports.PortError` when the
     degrader or the corpus fails; :class:`~retrieval.store.EmbedderMismatchError` when the
     index was built by another embedder."""
     config.validate()
@@ -236,7 +236,9 @@ def build_enhancer_pairs(
     if not nearest:
         return f"no train item of the corpus {dataset!r} is near the routed cases (not indexed?)"
 
-    routed = prompt_keys([*ordered, *held_out])
+    # The train share's prompts and references, and the gate share's prompts: what the gate
+    # judges is never an input or a target.
+    routed = prompt_keys(ordered) | prompt_keys(held_out, references=False)
     sources: dict[str, str] = {}
     for case in ordered:
         for hit in nearest.get(case.case_id, []):

@@ -597,7 +597,7 @@ def build_gap_data(
             )
         retrieved += found
         missing[concept] = share - len(found)
-    gate_keys = prompt_keys(held_out)
+    gate_keys = prompt_keys(held_out, references=False)
     kept_retrieved = [
         r
         for r in retrieved

@@ -79,9 +79,13 @@ def same_prompt_key(text: str) -> str:
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
-def prompt_keys(cases: Sequence[RoutedCase]) -> set[str]:
-    """The :func:`same_prompt_key` of every case's prompt and reference (what no round may
-    train on when the cases are the gate's)."""
-    keys = {same_prompt_key(t) for case in cases for t in (case.prompt, case.reference)}
+def prompt_keys(cases: Sequence[RoutedCase], *, references: bool = True) -> set[str]:
+    """The :func:`same_prompt_key` of every case's prompt and (with ``references``) its
+    reference: what an artefact holds out."""
+    keys = {
+        same_prompt_key(t)
+        for case in cases
+        for t in ((case.prompt, case.reference) if references else (case.prompt,))
+    }
     keys.discard("")
     return keys
