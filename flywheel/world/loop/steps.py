@@ -36,9 +36,9 @@ from statistics import fmean
 from typing import Any
 
 from qdrant_client import QdrantClient
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import ModelBundle, bundle
 from flywheel.cycle.steps import (
@@ -65,7 +65,6 @@ from flywheel.cycle.verdicts import (
 from flywheel.db.models import (
     Cycle,
     Json,
-    RegressionScenario,
     RoundStatus,
     Track,
     TrainingRound,
@@ -397,13 +396,8 @@ def scenario_spec(case: SliceCase) -> dict[str, Any]:
 
 
 def _scenario_slice(session: Session) -> list[SliceCase]:
-    rows = session.scalars(
-        select(RegressionScenario)
-        .where(RegressionScenario.active.is_(True))
-        .order_by(RegressionScenario.id)
-    ).all()
     out = []
-    for row in rows:
+    for row in repository.active_scenarios(session):
         spec = row.spec if isinstance(row.spec, dict) else {}
         scene = BenchmarkCase.model_validate(spec["scene"]) if spec.get("scene") else None
         out.append(
