@@ -425,6 +425,28 @@ def test_the_gate_passes_fixed_failures_with_the_regression_flat_and_no_scenario
     assert failed.regression_delta == pytest.approx(-0.05)
 
 
+def test_the_gate_refuses_a_track_that_got_worse_even_when_the_total_improved() -> None:
+    def track(before: int, after: int) -> TrackEvaluation:
+        return TrackEvaluation(
+            cases=10,
+            failures_before=before,
+            failures_after=after,
+            failure_rate_before=before / 10,
+            failure_rate_after=after / 10,
+        )
+
+    evaluation = Evaluation(
+        tracks={"prompt_enhancer": track(8, 1), "rl": track(3, 5)},  # 11 -> 6 in total
+        regression=RegressionEvaluation(score_before=0.5, score_after=0.5, cases=8, seeds=1),
+        scenarios=ScenarioEvaluation(count=0, failures_before=0, failures_after=0),
+    )
+    verdict = gate(evaluation, tolerance=0.02)
+    assert not verdict.passed
+    assert verdict.fixed == 5
+    assert verdict.reasons == ["the rl slice got worse (0.30 -> 0.50 failure rate, > 0.02)"]
+    assert gate(evaluation, tolerance=0.25).passed  # within a looser tolerance
+
+
 def _awaiting_cycle(session: Session) -> tuple[Cycle, list[FailureCase], ReviewItem, ReviewItem]:
     """A cycle waiting for its final review, written directly: one round of two cases (the
     candidate fixes the first), its artefact item and its promotion item."""

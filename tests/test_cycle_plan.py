@@ -76,9 +76,15 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     assert tracks["pretraining_gap"].data["scarce"] == ["purple"]
     planned = [t for t in plan.tracks if t.round is not None]
     assert planned
-    estimates = [t.round.estimated_seconds for t in planned if t.round]
-    assert None not in estimates  # the world's rounds are estimated
-    assert plan.estimated_seconds == sum(e or 0.0 for e in estimates)
+    estimates = {t.track: t.round.estimated_seconds for t in planned if t.round}
+    assert all(e is not None and e > 0 for e in estimates.values()), estimates
+    # The continued pretraining (VAE and transformer steps) costs more than the enhancer's SFT.
+    gap, pe = estimates["pretraining_gap"], estimates["prompt_enhancer"]
+    assert gap is not None
+    assert pe is not None
+    assert gap > pe
+    assert plan.estimated_seconds == pytest.approx(sum(e or 0.0 for e in estimates.values()))
+    assert plan.estimated_seconds > 0
     # Nothing persisted: not a row, not a file.
     assert _counts(fresh_engine) == before
     assert list(home.iterdir()) == []

@@ -66,8 +66,10 @@ class GateVerdict(_Record):
 
 
 def gate(evaluation: Evaluation, *, tolerance: float) -> GateVerdict:
-    """Fixed failures up, the regression suite flat (drop <= ``tolerance``), no scenario
-    broken; the verdict and its reasons."""
+    """Fixed failures up, no track's slice worse (its failure rate up by more than
+    ``tolerance``: a track that regresses is not hidden by another that improves), the
+    regression suite flat (drop <= ``tolerance``), no scenario broken; the verdict and its
+    reasons."""
     before = sum(t.failures_before for t in evaluation.tracks.values())
     after = sum(t.failures_after for t in evaluation.tracks.values())
     regression = evaluation.regression
@@ -76,6 +78,12 @@ def gate(evaluation: Evaluation, *, tolerance: float) -> GateVerdict:
     reasons = []
     if after >= before:
         reasons.append(f"no failure fixed on the routed slices ({before} -> {after})")
+    for name, track in evaluation.tracks.items():
+        if track.failure_rate_after - track.failure_rate_before > tolerance:
+            reasons.append(
+                f"the {name} slice got worse ({track.failure_rate_before:.2f} -> "
+                f"{track.failure_rate_after:.2f} failure rate, > {tolerance:g})"
+            )
     if delta < -tolerance:
         reasons.append(f"the regression suite dropped {-delta:.3f} (> {tolerance:g})")
     if scenarios.failures_after > scenarios.failures_before:
