@@ -30,19 +30,12 @@ imports ``flywheel.world``.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
 import random
 import re
 import shutil
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 import numpy as np
@@ -50,6 +43,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from flywheel.ports import CorpusItem, SuitePrompt
+from tests.team_stack import JUDGE_PATH, JudgeServer, _toml
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "flywheel" / "world" / "weights"
@@ -116,8 +110,6 @@ APP_IMAGES = "app-images"
 PROJECT_FILE = "flywheel.toml"
 ENHANCER_SYSTEM_PROMPT = "Rewrite the image prompt as a rich, detailed caption."
 """What the world's enhancer was trained with (``training.pe_sft.DEBUG_SYSTEM_PROMPT``)."""
-JUDGE_PATH = "/v1/judge"
-PROTOCOL = "flywheel-judge/1"
 
 REGRESSION_SUITE = [
     (colour, shape)
@@ -317,106 +309,17 @@ def judge_element(pixels: NDArray[np.float64], element: str) -> dict[str, Any]:
     }
 
 
-def _judge_item(item: object) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise ValueError("an item is not an object")
-    item_id, prompt, png = item.get("id"), item.get("prompt"), item.get("image_png")
-    if not isinstance(item_id, str) or not isinstance(prompt, str) or not isinstance(png, str):
-        raise ValueError("an item needs string id, prompt and image_png")
-    spec = item.get("spec")
-    elements = spec.get("elements") if isinstance(spec, dict) else None
-    if not isinstance(elements, list) or not all(isinstance(e, str) and e for e in elements):
-        elements = [prompt]
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(png, validate=True))) as decoded:
-            pixels = np.asarray(decoded.convert("RGB"), dtype=np.float64) / 255
-    except (binascii.Error, OSError, ValueError) as exc:
-        raise ValueError(f"item {item_id}: image_png is not a PNG ({exc})") from None
-    return {"id": item_id, "elements": [judge_element(pixels, e) for e in elements]}
+def judge_elements(pixels: NDArray[np.float64], elements: Sequence[str]) -> list[dict[str, Any]]:
+    """Each element judged by :func:`judge_element` (the object's colour)."""
+    return [judge_element(pixels, element) for element in elements]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class ColourJudge(JudgeServer):
+    """The team stack's ``flywheel-judge/1`` service (:class:`tests.team_stack.JudgeServer`)
+    judging the object's colour against the colour the prompt names."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.lock = threading.Lock()
-        self.requests = 0
-        self.items = 0
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet."""
-
-    def _json(self, status: int, data: object) -> None:
-        body = json.dumps(data).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with self.server.lock:
-            self.server.requests += 1
-        if self.path != JUDGE_PATH:
-            self._json(404, {"error": f"no {self.path}"})
-            return
-        try:
-            body = json.loads(raw)
-            if not isinstance(body, dict) or body.get("protocol") != PROTOCOL:
-                raise ValueError(f"not a {PROTOCOL} request")
-            items = body.get("items")
-            if not isinstance(items, list) or not items:
-                raise ValueError("items must be a non-empty list")
-            verdicts = [_judge_item(item) for item in items]
-        except ValueError as exc:
-            self._json(400, {"error": " ".join(str(exc).split())})
-            return
-        with self.server.lock:
-            self.server.items += len(verdicts)
-        self._json(200, {"protocol": PROTOCOL, "verdicts": verdicts, "model": "object-colour"})
-
-
-class ColourJudge:
-    """A ``flywheel-judge/1`` service on 127.0.0.1 for the ``with`` block; ``requests`` and
-    ``items`` count what came."""
-
-    def __init__(self) -> None:
-        self._server = _Server()
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host!s}:{port}{JUDGE_PATH}"
-
-    @property
-    def requests(self) -> int:
-        with self._server.lock:
-            return self._server.requests
-
-    @property
-    def items(self) -> int:
-        with self._server.lock:
-            return self._server.items
-
-    def __enter__(self) -> ColourJudge:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        super().__init__(JUDGE_PATH, judge=judge_elements, model="object-colour")
 
 
 # ---- the stack -------------------------------------------------------------------------------
@@ -429,10 +332,6 @@ class PromotionStack:
     @property
     def root(self) -> Path:
         return self.project.parent
-
-
-def _toml(value: str) -> str:
-    return json.dumps(value)
 
 
 def _copy_weights(name: str, target: Path) -> None:

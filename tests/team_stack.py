@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -395,7 +395,11 @@ def judge_elements(pixels: NDArray[np.float64], elements: Sequence[str]) -> list
     return verdicts
 
 
-def _judge_item(item: object) -> dict[str, Any]:
+ElementJudge = Callable[[NDArray[np.float64], Sequence[str]], list[dict[str, Any]]]
+"""Per-element verdicts (``passed``, ``score``, ``reason``) of an RGB image in [0, 1]."""
+
+
+def _judge_item(item: object, judge: ElementJudge) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise ValueError("an item is not an object")
     item_id, prompt, png = item.get("id"), item.get("prompt"), item.get("image_png")
@@ -412,7 +416,7 @@ def _judge_item(item: object) -> dict[str, Any]:
             pixels = np.asarray(decoded.convert("RGB"), dtype=np.float64) / 255
     except (binascii.Error, OSError, ValueError) as exc:
         raise ValueError(f"item {item_id}: image_png is not a PNG ({exc})") from None
-    return {"id": item_id, "elements": judge_elements(pixels, elements)}
+    return {"id": item_id, "elements": judge(pixels, elements)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -437,9 +441,11 @@ class JudgeFault:
 class _JudgeHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, judge: ElementJudge, model: str) -> None:
         super().__init__(("127.0.0.1", 0), _JudgeHandler)
         self.path = path
+        self.judge = judge
+        self.model = model
         self.lock = threading.Lock()
         self.requests = 0
         self.items = 0
@@ -510,23 +516,30 @@ class _JudgeHandler(BaseHTTPRequestHandler):
             items = body.get("items")
             if not isinstance(items, list) or not items:
                 raise ValueError("items must be a non-empty list")
-            verdicts = [_judge_item(item) for item in items]
+            verdicts = [_judge_item(item, self.server.judge) for item in items]
         except ValueError as exc:  # JSONDecodeError included
             self._json(400, {"error": " ".join(str(exc).split())})
             return
         with self.server.lock:
             self.server.items += len(verdicts)
-        self._json(200, {"protocol": PROTOCOL, "verdicts": verdicts, "model": "dominant-colour"})
+        self._json(200, {"protocol": PROTOCOL, "verdicts": verdicts, "model": self.server.model})
 
 
 class JudgeServer:
     """A ``flywheel-judge/1`` service on 127.0.0.1 (an ephemeral port), in a thread, for the
     ``with`` block: ``url`` is where to POST; ``requests`` and ``items`` count what came;
     :meth:`fail` makes it stall or go down (for some prompts, after some requests) until
-    :meth:`heal`."""
+    :meth:`heal`. ``judge`` gives each image's per-element verdicts (default: the dominant
+    colour, :func:`judge_elements`); ``model`` is the name the answers carry."""
 
-    def __init__(self, path: str = JUDGE_PATH) -> None:
-        self._server = _JudgeHTTPServer(path)
+    def __init__(
+        self,
+        path: str = JUDGE_PATH,
+        *,
+        judge: ElementJudge = judge_elements,
+        model: str = "dominant-colour",
+    ) -> None:
+        self._server = _JudgeHTTPServer(path, judge, model)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -575,7 +588,7 @@ class JudgeServer:
         with self._server.lock:
             return list(self._server.errors)
 
-    def __enter__(self) -> JudgeServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
