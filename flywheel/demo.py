@@ -4,7 +4,9 @@ API, with the shipped base model.
 1. Start (or join) the database, migrate, register the shipped base as the serving model,
    create a demo API key and serve the API on a loopback port.
 2. **Evaluate** the base on the standard suite's colour, count and relation cases (the
-   skills the world's injected weaknesses live in) and post the run to ``/v1/evaluations``.
+   skills the world's injected weaknesses live in) and post the run to ``/v1/evaluations``;
+   measure it on common concepts (shape, count, relation, colour probes without the rare
+   concepts of the base's world, scored by the world's evaluator).
 3. **Ingest feedback** through ``/v1/feedback`` (singles) and ``/v1/feedback/batch``: simulated
    users of a product app type terse prompts in their own colour words; the app enhances and
    generates them with the serving model; each user judges the image (the ground-truth
@@ -18,7 +20,9 @@ API, with the shipped base model.
    candidate → evaluation on the routed failure slices and the regression suite → gate → final
    review, **approved automatically in demo mode** (said so on screen; ``flywheel cycle``
    waits for a human) → promotion → regression scenarios.
-7. A before / after table per track, and ``--report FILE`` as JSON.
+7. A before / after table per track (each slice's n and 95 % Wilson intervals), ``--report
+   FILE`` as JSON, and last the goals table: each goal of the demo, its measured value, its
+   target and whether it is met (:func:`demo_goals`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import httpx
 import uvicorn
+from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -43,6 +48,7 @@ from rich.table import Table
 from flywheel.api.app import create_app
 from flywheel.auth.service import create_api_key
 from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.verdicts import TrackEvaluation
 from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, database_url, session_factory
 from flywheel.db.models import Scope
@@ -56,6 +62,21 @@ PROBE_BAND = 92_000_000
 HELD_OUT_BAND = 80_000_000
 """Seed band of the held-out labeled set (the seed set uses the default 70M band)."""
 TRACKS = ("rl", "pretraining_gap", "prompt_enhancer")
+
+SLICE_GOAL = -0.5
+"""Each track's held-out routed slice: its failure rate's relative change, at most this."""
+REGRESSION_GOAL = -2.0
+"""The regression suite's score, candidate minus base, in points: at least this."""
+OTHER_WORLD_MACRO_F1_GOAL = 0.9
+"""The attribution classifier's macro-F1 on another world: at least this."""
+BASE_CONCEPT_GOALS = {"shape": 0.7, "count": 0.6, "relation": 0.6, "colour": 0.8}
+"""The base's score per skill on common concepts: at least these."""
+WALL_TIME_GOAL = 15.0
+"""The demo's wall time, minutes: at most this."""
+OTHER_WORLD_REASON = (
+    "no base of another world ships: another world's file (flywheel/world/worlds/other.toml) "
+    "needs its base built first, a long training run; nothing was measured"
+)
 
 
 def demo_cycle() -> CycleConfig:
@@ -324,35 +345,51 @@ def _attribution(
     }
 
 
+def _rate(rate: float, interval: tuple[float, float]) -> str:
+    return f"{rate:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _before_after(outcome: dict[str, Any], console: Console) -> dict[str, Any]:
     """The per-track table and the report's ``tracks`` and ``regression``."""
     summary = outcome["summary"]
     evaluation = summary.get("evaluation") or {}
     figures = evaluation.get("tracks") or {}
     tracks: dict[str, Any] = {}
-    table = Table(title="routed failure slices, before / after the cycle")
-    for column in ("track", "cases", "failure rate before", "after", "relative change"):
+    table = Table(title="routed failure slices, before / after the cycle (95 % Wilson intervals)")
+    for column in ("track", "n", "failure rate before", "after", "relative change"):
         table.add_column(column, justify="left" if column == "track" else "right")
     for name in TRACKS:
-        track = figures.get(name)
+        figure = figures.get(name)
         routed = (summary.get("tracks") or {}).get(name, {})
-        if track is None:
+        if figure is None:
             tracks[name] = {
                 "cases": routed.get("cases", 0),
+                "n": 0,
                 "failure_rate_before": None,
                 "failure_rate_after": None,
+                "interval": None,
+                "interval_before": None,
                 "note": routed.get("reason", "no round"),
             }
-            table.add_row(name, str(routed.get("cases", 0)), "-", "-", tracks[name]["note"])
+            table.add_row(name, "0", "-", "-", tracks[name]["note"])
             continue
-        before, after = track["failure_rate_before"], track["failure_rate_after"]
+        track = TrackEvaluation.model_validate(figure)  # evaluations stored before n: filled
+        before, after = track.failure_rate_before, track.failure_rate_after
         tracks[name] = {
-            "cases": track["cases"],
+            "cases": track.cases,
+            "n": track.n,
             "failure_rate_before": before,
             "failure_rate_after": after,
+            "interval": list(track.interval_after),
+            "interval_before": list(track.interval_before),
         }
-        change = f"{(after - before) / before:+.0%}" if before else "-"
-        table.add_row(name, str(track["cases"]), f"{before:.2f}", f"{after:.2f}", change)
+        table.add_row(
+            name,
+            str(track.n),
+            _rate(before, track.interval_before),
+            _rate(after, track.interval_after),
+            f"{(after - before) / before:+.0%}" if before else "-",
+        )
     console.print(table)
     regression = evaluation.get("regression") or {}
     if regression:
@@ -371,6 +408,201 @@ def _before_after(outcome: dict[str, Any], console: Console) -> dict[str, Any]:
     }
 
 
+def _base_concepts(base: _Base, *, per_skill: int, console: Console) -> dict[str, Any]:
+    """The base's score on ``per_skill`` probes of each skill of :data:`BASE_CONCEPT_GOALS`
+    (the probes of ``flywheel world weaknesses``, leaving out any that shows one of the rare
+    concepts of the base's world), scored by the world's evaluator."""
+    from flywheel.world.benchmark import BenchmarkCase, Skill, build_case
+    from flywheel.world.definition import world_of
+    from flywheel.world.evaluation import run_suite
+    from flywheel.world.weaknesses import PROBE_BAND as WEAKNESS_PROBE_BAND
+    from model.pipeline import Generator
+
+    started = time.perf_counter()
+    world = world_of(base.generator)
+    rare = world.rare_concepts()
+    cases: list[BenchmarkCase] = []
+    for skill in BASE_CONCEPT_GOALS:
+        drawn: list[BenchmarkCase] = []
+        k = 0
+        while len(drawn) < per_skill:
+            case = build_case(
+                cast("Skill", skill), k, band=WEAKNESS_PROBE_BAND, case_id=f"probe/{skill}/{k:02d}"
+            )
+            k += 1
+            if not any(o.colour in rare or o.shape in rare for o in case.spec.objects):
+                drawn.append(case)
+        cases += drawn
+    result, _ = run_suite(Generator.load(base.generator), cases, suite="probes", batch_size=32)
+    skills = {
+        skill: {
+            "score": result.skills[skill].score,
+            "pass_rate": result.skills[skill].pass_rate,
+            "n": result.skills[skill].n,
+        }
+        for skill in BASE_CONCEPT_GOALS
+    }
+    seconds = time.perf_counter() - started
+    listed = ", ".join(f"{skill} {figures['score']:.2f}" for skill, figures in skills.items())
+    console.print(
+        f"[bold]base on common concepts[/] ({per_skill} probes per skill, without "
+        f"{', '.join(rare)}; world evaluator): {listed} ({seconds:.0f} s)",
+        highlight=False,
+    )
+    return {"model": base.name, "world": world.name, "rare_left_out": list(rare), "skills": skills}
+
+
+class Goal(BaseModel):
+    """One goal of the demo: a measured figure against its target."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    figure: str
+    """What is measured."""
+    value: float | None
+    """The measured value (None: not measured)."""
+    target: float
+    comparison: Literal["<=", ">="]
+    """Met when ``value <comparison> target``."""
+    unit: Literal["relative change", "points", "macro-F1", "score", "minutes"]
+    met: bool
+    """``value`` meets ``target`` (False when it was not measured)."""
+    note: str | None = None
+    """Why there is no value, or what it was measured on."""
+
+
+def goal(
+    *,
+    figure: str,
+    value: float | None,
+    target: float,
+    comparison: Literal["<=", ">="],
+    unit: Literal["relative change", "points", "macro-F1", "score", "minutes"],
+    note: str | None = None,
+) -> Goal:
+    """The goal, with whether ``value`` meets ``target``."""
+    if value is None:
+        met = False
+    elif comparison == "<=":
+        met = value <= target
+    else:
+        met = value >= target
+    return Goal(
+        figure=figure,
+        value=value,
+        target=target,
+        comparison=comparison,
+        unit=unit,
+        met=met,
+        note=note,
+    )
+
+
+def _interval(interval: list[float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _slice_goal(name: str, track: dict[str, Any] | None) -> Goal:
+    """A track's held-out routed slice: its failure rate's relative change."""
+    figure = f"{name}: held-out slice, failure rate"
+    before = None if track is None else track.get("failure_rate_before")
+    after = None if track is None else track.get("failure_rate_after")
+    if track is None or before is None or after is None or before == 0:
+        note = (track or {}).get("note") or "no failure before: nothing to fix"
+        return goal(
+            figure=figure,
+            value=None,
+            target=SLICE_GOAL,
+            comparison="<=",
+            unit="relative change",
+            note=note,
+        )
+    return goal(
+        figure=figure,
+        value=(after - before) / before,
+        target=SLICE_GOAL,
+        comparison="<=",
+        unit="relative change",
+        note=f"{before:.2f} -> {after:.2f} {_interval(track.get('interval'))}, n {track['n']}",
+    )
+
+
+def demo_goals(report: dict[str, Any]) -> dict[str, Goal]:
+    """Every goal of the demo, from its report (``tracks``, ``regression``,
+    ``attribution.other_world``, ``base_concepts``, ``seconds``), keyed ``slice.<track>``,
+    ``regression``, ``attribution.other_world``, ``base.<skill>``, ``wall_time``."""
+    goals = {f"slice.{name}": _slice_goal(name, report["tracks"].get(name)) for name in TRACKS}
+    regression = report["regression"]
+    before, after = regression.get("score_before"), regression.get("score_after")
+    goals["regression"] = goal(
+        figure="regression suite, candidate - base",
+        value=(after - before) * 100 if before is not None and after is not None else None,
+        target=REGRESSION_GOAL,
+        comparison=">=",
+        unit="points",
+        note=None if before is not None and after is not None else "not evaluated",
+    )
+    other_world = report["attribution"]["other_world"]
+    goals["attribution.other_world"] = goal(
+        figure="attribution macro-F1, other world",
+        value=other_world.get("macro_f1"),
+        target=OTHER_WORLD_MACRO_F1_GOAL,
+        comparison=">=",
+        unit="macro-F1",
+        note=other_world.get("reason"),
+    )
+    concepts = report["base_concepts"]
+    for skill, target in BASE_CONCEPT_GOALS.items():
+        figures = concepts["skills"][skill]
+        goals[f"base.{skill}"] = goal(
+            figure=f"base, common concepts: {skill}",
+            value=figures["score"],
+            target=target,
+            comparison=">=",
+            unit="score",
+            note=f"{concepts['model']}, n {figures['n']}",
+        )
+    goals["wall_time"] = goal(
+        figure="demo wall time",
+        value=report["seconds"] / 60,
+        target=WALL_TIME_GOAL,
+        comparison="<=",
+        unit="minutes",
+    )
+    return goals
+
+
+def _goal_figure(value: float, unit: str) -> str:
+    if unit == "relative change":
+        return f"{value:+.0%}"
+    if unit == "points":
+        return f"{value:+.1f} points"
+    if unit == "minutes":
+        return f"{value:.1f} min"
+    return f"{value:.2f}"
+
+
+def goals_table(goals: dict[str, Goal]) -> Table:
+    """The goals as a table: figure, value, target, met (✓ / ✗) and a note."""
+    met = sum(g.met for g in goals.values())
+    table = Table(title=f"goals: {met} of {len(goals)} met")
+    for column in ("figure", "value", "target", "met", "note"):
+        table.add_column(
+            column,
+            justify="right" if column in ("value", "target") else "left",
+            no_wrap=column != "note",
+        )
+    for item in goals.values():
+        table.add_row(
+            item.figure,
+            "-" if item.value is None else _goal_figure(item.value, item.unit),
+            f"{item.comparison} {_goal_figure(item.target, item.unit)}",
+            "[green]✓ met[/]" if item.met else "[red]✗ not met[/]",
+            item.note or "",
+        )
+    return table
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -380,8 +612,11 @@ def run_demo(
     cycle: CycleConfig | None = None,
     probes: int = 48,
     held_out: int = 12,
+    concept_probes: int = 24,
+    report_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the demo (see the module docstring); returns the report."""
+    """Run the demo (see the module docstring), write its report to ``report_file`` (when
+    given) and print the goals table last; returns the report."""
     started = time.perf_counter()
     cycle = (cycle or demo_cycle()).model_copy(update={"auto_approve": True, "dry_run": False})
     embedded = settings.database_url is None
@@ -409,6 +644,7 @@ def run_demo(
             _feedback_events(base, events=events, seed=seed, run=run, home=settings.home),
             console,
         )
+    concepts = _base_concepts(base, per_skill=concept_probes, console=console)
     mined = _mine(base, probes=probes, console=console)
     attribution = _attribution(settings, base, config=cycle, held_out=held_out, console=console)
 
@@ -429,7 +665,9 @@ def run_demo(
     )
     seconds = time.perf_counter() - started
     report |= {
-        "attribution": attribution,
+        "attribution": attribution
+        | {"other_world": {"macro_f1": None, "reason": OTHER_WORLD_REASON}},
+        "base_concepts": concepts,
         "seconds": round(seconds, 1),
         "cycle": {
             "id": outcome["cycle_id"],
@@ -443,7 +681,13 @@ def run_demo(
         "mining": mined,
         "run": run,
     }
+    goals = demo_goals(report)
+    report["goals"] = {key: item.model_dump(mode="json") for key, item in goals.items()}
     console.print(f"demo finished in {seconds / 60:.1f} min")
+    if report_file is not None:
+        write_report(report, report_file)
+        console.print(f"report: {report_file}", highlight=False)
+    console.print(goals_table(goals))
     return report
 
 

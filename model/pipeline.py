@@ -200,10 +200,12 @@ class Generator:
         *,
         seed: int = 0,
         input_images: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Images (N, 3, H, W) in [0, 1] for ``prompts``; with ``input_images`` (N, 3, H, W)
         in [0, 1] the prompts are editing instructions applied to them. One seed, one noise:
-        the same call gives the same images."""
+        the same call gives the same images. ``noise`` (N, z, h, w), when given, is the
+        starting noise instead of the seed's (prompts drawn from one noise, as a GRPO group)."""
         if not prompts:
             raise GeneratorError("no prompts")
         config = self.config
@@ -218,7 +220,10 @@ class Generator:
             inputs = [self.encode_images(input_images)]
         f = config.vae.spatial_factor
         shape = (len(prompts), config.vae.latent_channels, config.height // f, config.width // f)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        if noise is None:
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        elif tuple(noise.shape) != shape:
+            raise GeneratorError(f"noise of shape {tuple(noise.shape)}, the prompts need {shape}")
         noise = noise.to(self.device)  # (N, z, h, w)
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:

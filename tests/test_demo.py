@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from flywheel.demo import BASE_CONCEPT_GOALS, TRACKS
 from tests.helpers import TINY_CYCLE
 
 TINY_DEMO = TINY_CYCLE | {
@@ -19,12 +21,28 @@ TINY_DEMO = TINY_CYCLE | {
     "pretraining_gap": TINY_CYCLE["pretraining_gap"] | {"steps": 10},
     "regression": TINY_CYCLE["regression"] | {"cases": 2},
 }
+CONCEPT_PROBES = 12
+EXPECTED_OUTCOME = "rejected"
+"""What the seeded tiny demo's cycle ends in: its rounds are too small to fix failures, so the
+gate refuses the candidate (measured: 50 -> 58 failures on the routed slices)."""
+
+
+def _meets(value: float | None, comparison: str, target: float) -> bool:
+    if value is None:
+        return False
+    return value <= target if comparison == "<=" else value >= target
+
+
+def _assert_interval_holds(interval: Any, rate: float) -> None:
+    low, high = interval
+    assert 0.0 <= low <= rate <= high <= 1.0, (interval, rate)
 
 
 @pytest.mark.timeout(600)
 def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "PREFECT_"))}
     env["FLYWHEEL_HOME"] = str(tmp_path / "home")
+    env["COLUMNS"] = "200"  # rich's tables unwrapped
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY_DEMO))
     report_file = tmp_path / "out" / "report.json"
@@ -40,6 +58,8 @@ def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path
             "16",
             "--probes",
             "16",
+            "--concept-probes",
+            str(CONCEPT_PROBES),
             "--report",
             str(report_file),
         ],
@@ -58,21 +78,81 @@ def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path
     assert (tmp_path / "home" / "pgdata" / "PG_VERSION").exists()
 
     report = json.loads(report_file.read_text())
-    assert set(report["tracks"]) == {"rl", "pretraining_gap", "prompt_enhancer"}
+    assert report["cycle"]["status"] == EXPECTED_OUTCOME, report["cycle"]
+    assert set(report["tracks"]) == set(TRACKS)
     trained = {k: v for k, v in report["tracks"].items() if v["failure_rate_before"] is not None}
     assert trained, report["tracks"]
     for track in trained.values():
         assert track["cases"] >= TINY_DEMO["min_cases"]
-        assert 0.0 <= track["failure_rate_after"] <= 1.0
-        assert 0.0 <= track["failure_rate_before"] <= 1.0
+        assert track["n"] == track["cases"]
+        _assert_interval_holds(track["interval_before"], track["failure_rate_before"])
+        _assert_interval_holds(track["interval"], track["failure_rate_after"])
+    for name in set(TRACKS) - set(trained):
+        assert report["tracks"][name]["n"] == 0
+        assert report["tracks"][name]["interval"] is None
+    if EXPECTED_OUTCOME == "promoted":
+        assert any(t["failure_rate_after"] < t["failure_rate_before"] for t in trained.values())
     assert 0.0 <= report["regression"]["score_before"] <= 1.0
     assert 0.0 <= report["regression"]["score_after"] <= 1.0
     assert 0.0 <= report["attribution"]["macro_f1"] <= 1.0
     assert report["attribution"]["held_out_cases"] == 36
+    assert report["attribution"]["other_world"]["macro_f1"] is None
+    assert report["attribution"]["other_world"]["reason"]
+    concepts = report["base_concepts"]
+    assert concepts["model"] == "world-base"
+    assert concepts["world"] == "default"
+    assert concepts["rare_left_out"] == ["purple"]
+    for skill in BASE_CONCEPT_GOALS:
+        assert concepts["skills"][skill]["n"] == CONCEPT_PROBES
+        assert 0.0 <= concepts["skills"][skill]["score"] <= 1.0
     assert report["seconds"] > 0
     assert report["feedback"]["replays_idempotent"] is True
     assert report["feedback"]["statuses"] == {"created": 16}
-    assert report["cycle"]["status"] in ("promoted", "rejected")
+
+    # Every goal, met exactly when its value reaches its target, from the report's figures.
+    goals = report["goals"]
+    assert set(goals) == (
+        {f"slice.{name}" for name in TRACKS}
+        | {"regression", "attribution.other_world", "wall_time"}
+        | {f"base.{skill}" for skill in BASE_CONCEPT_GOALS}
+    )
+    for key, item in goals.items():
+        assert item["met"] == _meets(item["value"], item["comparison"], item["target"]), key
+    for name, track in report["tracks"].items():
+        before, after = track["failure_rate_before"], track["failure_rate_after"]
+        relative = (after - before) / before if before else None
+        assert goals[f"slice.{name}"]["value"] == pytest.approx(relative), name
+        assert goals[f"slice.{name}"]["target"] == -0.5
+    regression = report["regression"]
+    assert goals["regression"]["value"] == pytest.approx(
+        (regression["score_after"] - regression["score_before"]) * 100
+    )
+    assert goals["attribution.other_world"]["value"] is None
+    assert goals["attribution.other_world"]["met"] is False
+    for skill, target in BASE_CONCEPT_GOALS.items():
+        assert goals[f"base.{skill}"]["value"] == concepts["skills"][skill]["score"]
+        assert goals[f"base.{skill}"]["target"] == target
+    assert goals["wall_time"]["value"] == pytest.approx(report["seconds"] / 60)
+
+    # The goals table is printed last, after the wall time and the report's path.
+    finished = result.stdout.index("demo finished in")
+    last_table = result.stdout.rindex("┏")
+    assert finished < result.stdout.index(f"report: {report_file}") < last_table
+    title = result.stdout[:last_table].rstrip().splitlines()[-1].strip()
+    met = sum(item["met"] for item in goals.values())
+    assert title == f"goals: {met} of {len(goals)} met"
+    table = result.stdout[last_table:]
+    assert table.rstrip().endswith("┘")
+    cells = [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in table.splitlines()
+        if line.startswith("│")
+    ]
+    rows = [row for row in cells if row[0]]  # a note wraps onto lines of its own
+    assert len(rows) == len(goals)
+    for (figure, _, _, verdict, _), item in zip(rows, goals.values(), strict=True):
+        assert figure == item["figure"]
+        assert verdict == ("✓ met" if item["met"] else "✗ not met")
 
     # What the demo left in its database, through `flywheel status` (which joins the
     # embedded server and stops it when it exits).

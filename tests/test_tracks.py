@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ from flywheel.world.loop.rl import (
     RLTrackConfig,
     default_weights,
     recalibrate,
+    rl_round,
     round_reward,
 )
 from flywheel.world.loop.rounds import run_enhancer_round, run_gap_round, run_rl_round
@@ -48,7 +50,9 @@ from flywheel.world.vocabulary import USER_COLOURS, has_user_words, to_user_word
 from model.pipeline import Generator
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
+from training.checkpoint import load_checkpoint
 from training.data import read_dataset
+from training.grpo import Rollout, encode_prompts, grpo_step
 
 BAND = 33_000_000
 
@@ -164,12 +168,30 @@ def test_rl_recalibration_and_round(tmp_path: Path) -> None:
     ).candidate
     assert len(_losses(tmp_path / "rl" / "run")) == 2
     # The round trained the policy: the candidate's transformer moved off the base's.
-    trained = Generator.load(candidate).transformer.state_dict()
+    trained = Generator.load(candidate)
     base = generator.transformer.state_dict()
-    assert any(not torch.equal(trained[name], base[name]) for name in base)
-    judges = SliceJudges(evaluator=evaluator, reward=reward, batch_size=4)
-    result = failure_rate(Generator.load(candidate), slice_cases, judges)
-    assert (result.cases, result.failures) == (4, len(result.failed))
+    assert any(not torch.equal(trained.transformer.state_dict()[k], base[k]) for k in base)
+    # What the round is for: the candidate makes the samples its reward preferred more likely
+    # and the others less. Its one rollout (sampled by the base, 2 prompts x 4 samples, kept
+    # in the last checkpoint) re-scored under the candidate, unclipped and without the KL:
+    # mean(advantage x ratio) > 0 (0 under the base, whose ratio is 1, up to rounding). A round
+    # that trained against its reward's sign, or did not step, fails here.
+    grpo = rl_round(colour, generator=generator, directory=BASE_MODEL, config=config)
+    checkpoint = load_checkpoint(tmp_path / "rl" / "run" / "checkpoints")
+    assert checkpoint is not None
+    rollout = Rollout.from_state(checkpoint.data["rollout"], device=torch.device("cpu"))
+    assert float(rollout.rewards.std()) > 0  # the group's rewards differ: there is a signal
+    unclipped = replace(grpo, clip_range=1e9, kl_beta=0.0)
+    prompts = encode_prompts(grpo.prompts, device="cpu")
+    with torch.no_grad():
+        moved = grpo_step(
+            trained.transformer, generator.transformer, rollout, prompts=prompts, config=unclipped
+        )
+        still = grpo_step(
+            generator.transformer, generator.transformer, rollout, prompts=prompts, config=unclipped
+        )
+    assert abs(still.metrics["policy_loss"]) < 1e-3  # re-scoring's rounding: 4e-5
+    assert -moved.metrics["policy_loss"] > 0.005, moved.metrics  # measured 0.0105
 
 
 def test_slices_judge_by_scene_or_by_reward() -> None:

@@ -27,16 +27,21 @@ Conventions, and how they relate to the paper's ``-log sigmoid(-beta T w(lambda_
 
 :func:`dpo_step` computes the loss of one batch (the caller runs backward and the optimizer)
 and returns the objective's figures next to it. The reference runs without a graph.
+:func:`evaluate_preferences` measures a policy on pairs it did not train on: its implicit
+preference accuracy (the share of pairs whose margin is > 0) and its DPO loss, with no reward
+model involved (a round's report figure).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from model.transformer import DiffusionTransformer, TransformerConfig
 from training.flow_matching import FlowMatchingConfig, loss_weights, sample_timesteps
@@ -62,27 +67,32 @@ class DPOConfig:
         self.flow.validate()
 
 
-def dpo_step(
+@dataclass(frozen=True, slots=True)
+class PairErrors:
+    """Per pair of a batch: the implicit reward margin and the policy's errors behind it."""
+
+    margin: Tensor
+    """``(B,)``: ``-(beta / 2) * (d_w - d_l)`` (> 0: the policy moved toward the winner)."""
+    policy_winner: Tensor
+    """``(B,)``: the policy's weighted flow-matching error on the winner."""
+    policy_loser: Tensor
+    """``(B,)``: the policy's weighted flow-matching error on the loser."""
+    t: Tensor
+    """``(B,)``: the flow time each pair was noised to."""
+
+
+def pair_margins(
     policy: DiffusionTransformer,
     reference: DiffusionTransformer,
     batch: dict[str, Any],
     *,
     config: DPOConfig,
     generator: torch.Generator,
-) -> StepOutput:
-    """The Diffusion-DPO loss of one batch of preference pairs; see the module docstring.
-
-    ``batch`` holds ``winner_latents`` and ``loser_latents`` (B, C, H, W), ``condition``
-    (B, L, D) and ``mask`` (B, L) bool, pair ``i`` sharing condition ``i`` (a batch of a
-    preference cache, :mod:`training.preference`). Noise and
-    times come from ``generator`` (a CPU generator) and are shared by the winner and the loser
-    of a pair. ``reference`` (the frozen initial policy) runs under ``torch.no_grad``.
-
-    Metrics: ``loss``; ``accuracy``, the fraction of pairs whose implicit reward margin is
-    > 0, i.e. ``d_w < d_l`` (a tie, as at initialisation, counts one half); ``reward_margin``,
-    the mean margin; ``t_mean``; ``policy_error_winner`` / ``policy_error_loser``, the policy's
-    mean weighted flow-matching errors (a collapse of both shows as growth).
-    """
+) -> PairErrors:
+    """The implicit reward margin of every pair of ``batch`` (see the module docstring), with
+    the policy's graph; the reference runs under ``torch.no_grad``. ``batch`` as
+    :func:`dpo_step` reads it; noise and times come from ``generator`` (a CPU generator) and
+    are shared by the winner and the loser of a pair."""
     parameter = next(policy.parameters())
     device = parameter.device
     winner = batch["winner_latents"].to(device=device, dtype=torch.float32)  # (B, C, H, W)
@@ -119,19 +129,111 @@ def dpo_step(
     policy_w, policy_l = policy_error.chunk(2)  # (B,) each
     reference_w, reference_l = reference_error.chunk(2)  # (B,) each
     margin = -0.5 * config.beta * ((policy_w - reference_w) - (policy_l - reference_l))  # (B,)
-    loss = -F.logsigmoid(margin).mean()
+    return PairErrors(margin=margin, policy_winner=policy_w, policy_loser=policy_l, t=t)
 
+
+def dpo_step(
+    policy: DiffusionTransformer,
+    reference: DiffusionTransformer,
+    batch: dict[str, Any],
+    *,
+    config: DPOConfig,
+    generator: torch.Generator,
+) -> StepOutput:
+    """The Diffusion-DPO loss of one batch of preference pairs; see the module docstring.
+
+    ``batch`` holds ``winner_latents`` and ``loser_latents`` (B, C, H, W), ``condition``
+    (B, L, D) and ``mask`` (B, L) bool, pair ``i`` sharing condition ``i`` (a batch of a
+    preference cache, :mod:`training.preference`). Noise and
+    times come from ``generator`` (a CPU generator) and are shared by the winner and the loser
+    of a pair. ``reference`` (the frozen initial policy) runs under ``torch.no_grad``.
+
+    Metrics: ``loss``; ``accuracy``, the fraction of pairs whose implicit reward margin is
+    > 0, i.e. ``d_w < d_l`` (a tie, as at initialisation, counts one half); ``reward_margin``,
+    the mean margin; ``t_mean``; ``policy_error_winner`` / ``policy_error_loser``, the policy's
+    mean weighted flow-matching errors (a collapse of both shows as growth).
+    """
+    pairs = pair_margins(policy, reference, batch, config=config, generator=generator)
+    margin = pairs.margin  # (B,)
+    loss = -F.logsigmoid(margin).mean()
     with torch.no_grad():
         accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()  # (B,)
         metrics = {
             "loss": float(loss),
             "accuracy": float(accuracy.mean()),
             "reward_margin": float(margin.mean()),
-            "t_mean": float(t.mean()),
-            "policy_error_winner": float(policy_w.mean()),
-            "policy_error_loser": float(policy_l.mean()),
+            "t_mean": float(pairs.t.mean()),
+            "policy_error_winner": float(pairs.policy_winner.mean()),
+            "policy_error_loser": float(pairs.policy_loser.mean()),
         }
     return StepOutput(loss=loss, metrics=metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceEvaluation:
+    """A policy measured on preference pairs against its reference (no reward model)."""
+
+    accuracy: float
+    """The implicit preference accuracy: the share of pairs whose margin, averaged over the
+    draws, is > 0 (a tie counts half: 0.5 when the policy is its reference)."""
+    loss: float
+    """The Diffusion-DPO loss, mean over pairs and draws (log 2 when the policy is its
+    reference)."""
+    margin: float
+    """The mean implicit reward margin."""
+    pairs: int
+    """Pairs measured."""
+
+
+def evaluate_preferences(
+    policy: DiffusionTransformer,
+    reference: DiffusionTransformer,
+    batches: Iterable[dict[str, Any]],
+    *,
+    config: DPOConfig,
+    draws: int = 4,
+    seed: int = 0,
+) -> PreferenceEvaluation:
+    """The reward-free (implicit, DPO) preference accuracy and loss of ``policy`` on
+    ``batches`` (e.g. a held-out preference cache read once): per pair, the implicit reward
+    margin over ``draws`` draws of shared noise and flow time; the pair counts as right when
+    their mean is > 0 — the policy, relative to ``reference``, denoises the preferred image
+    better than the rejected one. The draws come from a generator seeded with ``seed``: two
+    policies measured on the same batches with the same seed see the same noise and times.
+    No gradients; the policy's mode is restored."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    generator = torch.Generator().manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    margins: list[Tensor] = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                margins.append(
+                    torch.stack(
+                        [
+                            pair_margins(
+                                policy, reference, batch, config=config, generator=generator
+                            ).margin
+                            for _ in range(draws)
+                        ],
+                        dim=1,
+                    )
+                )  # (B, draws)
+    finally:
+        policy.train(was_training)
+    if not margins:
+        raise ValueError("no preference pairs to measure")
+    margin = torch.cat(margins).cpu()  # (N, draws)
+    mean = margin.mean(dim=1)  # (N,)
+    right = (mean > 0).float() + 0.5 * (mean == 0).float()  # (N,)
+    return PreferenceEvaluation(
+        accuracy=float(right.mean()),
+        loss=float(-F.logsigmoid(margin).mean()),
+        margin=float(margin.mean()),
+        pairs=margin.shape[0],
+    )
 
 
 # ---- training run -----------------------------------------------------------------------

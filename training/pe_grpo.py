@@ -37,6 +37,12 @@ initialisation the policy is the reference and the KL is exactly 0.
 
 :func:`sample_rollout` samples and scores; :func:`pe_grpo_step` is the loss of one update.
 
+A caller with its own judge of rewrites passes a :class:`RewriteScorer` to
+:func:`build_pe_grpo` instead: the objective then builds no frozen generator nor reward model
+of its config, draws one noise seed per group from the loop's generator, and hands every group
+of a rollout to the scorer at once (the embedded world's enhancer round:
+:mod:`flywheel.world.loop.prompt_enhancer`, the world's generator and reward model).
+
 On the debug scale the image path is real but nearly flat: with the seeded random transformer,
 VAE and CLIP, two different rewrites move ``alignment`` by ~1e-5, so within a group it is close
 to a constant and the text-side coverage terms carry what a tiny policy can learn. Point
@@ -50,7 +56,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -362,6 +368,35 @@ def reward_components(
     return components
 
 
+# ---- a caller's own scorer --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteGroup:
+    """The rewrites sampled for one prompt, as a :class:`RewriteScorer` receives them."""
+
+    prompt: str
+    """What the policy rewrote (the pair's first side)."""
+    target: str
+    """What the rewrites should mean (the pair's second side: the intended caption)."""
+    rewrites: tuple[str, ...]
+    """The ``G`` sampled rewrites, decoded."""
+    seed: int
+    """The group's noise seed (drawn from the loop's generator: resume stays exact); every
+    rewrite of the group is drawn from the same noise."""
+
+
+class RewriteScorer(Protocol):
+    """Scores the groups of a rollout: per group its rewards ``(G,)``, higher is better."""
+
+    @property
+    def name(self) -> str:
+        """What judges the rewrites (recorded with the round's figures)."""
+        ...
+
+    def __call__(self, groups: Sequence[RewriteGroup]) -> list[Tensor]: ...
+
+
 # ---- sampling ---------------------------------------------------------------------------
 
 
@@ -418,16 +453,22 @@ def sample_rollout(
     policy: nn.Module,
     reference: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    frozen: FrozenGenerator,
+    frozen: FrozenGenerator | None,
     pairs: Sequence[tuple[str, str]],
     *,
     config: PEGRPOConfig,
     generator: torch.Generator,
+    scorer: RewriteScorer | None = None,
 ) -> list[dict[str, Any]]:
     """One rollout: per ``(terse, rich)`` pair a group of scored rewrites with everything the
     updates need (tensors on the CPU): ``sequence`` (G, P + N), ``prompt_length``, ``mask``
     (G, N), ``old_logprobs`` and ``ref_logprobs`` (G, N), ``rewards`` and ``advantages`` (G,),
-    and the reward ``components`` (name -> (G,))."""
+    and the reward ``components`` (name -> (G,); none when ``scorer`` scored the rewrites).
+
+    The rewrites are scored by ``scorer`` when given (all groups in one call), else by
+    ``frozen`` and ``config.reward``."""
+    if frozen is None and scorer is None:
+        raise ValueError("sample_rollout needs the frozen generator or a scorer")
     grpo = config.grpo
     eos_id, pad_id = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
     latent_shape = (
@@ -436,7 +477,7 @@ def sample_rollout(
         config.generator.latent_size,
         config.generator.latent_size,
     )
-    groups = []
+    sampled = []
     for terse, rich in pairs:
         prompt = prompt_ids(
             tokenizer,
@@ -447,25 +488,50 @@ def sample_rollout(
         tokens, mask = sample_rewrites(
             policy, prompt, config=grpo, eos_id=eos_id, pad_id=pad_id, generator=generator
         )  # (G, N) each
-        noise = torch.randn(latent_shape, generator=generator)  # (1, C, h, w): the group's
+        if scorer is None:
+            noise = torch.randn(latent_shape, generator=generator)  # (1, C, h, w): the group's
+            seed = 0
+        else:
+            noise = torch.empty(0)
+            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         lengths = mask.sum(dim=1)  # (G,)
         rewrites = [
             tokenizer.decode(row[:n], skip_special_tokens=True).strip()
             for row, n in zip(tokens.tolist(), lengths.tolist(), strict=True)
         ]
-        components = reward_components(
-            frozen,
-            rewrites,
-            terse=terse,
-            rich=rich,
-            rewrite_tokens=lengths,
-            noise=noise.to(frozen.vae.from_latents.weight.device),
-            config=config.reward,
-            max_new_tokens=grpo.max_new_tokens,
+        sampled.append((terse, rich, prompt, tokens, mask, lengths, rewrites, noise, seed))
+    if scorer is not None:
+        scored = scorer(
+            [
+                RewriteGroup(prompt=terse, target=rich, rewrites=tuple(rewrites), seed=seed)
+                for terse, rich, _, _, _, _, rewrites, _, seed in sampled
+            ]
         )
-        rewards = combine_rewards(
-            components, ["default"] * len(rewrites), {"default": config.reward.weights}
-        )  # (G,)
+        if len(scored) != len(sampled) or any(r.shape != (grpo.group_size,) for r in scored):
+            raise ValueError(f"the scorer {scorer.name!r} must give ({grpo.group_size},) a group")
+        scores: list[tuple[Tensor, dict[str, Tensor]]] = [(r.float().cpu(), {}) for r in scored]
+    else:
+        assert frozen is not None
+        scores = []
+        for terse, rich, _, _, _, lengths, rewrites, noise, _ in sampled:
+            components = reward_components(
+                frozen,
+                rewrites,
+                terse=terse,
+                rich=rich,
+                rewrite_tokens=lengths,
+                noise=noise.to(frozen.vae.from_latents.weight.device),
+                config=config.reward,
+                max_new_tokens=grpo.max_new_tokens,
+            )
+            rewards = combine_rewards(
+                components, ["default"] * len(rewrites), {"default": config.reward.weights}
+            )  # (G,)
+            scores.append((rewards, components))
+    groups = []
+    for (_, _, prompt, tokens, mask, _, rewrites, _, _), (rewards, components) in zip(
+        sampled, scores, strict=True
+    ):
         advantages = (rewards - rewards.mean()) / (rewards.std() + grpo.advantage_eps)  # (G,)
         sequence = torch.cat([torch.tensor(prompt)[None].expand(len(rewrites), -1), tokens], 1)
         with torch.no_grad():
@@ -544,16 +610,23 @@ def pe_grpo_step(
     return StepOutput(loss=loss, metrics=metrics)
 
 
-def build_pe_grpo(config: PEGRPOConfig, out: Path) -> Objective:
+def build_pe_grpo(
+    config: PEGRPOConfig, out: Path, *, scorer: RewriteScorer | None = None
+) -> Objective:
     """The GRPO objective of ``config``: the policy LM, its frozen reference, the frozen
-    generator and reward model, and a rollout buffer in the data state."""
+    generator and reward model (or ``scorer``, which then judges every rewrite and the config's
+    generator and reward are not built), and a rollout buffer in the data state."""
     device = config.loop.device
     base = prepare_base(config.model, out)
     policy, tokenizer = load_causal_lm(
         base, init_from=config.init_from, device=device, trainable=True
     )
     reference, _ = load_causal_lm(base, init_from=config.init_from, device=device, trainable=False)
-    frozen = build_frozen_generator(config.generator, config.reward, device=device)
+    frozen = (
+        build_frozen_generator(config.generator, config.reward, device=device)
+        if scorer is None
+        else None
+    )
     pairs = load_pairs(config.data)
     state: dict[str, Any] = {"rollout": None, "uses": 0}
 
@@ -568,6 +641,7 @@ def build_pe_grpo(config: PEGRPOConfig, out: Path) -> Objective:
                 [pairs[i] for i in index.tolist()],
                 config=config,
                 generator=generator,
+                scorer=scorer,
             )
             state["uses"] = 0
         state["uses"] += 1

@@ -28,6 +28,7 @@ from training.loop import LoopConfig, OptimizerConfig
 from training.pe_grpo import PEGRPOConfig, PERewardConfig, RewritePolicyConfig
 from training.pe_sft import DEBUG_SYSTEM_PROMPT, PESFTConfig
 from training.pretrain import DataConfig, PretrainConfig
+from training.reward_recalibration import RewardRecalibrationConfig
 from training.synthetic import SyntheticDataConfig
 from training.trainer import TrainConfig
 from training.vae_training import vae_debug_recipe
@@ -159,6 +160,29 @@ def alignment_debug() -> AlignmentTrainConfig:
     )
 
 
+def reward_recalibration_debug() -> RewardRecalibrationConfig:
+    """Reward recalibration (Bradley-Terry on preference pairs), CPU, ~10 s: the debug CLIP's
+    projections on 32 right- vs wrong-colour pairs; its agreement with the pairs rises.
+
+    ``--init DIR`` recalibrates a reward directory instead (an open_clip local directory, e.g.
+    ``flywheel/world/weights/world-reward``), with the same schedule; pass
+    ``preferences=`` a preference dataset for real labels, and write the result with
+    ``training.reward_recalibration.export_recalibrated_reward``.
+    """
+    return RewardRecalibrationConfig(
+        reward=alignment_reward_debug(),
+        synthetic=SyntheticDataConfig(images=32, size=32),
+        batch_size=16,
+        loop=LoopConfig(
+            optimizer=OptimizerConfig(lr=1e-2, warmup_steps=5),
+            max_steps=40,
+            checkpoint_every=20,
+            keep_checkpoints=2,
+            seed=0,
+        ),
+    )
+
+
 def grpo_debug() -> GRPOConfig:
     """Flow-GRPO, CPU, ~15 s: the debug transformer learns the colour reward; reward rises.
 
@@ -206,6 +230,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "vae-debug": vae_debug_recipe,
     # Reward models.
     "alignment-debug": alignment_debug,
+    "reward-recalibration-debug": reward_recalibration_debug,
     # Post-training of the generator.
     "sft-debug": sft_debug,
     "dpo-debug": dpo_debug,

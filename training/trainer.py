@@ -22,6 +22,7 @@ from training.loop import NOT_IDENTITY, Objective, TrainResult, run_loop
 from training.pe_grpo import PEGRPOConfig, build_pe_grpo
 from training.pe_sft import PESFTConfig, build_pe_sft
 from training.pretrain import PretrainConfig, build_pretrain
+from training.reward_recalibration import RewardRecalibrationConfig, build_reward_recalibration
 from training.vae_training import VAETrainConfig, build_vae_training
 
 TrainConfig = (
@@ -33,6 +34,7 @@ TrainConfig = (
     | VAETrainConfig
     | GRPOConfig
     | AlignmentTrainConfig
+    | RewardRecalibrationConfig
 )
 """Every configuration :func:`train` takes."""
 
@@ -45,6 +47,7 @@ _BUILDERS: dict[type[Any], Callable[[Any, Path], Objective]] = {
     GRPOConfig: build_grpo,
     VAETrainConfig: build_vae_training,
     AlignmentTrainConfig: build_alignment_training,
+    RewardRecalibrationConfig: build_reward_recalibration,
 }
 """The builder of each configuration type's objective."""
 

@@ -96,6 +96,12 @@ def demo(
         int, typer.Option(min=1, max=10_000, help="Feedback events the product app sends.")
     ] = 48,
     probes: Annotated[int, typer.Option(min=1, max=10_000, help="Colour probes mined.")] = 48,
+    concept_probes: Annotated[
+        int,
+        typer.Option(
+            min=1, max=1_000, help="Probes per skill measuring the base on common concepts."
+        ),
+    ] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the simulated users.")] = 0,
     config_file: Annotated[
         Path | None,
@@ -104,10 +110,10 @@ def demo(
 ) -> None:
     """A complete flywheel cycle on the embedded default with the shipped base: evaluate,
     ingest feedback through the API, mine, attribute, run the three tracks' rounds,
-    re-evaluate, promote (the final review is approved automatically: demo mode only) and
-    print a before / after table per track."""
+    re-evaluate, promote (the final review is approved automatically: demo mode only),
+    print a before / after table per track and, last, the goals table."""
     from flywheel.cli.cycle import load_cycle_config
-    from flywheel.demo import run_demo, write_report
+    from flywheel.demo import run_demo
     from flywheel.settings import prefect_environment
 
     config = load_cycle_config(config_file, auto_approve=True)
@@ -115,12 +121,16 @@ def demo(
     with database(settings):
         pass  # fail early, in one line, when the database is unreachable
     prefect_environment(settings)
-    result = run_demo(
-        settings, events=events, seed=seed, console=console, cycle=config, probes=probes
+    run_demo(
+        settings,
+        events=events,
+        seed=seed,
+        console=console,
+        cycle=config,
+        probes=probes,
+        concept_probes=concept_probes,
+        report_file=report,
     )
-    if report is not None:
-        write_report(result, report)
-        console.print(f"report: {report}")
 
 
 def dashboard(

@@ -7,12 +7,15 @@ where importing the world raises (a team's own stack)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from flywheel.cli.output import console, fail
+
+if TYPE_CHECKING:
+    from flywheel.world.definition import WorldDefinition
 
 world_app = typer.Typer(
     help="The verifiable world: scenes, corpora, benchmark suites, the evaluator.",
@@ -96,28 +99,82 @@ def world_suite(
 @world_app.command("base")
 def world_base(
     out: Annotated[Path, typer.Option("--out", help="Build directory (resumed if it exists).")],
+    world: Annotated[
+        str,
+        typer.Option("--world", help="World file, or a shipped world's name (default, other)."),
+    ] = "default",
     recipe: Annotated[
-        str, typer.Option("--recipe", help="world-base (shipped) or world-base-debug (toy).")
-    ] = "world-base",
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="world-base (shipped) or world-base-debug (toy): replaces the world file's "
+            "[recipe], its overrides too.",
+        ),
+    ] = None,
     ship: Annotated[
         bool,
         typer.Option("--ship", help="Copy the generator and reward model to where they ship."),
     ] = False,
 ) -> None:
-    """Train the world's base generator from scratch (corpus, VAE, cache, transformer)."""
-    from flywheel.world.base_model import RECIPES, build_world_base
+    """Train a world's base generator, reward model and prompt enhancer from scratch."""
+    from flywheel.world.base_model import RECIPES, build_world_base, world_base_config
     from flywheel.world.base_model import ship as ship_build
+    from flywheel.world.definition import Recipe
 
-    if recipe not in RECIPES:
+    if recipe is not None and recipe not in RECIPES:
         fail(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    definition = _load_world(world)
+    if recipe is not None:
+        definition = definition.model_copy(
+            update={"recipe": Recipe.model_validate({"name": recipe})}
+        )
     try:
-        generator = build_world_base(RECIPES[recipe](), out, progress=True)
+        config = world_base_config(definition)
+        generator = build_world_base(config, out, world=definition, progress=True)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
-    console.print(f"generator: {generator}", highlight=False)
+    console.print(f"world {definition.name}: generator {generator}", highlight=False)
     if ship:
         shipped = ship_build(out)
         console.print(f"shipped: {', '.join(str(p) for p in shipped)}", highlight=False)
+
+
+@world_app.command("show")
+def world_show(
+    world: Annotated[
+        str,
+        typer.Option("--world", help="World file, or a shipped world's name (default, other)."),
+    ] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the world as JSON.")] = False,
+) -> None:
+    """Validate a world file and print the world (TOML), with what it makes of the base."""
+    definition = _load_world(world)
+    if as_json:
+        console.print_json(definition.model_dump_json())
+        return
+    from flywheel.world.definition import dump_world
+
+    console.print(dump_world(definition), markup=False, highlight=False, soft_wrap=True)
+    blind = ", ".join(definition.reward.blind_to()) or "nothing"
+    words = sum(len(w) for w in definition.vocabulary.values())
+    console.print(
+        f"# rare: {', '.join(definition.rare_concepts()) or 'nothing'}; {words} users' words "
+        f"for {len(definition.vocabulary)} colours; the reward learns from "
+        f"{definition.reward.caption} captions, blind to {blind}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _load_world(value: str) -> WorldDefinition:
+    """The world ``--world`` names; exit 2 with the file and the field when it cannot be read."""
+    from flywheel.world.definition import WorldFileError, load_world, world_file
+
+    try:
+        return load_world(world_file(value))
+    except WorldFileError as exc:
+        fail(str(exc))
 
 
 @world_app.command("weaknesses")

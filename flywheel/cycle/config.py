@@ -31,6 +31,16 @@ class PromptEnhancerRoundConfig(RoundSection):
     """PE SFT steps."""
     pairs_per_concept: int = Field(default=200, ge=1)
     """Reverse-engineered pairs per failing concept (the embedded world's pair builder)."""
+    grpo_steps: int = Field(default=0, ge=0)
+    """The embedded world's GRPO steps after the SFT, rewarded by the world's reward model on
+    the frozen base generator's drawings of the rewrites (0, the default: SFT only — the
+    world's gate judges its scene-less cases with that same reward model, so the stage is off
+    until the gate's judge is another model; 8 steps measured no gain on held-out prompts)."""
+    grpo_prompts_per_concept: int = Field(default=6, ge=1)
+    """Users'-words prompts of new scenes per failing concept for the world's GRPO (none the
+    gate judges)."""
+    grpo_group_size: int = Field(default=8, ge=2)
+    """Rewrites sampled per prompt in the world's GRPO."""
 
 
 class GapRoundConfig(RoundSection):

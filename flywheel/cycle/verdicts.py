@@ -3,11 +3,36 @@ cycle's summary (``evaluation``, ``gate``) and in the promotion review item."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+CONFIDENCE = 0.95
+"""The confidence level of the intervals an evaluation reports."""
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def wilson_interval(
+    successes: int, trials: int, *, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / trials`` at ``confidence``
+    (Newcombe 1998, method 3: no continuity correction); ``(0, 1)`` when there are no
+    trials."""
+    if trials < 0 or not 0 <= successes <= trials:
+        raise ValueError(f"a proportion needs 0 <= successes <= trials, got {successes}/{trials}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if trials == 0:
+        return (0.0, 1.0)
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, trials).proportion_ci(
+        confidence_level=confidence, method="wilson"
+    )
+    return (max(0.0, float(interval.low)), min(1.0, float(interval.high)))
 
 
 class TrackEvaluation(_Record):
@@ -22,6 +47,32 @@ class TrackEvaluation(_Record):
     fixed_of_all_cases: int | None = None
     """Failures fixed among all the round's cases, trained-on included (a team's stack; the
     gate counts only the held-out share)."""
+    n: int = 0
+    """Cases judged: the slice's size, which the failure rates and intervals are of (filled
+    in from ``cases`` when absent, as in evaluations stored before it existed)."""
+    interval_before: tuple[float, float] = (0.0, 1.0)
+    """The base's failure rate's 95 % Wilson score interval, ``[low, high]`` (computed from
+    ``failures_before`` and ``n`` when absent)."""
+    interval_after: tuple[float, float] = (0.0, 1.0)
+    """The candidate's failure rate's 95 % Wilson score interval (from ``failures_after``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _slice_size_and_intervals(cls, data: Any) -> Any:
+        """Fill in ``n`` and the intervals from the counts when they are not given."""
+        if not isinstance(data, dict) or not isinstance(data.get("cases"), int):
+            return data  # the field validation says what is wrong
+        filled = dict(data)
+        n = filled.setdefault("n", filled["cases"])
+        for when in ("before", "after"):
+            failures = filled.get(f"failures_{when}")
+            if (
+                f"interval_{when}" not in filled
+                and isinstance(failures, int)
+                and isinstance(n, int)
+            ):
+                filled[f"interval_{when}"] = wilson_interval(failures, n)
+        return filled
 
 
 class RegressionEvaluation(_Record):

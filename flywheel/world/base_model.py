@@ -24,6 +24,11 @@
                         SFT (training.pe_sft) from a seeded tiny LM, the local model
                         directory; :data:`BASE_ENHANCER` is the shipped copy
 
+A world file (:mod:`flywheel.world.definition`) says what a build makes rare, its reward's
+caption kind and its scenes: :func:`world_base_config` turns one into a config, and
+``build_world_base(..., world=)`` records it as ``<out>/world.toml`` and
+``<out>/generator/world.toml`` (:func:`flywheel.world.definition.world_of` reads it back).
+
 Every stage is skipped when its output is complete and the training runs resume from their
 checkpoints, so an interrupted build continues where it stopped. The same seed gives the
 same model on the same machine and torch build.
@@ -53,6 +58,13 @@ from flywheel.world.corpus import (
     reweighted,
     scene_seeds,
     write_world_corpus,
+)
+from flywheel.world.definition import (
+    WORLD_FILE,
+    WorldDefinition,
+    WorldFileError,
+    load_world,
+    write_world,
 )
 from flywheel.world.evaluation import BASE_MODEL
 from flywheel.world.scenes import SceneConfig, captions, sample_scene
@@ -162,7 +174,9 @@ class WorldBaseConfig:
     scenes: int = 6000
     """Text-to-image samples in the training corpus."""
     seed: int = 0
-    """Seed of the corpus' scenes and of every training stage."""
+    """Seed of the corpus' scenes (the pool's are drawn with seed + 1, the reward corpus'
+    with seed + 2, the enhancer's prompts with seed + 3); the training stages' seeds are their
+    loops'."""
     image_size: int = 64
     """Side of the corpus images and of the generated ones, pixels."""
     scene: SceneConfig = field(default_factory=lambda: SceneConfig(text_probability=0.0))
@@ -412,14 +426,94 @@ def world_base_debug() -> WorldBaseConfig:
 
 
 RECIPES = {"world-base": world_base, "world-base-debug": world_base_debug}
-"""The base-model recipes by name (``flywheel world base --recipe``)."""
+"""The base-model recipes by name (``flywheel world base --recipe``, a world file's
+``recipe.name``)."""
 
 
-def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool = False) -> Path:
-    """Run every stage of ``config`` into ``out``; returns the generator directory."""
+def world_base_config(world: WorldDefinition) -> WorldBaseConfig:
+    """The recipe ``world.recipe`` names, with the world's seed, scenes, rare concepts, pool,
+    reward captions and recipe overrides."""
+    config = RECIPES[world.recipe.name]()
+    config.seed = world.seed
+    config.scene = world.scene.scene_config()
+    config.rare_colours = dict(world.rare.colours)
+    config.rare_shapes = dict(world.rare.shapes)
+    config.pool_colours = dict(world.pool.colours)
+    config.pool_shapes = dict(world.pool.shapes)
+    config.reward_caption = world.reward.caption
+    recipe = world.recipe
+    if recipe.scenes is not None:
+        config.scenes = recipe.scenes
+    if recipe.pool_scenes is not None:
+        config.pool_scenes = recipe.pool_scenes
+    if recipe.reward_scenes is not None:
+        config.reward_scenes = recipe.reward_scenes
+    if recipe.transformer_steps is not None:
+        config.transformer_loop = _with_steps(config.transformer_loop, recipe.transformer_steps)
+    config.validate()
+    return config
+
+
+def _with_steps(loop: LoopConfig, steps: int) -> LoopConfig:
+    """``loop`` run for ``steps``: its warm-up at most a quarter of them, its cosine decay (if
+    any) over the rest, a checkpoint at least at the end."""
+    warmup = min(loop.optimizer.warmup_steps, steps // 4)
+    decay = None if loop.optimizer.decay_steps is None else max(1, steps - warmup)
+    optimizer = replace(loop.optimizer, warmup_steps=warmup, decay_steps=decay)
+    return replace(
+        loop,
+        optimizer=optimizer,
+        max_steps=steps,
+        checkpoint_every=min(loop.checkpoint_every, steps),
+    )
+
+
+def _world_fields(config: WorldBaseConfig) -> tuple[object, ...]:
+    """What a world file sets in a config, apart from its recipe."""
+    return (
+        config.seed,
+        config.scene,
+        config.rare_colours,
+        config.rare_shapes,
+        config.pool_colours,
+        config.pool_shapes,
+        config.reward_caption,
+    )
+
+
+def _record_world(world: WorldDefinition, config: WorldBaseConfig, root: Path) -> None:
+    """Write ``world`` into the build directory ``root``, after checking that ``config`` is
+    its config and that ``root`` holds no build of another world."""
+    if _world_fields(config) != _world_fields(world_base_config(world)):
+        raise ValueError(f"the config is not the one of world {world.name!r}")
+    if (root / WORLD_FILE).is_file():
+        try:
+            before = load_world(root / WORLD_FILE)
+        except WorldFileError as exc:
+            raise ValueError(f"{root} holds an unreadable {WORLD_FILE}: {exc}") from exc
+        if before.model_copy(update={"recipe": world.recipe}) != world:
+            raise ValueError(
+                f"{root} holds a build of world {before.name!r}; build into a new directory"
+            )
+    write_world(world, root)
+
+
+def build_world_base(
+    config: WorldBaseConfig,
+    out: str | Path,
+    *,
+    world: WorldDefinition | None = None,
+    progress: bool = False,
+) -> Path:
+    """Run every stage of ``config`` into ``out``; returns the generator directory. With
+    ``world`` (whose config ``config`` must be, recipe aside), the world file is written into
+    ``out`` and into the generator directory; a directory built from another world is
+    refused."""
     config.validate()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    if world is not None:
+        _record_world(world, config, root)
     console = Console(stderr=True, quiet=not progress)
 
     corpus = root / CORPUS_DIR
@@ -492,6 +586,8 @@ def build_world_base(config: WorldBaseConfig, out: str | Path, *, progress: bool
     )
     generator = Generator(generator_config, transformer, vae, encoder)
     target = generator.save(root / GENERATOR_DIR)
+    if world is not None:
+        write_world(world, target)
     console.log(f"generator: {target}")
 
     reward_corpus = root / REWARD_CORPUS_DIR

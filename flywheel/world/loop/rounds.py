@@ -20,7 +20,13 @@ from flywheel.world.loop.pretraining_gap import (
     vae_round,
     write_round_dataset,
 )
-from flywheel.world.loop.prompt_enhancer import Pair, PromptEnhancerTrackConfig, enhancer_round
+from flywheel.world.loop.prompt_enhancer import (
+    GRPOStageInputs,
+    Pair,
+    PromptEnhancerTrackConfig,
+    enhancer_grpo_stage,
+    enhancer_round,
+)
 from flywheel.world.loop.rl import RewardFn, RLTrackConfig, rl_round
 from flywheel.world.loop.slices import SliceCase
 from model.pipeline import Generator
@@ -45,9 +51,12 @@ class RoundOutput:
     """The candidate directory (a generator or a prompt enhancer)."""
     stages: dict[str, TrainResult] = field(default_factory=dict)
     """Stage name (``sft``, ``vae``, ``transformer``, ``grpo``) -> its training call."""
+    figures: dict[str, dict[str, object]] = field(default_factory=dict)
+    """Stage name -> the stage's own JSON-able figures (the enhancer's GRPO: its reward)."""
 
     def summary(self) -> dict[str, object]:
-        """JSON-able figures per stage: steps, where it resumed from, first and last loss."""
+        """JSON-able figures per stage: steps, where it resumed from, first and last loss,
+        and the stage's own figures."""
         return {
             name: {
                 "steps": r.step,
@@ -55,6 +64,7 @@ class RoundOutput:
                 "first_loss": r.losses[0] if r.losses else None,
                 "last_loss": r.losses[-1] if r.losses else None,
                 "seconds": round(r.seconds, 2),
+                **self.figures.get(name, {}),
             }
             for name, r in self.stages.items()
         }
@@ -67,8 +77,11 @@ def run_enhancer_round(
     out: Path,
     config: PromptEnhancerTrackConfig,
     progress: bool = False,
+    grpo: GRPOStageInputs | None = None,
 ) -> RoundOutput:
-    """PE SFT of ``enhancer`` on ``pairs``; the candidate enhancer directory."""
+    """PE SFT of ``enhancer`` on ``pairs``, then (given ``grpo`` and ``config.grpo_steps`` >
+    0) its GRPO against the world's reward on new scenes' prompts; the candidate enhancer
+    directory."""
     out.mkdir(parents=True, exist_ok=True)
     pairs_file = out / "pairs.jsonl"
     if not pairs_file.is_file():
@@ -80,7 +93,22 @@ def run_enhancer_round(
         progress=progress,
         name="prompt-enhancer round",
     )
-    return RoundOutput(candidate=export_enhancer(run, out / ENHANCER_DIR), stages={"sft": result})
+    output = RoundOutput(candidate=run, stages={"sft": result})
+    if grpo is not None and config.grpo_steps > 0:
+        stage = enhancer_grpo_stage(
+            pairs,
+            enhancer=enhancer,
+            sft_run=run,
+            out=out,
+            config=config,
+            inputs=grpo,
+            progress=progress,
+        )
+        if stage is not None:
+            output.stages["grpo"], output.figures["grpo"] = stage.result, stage.figures
+            run = stage.run
+    output.candidate = export_enhancer(run, out / ENHANCER_DIR)
+    return output
 
 
 def run_gap_round(
