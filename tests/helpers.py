@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-from flywheel.db.models import SignalKind, SignalSource, Task
+from flywheel.db.models import (
+    ReviewItem,
+    ReviewKind,
+    ReviewStatus,
+    SignalKind,
+    SignalSource,
+    Task,
+)
 from flywheel.settings import Settings
 from flywheel.signals.repository import NewSignal
 from flywheel.signals.service import canonical_json
@@ -169,3 +178,27 @@ TINY_CYCLE: dict[str, Any] = {
 """A cycle of about a minute on two cores. The regression gate is opened (tolerance 1):
 one case per skill is too few for a two-point gate (``test_cycle.py::test_the_gate``
 covers the gate)."""
+
+
+def approve_artefacts(engine: Engine, *, reviewer: str = "carol") -> list[int]:
+    """Approve, as they are, the artefact items waiting for a decision — what a reviewer does
+    before a cycle's rounds train (tests whose cycles must train call it); their ids."""
+    from flywheel.review.service import approve
+
+    kinds = (
+        ReviewKind.AUGMENTATION_BATCH,
+        ReviewKind.REWARD_RECALIBRATION,
+        ReviewKind.PROMPT_ENHANCER_DATA,
+    )
+    with Session(engine) as session:
+        waiting = session.scalars(
+            select(ReviewItem.id)
+            .where(
+                ReviewItem.kind.in_(kinds),
+                ReviewItem.status.in_((ReviewStatus.PENDING, ReviewStatus.CLAIMED)),
+            )
+            .order_by(ReviewItem.id)
+        ).all()
+        for item_id in waiting:
+            approve(session, item_id=item_id, reviewer=reviewer, reason="reviewed before training")
+    return list(waiting)

@@ -1,7 +1,9 @@
 """The cycle on a tiny world, against a real PostgreSQL and Prefect's test harness.
 
-One cycle is killed (SIGKILL) in the middle of its continued-pretraining round and resumed
-by the next run, which finishes it from the round's checkpoint; a reviewer's approval then
+One cycle, its artefacts approved before it trains, is killed (SIGKILL) in the middle of its
+continued-pretraining round and resumed by the next run, which finishes it from the round's
+checkpoint, its rounds in their order. Another pauses its flow run for each artefact's
+review and for the final one, and each decision resumes it; the reviewer's approval
 promotes the candidate. Around it: human overrides routing cases into the rounds, the cycle
 lock, a cycle without work, the CLI's edges, and the review decisions that close a cycle.
 """
@@ -27,6 +29,7 @@ from typer.testing import CliRunner
 
 from flywheel.attribution.service import AttributionReport, override_route
 from flywheel.cli.main import app
+from flywheel.cycle import steps
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.lock import CycleBusyError, cycle_lock
 from flywheel.cycle.registry import current_model
@@ -68,7 +71,13 @@ from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder
 from retrieval.store import open_qdrant, qdrant_config
-from tests.helpers import FLYWHEEL_CLI, probe_hit, run_flywheel, stored_signal
+from tests.helpers import (
+    FLYWHEEL_CLI,
+    approve_artefacts,
+    probe_hit,
+    run_flywheel,
+    stored_signal,
+)
 from tests.helpers import TINY_CYCLE as TINY
 from training.checkpoint import latest_checkpoint
 
@@ -178,7 +187,8 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: 
         time.sleep(0.05)
 
 
-def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
+@pytest.mark.timeout(600)  # a cycle run more: the artefacts' review first
+def test_a_killed_cycle_resumes_from_its_checkpoint_and_trains_its_rounds_in_order(
     environment: dict[str, str], engine: Engine, tmp_path: Path, offline: None
 ) -> None:
     truth = _store_failures(engine)
@@ -215,9 +225,19 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
         )
         assert result.exit_code == 0, result.output
 
-    # The cycle, killed in the middle of its continued-pretraining round.
+    # The first run builds the artefacts and waits for their review: no round trains before
+    # a reviewer approves its artefact.
     config_file = tmp_path / "cycle.json"
     config_file.write_text(json.dumps(TINY))
+    waiting = run_flywheel(environment, "cycle", "--config", str(config_file), "--json")
+    assert waiting.returncode == 0, waiting.stderr[-3000:]
+    outcome = json.loads(waiting.stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "waiting_for_review", outcome["summary"]
+    with Session(engine) as session:
+        assert {r.status for r in session.scalars(select(TrainingRound))} == {RoundStatus.PENDING}
+    assert len(approve_artefacts(engine, reviewer="carol")) == len(Track)
+
+    # The cycle, killed in the middle of its continued-pretraining round.
     log = tmp_path / "cycle.log"
     process = _cycle_process(environment, config_file, log)
     checkpoints = home / "cycles" / "1" / "pretraining_gap" / "transformer" / "checkpoints"
@@ -238,8 +258,12 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     outcome = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert (outcome["cycle_id"], outcome["resumed"]) == (1, True)
-    assert outcome["status"] == "awaiting_review", outcome["summary"].get("gate")
     summary = outcome["summary"]
+    verdict = summary["gate"]
+    assert outcome["status"] == ("awaiting_review" if verdict["passed"] else "rejected")
+    assert verdict["fixed"] == sum(
+        t["failures_before"] - t["failures_after"] for t in summary["evaluation"]["tracks"].values()
+    )
 
     with Session(engine) as session:
         rounds = {
@@ -293,73 +317,28 @@ def test_a_killed_cycle_resumes_from_its_checkpoint_and_a_reviewer_promotes_it(
             checkpoints_of[Component.ENHANCER].training_round_id == rounds[Track.PROMPT_ENHANCER].id
         )
         assert checkpoints_of[Component.REWARD].training_round_id is None
-        items = session.scalars(select(ReviewItem).where(ReviewItem.cycle_id == 1)).all()
-        kinds = sorted(i.kind.value for i in items)
-        assert kinds == sorted(
-            [
-                "augmentation_batch",
-                "reward_recalibration",
-                "prompt_enhancer_data",
-                "model_promotion",
-            ]
-        )
-        assert all(i.status == ReviewStatus.PENDING for i in items)
-        promotion = next(i for i in items if i.kind == ReviewKind.MODEL_PROMOTION)
-        assert promotion.artefact["gate"]["passed"] is True
-    assert summary["gate"]["fixed"] >= 1
-    evaluation = summary["evaluation"]["tracks"]
-    assert (
-        evaluation["prompt_enhancer"]["failures_after"]
-        < evaluation["prompt_enhancer"]["failures_before"]
-    )
-
-    # The final review: approved by a human, the candidate serves.
-    # (in a process of its own: the decision may talk to Prefect, whose log handlers must
-    # not bind to CliRunner's streams)
-    approved = run_flywheel(environment, "review", "approve", str(promotion.id), "--by", "carol")
-    assert approved.returncode == 0, approved.stderr[-2000:]
-    with Session(engine) as session:
-        cycle = session.get(Cycle, 1)
-        assert cycle is not None
-        assert cycle.status == CycleStatus.PROMOTED
-        model = current_model(session)
-        assert model is not None
-        assert model.name == "cycle-1"
-        artefacts = session.scalars(
-            select(ReviewItem).where(
-                ReviewItem.cycle_id == 1, ReviewItem.kind != ReviewKind.MODEL_PROMOTION
+        # The rounds ran in their order, the resumed run too: the RL round started from the
+        # gap round's generator, once that round had finished.
+        gap, rl = rounds[Track.PRETRAINING_GAP], rounds[Track.RL]
+        assert gap.finished_at is not None
+        assert rl.started_at is not None
+        assert rl.started_at > gap.finished_at
+        # Each artefact was decided by its reviewer before its round started.
+        artefacts = {
+            i.training_round_id: i
+            for i in session.scalars(
+                select(ReviewItem).where(
+                    ReviewItem.cycle_id == 1, ReviewItem.kind != ReviewKind.MODEL_PROMOTION
+                )
             )
-        ).all()
-        assert {(a.status, a.decided_by) for a in artefacts} == {(ReviewStatus.APPROVED, "carol")}
-        still_failing = {
-            int(i) for r in rounds.values() for i in (r.evaluation or {})["after"]["failed"]
         }
-        cases = session.scalars(select(FailureCase).where(FailureCase.id.in_(in_rounds))).all()
-        for case in cases:
-            expected = CaseStatus.ROUTED if case.id in still_failing else CaseStatus.FIXED
-            assert case.status == expected
-        assert (cycle.summary or {})["outcome"]["fixed_cases"] == len(in_rounds) - len(
-            still_failing
-        )
-        # Every cluster now wholly fixed became regression scenarios (one per case).
-        fixed_clusters = {
-            cluster.id
-            for cluster in session.scalars(select(FailureCluster))
-            if cluster.fixed_at is not None
-        }
-        scenarios = session.scalars(select(RegressionScenario)).all()
-        assert {s.cluster_id for s in scenarios} == fixed_clusters
-        for cluster_id in fixed_clusters:
-            members = session.scalars(
-                select(FailureCase).where(FailureCase.cluster_id == cluster_id)
-            ).all()
-            assert all(m.status == CaseStatus.FIXED for m in members)
-        assert all(s.fixed_in_cycle_id == 1 and s.active for s in scenarios)
-    result = runner.invoke(
-        app, ["review", "reject", str(promotion.id), "--by", "d", "--reason", "x"]
-    )
-    assert result.exit_code == 2
-    assert "already approved" in result.output
+        assert set(artefacts) == {r.id for r in rounds.values()}
+        for round_ in rounds.values():
+            item = artefacts[round_.id]
+            assert (item.status, item.decided_by) == (ReviewStatus.APPROVED, "carol")
+            assert item.decided_at is not None
+            assert round_.started_at is not None
+            assert item.decided_at < round_.started_at
 
 
 def test_one_cycle_at_a_time_and_a_cycle_without_work(
@@ -487,7 +466,12 @@ def _awaiting_cycle(session: Session) -> tuple[Cycle, list[FailureCase], ReviewI
     session.add_all(TrainingRoundCase(training_round_id=round_.id, case_id=c.id) for c in cases)
     items = [
         ReviewItem(
-            kind=kind, status=ReviewStatus.PENDING, title=kind.value, artefact={}, cycle_id=cycle.id
+            kind=kind,
+            status=ReviewStatus.PENDING,
+            title=kind.value,
+            artefact={},
+            cycle_id=cycle.id,
+            training_round_id=round_.id if kind == ReviewKind.AUGMENTATION_BATCH else None,
         )
         for kind in (ReviewKind.AUGMENTATION_BATCH, ReviewKind.MODEL_PROMOTION)
     ]
@@ -507,6 +491,20 @@ def test_review_decisions_close_the_cycle(fresh_engine: Engine) -> None:
         assert cycle.status == CycleStatus.REJECTED
         assert {c.status for c in cases} == {CaseStatus.ROUTED}
         assert session.scalar(select(func.count()).select_from(RegressionScenario)) == 0
+
+        # An artefact rejected before its round trained skipped that round: the candidate was
+        # not trained on it, so it does not block the promotion.
+        cycle, cases, artefact, promotion = _awaiting_cycle(session)
+        reject(session, item_id=artefact.id, reviewer="erin", reason="too few purple scenes")
+        round_ = session.scalars(select(TrainingRound).where(TrainingRound.cycle_id == cycle.id))
+        round_.one().status = RoundStatus.SKIPPED
+        for case in cases:
+            case.status = CaseStatus.ROUTED  # as the skipped round left them
+        session.commit()
+        approve(session, item_id=promotion.id, reviewer="erin")
+        session.refresh(cycle)
+        assert cycle.status == CycleStatus.PROMOTED
+        assert {c.status for c in cases} == {CaseStatus.ROUTED}  # never trained on: not fixed
 
         cycle, cases, artefact, promotion = _awaiting_cycle(session)
         approve(session, item_id=promotion.id, reviewer="frank")
@@ -571,7 +569,8 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
     assert runs[0].parameters["config"]["prompt_enhancer"]["steps"] == 50
 
 
-def test_a_paused_cycle_flow_is_resumed_by_the_reviewers_decision(
+@pytest.mark.timeout(600)  # a cycle run more: the artefacts' review first
+def test_a_paused_cycle_flow_is_resumed_by_each_decision_and_the_promotion_fixes_cases(
     environment: dict[str, str], engine: Engine, offline: None
 ) -> None:
     from prefect import get_client
@@ -598,24 +597,49 @@ def test_a_paused_cycle_flow_is_resumed_by_the_reviewers_decision(
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 420
     paused = None
+    # The flow run pauses before the rounds for each artefact's review (each decision
+    # resumes it, and it pauses again while one waits), then at the final review.
+    decided: list[int] = []
     while paused is None:
         assert worker.is_alive(), finished
         assert time.monotonic() < deadline, "the cycle never paused for its review"
         time.sleep(0.5)
         with Session(engine) as session:
             cycle = session.get(Cycle, 1)
-            if (
-                cycle is None
-                or cycle.status != CycleStatus.AWAITING_REVIEW
-                or not cycle.flow_run_id
-            ):
+            if cycle is None or not cycle.flow_run_id:
                 continue
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(UUID(cycle.flow_run_id)).state
-            if state is not None and state.is_paused():
+            if state is None or not state.is_paused():
+                continue
+            waiting = session.scalars(
+                select(ReviewItem.id)
+                .where(
+                    ReviewItem.kind.in_(steps.ARTEFACT_KINDS),
+                    ReviewItem.status == ReviewStatus.PENDING,
+                )
+                .order_by(ReviewItem.id)
+            ).first()
+            if waiting is not None:
+                assert cycle.status == CycleStatus.RUNNING
+                assert session.scalar(
+                    select(func.count())
+                    .select_from(TrainingRound)
+                    .where(TrainingRound.status != RoundStatus.PENDING)
+                ) == 0  # fmt: skip
+                approve(session, item_id=waiting, reviewer="bob", reason="looks right")
+                decided.append(waiting)
+                continue
+            if cycle.status == CycleStatus.AWAITING_REVIEW:
                 paused = UUID(cycle.flow_run_id)
+    with Session(engine) as session:
+        items = session.scalars(
+            select(ReviewItem.id).where(ReviewItem.kind.in_(steps.ARTEFACT_KINDS))
+        ).all()
+        assert sorted(decided) == sorted(items)
+        assert len(decided) >= 2
     with Session(engine) as session:
         promotion = session.scalars(
             select(ReviewItem).where(ReviewItem.kind == ReviewKind.MODEL_PROMOTION)
@@ -630,3 +654,49 @@ def test_a_paused_cycle_flow_is_resumed_by_the_reviewers_decision(
         state = client.read_flow_run(paused).state
     assert state is not None
     assert state.is_completed()
+
+    # The promotion: the candidate serves, each round case it passes is fixed, and every
+    # cluster now wholly fixed became regression scenarios (one per case).
+    with Session(engine) as session:
+        cycle = session.get(Cycle, 1)
+        assert cycle is not None
+        assert cycle.status == CycleStatus.PROMOTED
+        model = current_model(session)
+        assert model is not None
+        assert model.name == "cycle-1"
+        rounds = session.scalars(select(TrainingRound).where(TrainingRound.cycle_id == 1)).all()
+        assert rounds
+        assert {r.status for r in rounds} == {RoundStatus.SUCCEEDED}
+        in_rounds = set(
+            session.scalars(
+                select(TrainingRoundCase.case_id).where(
+                    TrainingRoundCase.training_round_id.in_([r.id for r in rounds])
+                )
+            )
+        )
+        still_failing = {int(i) for r in rounds for i in (r.evaluation or {})["after"]["failed"]}
+        cases = session.scalars(select(FailureCase).where(FailureCase.id.in_(in_rounds))).all()
+        for case in cases:
+            expected = CaseStatus.ROUTED if case.id in still_failing else CaseStatus.FIXED
+            assert case.status == expected
+        fixed = len(in_rounds - still_failing)
+        assert fixed >= 1
+        assert (cycle.summary or {})["outcome"]["fixed_cases"] == fixed
+        fixed_clusters = {
+            cluster.id
+            for cluster in session.scalars(select(FailureCluster))
+            if cluster.fixed_at is not None
+        }
+        scenarios = session.scalars(select(RegressionScenario)).all()
+        assert {s.cluster_id for s in scenarios} == fixed_clusters
+        for cluster_id in fixed_clusters:
+            members = session.scalars(
+                select(FailureCase).where(FailureCase.cluster_id == cluster_id)
+            ).all()
+            assert all(m.status == CaseStatus.FIXED for m in members)
+        assert all(s.fixed_in_cycle_id == 1 and s.active for s in scenarios)
+    again = CliRunner().invoke(
+        app, ["review", "reject", str(promotion.id), "--by", "d", "--reason", "x"]
+    )
+    assert again.exit_code == 2
+    assert "already approved" in again.output

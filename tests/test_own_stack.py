@@ -44,7 +44,7 @@ from flywheel.db.models import (
 )
 from flywheel.ports import RoundManifest
 from flywheel.settings import Settings, get_settings
-from tests.helpers import auth, new_id
+from tests.helpers import approve_artefacts, auth, new_id
 from tests.team_stack import GENERATOR_DIR, TRAINER, JudgeServer, app_image, build_team_stack
 
 NO_WORLD = """
@@ -273,8 +273,13 @@ def test_a_whole_cycle_runs_on_a_teams_stack_with_the_world_forbidden(
         assert len(session.scalars(select(Cycle)).all()) == cycles_before
         assert {c.id: c.status for c in session.scalars(select(FailureCase))} == statuses_before
 
-    # Cycle 2: every track's artefact, its round launched from its manifest, the gate.
+    # Cycle 2: every track's artefact, reviewed before its round (the run waits for it), its
+    # round launched from its manifest, the gate.
     requests_before = judge.requests
+    waiting = flywheel(env, "cycle", "--config", str(config), "--json")
+    assert waiting.returncode == 0, waiting.stderr[-4000:]
+    assert json.loads(waiting.stdout.strip().splitlines()[-1])["status"] == "waiting_for_review"
+    assert len(approve_artefacts(engine)) == len(Track)
     second = flywheel(env, "cycle", "--config", str(config), "--json")
     assert second.returncode == 0, second.stderr[-4000:]
     outcome = json.loads(second.stdout.strip().splitlines()[-1])

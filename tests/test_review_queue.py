@@ -230,7 +230,17 @@ def test_review_api(api: tuple[TestClient, Engine]) -> None:
             kind=ReviewKind.AUGMENTATION_BATCH,
             status=ReviewStatus.PENDING,
             title="batch",
-            artefact={"retrieved": 10},
+            artefact={
+                "retrieved": 10,
+                "editable": {
+                    "drop": {
+                        "what": "retrieved pool scenes",
+                        "items": ["pool:17", "pool:18"],
+                        "by_index": False,
+                        "kept_anyway": 8,
+                    }
+                },
+            },
         )
         session.add(promotion)
         session.commit()
@@ -284,11 +294,30 @@ def test_review_api(api: tuple[TestClient, Engine]) -> None:
     assert [a["action"] for a in detail["audit"]] == ["created", "claimed", "approved"]
     assert detail["audit"][-1]["before"] == {"status": "claimed"}
 
-    # Edits need a reason; an artefact approved as edited keeps the edits.
+    # Edits need a reason; edits the artefact does not declare are refused naming the edit
+    # (422, as an invalid body); an artefact approved as edited keeps the edits.
     edit = {"edits": {"drop": ["pool:17"]}}
     assert (
         client.post(f"/v1/review/items/{batch_id}/approve", json=edit, headers=bob).status_code
         == 409
+    )
+    for edits, where, needle in [
+        ({"shuffle": True}, ["body", "edits", "shuffle"], "unknown key 'shuffle'"),
+        ({"drop": ["pool:99"]}, ["body", "edits", "drop"], "'pool:99' names none of the 2"),
+        ({"drop": [0]}, ["body", "edits", "drop"], "named by id, not by index"),
+        ({"weights": {"count": 0.0}}, ["body", "edits", "weights"], "unknown key 'weights'"),
+    ]:
+        refused = client.post(
+            f"/v1/review/items/{batch_id}/approve",
+            json={"edits": edits, "reason": "try"},
+            headers=bob,
+        )
+        assert refused.status_code == 422, refused.text
+        (error,) = refused.json()["detail"]
+        assert error["loc"] == where
+        assert needle in error["msg"]
+    assert client.get(f"/v1/review/items/{batch_id}", headers=bob).json()["item"]["status"] == (
+        "pending"
     )
     edited = client.post(
         f"/v1/review/items/{batch_id}/approve",

@@ -185,12 +185,16 @@ def _seed(session: Session) -> list[ReviewItem]:
 def test_status_report_and_command(fresh_engine: Engine, cli: None) -> None:
     with session_factory(fresh_engine)() as session:
         _seed(session)
+        # A cycle a run left waiting for its artefacts' review.
+        paused = {"step": "artefact-review", "reason": "waiting", "review_items": [41, 42]}
+        session.add(Cycle(status=CycleStatus.RUNNING, config={}, summary={"paused": paused}))
+        session.commit()
         report = status_report(session)
     assert report.model is None
     assert report.cases == {"open": 1, "routed": 1, "awaiting_triage": 3}
     assert report.tracks == {"pretraining_gap": {"awaiting_triage": 3}, "rl": {"routed": 1}}
     assert report.review_queue == {"triage_case": 3, "model_promotion": 1}
-    assert [c.status for c in report.cycles] == ["rejected"]
+    assert [c.status for c in report.cycles] == ["waiting_for_review", "rejected"]
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["review_queue"]["triage_case"] == 3
@@ -198,6 +202,7 @@ def test_status_report_and_command(fresh_engine: Engine, cli: None) -> None:
     assert result.exit_code == 0, result.output
     assert "none promoted yet" in result.output
     assert "pretraining_gap" in result.output
+    assert "waits for the review of artefact item(s) 41, 42" in " ".join(result.output.split())
 
 
 def test_review_decisions(fresh_engine: Engine) -> None:

@@ -33,7 +33,7 @@ from flywheel.attribution.service import override_route
 from flywheel.cases.service import collect_failures
 from flywheel.cli.main import app
 from flywheel.cycle.config import CycleConfig
-from flywheel.cycle.flow import PAUSED, CycleOutcome
+from flywheel.cycle.flow import PAUSED, WAITING_FOR_REVIEW, CycleOutcome
 from flywheel.cycle.runner import run_cycle
 from flywheel.cycle.steps import cycle_dir, round_output
 from flywheel.db.engine import create_db_engine
@@ -49,6 +49,7 @@ from flywheel.db.models import (
     TrainingRound,
 )
 from flywheel.settings import get_settings
+from tests.helpers import approve_artefacts
 from tests.team_stack import CORPUS_DIR, GENERATOR_DIR, TRAINER, JudgeServer, build_team_stack
 from tests.test_own_stack import PROMPTS, post_feedback
 from tests.test_own_stack import flywheel as flywheel_cli
@@ -229,10 +230,13 @@ def test_a_judge_timing_out_mid_evaluation_pauses_the_cycle_and_the_next_run_res
     # The judge answers the cases, then stalls on the regression suite, past the timeout.
     fault = judge.fail("stall", matching=SUITE_MARK)
     before = judge.requests
+    waiting = run(team)  # the artefact's review first: no round trains before it
+    assert waiting.status == WAITING_FOR_REVIEW, waiting
+    approve_artefacts(team.engine)
     paused = run(team)
 
     assert paused.status == PAUSED, paused
-    assert paused.resumed is False
+    assert paused.resumed is True
     note = paused.summary["paused"]
     assert note["step"] == "evaluate"
     assert note["reason"] == (
@@ -326,7 +330,11 @@ def test_a_broken_corpus_image_pauses_the_cycle_at_prepare_rounds_and_the_repair
         # Nothing half-written: no batch, no temporary directory, no manifest.
         assert files_under(cycle_dir(team.home, cycle_id)) == []
 
-    # The file repaired, the next run resumes the cycle and builds the batch.
+    # The file repaired, the next run resumes the cycle and builds the batch; once it is
+    # approved, the next trains on it.
+    waiting = run(team)
+    assert waiting.status == WAITING_FOR_REVIEW, waiting
+    approve_artefacts(team.engine)
     resumed = run(team)
 
     assert resumed.cycle_id == cycle_id

@@ -46,7 +46,7 @@ from flywheel.db.models import (
 )
 from flywheel.settings import Settings, get_settings
 from flywheel.tracks.routed import same_prompt_key
-from tests.helpers import auth, new_id
+from tests.helpers import approve_artefacts, auth, new_id
 from tests.promotion_stack import (
     ENHANCER_SYSTEM_PROMPT,
     GENERATOR_DIR,
@@ -191,6 +191,10 @@ def test_a_round_on_a_teams_trained_stack_fixes_held_out_failures_and_a_human_pr
     # Cycle 2: the enhancer's pairs, its round, the evaluation through the judge, the gate.
     config.write_text(json.dumps(CONFIG))
     requests_before = judge.requests
+    waiting = flywheel(env, "cycle", "--config", str(config), "--json")  # the pairs' review
+    assert waiting.returncode == 0, waiting.stderr[-4000:]
+    assert last_json(waiting.stdout)["status"] == "waiting_for_review"
+    assert len(approve_artefacts(engine, reviewer="alice")) == 1
     second = flywheel(env, "cycle", "--config", str(config), "--json")
     assert second.returncode == 0, second.stderr[-4000:]
     outcome = last_json(second.stdout)

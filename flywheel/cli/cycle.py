@@ -86,10 +86,13 @@ def outcome_table(outcome: CycleOutcome) -> None:
     table = Table(title=f"cycle {outcome.cycle_id}: routed failure slices, before / after")
     for column in ("track", "cases", "failure rate before", "after", "relative change"):
         table.add_column(column, justify="left" if column == "track" else "right")
+    artefacts = summary.get("artefacts") or {}
     for name, track in (summary.get("tracks") or {}).items():
         figures = (evaluation.get("tracks") or {}).get(name)
         if figures is None:
-            table.add_row(name, str(track["cases"]), "-", "-", track.get("reason", "no round"))
+            decision = (artefacts.get(name) or {}).get("decision")
+            why = "skipped: its artefact was rejected" if decision == "rejected" else "no round"
+            table.add_row(name, str(track["cases"]), "-", "-", track.get("reason", why))
             continue
         before, after = figures["failure_rate_before"], figures["failure_rate_after"]
         change = f"{(after - before) / before:+.0%}" if before else "-"
@@ -112,6 +115,31 @@ def outcome_table(outcome: CycleOutcome) -> None:
     console.print(f"cycle {outcome.cycle_id}: [bold]{outcome.status}[/]")
 
 
+def waiting_lines(outcome: CycleOutcome) -> None:
+    """What a cycle waiting at ``artefact-review`` waits for, and how to decide it."""
+    summary = outcome.summary
+    waiting = set((summary.get("paused") or {}).get("review_items") or [])
+    console.print(
+        f"cycle {outcome.cycle_id} [bold]waits for review[/]: no round trains before its "
+        "artefact is decided",
+        highlight=False,
+    )
+    for track, artefact in (summary.get("artefacts") or {}).items():
+        if artefact.get("item") in waiting:
+            console.print(
+                f"  review item {artefact['item']}: {artefact['kind']} ({track} round)",
+                highlight=False,
+            )
+    console.print(
+        "look:    flywheel review show ID\n"
+        "approve: flywheel review approve ID --by NAME [--edits JSON --reason WHY]\n"
+        "reject:  flywheel review reject ID --by NAME --reason WHY  (that round is skipped)\n"
+        "then run `flywheel cycle` again: the cycle goes on from its artefact review",
+        highlight=False,
+        markup=False,
+    )
+
+
 def cycle_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
@@ -122,8 +150,9 @@ def cycle_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Run one flywheel cycle: collect, attribute, train each track with work, evaluate,
-    gate, and queue the candidate for the final human review."""
+    """Run one flywheel cycle: collect, attribute, build each track's artefact, wait for
+    the artefacts' reviews (a run ends waiting; the next one goes on), train each approved
+    round, evaluate, gate, and queue the candidate for the final human review."""
     config = load_cycle_config(config_file, dry_run=dry_run)
     if config.auto_approve:
         fail("auto_approve is for `flywheel demo` only: a cycle's final review is a human's")
@@ -164,6 +193,11 @@ def cycle_command(
             f"{paused.get('reason', '?')} — fix it and run `flywheel cycle` again to resume",
             code=1,
         )
+    from flywheel.cycle.steps import WAITING_FOR_REVIEW
+
+    if result.status == WAITING_FOR_REVIEW:
+        waiting_lines(result)
+        return
     outcome_table(result)
     if result.status == "awaiting_review":
         console.print(

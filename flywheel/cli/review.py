@@ -81,6 +81,18 @@ def status(as_json: JsonOption = False) -> None:
             str(cycle.id), cycle.status, cycle.started_at.isoformat(timespec="seconds"), finished
         )
     console.print(cycles)
+    for cycle in report.cycles:
+        if cycle.status == "waiting_for_review":
+            note = (cycle.summary or {}).get("paused")
+            items = note.get("review_items", []) if isinstance(note, dict) else []
+            console.print(
+                f"cycle {cycle.id} waits for the review of artefact item(s) "
+                f"{', '.join(str(i) for i in items)} before its rounds train: "
+                "`flywheel review show ID`, then approve or reject each and run "
+                "`flywheel cycle` again",
+                highlight=False,
+                markup=False,
+            )
 
 
 @review_app.command("list")

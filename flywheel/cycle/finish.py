@@ -29,6 +29,7 @@ from flywheel.db.models import (
     ReviewItem,
     ReviewKind,
     ReviewStatus,
+    RoundStatus,
     TrainingRound,
     TrainingRoundCase,
 )
@@ -128,7 +129,18 @@ def finish_cycle(session: Session, *, item: ReviewItem, approved: bool, reviewer
         state = cycle.status.value if cycle is not None else "missing"
         raise CycleDecisionError(f"cycle {item.cycle_id} is {state}, not awaiting review")
     artefacts = repository.cycle_items(session, cycle_id=cycle.id, kinds=ARTEFACT_KINDS, lock=True)
-    rejected = [a for a in artefacts if a.status == ReviewStatus.REJECTED]
+    skipped = set(
+        session.scalars(
+            select(TrainingRound.id).where(
+                TrainingRound.cycle_id == cycle.id, TrainingRound.status == RoundStatus.SKIPPED
+            )
+        )
+    )  # a rejected artefact's round that never trained: the candidate is not trained on it
+    rejected = [
+        a
+        for a in artefacts
+        if a.status == ReviewStatus.REJECTED and a.training_round_id not in skipped
+    ]
     if approved and rejected:
         raise CycleDecisionError(
             f"the cycle's {rejected[0].kind.value} (item {rejected[0].id}) was rejected: "

@@ -12,9 +12,12 @@ decision finish the cycle the same way. Nothing here imports the world.
   (:func:`~flywheel.attribution.rules.cold_start_router`).
 - **prepare rounds**: per track with at least ``min_cases`` routed cases, its cases split
   (:func:`~flywheel.tracks.routed.split_cases`): the train share builds the artefact
-  (:data:`~flywheel.tracks.specs.TRACK_SPECS`), the gate share is only ever judged.
-- **run a round**: its manifest written (``manifest.json``: base checkpoint, artefact files,
-  recipe, budget) before the launcher runs it; generator rounds chain.
+  (:data:`~flywheel.tracks.specs.TRACK_SPECS`), the gate share is only ever judged; its
+  review item declares the edits it takes (:mod:`flywheel.tracks.edits`).
+- **run a round** (once its artefact is approved: the flow's ``artefact-review``): the
+  reviewer's edits applied once (the edited files beside the reviewed ones, the round's data
+  manifest naming them), then its manifest written (``manifest.json``: base checkpoint,
+  artefact files, recipe, budget) before the launcher runs it; generator rounds chain.
 - **evaluate**: base and candidate — each its enhancer then its generator, as a product app
   serves them — on every round case (which are fixed), the gate share (what the gate
   counts), the regression suite (``suites``) and the active scenarios, all judged by the
@@ -54,6 +57,7 @@ from flywheel.cycle.steps import (
     cycle_config,
     cycle_dir,
     cycle_rounds,
+    edit_round_data,
     record_round,
     round_case_ids,
     round_output,
@@ -84,6 +88,7 @@ from flywheel.ports import (
     SuitePrompt,
 )
 from flywheel.project import PartSection, build_part
+from flywheel.review.edits import ArtefactEdits
 from flywheel.tracks.routed import CaseFeedback, RoutedCase, split_cases
 from flywheel.tracks.specs import TRACK_SPECS, TrackInputs
 from retrieval.embedding import TextEmbedder
@@ -302,7 +307,7 @@ def prepare_rounds(
             kind=spec.review_kind,
             title=spec.title(artefact, len(pairs)),
             artefact={**split, **body},
-            auto_approve=config.auto_approve,
+            editable=spec.editable(artefact),
         )
         tracks[track.value] = {"cases": len(pairs), "round": round_.id, "review_item": item_id}
     _note(cycle, tracks=tracks)
@@ -362,9 +367,20 @@ def write_round_manifest(
     return path
 
 
+def edited_data(round_: TrainingRound, edits: ArtefactEdits) -> dict[str, Any]:
+    """The round's data manifest once the reviewer's edits are applied to its artefact (the
+    track spec's ``edit``: edited files next to the reviewed ones)."""
+    spec = TRACK_SPECS[round_.track]
+    data = dict(round_.data_manifest) if isinstance(round_.data_manifest, dict) else {}
+    edited = spec.edit(spec.artefact_type.model_validate(data["artefact"]), edits)
+    return {**data, "artefact": edited.model_dump(mode="json"), "files": spec.files(edited)}
+
+
 def run_round(session: Session, round_id: int, *, home: Path, parts: Parts) -> dict[str, Any]:
-    """Launch the round from its manifest (written first; a finished round returns what it
-    recorded); its metrics. A launcher's failure marks it failed and is raised."""
+    """Apply the reviewer's edits to the round's data (once), launch the round from its
+    manifest (written first; a finished round returns what it recorded); its metrics. A
+    launcher's failure marks it failed and is raised."""
+    edit_round_data(session, round_id, edited_data)
 
     def launch(round_: TrainingRound) -> Json:
         manifest = write_round_manifest(session, round_, home=home, device=parts.context.device)

@@ -12,12 +12,12 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Session
 
 from flywheel.cycle.registry import current_model
+from flywheel.cycle.steps import run_state
 from flywheel.db.models import (
     CaseRoute,
     CaseStatus,
     Checkpoint,
     Cycle,
-    CycleStatus,
     FailureCase,
     ModelVersion,
     ReviewItem,
@@ -43,7 +43,8 @@ class ServingModel(_Frozen):
 class CycleLine(_Frozen):
     id: int
     status: str
-    """The cycle's status; ``paused`` for a running cycle a failing part stopped."""
+    """The cycle's status; for a running cycle a run left stopped, ``paused`` (a failing
+    part) or ``waiting_for_review`` (artefacts wait for a reviewer before their rounds)."""
     started_at: datetime
     finished_at: datetime | None
     summary: dict[str, object] | None
@@ -60,15 +61,6 @@ class StatusReport(_Frozen):
     """Pending or claimed review items by kind."""
     cycles: list[CycleLine]
     """The last cycles, newest first."""
-
-
-def _paused(cycle: Cycle) -> bool:
-    """A running cycle whose step stopped on a failing part (the next run resumes it)."""
-    return (
-        cycle.status == CycleStatus.RUNNING
-        and isinstance(cycle.summary, dict)
-        and ("paused" in cycle.summary)
-    )
 
 
 def status_report(session: Session, *, cycles: int = 5) -> StatusReport:
@@ -118,7 +110,7 @@ def status_report(session: Session, *, cycles: int = 5) -> StatusReport:
         cycles=[
             CycleLine(
                 id=c.id,
-                status="paused" if _paused(c) else c.status.value,
+                status=run_state(c),
                 started_at=c.started_at,
                 finished_at=c.finished_at,
                 summary=c.summary if isinstance(c.summary, dict) else None,

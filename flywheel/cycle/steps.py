@@ -1,5 +1,6 @@
-"""The steps of a cycle that every stack shares — open, register the candidate, gate, ask
-for the final review, close — and the state they keep in PostgreSQL.
+"""The steps of a cycle that every stack shares — open, review the artefacts before their
+rounds train, register the candidate, gate, ask for the final review, close — and the state
+they keep in PostgreSQL.
 
 The steps that depend on the stack (attribute, build the tracks' artefacts, run the rounds,
 evaluate) come from the project's backend (:mod:`flywheel.cycle.backend`: a team's ports in
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -35,6 +37,7 @@ from flywheel.db.models import (
     CycleStatus,
     FailureCase,
     Json,
+    ReviewItem,
     ReviewKind,
     ReviewStatus,
     RoundStatus,
@@ -43,6 +46,7 @@ from flywheel.db.models import (
     TrainingRoundCase,
 )
 from flywheel.review import repository as review_repository
+from flywheel.review.edits import EDITABLE, ArtefactEdits, EditVocabulary
 
 ROUND_ORDER = (Track.PRETRAINING_GAP, Track.RL, Track.PROMPT_ENHANCER)
 """Rounds run in this order; generator rounds chain (RL fine-tunes the gap round's
@@ -57,9 +61,16 @@ ARTEFACT_KIND = {
     Track.RL: ReviewKind.REWARD_RECALIBRATION,
     Track.PROMPT_ENHANCER: ReviewKind.PROMPT_ENHANCER_DATA,
 }
+ARTEFACT_KINDS = tuple(ARTEFACT_KIND.values())
 AUTO_REVIEWER = "demo (auto-approve)"
 """Who decides review items in ``auto_approve`` mode (the demo only)."""
 ACTOR = "cycle"
+ARTEFACT_REVIEW = "artefact-review"
+"""The flow step that waits for the artefacts' decisions before the rounds train."""
+PAUSED = "paused"
+"""A running cycle's state when a part of the stack failed (the next run resumes it)."""
+WAITING_FOR_REVIEW = "waiting_for_review"
+"""A running cycle's state while artefacts wait for a reviewer (the next run goes on)."""
 
 
 def cycle_dir(home: Path, cycle_id: int) -> Path:
@@ -127,11 +138,12 @@ def add_round(
     kind: ReviewKind,
     title: str,
     artefact: dict[str, Any],
-    auto_approve: bool,
+    editable: EditVocabulary,
 ) -> int:
     """Add a pending round, its cases (now ``in_round``) and its artefact's review item
-    (approved at once by the demo reviewer with ``auto_approve``); the item's id. Flushes,
-    the caller commits."""
+    (its artefact declaring the edits it takes: ``editable``); the item's id. The item is
+    decided before the round trains (:func:`review_artefacts`). Flushes, the caller
+    commits."""
     session.add(round_)
     session.flush()
     for case in cases:
@@ -141,27 +153,192 @@ def add_round(
         session,
         kind=kind,
         title=title,
-        artefact={"track": round_.track.value, "cases": [c.id for c in cases], **artefact},
+        artefact={
+            "track": round_.track.value,
+            "cases": [c.id for c in cases],
+            **artefact,
+            EDITABLE: editable.model_dump(mode="json", exclude_none=True),
+        },
         actor=ACTOR,
         cycle_id=cycle.id,
         training_round_id=round_.id,
     )
-    if auto_approve:
-        review_repository.decide_item(
-            session,
-            item=item,
-            status=ReviewStatus.APPROVED,
-            actor=AUTO_REVIEWER,
-            reason="demo mode: approved without a human",
-            at=datetime.now(UTC),
-        )
     return item.id
 
 
-def cycle_rounds(session: Session, cycle: Cycle) -> list[TrainingRound]:
-    """The cycle's rounds in the order they run."""
-    rounds = session.scalars(select(TrainingRound).where(TrainingRound.cycle_id == cycle.id)).all()
+def cycle_rounds(session: Session, cycle: Cycle, *, skipped: bool = False) -> list[TrainingRound]:
+    """The cycle's rounds in the order they run; those skipped (their artefact rejected)
+    only with ``skipped``."""
+    query = select(TrainingRound).where(TrainingRound.cycle_id == cycle.id)
+    if not skipped:
+        query = query.where(TrainingRound.status != RoundStatus.SKIPPED)
+    rounds = session.scalars(query).all()
     return sorted(rounds, key=lambda r: ROUND_ORDER.index(r.track))
+
+
+# ---- 4. the artefacts' review, before the rounds ------------------------------------------------
+
+
+class WaitingItem(BaseModel):
+    """An artefact's review item not decided yet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item: int
+    kind: str
+    track: str
+    round: int
+
+
+class ArtefactReview(BaseModel):
+    """Where the reviews of a cycle's artefacts stand (what :func:`review_artefacts` found)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: list[tuple[str, int]]
+    """(track, round id) of the rounds to train, in the order they run: their artefacts were
+    approved (or the round trained already)."""
+    waiting: list[WaitingItem]
+    """Items still to decide: no round trains while one waits."""
+    skipped: dict[str, int]
+    """Track -> round skipped because a reviewer rejected its artefact."""
+    auto_approved: list[WaitingItem]
+    """Items the demo reviewer approved in this call (``auto_approve``)."""
+
+
+def artefact_item(session: Session, round_: TrainingRound) -> ReviewItem | None:
+    """The review item of the round's artefact (None: a round recorded without one)."""
+    return session.scalars(
+        select(ReviewItem)
+        .where(ReviewItem.training_round_id == round_.id, ReviewItem.kind.in_(ARTEFACT_KINDS))
+        .order_by(ReviewItem.id)
+        .limit(1)
+    ).first()
+
+
+def _waiting(item: ReviewItem, round_: TrainingRound) -> WaitingItem:
+    return WaitingItem(
+        item=item.id, kind=item.kind.value, track=round_.track.value, round=round_.id
+    )
+
+
+def _skip_round(session: Session, round_: TrainingRound, item: ReviewItem) -> None:
+    """The round never trains: ``skipped``, the rejection recorded, its cases back to
+    ``routed`` (the next cycle's)."""
+    round_.status = RoundStatus.SKIPPED
+    round_.finished_at = datetime.now(UTC)
+    round_.metrics = {
+        "skipped": {
+            "item": item.id,
+            "by": item.decided_by,
+            "reason": item.decision_reason,
+        }
+    }
+    cases = session.scalars(
+        select(FailureCase)
+        .join(TrainingRoundCase, TrainingRoundCase.case_id == FailureCase.id)
+        .where(
+            TrainingRoundCase.training_round_id == round_.id,
+            FailureCase.status == CaseStatus.IN_ROUND,
+        )
+    ).all()
+    for case in cases:
+        case.status = CaseStatus.ROUTED
+
+
+def review_artefacts(session: Session, cycle: Cycle) -> ArtefactReview:
+    """The decisions on the cycle's artefacts, acted on before any round trains: a rejected
+    artefact's round is skipped (:func:`_skip_round`); an approved one's round trains (with
+    the reviewer's edits: :func:`edit_round_data`); items not decided yet are listed as
+    waiting. In ``auto_approve`` mode (the demo) the demo reviewer approves them here, each
+    listed. Records per track the decision in the summary (``artefacts``); commits."""
+    auto_approved: list[WaitingItem] = []
+    if cycle_config(cycle).auto_approve:
+        from flywheel.review.service import OPEN_STATUSES, approve
+
+        for round_ in cycle_rounds(session, cycle):
+            item = artefact_item(session, round_)
+            if item is not None and item.status in OPEN_STATUSES:
+                approve(
+                    session,
+                    item_id=item.id,
+                    reviewer=AUTO_REVIEWER,
+                    reason="demo mode: approved without a human",
+                )
+                auto_approved.append(_waiting(item, round_))
+        session.refresh(cycle)
+    rounds: list[tuple[str, int]] = []
+    waiting: list[WaitingItem] = []
+    skipped: dict[str, int] = {}
+    decisions: dict[str, Any] = {}
+    for round_ in cycle_rounds(session, cycle, skipped=True):
+        item = artefact_item(session, round_)
+        if item is not None:
+            decisions[round_.track.value] = {
+                "item": item.id,
+                "kind": item.kind.value,
+                "decision": item.status.value,
+                "by": item.decided_by,
+                "edits": item.edits,
+            }
+        if round_.status == RoundStatus.SKIPPED:
+            skipped[round_.track.value] = round_.id
+        elif item is None or round_.status == RoundStatus.SUCCEEDED:
+            rounds.append((round_.track.value, round_.id))  # decided already, or no item
+        elif item.status == ReviewStatus.REJECTED:
+            _skip_round(session, round_, item)
+            skipped[round_.track.value] = round_.id
+        elif item.status == ReviewStatus.APPROVED:
+            rounds.append((round_.track.value, round_.id))
+        else:
+            waiting.append(_waiting(item, round_))
+    _note(cycle, artefacts=decisions)
+    session.commit()
+    return ArtefactReview(
+        rounds=rounds, waiting=waiting, skipped=skipped, auto_approved=auto_approved
+    )
+
+
+def waiting_reason(waiting: Sequence[WaitingItem]) -> str:
+    """One line naming the artefact items a cycle waits for."""
+    items = ", ".join(f"#{w.item} {w.kind} ({w.track})" for w in waiting)
+    return f"waiting for the review of {len(waiting)} artefact(s) before their rounds: {items}"
+
+
+def edit_round_data(
+    session: Session,
+    round_id: int,
+    apply: Callable[[TrainingRound, ArtefactEdits], dict[str, Any]],
+) -> None:
+    """Before a pending round trains: the edits its artefact was approved with, applied once
+    — ``apply`` (the backend's) writes the edited files next to the reviewed ones and
+    returns the round's new data manifest, which records the edits, who made them and what
+    they replaced (``edits``). A round whose manifest records them, or that started, is left
+    as it is. Commits."""
+    round_ = session.get(TrainingRound, round_id)
+    if round_ is None:
+        raise LookupError(f"no training round {round_id}")
+    data = dict(round_.data_manifest) if isinstance(round_.data_manifest, dict) else {}
+    if "edits" in data or round_.status != RoundStatus.PENDING:
+        return
+    item = artefact_item(session, round_)
+    if item is None or item.status != ReviewStatus.APPROVED or not item.edits:
+        return
+    edits = ArtefactEdits.model_validate(item.edits)
+    if edits.is_empty():
+        return
+    edited = apply(round_, edits)
+    replaced = {k: v for k, v in data.items() if k in edited and edited[k] != v}
+    edited["edits"] = {
+        "applied": edits.model_dump(mode="json", exclude_defaults=True),
+        "item": item.id,
+        "by": item.decided_by,
+        "at": item.decided_at.isoformat() if item.decided_at else None,
+        "reason": item.decision_reason,
+        "reviewed_files": replaced.get("files", replaced.get("pairs_file")),
+    }
+    round_.data_manifest = edited
+    session.commit()
 
 
 def round_case_ids(session: Session, round_: TrainingRound) -> list[int]:
@@ -207,6 +384,8 @@ def record_round(
         raise LookupError(f"no training round {round_id}")
     if round_output(round_) is not None:
         return dict(round_.metrics or {})
+    if round_.status == RoundStatus.SKIPPED:
+        raise RuntimeError(f"round {round_id} was skipped: its artefact was rejected")
     round_.status = RoundStatus.RUNNING
     round_.started_at = round_.started_at or datetime.now(UTC)
     session.commit()
@@ -298,6 +477,11 @@ def request_review(session: Session, cycle: Cycle) -> CycleStatus:
             r.track.value: {"id": r.id, "recipe": r.recipe, "metrics": r.metrics}
             for r in cycle_rounds(session, cycle)
         },
+        "skipped_rounds": {
+            r.track.value: r.id
+            for r in cycle_rounds(session, cycle, skipped=True)
+            if r.status == RoundStatus.SKIPPED
+        },
     }
     item = review_repository.add_item(
         session,
@@ -334,21 +518,41 @@ def close_without_rounds(session: Session, cycle: Cycle) -> CycleStatus:
     return cycle.status
 
 
-def pause_cycle(session: Session, cycle_id: int, *, step: str, reason: str) -> None:
-    """Leave a cycle whose stack part failed (a judge down, a launcher's process dead, a
-    broken dataset file) ``running`` with what stopped it: nothing it finished is lost, and
-    the next run resumes it at that step (a round that failed is launched again and resumes
-    from its checkpoints). Commits."""
+def pause_cycle(
+    session: Session,
+    cycle_id: int,
+    *,
+    step: str,
+    reason: str,
+    review_items: Sequence[int] = (),
+) -> None:
+    """Leave a cycle ``running`` with what stopped it at ``step``: a stack part that failed
+    (a judge down, a launcher's process dead, a broken dataset file), or artefacts waiting
+    for a reviewer (``review_items``). Nothing it finished is lost, and the next run resumes
+    it at that step (a round that failed is launched again and resumes from its
+    checkpoints). Commits."""
     session.rollback()
     cycle = session.get(Cycle, cycle_id)
     if cycle is None or cycle.status != CycleStatus.RUNNING:
         return
-    _note(cycle, paused={"step": step, "reason": reason, "at": datetime.now(UTC).isoformat()})
+    note: dict[str, Any] = {"step": step, "reason": reason, "at": datetime.now(UTC).isoformat()}
+    if review_items:
+        note["review_items"] = list(review_items)
+    _note(cycle, paused=note)
     session.commit()
 
 
+def run_state(cycle: Cycle) -> str:
+    """The cycle's status, or for a running cycle that a run left stopped: :data:`PAUSED`
+    (a part failed) or :data:`WAITING_FOR_REVIEW` (artefacts wait for a reviewer)."""
+    note = _summary(cycle).get("paused")
+    if cycle.status != CycleStatus.RUNNING or not isinstance(note, dict):
+        return cycle.status.value
+    return WAITING_FOR_REVIEW if note.get("review_items") else PAUSED
+
+
 def resume_cycle(session: Session, cycle: Cycle) -> None:
-    """Clear a paused cycle's pause note (it runs again); commits."""
+    """Clear a paused (or waiting) cycle's pause note (it runs again); commits."""
     summary = _summary(cycle)
     if "paused" in summary:
         summary.pop("paused")

@@ -147,6 +147,8 @@ class RoundStatus(enum.StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    SKIPPED = "skipped"
+    """Its artefact was rejected before it trained: it never runs (migration 0005)."""
 
 
 def _created_at() -> Mapped[datetime]:

@@ -5,9 +5,12 @@ route, recorded as a human override that becomes a training example); rejecting 
 dismisses the case (not a failure worth a round). Deciding a ``model_promotion`` item
 finishes its cycle in the same transaction (:func:`flywheel.cycle.finish.finish_cycle`:
 promote or keep the serving model, fixed cases, regression scenarios). Artefact items
-(training data, reward recalibration) get their decision recorded; a rejected one blocks
-the promotion of the candidate trained on it. Every change is audited; a decided item
-cannot be decided again.
+(training data, reward recalibration) are decided before their round trains (the cycle's
+``artefact-review`` step waits for them): approved — as is, or with edits the artefact
+declares it takes (:mod:`flywheel.review.edits`; others are refused with
+:class:`~flywheel.review.errors.EditError` naming the key) — the round trains on it;
+rejected, the round is skipped. A decision resumes the cycle's Prefect flow run when it is
+paused waiting for it. Every change is audited; a decided item cannot be decided again.
 """
 
 from __future__ import annotations
@@ -25,17 +28,24 @@ from flywheel.db.models import (
     ReviewItem,
     ReviewKind,
     ReviewStatus,
+    RoundStatus,
     Track,
+    TrainingRound,
 )
 from flywheel.review import repository
+from flywheel.review.edits import check_edits, vocabulary_of
+from flywheel.review.errors import EditError as EditError
+from flywheel.review.errors import ReviewError as ReviewError
 
 OPEN_STATUSES = (ReviewStatus.PENDING, ReviewStatus.CLAIMED)
 DEFAULT_LEASE = timedelta(minutes=15)
 """How long a claim holds an item before it returns to the queue."""
-
-
-class ReviewError(ValueError):
-    """A decision that cannot be taken (already decided, missing track or reason)."""
+ARTEFACT_KINDS = (
+    ReviewKind.AUGMENTATION_BATCH,
+    ReviewKind.REWARD_RECALIBRATION,
+    ReviewKind.PROMPT_ENHANCER_DATA,
+)
+"""Items whose decision comes before their round trains."""
 
 
 class ItemNotFoundError(LookupError):
@@ -269,9 +279,10 @@ def _finish(session: Session, item: ReviewItem, *, approved: bool, reviewer: str
 
 
 def _resume_cycle_flow(session: Session, item: ReviewItem) -> None:
-    """After a committed promotion decision: resume the cycle's Prefect flow run if it is
-    paused waiting for it (``review_wait_seconds``); only with a configured Prefect API."""
-    if item.kind != ReviewKind.MODEL_PROMOTION or item.cycle_id is None:
+    """After a committed promotion or artefact decision: resume the cycle's Prefect flow run
+    if it is paused waiting for it (``review_wait_seconds``); only with a configured Prefect
+    API."""
+    if item.kind not in (ReviewKind.MODEL_PROMOTION, *ARTEFACT_KINDS) or item.cycle_id is None:
         return
     if not os.environ.get("PREFECT_API_URL"):
         return
@@ -291,6 +302,21 @@ def _resume_cycle_flow(session: Session, item: ReviewItem) -> None:
             client.resume_flow_run(run_id)
 
 
+def _checked_edits(session: Session, item: ReviewItem, edits: Json) -> Json:
+    """``edits`` as the artefact's round will apply them; :class:`EditError` when the
+    artefact does not take them (or its round trained already)."""
+    checked = check_edits(edits, vocabulary_of(item.artefact), kind=item.kind.value)
+    if item.training_round_id is not None:
+        round_ = session.get(TrainingRound, item.training_round_id)
+        if round_ is not None and round_.status != RoundStatus.PENDING:
+            raise EditError(
+                f"edits: round {round_.id} is {round_.status.value}: its data can no longer "
+                "be edited",
+                key="edits",
+            )
+    return checked.model_dump(mode="json", exclude_defaults=True)
+
+
 def approve(
     session: Session,
     *,
@@ -301,12 +327,19 @@ def approve(
     edits: Json | None = None,
 ) -> ReviewItemOut:
     """Approve the item (a triage item: route its case to ``track``; an artefact: as edited
-    by ``edits``, which need a reason); commits."""
+    by ``edits``, which need a reason and must be edits the artefact takes —
+    :class:`EditError` otherwise); commits."""
     if edits is not None and not (reason or "").strip():
         raise ReviewError("an edit needs a reason")
     item = _open_item(session, item_id, reviewer)
     if edits is not None and item.kind in (ReviewKind.TRIAGE_CASE, ReviewKind.MODEL_PROMOTION):
         raise ReviewError(f"a {item.kind.value} item takes no edits")
+    if edits is not None:
+        try:
+            edits = _checked_edits(session, item, edits)
+        except EditError:
+            session.rollback()
+            raise
     if item.kind == ReviewKind.TRIAGE_CASE:
         if track is None or item.case_id is None:
             raise ReviewError("approving a triage item routes its case: name the track")

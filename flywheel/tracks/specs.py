@@ -18,6 +18,15 @@ from qdrant_client import QdrantClient
 from flywheel.db.models import Component, ReviewKind, Track
 from flywheel.parts import Parts
 from flywheel.ports import Recipe
+from flywheel.review.edits import ArtefactEdits, EditVocabulary
+from flywheel.tracks.edits import (
+    edit_enhancer_pairs,
+    edit_gap_data,
+    edit_reward_data,
+    enhancer_vocabulary,
+    gap_vocabulary,
+    reward_vocabulary,
+)
 from flywheel.tracks.enhancer_data import (
     EnhancerDataConfig,
     EnhancerPairsArtefact,
@@ -66,6 +75,11 @@ class TrackSpec:
     """The manifest's ``artefacts``: name -> path of each input file the round reads."""
     title: Callable[[Any, int], str]
     """The review item's title (artefact, routed cases)."""
+    editable: Callable[[Any], EditVocabulary]
+    """The edits its review item takes (:mod:`flywheel.tracks.edits`)."""
+    edit: Callable[[Any, ArtefactEdits], BaseModel]
+    """The artefact as the reviewer edited it (its edited files written next to the
+    reviewed ones)."""
 
 
 def _enhancer(inputs: TrackInputs) -> BaseModel | str:
@@ -117,6 +131,8 @@ TRACK_SPECS: dict[Track, TrackSpec] = {
             f"({len(a.retrieved)} retrieved, {sum(a.synthesized.values())} synthesized), "
             f"{n} cases"
         ),
+        editable=gap_vocabulary,
+        edit=edit_gap_data,
     ),
     Track.RL: TrackSpec(
         track=Track.RL,
@@ -127,6 +143,8 @@ TRACK_SPECS: dict[Track, TrackSpec] = {
         build=_reward,
         files=lambda a: {"preferences": a.preferences_file},
         title=lambda a, n: f"Preference pairs and reward agreement: {a.pairs} pairs, {n} cases",
+        editable=reward_vocabulary,
+        edit=edit_reward_data,
     ),
     Track.PROMPT_ENHANCER: TrackSpec(
         track=Track.PROMPT_ENHANCER,
@@ -137,6 +155,8 @@ TRACK_SPECS: dict[Track, TrackSpec] = {
         build=_enhancer,
         files=lambda a: {"pairs": a.pairs_file},
         title=lambda a, n: f"Prompt-enhancer pairs: {a.pairs} pairs from {n} cases",
+        editable=enhancer_vocabulary,
+        edit=edit_enhancer_pairs,
     ),
 }
 """Every track, by name."""

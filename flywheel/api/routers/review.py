@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from flywheel.api.deps import Credentials, run_authorized
@@ -46,13 +47,21 @@ async def _review(
     request: Request, credentials: Credentials, work: Callable[[Session, str], T]
 ) -> T:
     """Run ``work(session, reviewer)`` for a caller with the review scope; the service's
-    refusals become 404 / 409 with their message."""
+    refusals become 404 / 409 with their message, edits the artefact does not take a 422
+    naming the edit (``body.edits.<key>``) like any invalid body."""
 
     def guarded(session: Session, caller: Principal) -> T:
         try:
             return work(session, caller.app)
         except service.ItemNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+        except service.EditError as exc:
+            where = (
+                ("body", "edits", *exc.key.split(".")) if exc.key != "edits" else ("body", "edits")
+            )
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": where, "msg": str(exc)}]
+            ) from exc
         except service.ReviewError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
 
@@ -134,7 +143,8 @@ async def approve(
     item_id: ItemId, body: ApproveIn, credentials: Credentials, request: Request
 ) -> ReviewItemOut:
     """Approve (a triage item: route its case to ``track``; an artefact: as ``edits`` say,
-    with a reason; a model promotion: promote the candidate and finish its cycle)."""
+    with a reason — 422 naming the edit when the artefact does not take it; a model
+    promotion: promote the candidate and finish its cycle)."""
     return await _review(
         request,
         credentials,

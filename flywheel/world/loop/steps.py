@@ -11,12 +11,14 @@ The world's steps (2, 3, 4, 6) are here; the steps every stack shares (1, 5, 7) 
    else a new ``running`` cycle on the serving model.
 2. :func:`attribute` — signals to cases, themes, routes (:func:`collect_and_attribute`).
 3. :func:`prepare_rounds` — per track with at least ``min_cases`` routed cases, its artefact
-   (augmentation plan, reward recalibration, enhancer pairs) as a review item, and a
-   ``pending`` training round holding the artefact as its data manifest and its cases
-   (now ``in_round``). Everything commits together.
-4. :func:`run_round` — the round under ``$FLYWHEEL_HOME/cycles/<cycle>/<track>``; a round
+   (augmentation plan, reward recalibration, enhancer pairs) as a review item declaring the
+   edits it takes (:mod:`flywheel.world.loop.edits`), and a ``pending`` training round
+   holding the artefact as its data manifest and its cases (now ``in_round``). Everything
+   commits together. The flow's ``artefact-review`` then waits for the items' decisions.
+4. :func:`run_round` — the reviewer's edits applied once (:func:`~flywheel.cycle.steps.
+   edit_round_data`), then the round under ``$FLYWHEEL_HOME/cycles/<cycle>/<track>``; a round
    killed mid-way resumes from its latest checkpoint. Generator rounds chain: the RL round
-   starts from the gap round's generator.
+   starts from the gap round's generator (a skipped gap round's: the base's).
 5. :func:`register_candidate` — ``cycle-<id>``: the rounds' components, the base's others.
 6. :func:`evaluate` — base and candidate on each round's failure slice (same cases, seeds
    and judges), on the regression suite (the world's standard suite over
@@ -53,6 +55,7 @@ from flywheel.cycle.steps import (
     cycle_config,
     cycle_dir,
     cycle_rounds,
+    edit_round_data,
     record_round,
     round_case_ids,
 )
@@ -69,7 +72,9 @@ from flywheel.db.models import (
     Track,
     TrainingRound,
 )
+from flywheel.review.edits import ArtefactEdits
 from flywheel.world.benchmark import BenchmarkCase, suite
+from flywheel.world.loop.edits import apply_edits, edit_vocabulary
 from flywheel.world.loop.plan import case_slices, collect_and_attribute, routed_slices
 from flywheel.world.loop.pretraining_gap import (
     AugmentationPlan,
@@ -159,8 +164,9 @@ def _artefact(
             return None, "no routed prompt names a colour in the users' words"
         pe = PromptEnhancerTrackConfig.from_cycle(config)
         pairs = enhancer_pairs(concepts, pe)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_pairs(directory / "pairs.jsonl", pairs)
+        data = directory / "data"  # the round writes its own copy of what it trains on
+        data.mkdir(parents=True, exist_ok=True)
+        write_pairs(data / "pairs.jsonl", pairs)
         user = [p for p in pairs if p[0] != p[1]]
         return {
             "concepts": concepts,
@@ -168,7 +174,7 @@ def _artefact(
             "user_worded": len(user),
             "echo": len(pairs) - len(user),
             "examples": [list(p) for p in user[:8]],
-            "pairs_file": str(directory / "pairs.jsonl"),
+            "pairs_file": str(data / "pairs.jsonl"),
         }, ""
     if track == Track.PRETRAINING_GAP:
         gap = GapTrackConfig.from_cycle(config)
@@ -196,7 +202,11 @@ def _artefact(
         weights=default_weights(),
         config=RLTrackConfig.from_cycle(config),
     )
-    return {"categories": categories, "recalibration": recalibration.model_dump(mode="json")}, ""
+    return {
+        "categories": categories,
+        "prompts": sorted({c.prompt for c in cases if c.scene is not None}),
+        "recalibration": recalibration.model_dump(mode="json"),
+    }, ""
 
 
 def _title(track: Track, artefact: dict[str, Any], cases: int) -> str:
@@ -283,7 +293,7 @@ def prepare_rounds(
             kind=ARTEFACT_KIND[track],
             title=_title(track, artefact, len(cases)),
             artefact=artefact,
-            auto_approve=config.auto_approve,
+            editable=edit_vocabulary(track, artefact),
         )
         tracks[track.value] = {"cases": len(cases), "round": round_.id, "review_item": item_id}
     _note(cycle, tracks=tracks)
@@ -291,10 +301,18 @@ def prepare_rounds(
     return tracks
 
 
+def edited_data(round_: TrainingRound, edits: ArtefactEdits) -> dict[str, Any]:
+    """The round's data manifest once the reviewer's edits are applied to its artefact."""
+    data = dict(round_.data_manifest) if isinstance(round_.data_manifest, dict) else {}
+    return apply_edits(round_.track, data, edits)
+
+
 def run_round(
     session: Session, round_id: int, *, home: Path, progress: bool = False
 ) -> dict[str, Any]:
-    """Train the round (resuming from its checkpoints); its metrics. Commits its status."""
+    """Apply the reviewer's edits to the round's data (once), train the round (resuming from
+    its checkpoints); its metrics. Commits its status."""
+    edit_round_data(session, round_id, edited_data)
 
     def train(round_: TrainingRound) -> Json:
         cycle = session.get(Cycle, round_.cycle_id)
@@ -353,6 +371,9 @@ def _train(
     from flywheel.world.evaluator import load_evaluator
 
     cases = case_slices(session, case_ids=round_case_ids(session, round_))
+    if "prompts" in manifest:  # the artefact's prompts, as the reviewer left them
+        kept = set(manifest["prompts"])
+        cases = [c for c in cases if c.prompt in kept]
     scenes = {c.prompt: c.scene for c in cases if c.scene is not None}
     reward = round_reward(
         Recalibration.model_validate(manifest["recalibration"]),
