@@ -17,7 +17,7 @@ API, with the shipped base model.
 5. **Attribution**: the classifier's macro-F1 on a held-out labeled set of the injected
    weaknesses (its seed set is the one the cycle fits).
 6. **The cycle** (Prefect flow): collect → attribute → the three tracks' artefacts and rounds →
-   candidate → evaluation on the routed failure slices and the regression suite → gate → final
+   candidate → evaluation on the held-out gate slices and the regression suite → gate → final
    review, **approved automatically in demo mode** (said so on screen; ``flywheel cycle``
    waits for a human) → promotion → regression scenarios.
 7. A before / after table per track (each slice's n and 95 % Wilson intervals), ``--report
@@ -355,7 +355,10 @@ def _before_after(outcome: dict[str, Any], console: Console) -> dict[str, Any]:
     evaluation = summary.get("evaluation") or {}
     figures = evaluation.get("tracks") or {}
     tracks: dict[str, Any] = {}
-    table = Table(title="routed failure slices, before / after the cycle (95 % Wilson intervals)")
+    table = Table(
+        title="held-out gate slices, before / after the cycle (95 % Wilson intervals; n: the "
+        "gate's cases times its seeds)"
+    )
     for column in ("track", "n", "failure rate before", "after", "relative change"):
         table.add_column(column, justify="left" if column == "track" else "right")
     for name in TRACKS:
@@ -377,6 +380,7 @@ def _before_after(outcome: dict[str, Any], console: Console) -> dict[str, Any]:
         before, after = track.failure_rate_before, track.failure_rate_after
         tracks[name] = {
             "cases": track.cases,
+            "seeds": track.seeds,
             "n": track.n,
             "failure_rate_before": before,
             "failure_rate_after": after,

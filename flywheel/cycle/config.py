@@ -78,6 +78,20 @@ class RegressionConfig(_Section):
     """The gate's "regression flat": the candidate's score may drop at most this much."""
 
 
+class GateConfig(_Section):
+    """What each track's routed cases hold out for the gate: cases no round trains on, only
+    judged (base against candidate)."""
+
+    share: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Share of each track's routed cases held out (in the embedded world per failure theme;
+    on a team's stack over the track's cases): a track's two cases or more give each side at
+    least one."""
+    extra_seeds: int = Field(default=2, ge=0)
+    """Noise seeds, besides the slice's own, that the embedded world's gate judges every case
+    at (fresh draws of the held-out prompts: a slice's ``n`` is its gate cases times
+    ``1 + extra_seeds``). A team's stack judges its gate share at one seed."""
+
+
 class WorldIndexConfig(_Section):
     """What the embedded world indexes and seeds attribution with (a team's stack reads its
     corpus and its reviewers' decisions instead)."""
@@ -129,6 +143,7 @@ class CycleConfig(BaseModel):
     pretraining_gap: GapRoundConfig = GapRoundConfig()
     rl: RLRoundConfig = RLRoundConfig()
     regression: RegressionConfig = RegressionConfig()
+    gate: GateConfig = GateConfig()
     world: WorldIndexConfig = WorldIndexConfig()
     review_wait_seconds: int = Field(default=0, ge=0, le=7 * 86_400)
     """0: the flow ends when the cycle waits for its final review (the decision finishes

@@ -259,7 +259,9 @@ def prepare_rounds(
     for track in ROUND_ORDER:
         spec = TRACK_SPECS[track]
         pairs = by_track[track]
-        train, held = split_cases([c for c, _ in pairs], seed=config.seed)
+        train, held = split_cases(
+            [c for c, _ in pairs], gate_share=config.gate.share, seed=config.seed
+        )
         if len(pairs) < config.min_cases or not held:
             reason = (
                 f"{len(pairs)} routed case(s), fewer than min_cases={config.min_cases}"

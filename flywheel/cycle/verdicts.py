@@ -36,10 +36,11 @@ def wilson_interval(
 
 
 class TrackEvaluation(_Record):
-    """Base and candidate on one round's cases (on a team's stack: the gate's share, which
-    no round trained on)."""
+    """Base and candidate on one round's gate slice: the held-out share of its routed cases,
+    which no round trained on (evaluations stored before the split: all its cases)."""
 
     cases: int
+    """Gate cases judged."""
     failures_before: int
     failures_after: int
     failure_rate_before: float
@@ -47,9 +48,12 @@ class TrackEvaluation(_Record):
     fixed_of_all_cases: int | None = None
     """Failures fixed among all the round's cases, trained-on included (a team's stack; the
     gate counts only the held-out share)."""
+    seeds: int = 1
+    """Noise seeds each gate case was judged at (the embedded world: its own and fresh
+    ones; a team's stack: one)."""
     n: int = 0
-    """Cases judged: the slice's size, which the failure rates and intervals are of (filled
-    in from ``cases`` when absent, as in evaluations stored before it existed)."""
+    """Images judged: ``cases`` times ``seeds``, which the failure rates and intervals are of
+    (filled in from them when absent, as in evaluations stored before it existed)."""
     interval_before: tuple[float, float] = (0.0, 1.0)
     """The base's failure rate's 95 % Wilson score interval, ``[low, high]`` (computed from
     ``failures_before`` and ``n`` when absent)."""
@@ -63,7 +67,8 @@ class TrackEvaluation(_Record):
         if not isinstance(data, dict) or not isinstance(data.get("cases"), int):
             return data  # the field validation says what is wrong
         filled = dict(data)
-        n = filled.setdefault("n", filled["cases"])
+        seeds = filled.get("seeds", 1)
+        n = filled.setdefault("n", filled["cases"] * (seeds if isinstance(seeds, int) else 1))
         for when in ("before", "after"):
             failures = filled.get(f"failures_{when}")
             if (
@@ -128,7 +133,7 @@ def gate(evaluation: Evaluation, *, tolerance: float) -> GateVerdict:
     scenarios = evaluation.scenarios
     reasons = []
     if after >= before:
-        reasons.append(f"no failure fixed on the routed slices ({before} -> {after})")
+        reasons.append(f"no failure fixed on the gate slices ({before} -> {after})")
     for name, track in evaluation.tracks.items():
         if track.failure_rate_after - track.failure_rate_before > tolerance:
             reasons.append(

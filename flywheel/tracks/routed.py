@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pydantic import JsonValue
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,18 +58,26 @@ def _bucket(case_id: int, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def split_by_hash(
+    items: Sequence[T], *, key: Callable[[T], int], gate_share: float = 0.5, seed: int = 0
+) -> tuple[list[T], list[T]]:
+    """(train, gate): ``items`` split by a stable hash of their ``key`` (an id); each side gets
+    at least one item when there are two or more."""
+    if not 0.0 < gate_share < 1.0:
+        raise ValueError("gate_share must be in (0, 1)")
+    ordered = sorted(items, key=lambda item: _bucket(key(item), seed))
+    if len(ordered) < 2:
+        return list(ordered), []
+    gate_count = min(len(ordered) - 1, max(1, round(len(ordered) * gate_share)))
+    return ordered[gate_count:], ordered[:gate_count]
+
+
 def split_cases(
     cases: Sequence[RoutedCase], *, gate_share: float = 0.5, seed: int = 0
 ) -> tuple[list[RoutedCase], list[RoutedCase]]:
     """(train, gate): the cases split by a stable hash of their ids; each side gets at least
     one case when there are two or more."""
-    if not 0.0 < gate_share < 1.0:
-        raise ValueError("gate_share must be in (0, 1)")
-    ordered = sorted(cases, key=lambda c: _bucket(c.case_id, seed))
-    if len(ordered) < 2:
-        return list(ordered), []
-    gate_count = min(len(ordered) - 1, max(1, round(len(ordered) * gate_share)))
-    return ordered[gate_count:], ordered[:gate_count]
+    return split_by_hash(cases, key=lambda c: c.case_id, gate_share=gate_share, seed=seed)
 
 
 _ARTICLES = frozenset({"a", "an", "the"})

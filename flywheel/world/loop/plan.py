@@ -39,6 +39,7 @@ from flywheel.world.loop.attribution import (
 )
 from flywheel.world.loop.backend import shipped_base
 from flywheel.world.loop.evidence import EvidenceTools
+from flywheel.world.loop.gate import split_by_theme
 from flywheel.world.loop.pretraining_gap import (
     GapTrackConfig,
     diagnose_gap,
@@ -63,6 +64,9 @@ plan's cost estimate multiplies the steps by."""
 
 def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]]) -> list[SliceCase]:
     views = case_views(session, [case for _, case in pairs])
+    labels = repository.cluster_labels(
+        session, cluster_ids=[c.cluster_id for _, c in pairs if c.cluster_id is not None]
+    )
     out = []
     for (route, case), view in zip(pairs, views, strict=True):
         features = route.evidence.get("features") if isinstance(route.evidence, dict) else None
@@ -73,7 +77,11 @@ def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]])
         )
         out.append(
             SliceCase(
-                case_id=case.id, prompt=case.prompt, reference=reference, scene=_scene(view.scene)
+                case_id=case.id,
+                prompt=case.prompt,
+                reference=reference,
+                scene=_scene(view.scene),
+                theme=labels.get(case.cluster_id) if case.cluster_id is not None else None,
             )
         )
     return out
@@ -192,15 +200,18 @@ def _plan(
     tracks = []
     for track in (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER):
         cases, rows = slices[track]
-        data: dict[str, object] = {}
+        # as the cycle builds it: from the train side of the split by theme
+        split = split_by_theme(cases, gate_share=config.gate.share, seed=config.seed)
+        train = split.train
+        data: dict[str, object] = {"train_cases": len(train), "gate_cases": len(split.gate)}
         round_plan: RoundPlan | None = None
-        enough = len(cases) >= config.min_cases
+        enough = len(cases) >= config.min_cases and bool(split.gate)
         if track == Track.PROMPT_ENHANCER:
-            concepts = failing_concepts(cases)
+            concepts = failing_concepts(train)
             data["concepts"] = concepts
             if concepts and enough:
                 pe = PromptEnhancerTrackConfig.from_cycle(config)
-                data["pairs"] = len(enhancer_pairs(concepts, pe))
+                data["pairs"] = len(enhancer_pairs(concepts, pe, held_out=split.gate_keys()))
                 round_plan = RoundPlan(
                     recipe="pe_sft",
                     steps={"pe_sft": pe.steps},
@@ -208,13 +219,21 @@ def _plan(
                 )
         elif track == Track.PRETRAINING_GAP and cases:
             gap = GapTrackConfig.from_cycle(config)
-            diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
-            data["scarce"] = diagnosis.scarce
-            data["shares"] = {c.concept: round(c.share, 4) for c in diagnosis.concepts[:3]}
+            asked = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
+            data["scarce"] = asked.scarce  # what all the track's cases ask for
+            data["shares"] = {c.concept: round(c.share, 4) for c in asked.concepts[:3]}
+            diagnosis = diagnose_gap(train, client=client, qdrant=qdrant, config=gap)
+            data["scarce_in_train"] = diagnosis.scarce  # what the round would retrieve for
             if diagnosis.scarce and enough:
                 index_world_pool(client, qdrant, embedder, count=config.world.pool)
                 plan = plan_augmentation(
-                    cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=gap
+                    train,
+                    diagnosis,
+                    client=client,
+                    qdrant=qdrant,
+                    embedder=embedder,
+                    config=gap,
+                    held_out=split.gate_keys(),
                 )
                 data.update(
                     retrieved=len(plan.retrieved),
@@ -229,7 +248,7 @@ def _plan(
                     estimated_seconds=sum(n * SECONDS_PER_STEP[k] for k, n in steps.items()),
                 )
         elif track == Track.RL:
-            categories = sorted({c.scene.skill for c in cases if c.scene is not None})
+            categories = sorted({c.scene.skill for c in train if c.scene is not None})
             data["categories"] = categories
             if categories and enough:
                 rl = RLTrackConfig.from_cycle(config)

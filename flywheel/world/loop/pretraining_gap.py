@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from qdrant_client import QdrantClient
 
 from flywheel.cycle.config import CycleConfig
+from flywheel.tracks.routed import same_prompt_key
 from flywheel.world.base_model import WorldBaseConfig, world_base
 from flywheel.world.corpus import (
     IMAGES_DIR,
@@ -184,8 +185,10 @@ def plan_augmentation(
     qdrant: QdrantConfig,
     embedder: TextEmbedder,
     config: GapTrackConfig,
+    held_out: Collection[str] = (),
 ) -> AugmentationPlan:
-    """Retrieve pool candidates per scarce concept (queries: the cases' references) and
+    """Retrieve pool candidates per scarce concept (queries: the cases' references; none
+    whose caption's :func:`same_prompt_key` is one of ``held_out``, the gate's prompts) and
     fill the rest of the augmentation budget with synthesized scenes."""
     config.validate()
     concepts = diagnosis.scarce
@@ -215,8 +218,13 @@ def plan_augmentation(
                     client, name, "text", embedder.model_id, vector, augment
                 ):
                     # Only world pool scenes can be rendered; one retrieved for an earlier
-                    # concept is not counted twice.
-                    if "scene_seed" in candidate.provenance and candidate.key not in retrieved:
+                    # concept is not counted twice; none is a prompt the gate judges.
+                    held = same_prompt_key(candidate.text or "") in held_out
+                    if (
+                        "scene_seed" in candidate.provenance
+                        and candidate.key not in retrieved
+                        and not held
+                    ):
                         found.setdefault(candidate.key, candidate)
                 if len(found) >= wanted:
                     break

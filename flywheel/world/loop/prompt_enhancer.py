@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
@@ -170,9 +170,17 @@ def failing_concepts(cases: Sequence[SliceCase]) -> list[str]:
 _PAIR_SCENES = SceneConfig(max_kinds=1, count_probability=0.0, text_probability=0.0)
 
 
-def enhancer_pairs(concepts: Sequence[str], config: PromptEnhancerTrackConfig) -> list[Pair]:
-    """(user prompt, caption) pairs for ``concepts`` plus echo pairs, shuffled."""
+def enhancer_pairs(
+    concepts: Sequence[str],
+    config: PromptEnhancerTrackConfig,
+    *,
+    held_out: Collection[str] = (),
+) -> list[Pair]:
+    """(user prompt, caption) pairs for ``concepts`` plus echo pairs, shuffled; none whose
+    prompt or caption is one of ``held_out`` (the :func:`same_prompt_key` of each of the
+    gate's prompts and references: the gate judges no input or target of the round)."""
     config.validate()
+    held = set(held_out)
     unknown = set(concepts) - set(USER_COLOURS)
     if unknown or not concepts:
         raise ValueError(f"concepts must be some of {sorted(USER_COLOURS)}, got {sorted(concepts)}")
@@ -186,9 +194,11 @@ def enhancer_pairs(concepts: Sequence[str], config: PromptEnhancerTrackConfig) -
         caption = captions(scene)
         output = caption.terse if config.target == "terse" else caption.rich
         colour = scene.objects[0].colour if scene.objects else None
+        if {same_prompt_key(caption.terse), same_prompt_key(output)} & held:
+            continue
         if colour in wanted and wanted[colour] > 0:
             user = to_user_words(caption.terse, rng)
-            if has_user_words(user):
+            if has_user_words(user) and same_prompt_key(user) not in held:
                 pairs.append((user, output))
                 wanted[colour] -= 1
         elif len(echoes) < config.echo_share * config.pairs_per_concept * len(concepts):

@@ -39,6 +39,8 @@ class SliceCase:
     """The prompt in the captions' words (what the reward judges against)."""
     scene: BenchmarkCase | None = None
     """The intended scene, when known (the evaluator judges)."""
+    theme: str | None = None
+    """The label of the case's failure cluster (its theme; None: not themed)."""
 
 
 def scene_of(scene: dict[str, JsonValue] | None) -> BenchmarkCase | None:

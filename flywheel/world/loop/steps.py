@@ -10,10 +10,14 @@ The world's steps (2, 3, 4, 6) are here; the steps every stack shares (1, 5, 7) 
 1. :func:`open_cycle` — the cycle left running by a dead run (resumed with its own config),
    else a new ``running`` cycle on the serving model.
 2. :func:`attribute` — signals to cases, themes, routes (:func:`collect_and_attribute`).
-3. :func:`prepare_rounds` — per track with at least ``min_cases`` routed cases, its artefact
-   (augmentation plan, reward recalibration, enhancer pairs) as a review item declaring the
-   edits it takes (:mod:`flywheel.world.loop.edits`), and a ``pending`` training round
-   holding the artefact as its data manifest and its cases (now ``in_round``). Everything
+3. :func:`prepare_rounds` — per track with at least ``min_cases`` routed cases, its cases
+   split by failure theme into a train side and a gate side
+   (:func:`~flywheel.world.loop.gate.split_by_theme`, ``gate.share``; no prompt on both
+   sides), its artefact (augmentation plan, reward recalibration, enhancer pairs) built from
+   the train side alone, none of its prompts a gate prompt, with the split recorded
+   (``train_cases``, ``gate_cases``, ``themes``), as a review item declaring the edits it
+   takes (:mod:`flywheel.world.loop.edits`), and a ``pending`` training round holding the
+   artefact as its data manifest and its cases (all of them ``in_round``). Everything
    commits together. The flow's ``artefact-review`` then waits for the items' decisions.
 4. :func:`run_round` — the reviewer's edits applied once (:func:`~flywheel.cycle.steps.
    edit_round_data`), then the round under ``$FLYWHEEL_HOME/cycles/<cycle>/<track>``; a round
@@ -21,8 +25,11 @@ The world's steps (2, 3, 4, 6) are here; the steps every stack shares (1, 5, 7) 
    starts from the gap round's generator (a skipped gap round's: the base's).
 5. :func:`register_candidate` — ``cycle-<id>``: the rounds' components, the base's others.
 6. :func:`evaluate` — base and candidate on each round's failure slice (same cases, seeds
-   and judges), on the regression suite (the world's standard suite over
-   ``regression_seeds`` seeds) and on the active regression scenarios.
+   and judges) at the slice's own noise seed and ``gate.extra_seeds`` fresh ones
+   (:func:`~flywheel.world.loop.gate.gate_seeds`): the track's figures count its gate side
+   alone (held out of every round; ``n``: gate cases times seeds), the slice at its own seed
+   says which cases the candidate fixed; then the regression suite (the world's standard
+   suite over ``regression_seeds`` seeds) and the active regression scenarios.
 7. :func:`request_review` — the gate (fixed failures up, regression flat, no scenario
    broken); passed: a ``model_promotion`` review item and the cycle ``awaiting_review`` (the
    reviewer's decision finishes it: :mod:`flywheel.cycle.finish`); failed: the cycle is
@@ -75,6 +82,7 @@ from flywheel.db.models import (
 from flywheel.review.edits import ArtefactEdits
 from flywheel.world.benchmark import BenchmarkCase, suite
 from flywheel.world.loop.edits import apply_edits, edit_vocabulary
+from flywheel.world.loop.gate import gate_seeds, split_by_theme
 from flywheel.world.loop.plan import case_slices, collect_and_attribute, routed_slices
 from flywheel.world.loop.pretraining_gap import (
     AugmentationPlan,
@@ -156,14 +164,17 @@ def _artefact(
     client: QdrantClient,
     qdrant: QdrantConfig,
     embedder: TextEmbedder,
+    held_out: set[str],
 ) -> tuple[dict[str, Any] | None, str]:
-    """The track's reviewed artefact (also the round's data manifest), or None and why."""
+    """The track's reviewed artefact (also the round's data manifest) built from its train
+    cases ``cases``, none of its training prompts one of ``held_out`` (the gate's prompt
+    keys), or None and why."""
     if track == Track.PROMPT_ENHANCER:
         concepts = failing_concepts(cases)
         if not concepts:
-            return None, "no routed prompt names a colour in the users' words"
+            return None, "no routed prompt of the train side names a colour in the users' words"
         pe = PromptEnhancerTrackConfig.from_cycle(config)
-        pairs = enhancer_pairs(concepts, pe)
+        pairs = enhancer_pairs(concepts, pe, held_out=held_out)
         data = directory / "data"  # the round writes its own copy of what it trains on
         data.mkdir(parents=True, exist_ok=True)
         write_pairs(data / "pairs.jsonl", pairs)
@@ -183,7 +194,13 @@ def _artefact(
             return None, "no concept the cases ask for is scarce in the corpus"
         index_world_pool(client, qdrant, embedder, count=config.world.pool)
         plan = plan_augmentation(
-            cases, diagnosis, client=client, qdrant=qdrant, embedder=embedder, config=gap
+            cases,
+            diagnosis,
+            client=client,
+            qdrant=qdrant,
+            embedder=embedder,
+            config=gap,
+            held_out=held_out,
         )
         return {
             "diagnosis": diagnosis.model_dump(mode="json"),
@@ -191,7 +208,7 @@ def _artefact(
         }, ""
     categories = sorted({c.scene.skill for c in cases if c.scene is not None})
     if not categories:
-        return None, "no routed case carries its intended scene (nothing to verify against)"
+        return None, "no train case carries its intended scene (nothing to verify against)"
     from flywheel.world.base_model import load_world_reward
     from flywheel.world.evaluator import load_evaluator
 
@@ -256,26 +273,30 @@ def prepare_rounds(
     tracks: dict[str, Any] = {}
     for track in ROUND_ORDER:
         cases, rows = slices[track]
-        if len(cases) < config.min_cases:
-            tracks[track.value] = {
-                "cases": len(cases),
-                "round": None,
-                "reason": f"{len(cases)} routed case(s), fewer than min_cases={config.min_cases}",
-            }
+        split = split_by_theme(cases, gate_share=config.gate.share, seed=config.seed)
+        if len(cases) < config.min_cases or not split.gate:
+            reason = (
+                f"{len(cases)} routed case(s), fewer than min_cases={config.min_cases}"
+                if len(cases) < config.min_cases
+                else "its cases are all one prompt: none left for the gate to judge"
+            )
+            tracks[track.value] = {"cases": len(cases), "round": None, "reason": reason}
             continue
-        artefact, reason = _artefact(
+        built, reason = _artefact(
             track,
-            cases,
+            split.train,
             model=model,
             config=config,
             directory=cycle_dir(home, cycle.id) / track.value,
             client=client,
             qdrant=qdrant,
             embedder=embedder,
+            held_out=split.gate_keys(),
         )
-        if artefact is None:
+        if built is None:
             tracks[track.value] = {"cases": len(cases), "round": None, "reason": reason}
             continue
+        artefact = {**built, **split.record()}
         track_config = _track_config(track, config)
         round_ = TrainingRound(
             cycle_id=cycle.id,
@@ -295,7 +316,13 @@ def prepare_rounds(
             artefact=artefact,
             editable=edit_vocabulary(track, artefact),
         )
-        tracks[track.value] = {"cases": len(cases), "round": round_.id, "review_item": item_id}
+        tracks[track.value] = {
+            "cases": len(cases),
+            "train_cases": len(split.train),
+            "gate_cases": len(split.gate),
+            "round": round_.id,
+            "review_item": item_id,
+        }
     _note(cycle, tracks=tracks)
     session.commit()
     return tracks
@@ -370,7 +397,9 @@ def _train(
     from flywheel.world.base_model import load_world_reward
     from flywheel.world.evaluator import load_evaluator
 
-    cases = case_slices(session, case_ids=round_case_ids(session, round_))
+    trained = manifest.get("train_cases")  # the split's train side (rounds before it: all)
+    ids = [int(i) for i in trained] if trained is not None else round_case_ids(session, round_)
+    cases = case_slices(session, case_ids=ids)
     if "prompts" in manifest:  # the artefact's prompts, as the reviewer left them
         kept = set(manifest["prompts"])
         cases = [c for c in cases if c.prompt in kept]
@@ -432,6 +461,10 @@ def _scenario_slice(session: Session) -> list[SliceCase]:
     return out
 
 
+def _ids(cases: Sequence[SliceCase]) -> set[int]:
+    return {c.case_id for c in cases if c.case_id is not None}
+
+
 def evaluate(session: Session, cycle: Cycle) -> Evaluation:
     """Base and candidate on the failure slices, the regression suite and the scenarios
     (once per cycle); the figures, also stored per round."""
@@ -453,23 +486,56 @@ def evaluate(session: Session, cycle: Cycle) -> Evaluation:
         "before": (Generator.load(base.generator), load_world_enhancer(base.enhancer)),
         "after": (Generator.load(candidate.generator), load_world_enhancer(candidate.enhancer)),
     }
+    seeds = gate_seeds(judges.seed, config.gate.extra_seeds)
     tracks: dict[str, TrackEvaluation] = {}
     for round_ in cycle_rounds(session, cycle):
         cases = case_slices(session, case_ids=round_case_ids(session, round_))
+        data = round_.data_manifest if isinstance(round_.data_manifest, dict) else {}
+        recorded = data.get("gate_cases")  # rounds prepared before the split: all their cases
+        gate_ids = {int(i) for i in recorded} if recorded is not None else _ids(cases)
+        gate_cases = [c for c in cases if c.case_id in gate_ids]
+        # The whole slice at every seed (a reward-judged case is ranked among its batch's
+        # references, as at the slice's own seed); the gate counts its held-out cases.
         results = {
-            when: failure_rate(generator, cases, judges, enhancer=enhancer)
+            when: [
+                failure_rate(
+                    generator, cases, dataclasses.replace(judges, seed=seed), enhancer=enhancer
+                )
+                for seed in seeds
+            ]
             for when, (generator, enhancer) in models.items()
+        }
+        gate_failed = {
+            when: [
+                [case_id, seed]
+                for seed, result in zip(seeds, runs, strict=True)
+                for case_id in result.failed
+                if case_id in gate_ids
+            ]
+            for when, runs in results.items()
         }
         round_.evaluation = {
             "slice": [scenario_spec(c) | {"case_id": c.case_id} for c in cases],
-            **{when: r.model_dump(mode="json") for when, r in results.items()},
+            # the slice at its own seed (which cases the candidate fixed)
+            **{when: runs[0].model_dump(mode="json") for when, runs in results.items()},
+            "gate": {
+                "cases": sorted(_ids(gate_cases)),
+                "seeds": seeds,
+                "judged": [[c, seed] for c in sorted(_ids(gate_cases)) for seed in seeds],
+                "failed_before": gate_failed["before"],
+                "failed_after": gate_failed["after"],
+            },
         }
+        n = len(gate_cases) * len(seeds)
         tracks[round_.track.value] = TrackEvaluation(
-            cases=len(cases),
-            failure_rate_before=results["before"].failure_rate,
-            failure_rate_after=results["after"].failure_rate,
-            failures_before=results["before"].failures,
-            failures_after=results["after"].failures,
+            cases=len(gate_cases),
+            seeds=len(seeds),
+            n=n,
+            failure_rate_before=len(gate_failed["before"]) / max(1, n),
+            failure_rate_after=len(gate_failed["after"]) / max(1, n),
+            failures_before=len(gate_failed["before"]),
+            failures_after=len(gate_failed["after"]),
+            fixed_of_all_cases=results["before"][0].failures - results["after"][0].failures,
         )
     suite_cases = regression_cases(config)
     scores: dict[str, float] = {}
