@@ -1,6 +1,7 @@
 """The prompt enhancer's GRPO stage of the world's enhancer round (after its SFT): rewarded by
-the world's reward model on the frozen base generator's drawings of the rewrites, on prompts of
-new scenes that the gate never judges."""
+a judge of the frozen base generator's drawings of the rewrites — the world's evaluator (the
+cycle's) or its reward model — on prompts of new scenes that the gate never judges, and never
+by a judge of the gate's verdicts on the enhancer (its cost in the cycle's plan too)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,24 @@ from flywheel.world.base_model import BASE_ENHANCER, BASE_REWARD, load_world_rew
 from flywheel.world.benchmark import build_case, suite
 from flywheel.world.evaluation import BASE_MODEL
 from flywheel.world.evaluator import Evaluator, load_evaluator
+from flywheel.world.loop.plan import SECONDS_PER_STEP, enhancer_round_plan
 from flywheel.world.loop.prompt_enhancer import (
+    EVALUATOR_NAME,
     WORLD_REWARD_NAME,
+    EvaluatorRewriteReward,
     GRPOStageInputs,
     Pair,
     PromptEnhancerTrackConfig,
     WorldRewriteReward,
+    check_gate_judges,
     check_grpo_seeds,
+    enhancer_gate_judges,
     enhancer_grpo_round,
     enhancer_grpo_stage,
     enhancer_pairs,
+    evaluator_rewrite_reward,
     failing_concepts,
+    grpo_cases,
     grpo_prompts,
     kept_words,
     world_rewrite_reward,
@@ -39,8 +47,8 @@ from flywheel.world.loop.slices import SliceCase, SliceJudges
 from flywheel.world.scenes import captions
 from flywheel.world.vocabulary import has_user_words, to_user_words
 from model.reward import AlignmentReward
-from training.pe_grpo import sample_rollout
-from training.pe_sft import load_causal_lm, read_pairs
+from training.pe_grpo import RewriteGroup, sample_rollout
+from training.pe_sft import load_causal_lm, read_pairs, write_pairs
 
 # A half-trained enhancer: SFT on pairs whose target is the captions' word half the time and
 # the user's word the other half, so a group of rewrites holds both and GRPO has a signal.
@@ -52,6 +60,7 @@ TINY = PromptEnhancerTrackConfig(
     grpo_render_steps=8,
     grpo_lr=5e-4,
     grpo_kl=0.05,
+    grpo_reward="world-reward",
     seed=1,
 )
 CONCEPTS = ["yellow"]  # the base draws "yellow" yellow, "golden" and "lemon" mostly not
@@ -193,3 +202,121 @@ def test_the_grpo_reward_is_the_world_reward_model_not_the_gates_evaluator(
     # The text term holds the user's other words; colour words are the image term's.
     assert kept_words("blue circle", "navy circle") == kept_words("circle", "navy circle") == 1.0
     assert kept_words("blue", "navy circle") == 0.0
+
+
+# ---- the cycle's judge and checks (no training) -------------------------------------------------
+
+
+def test_the_stage_refuses_a_reward_that_judges_the_enhancers_gate(tmp_path: Path) -> None:
+    # The cycle's enhancer gate: app prompts without a scene, regenerated through the enhancer
+    # and judged by the reward model's rank; cases with their scene are drawn without it.
+    app = [SliceCase(case_id=1, prompt="a navy circle", reference="a blue circle")]
+    probes = gate_slice(2)  # with their scene
+    assert enhancer_gate_judges(app + probes) == {WORLD_REWARD_NAME}
+    assert enhancer_gate_judges(probes) == set()
+    check_gate_judges(EVALUATOR_NAME, enhancer_gate_judges(app))
+    with pytest.raises(ValueError, match="also judges the enhancer's gate"):
+        check_gate_judges(WORLD_REWARD_NAME, enhancer_gate_judges(app))
+    # The stage checks it before anything else: nothing is written.
+    pairs = [("a navy circle", "a blue circle")]
+    inputs = GRPOStageInputs(
+        generator=BASE_MODEL,
+        reward=BASE_REWARD,
+        gate_prompts=[c.prompt for c in app],
+        gate_judges=frozenset(enhancer_gate_judges(app)),
+    )
+    with pytest.raises(ValueError, match="also judges the enhancer's gate"):
+        enhancer_grpo_stage(
+            pairs,
+            enhancer=BASE_ENHANCER,
+            sft_run=tmp_path / "run",
+            out=tmp_path,
+            config=PromptEnhancerTrackConfig(grpo_steps=2, grpo_reward="world-reward"),
+            inputs=inputs,
+        )
+    assert list(tmp_path.iterdir()) == []
+    assert PromptEnhancerTrackConfig().grpo_reward == "evaluator"
+
+
+def test_the_stage_refuses_prompts_the_gate_judges_even_on_resume(tmp_path: Path) -> None:
+    config = PromptEnhancerTrackConfig(grpo_steps=2, grpo_prompts_per_concept=3)
+    pairs = [("a navy circle", "a blue circle")]
+    cases = grpo_cases(["blue"], config, gate_prompts=[])
+    assert cases
+    for (prompt, intended), case in cases:  # each prompt with the scene it was made from
+        assert captions(case.spec).terse == intended
+        assert has_user_words(prompt)
+    # A prompts file (a resumed stage's) holding a prompt the gate now judges.
+    write_pairs(tmp_path / "grpo_prompts.jsonl", [pair for pair, _ in cases])
+    gate = [cases[0][0][0].upper()]  # the same prompt (same_prompt_key)
+    inputs = GRPOStageInputs(generator=BASE_MODEL, reward=BASE_REWARD, gate_prompts=gate)
+    with pytest.raises(ValueError, match="GRPO prompts the gate judges"):
+        enhancer_grpo_stage(
+            pairs,
+            enhancer=BASE_ENHANCER,
+            sft_run=tmp_path / "run",
+            out=tmp_path,
+            config=config,
+            inputs=inputs,
+        )
+    assert not (tmp_path / "grpo").exists()
+    # Drawn afresh, the gate's prompt is left out.
+    held = grpo_cases(["blue"], config, gate_prompts=gate)
+    assert same_prompt_key(gate[0]) not in {same_prompt_key(p) for (p, _), _ in held}
+
+
+def test_the_evaluator_judge_scores_each_rewrite_against_its_prompts_scene() -> None:
+    config = PromptEnhancerTrackConfig(grpo_prompts_per_concept=2, grpo_render_steps=8)
+    cases = grpo_cases(["yellow"], config, gate_prompts=[])
+    scorer = evaluator_rewrite_reward(
+        BASE_MODEL,
+        {pair[0]: case for pair, case in cases},
+        render_steps=config.grpo_render_steps,
+        keep_weight=0.0,
+    )
+    assert isinstance(scorer, EvaluatorRewriteReward)
+    assert scorer.name == EVALUATOR_NAME
+    groups = [
+        RewriteGroup(
+            prompt=prompt,
+            target=intended,
+            rewrites=(intended, intended.replace("yellow", "blue"), intended),
+            seed=seed,
+        )
+        for (prompt, intended), _ in cases
+        for seed in (1, 2, 3)
+    ]
+    rewards = scorer(groups)
+    assert [r.shape for r in rewards] == [(3,)] * len(groups)
+    assert all(float(r[0]) == float(r[2]) for r in rewards)  # one noise a group
+    assert all(0.0 <= float(x) <= 1.0 for r in rewards for x in r)
+    # The intended colour is drawn right more often than another one.
+    right = fmean(float(r[0]) for r in rewards)
+    wrong = fmean(float(r[1]) for r in rewards)
+    assert right > wrong, (right, wrong)
+    with pytest.raises(KeyError, match="no scene"):
+        scorer(
+            [RewriteGroup(prompt="a lemon star", target="a yellow star", rewrites=("x",), seed=0)]
+        )
+
+
+def test_the_plans_estimate_of_the_enhancer_round_grows_with_its_grpo_steps() -> None:
+    sft_only = enhancer_round_plan(PromptEnhancerTrackConfig(steps=200))
+    assert sft_only.steps == {"pe_sft": 200}
+    assert sft_only.estimated_seconds == pytest.approx(200 * SECONDS_PER_STEP["pe_sft"])
+    estimates = []
+    for grpo_steps in (4, 8):
+        plan = enhancer_round_plan(PromptEnhancerTrackConfig(steps=200, grpo_steps=grpo_steps))
+        assert plan.steps == {"pe_sft": 200, "pe_grpo": grpo_steps}
+        assert plan.estimated_seconds is not None
+        estimates.append(plan.estimated_seconds)
+    assert sft_only.estimated_seconds is not None
+    assert sft_only.estimated_seconds < estimates[0] < estimates[1]
+    assert estimates[1] - sft_only.estimated_seconds == pytest.approx(
+        8 * SECONDS_PER_STEP["pe_grpo"]
+    )  # at the default rollout: the measured step
+    bigger = enhancer_round_plan(
+        PromptEnhancerTrackConfig(steps=200, grpo_steps=8, grpo_group_size=16)
+    )
+    assert bigger.estimated_seconds is not None
+    assert bigger.estimated_seconds > estimates[1]  # twice the drawings a step

@@ -41,7 +41,8 @@ A caller with its own judge of rewrites passes a :class:`RewriteScorer` to
 :func:`build_pe_grpo` instead: the objective then builds no frozen generator nor reward model
 of its config, draws one noise seed per group from the loop's generator, and hands every group
 of a rollout to the scorer at once (the embedded world's enhancer round:
-:mod:`flywheel.world.loop.prompt_enhancer`, the world's generator and reward model).
+:mod:`flywheel.world.loop.prompt_enhancer`, the world's generator and its evaluator or reward
+model).
 
 On the debug scale the image path is real but nearly flat: with the seeded random transformer,
 VAE and CLIP, two different rewrites move ``alignment`` by ~1e-5, so within a group it is close

@@ -32,10 +32,10 @@ class PromptEnhancerRoundConfig(RoundSection):
     pairs_per_concept: int = Field(default=200, ge=1)
     """Reverse-engineered pairs per failing concept (the embedded world's pair builder)."""
     grpo_steps: int = Field(default=0, ge=0)
-    """The embedded world's GRPO steps after the SFT, rewarded by the world's reward model on
-    the frozen base generator's drawings of the rewrites (0, the default: SFT only — the
-    world's gate judges its scene-less cases with that same reward model, so the stage is off
-    until the gate's judge is another model; 8 steps measured no gain on held-out prompts)."""
+    """The embedded world's GRPO steps after the SFT (the cycle runs the stage when > 0),
+    rewarded by the world's evaluator's verdicts on the frozen base generator's drawings of
+    the rewrites — not the reward model, which judges the enhancer's gate — on prompts none of
+    which the gate judges (0, the default: SFT only; no gain measured on held-out prompts)."""
     grpo_prompts_per_concept: int = Field(default=6, ge=1)
     """Users'-words prompts of new scenes per failing concept for the world's GRPO (none the
     gate judges)."""

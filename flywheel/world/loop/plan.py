@@ -57,9 +57,37 @@ from flywheel.world.loop.slices import scene_of as _scene
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
 
-SECONDS_PER_STEP = {"pe_sft": 0.075, "vae": 0.13, "pretrain": 0.21, "flow_grpo": 18.0}
+PE_GRPO_IMAGES = 16
+"""Drawings of a rollout at the enhancer track's default GRPO settings (2 prompts a rollout, 8
+rewrites a prompt), which :data:`SECONDS_PER_STEP`'s ``pe_grpo`` was measured at."""
+PE_GRPO_SECONDS = 2.2
+"""Seconds a GRPO step of the enhancer round takes at those settings, the evaluator judging
+(6 steps in 13.4 s on 2 shared cores, loading the generator and both LMs included)."""
+
+SECONDS_PER_STEP = {
+    "pe_sft": 0.075,
+    "pe_grpo": PE_GRPO_SECONDS,
+    "vae": 0.13,
+    "pretrain": 0.21,
+    "flow_grpo": 18.0,
+}
 """Measured on a 2-core AVX-512 CPU at the shipped base's sizes (README, The tracks): what a
-plan's cost estimate multiplies the steps by."""
+plan's cost estimate multiplies the steps by (``pe_grpo``: at the track's default rollout,
+:data:`PE_GRPO_IMAGES` drawings every ``grpo_updates_per_rollout`` steps)."""
+
+
+def enhancer_round_plan(pe: PromptEnhancerTrackConfig) -> RoundPlan:
+    """The enhancer round's plan: its SFT steps and, when ``pe.grpo_steps`` > 0, its GRPO
+    stage's, each costed per step (the GRPO's scaled by the drawings a step makes against the
+    measured rollout's)."""
+    steps = {"pe_sft": pe.steps}
+    seconds = pe.steps * SECONDS_PER_STEP["pe_sft"]
+    if pe.grpo_steps > 0:
+        steps["pe_grpo"] = pe.grpo_steps
+        images = pe.grpo_prompts_per_step * pe.grpo_group_size / pe.grpo_updates_per_rollout
+        reference = PE_GRPO_IMAGES / PromptEnhancerTrackConfig().grpo_updates_per_rollout
+        seconds += pe.grpo_steps * SECONDS_PER_STEP["pe_grpo"] * images / reference
+    return RoundPlan(recipe="pe_sft", steps=steps, estimated_seconds=seconds)
 
 
 def _as_slices(session: Session, pairs: Sequence[tuple[CaseRoute, FailureCase]]) -> list[SliceCase]:
@@ -212,11 +240,7 @@ def _plan(
             if concepts and enough:
                 pe = PromptEnhancerTrackConfig.from_cycle(config)
                 data["pairs"] = len(enhancer_pairs(concepts, pe, held_out=split.gate_keys()))
-                round_plan = RoundPlan(
-                    recipe="pe_sft",
-                    steps={"pe_sft": pe.steps},
-                    estimated_seconds=pe.steps * SECONDS_PER_STEP["pe_sft"],
-                )
+                round_plan = enhancer_round_plan(pe)
         elif track == Track.PRETRAINING_GAP and cases:
             gap = GapTrackConfig.from_cycle(config)
             asked = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)

@@ -15,12 +15,28 @@ failure rate, rich 0.83 → 0.47 — the rich target invents sizes and places th
 not have.
 
 The round's second stage is GRPO (:func:`enhancer_grpo_stage`, the Qwen-Image report's PE
-RL): on users'-words prompts of *new* scenes of the failing concepts (:func:`grpo_prompts`:
-their own seed band, none a prompt of the gate's slice), the SFT'd enhancer samples a group
-of rewrites per prompt, the frozen round-base generator draws each (a group from one noise)
-and the world's reward model (``world-reward``, :class:`WorldRewriteReward`) scores each
-image against the caption the prompt was made from. The reward is never the gate's judge
-object (the evaluator), and the stage never sees a prompt the gate judges.
+RL): on users'-words prompts of *new* scenes of the failing concepts (:func:`grpo_cases`:
+their own seed band, none a prompt of the gate's slice nor of the regression suite), the
+SFT'd enhancer samples a group of rewrites per prompt, the frozen round-base generator draws
+each (a group from one noise) and a judge scores each drawing against what the prompt was
+made from, its scene or its caption (``grpo_reward``):
+
+``"evaluator"`` (the default; the world's cycle) — :class:`EvaluatorRewriteReward`, named
+    ``world-evaluator``: the world's evaluator's verdict (its score on the scene's skill
+    elements) on each drawing, the Qwen-Image-2.0 report's judge of rewrites.
+``"world-reward"`` — :class:`WorldRewriteReward`: the world's reward model's alignment of
+    each drawing with the intended caption.
+
+Why the evaluator in the cycle: a training round's reward is never the judge of its gate, and
+the gate judges prompts no round trained on. The world's gate (:class:`~flywheel.world.loop.
+slices.SliceJudges`) judges the enhancer's verdicts — the slice cases *without* a scene (an
+app's prompts, regenerated through the enhancer) — by the world reward model's rank; the
+cases *with* a scene are drawn by the generator alone (no enhancer: nothing the stage learns
+reaches them) and judged by the evaluator. So the reward model would be the judge of the
+enhancer's gate, the evaluator is not: :func:`check_gate_judges` raises when the stage's
+reward is a judge of the gate cases the enhancer rewrites (:func:`enhancer_gate_judges`),
+and :func:`check_held_out` when a stage prompt is one the gate (or the regression suite, or
+a scenario) judges.
 """
 
 from __future__ import annotations
@@ -28,11 +44,11 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import fmean
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -40,7 +56,7 @@ from torch import Tensor
 from flywheel.cycle.config import CycleConfig
 from flywheel.tracks.routed import same_prompt_key
 from flywheel.world.base_model import load_world_reward, world_enhancer_loop
-from flywheel.world.benchmark import build_case, suite, suite_names
+from flywheel.world.benchmark import BenchmarkCase, build_case, suite, suite_names
 from flywheel.world.corpus import scene_seeds
 from flywheel.world.loop.slices import SliceCase
 from flywheel.world.scenes import (
@@ -70,6 +86,9 @@ from training.pe_sft import (
 )
 from training.trainer import identity
 
+if TYPE_CHECKING:
+    from flywheel.world.evaluator import Evaluator
+
 Pair = tuple[str, str]
 
 GRPO_BAND = CORPUS_SEED_LIMIT + 4 * 10**10
@@ -79,7 +98,12 @@ demo's, miners' and attribution's probe bands all lie below the limit) and betwe
 bands (limit + 10¹⁰, + 2·10¹⁰) and the weakness probes' (limit + 3·10¹⁰) — checked by
 :func:`check_grpo_seeds`."""
 WORLD_REWARD_NAME = "world-reward"
-"""What judges the GRPO stage's rewrites (:class:`WorldRewriteReward`)."""
+"""The world's reward model as a judge of rewrites (:class:`WorldRewriteReward`), and as the
+gate's judge of the slice cases without a scene."""
+EVALUATOR_NAME = "world-evaluator"
+"""The world's evaluator as a judge of rewrites (:class:`EvaluatorRewriteReward`, the cycle's
+GRPO reward), and as the gate's judge of the slice cases with a scene."""
+GRPOReward = Literal["evaluator", "world-reward"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -124,6 +148,11 @@ class PromptEnhancerTrackConfig:
     (:class:`WorldRewriteReward`; 0: the image term alone)."""
     grpo_band: int = GRPO_BAND
     """Seed band of the GRPO stage's scenes (see :data:`GRPO_BAND`)."""
+    grpo_reward: GRPOReward = "evaluator"
+    """What judges the rewrites' drawings: the world's evaluator against the prompt's scene
+    (:class:`EvaluatorRewriteReward`), or the world's reward model against its intended
+    caption (:class:`WorldRewriteReward`; see the module docstring for why the cycle's gate
+    refuses it)."""
 
     @classmethod
     def from_cycle(cls, config: CycleConfig) -> PromptEnhancerTrackConfig:
@@ -160,6 +189,8 @@ class PromptEnhancerTrackConfig:
             raise ValueError("PromptEnhancerTrackConfig.grpo_render_steps must be >= 1")
         if self.grpo_band < CORPUS_SEED_LIMIT:
             raise ValueError("PromptEnhancerTrackConfig.grpo_band lies among corpus seeds")
+        if self.grpo_reward not in ("evaluator", "world-reward"):
+            raise ValueError(f"PromptEnhancerTrackConfig.grpo_reward {self.grpo_reward!r}")
 
 
 def failing_concepts(cases: Sequence[SliceCase]) -> list[str]:
@@ -250,12 +281,12 @@ def check_grpo_seeds(seeds: Sequence[int]) -> None:
         raise ValueError(f"GRPO scene seeds {clash[:4]} are also drawn elsewhere")
 
 
-def grpo_prompts(
+def grpo_cases(
     concepts: Sequence[str], config: PromptEnhancerTrackConfig, *, gate_prompts: Sequence[str]
-) -> list[Pair]:
-    """(users'-words prompt, intended caption) pairs of new scenes showing ``concepts``: the
-    colour builder's cases of each concept from ``config.grpo_band``, their terse caption (what
-    the generator draws well, the reward's text) put in the users' words. Distinct prompts
+) -> list[tuple[Pair, BenchmarkCase]]:
+    """(users'-words prompt, intended caption) pairs of new scenes showing ``concepts``, each
+    with its scene: the colour builder's cases of each concept from ``config.grpo_band``, their
+    terse caption (what the generator draws well) put in the users' words. Distinct prompts
     only, and none that is one of ``gate_prompts`` (:func:`same_prompt_key`): the stage trains
     on no prompt the gate judges. Raises ``ValueError`` when a prompt or seed clashes."""
     config.validate()
@@ -265,8 +296,7 @@ def grpo_prompts(
     held = {same_prompt_key(p) for p in gate_prompts}
     rng = random.Random(config.seed)
     colours = list(COLOURS)
-    pairs: list[Pair] = []
-    seeds: list[int] = []
+    out: list[tuple[Pair, BenchmarkCase]] = []
     for concept in sorted(concepts):
         taken: set[str] = set()
         for draw in range(40 * config.grpo_prompts_per_concept):
@@ -280,11 +310,17 @@ def grpo_prompts(
             if not has_user_words(prompt) or key in held or key in taken:
                 continue
             taken.add(key)
-            pairs.append((prompt, intended))
-            seeds.append(case.seed)
-    check_grpo_seeds(seeds)
-    check_held_out(pairs, gate_prompts=gate_prompts)
-    return pairs
+            out.append(((prompt, intended), case))
+    check_grpo_seeds([case.seed for _, case in out])
+    check_held_out([pair for pair, _ in out], gate_prompts=gate_prompts)
+    return out
+
+
+def grpo_prompts(
+    concepts: Sequence[str], config: PromptEnhancerTrackConfig, *, gate_prompts: Sequence[str]
+) -> list[Pair]:
+    """The pairs of :func:`grpo_cases` (without their scenes)."""
+    return [pair for pair, _ in grpo_cases(concepts, config, gate_prompts=gate_prompts)]
 
 
 def check_held_out(pairs: Sequence[Pair], *, gate_prompts: Sequence[str]) -> None:
@@ -293,6 +329,24 @@ def check_held_out(pairs: Sequence[Pair], *, gate_prompts: Sequence[str]) -> Non
     shared = sorted({prompt for prompt, _ in pairs if same_prompt_key(prompt) in held})
     if shared:
         raise ValueError(f"GRPO prompts the gate judges: {shared[:4]}")
+
+
+def enhancer_gate_judges(cases: Sequence[SliceCase]) -> set[str]:
+    """The judges of the gate's verdicts that a candidate enhancer can change: a slice case
+    without a scene is regenerated through the enhancer and judged by the world's reward model
+    (:func:`~flywheel.world.loop.slices.failure_rate`); one with its scene is drawn by the
+    generator alone, whatever the enhancer."""
+    return {WORLD_REWARD_NAME for case in cases if case.scene is None}
+
+
+def check_gate_judges(reward: str, gate_judges: Collection[str]) -> None:
+    """Raise ``ValueError`` when the stage's reward ``reward`` is one of ``gate_judges`` (a
+    training round's reward is never the judge of its gate)."""
+    if reward in gate_judges:
+        raise ValueError(
+            f"the GRPO stage's reward {reward!r} also judges the enhancer's gate "
+            f"({sorted(gate_judges)}); rewarding with it would train on the gate's judge"
+        )
 
 
 def kept_words(rewrite: str, prompt: str) -> float:
@@ -329,44 +383,128 @@ class WorldRewriteReward:
     @torch.no_grad()
     def __call__(self, groups: Sequence[RewriteGroup]) -> list[Tensor]:
         """Per group its rewrites' rewards ``(G,)``: all groups' images in one batch."""
-        config = self.generator.config
-        f = config.vae.spatial_factor
-        shape = (1, config.vae.latent_channels, config.height // f, config.width // f)
-        prompts: list[str] = []
-        targets: list[str] = []
-        noises: list[Tensor] = []
-        slots: list[list[int]] = []
-        for group in groups:
-            noise = torch.randn(shape, generator=torch.Generator().manual_seed(group.seed))
-            index: dict[str, int] = {}
-            for rewrite in group.rewrites:
-                if rewrite not in index:
-                    index[rewrite] = len(prompts)
-                    prompts.append(rewrite)
-                    targets.append(group.target)
-                    noises.append(noise)
-            slots.append([index[r] for r in group.rewrites])
-        images = self.generator.generate(prompts, noise=torch.cat(noises)).cpu()  # (M, 3, H, W)
-        scores = self.model.score(images, targets).float().cpu()  # (M,)
+        images, owners, slots = draw_groups(self.generator, groups)  # (M, 3, H, W)
+        scores = self.model.score(images, [groups[g].target for g in owners]).float().cpu()
         return [
-            scores[torch.tensor(slot)]
-            + self.keep_weight * torch.tensor([kept_words(r, group.prompt) for r in group.rewrites])
+            scores[torch.tensor(slot)] + self.keep_weight * kept_share(group)
             for group, slot in zip(groups, slots, strict=True)
         ]
+
+
+@dataclass(kw_only=True, slots=True)
+class EvaluatorRewriteReward:
+    """The GRPO stage's judge of rewrites in the cycle: the frozen round-base generator draws
+    each rewrite (as :class:`WorldRewriteReward`), and the world's evaluator gives its verdict
+    on each drawing against the scene the group's prompt was made from — its score on the
+    scene's skill elements (:func:`~flywheel.world.evaluation.score_case`; the colour
+    builder's scenes: the object's colour) — plus ``keep_weight`` times :func:`kept_words`
+    (the colour score cannot see the shape the base does not draw either). Not the world
+    reward model that judges the enhancer's gate (:func:`enhancer_gate_judges`)."""
+
+    generator: Generator
+    """The frozen generator (the round's base; never trained here)."""
+    evaluator: Evaluator
+    """The world's evaluator."""
+    scenes: Mapping[str, BenchmarkCase]
+    """Each stage prompt's scene (a group's ``prompt``: the pair's first side)."""
+    keep_weight: float = 0.5
+    """Weight of :func:`kept_words` (0: the verdict alone)."""
+    name: str = EVALUATOR_NAME
+
+    @torch.no_grad()
+    def __call__(self, groups: Sequence[RewriteGroup]) -> list[Tensor]:
+        """Per group its rewrites' rewards ``(G,)``: all groups' images in one batch."""
+        from flywheel.world.evaluation import score_case
+
+        missing = sorted({g.prompt for g in groups} - set(self.scenes))
+        if missing:
+            raise KeyError(f"no scene for the GRPO prompts {missing[:4]}")
+        images, owners, slots = draw_groups(self.generator, groups)  # (M, 3, H, W)
+        scores = torch.tensor(
+            [
+                score_case(self.scenes[groups[g].prompt], image, evaluator=self.evaluator).score
+                for g, image in zip(owners, images, strict=True)
+            ]
+        )  # (M,)
+        return [
+            scores[torch.tensor(slot)] + self.keep_weight * kept_share(group)
+            for group, slot in zip(groups, slots, strict=True)
+        ]
+
+
+def kept_share(group: RewriteGroup) -> Tensor:
+    """:func:`kept_words` of each rewrite of ``group`` and its prompt, ``(G,)``."""
+    return torch.tensor([kept_words(r, group.prompt) for r in group.rewrites])
+
+
+@torch.no_grad()
+def draw_groups(
+    generator: Generator, groups: Sequence[RewriteGroup]
+) -> tuple[Tensor, list[int], list[list[int]]]:
+    """The generator's drawings of every distinct rewrite of each group, all in one batch,
+    every rewrite of a group from the group's noise: images ``(M, 3, H, W)`` on the CPU, the
+    group each image is of, and per group the image index of each of its rewrites."""
+    config = generator.config
+    f = config.vae.spatial_factor
+    shape = (1, config.vae.latent_channels, config.height // f, config.width // f)
+    prompts: list[str] = []
+    owners: list[int] = []
+    noises: list[Tensor] = []
+    slots: list[list[int]] = []
+    for g, group in enumerate(groups):
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(group.seed))
+        index: dict[str, int] = {}
+        for rewrite in group.rewrites:
+            if rewrite not in index:
+                index[rewrite] = len(prompts)
+                prompts.append(rewrite)
+                owners.append(g)
+                noises.append(noise)
+        slots.append([index[r] for r in group.rewrites])
+    images = generator.generate(prompts, noise=torch.cat(noises)).cpu()  # (M, 3, H, W)
+    return images, owners, slots
+
+
+def _render_generator(generator: Path, render_steps: int | None) -> Generator:
+    loaded = Generator.load(generator)
+    if render_steps is not None:
+        config = replace(loaded.config, sampler=replace(loaded.config.sampler, steps=render_steps))
+        loaded = Generator(config, loaded.transformer, loaded.vae, loaded.encoder)
+    return loaded
 
 
 def world_rewrite_reward(
     generator: Path, reward: Path, *, render_steps: int | None = None, keep_weight: float = 0.5
 ) -> WorldRewriteReward:
-    """The GRPO stage's judge from the round base's generator and reward directories, the
+    """The reward-model judge from the round base's generator and reward directories, the
     generator drawing with ``render_steps`` sampler steps (None: its own)."""
-    loaded = Generator.load(generator)
-    if render_steps is not None:
-        config = replace(loaded.config, sampler=replace(loaded.config.sampler, steps=render_steps))
-        loaded = Generator(config, loaded.transformer, loaded.vae, loaded.encoder)
     return WorldRewriteReward(
-        generator=loaded, model=load_world_reward(reward), keep_weight=keep_weight
+        generator=_render_generator(generator, render_steps),
+        model=load_world_reward(reward),
+        keep_weight=keep_weight,
     )
+
+
+def evaluator_rewrite_reward(
+    generator: Path,
+    scenes: Mapping[str, BenchmarkCase],
+    *,
+    render_steps: int | None = None,
+    keep_weight: float = 0.5,
+) -> EvaluatorRewriteReward:
+    """The evaluator judge of the stage prompts' ``scenes`` from the round base's generator
+    directory, the generator drawing with ``render_steps`` sampler steps (None: its own)."""
+    from flywheel.world.evaluator import load_evaluator
+
+    return EvaluatorRewriteReward(
+        generator=_render_generator(generator, render_steps),
+        evaluator=load_evaluator(),
+        scenes=dict(scenes),
+        keep_weight=keep_weight,
+    )
+
+
+RewriteJudge = WorldRewriteReward | EvaluatorRewriteReward
 
 
 @dataclass(kw_only=True, slots=True)
@@ -376,9 +514,13 @@ class GRPOStageInputs:
     generator: Path
     """The round base's generator directory (frozen: it draws the rewrites)."""
     reward: Path
-    """The round base's reward model directory (the stage's reward, ``world-reward``)."""
+    """The round base's reward model directory (the ``world-reward`` judge's model)."""
     gate_prompts: Sequence[str]
-    """The prompts of the slice the gate judges the round on (held out of the stage)."""
+    """What the gate judges the round on — the prompts and references of its held-out slice,
+    and the regression suite's and scenarios' prompts — held out of the stage."""
+    gate_judges: frozenset[str] = field(default_factory=frozenset)
+    """The judges of the gate's verdicts the enhancer can change (:func:`enhancer_gate_judges`):
+    the stage refuses a reward among them (:func:`check_gate_judges`)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -388,7 +530,7 @@ class GRPOStage:
     result: TrainResult
     run: Path
     """The stage's run directory (its checkpoints and ``metrics.jsonl``)."""
-    reward: WorldRewriteReward
+    reward: RewriteJudge
     """What judged the rewrites."""
     figures: dict[str, object]
     """What the round's summary records of it (see :func:`grpo_figures`)."""
@@ -425,14 +567,17 @@ def enhancer_grpo_round(
     )
 
 
-def grpo_figures(run: Path, *, prompts: int, held_out: int, window: int = 4) -> dict[str, object]:
-    """The GRPO stage's figures from its metrics: steps, the mean reward of the first and last
-    ``window`` steps, the prompts trained on and the gate prompts held out, and the reward's
-    name."""
+def grpo_figures(
+    run: Path, *, reward: str, prompts: int, held_out: int, window: int = 4
+) -> dict[str, object]:
+    """The GRPO stage's figures from its metrics: the reward's name, steps, the mean reward of
+    the first and last ``window`` steps and per step (``rewards``), the prompts trained on and
+    the gate prompts held out."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rewards = [float(r["reward_mean"]) for r in rows if "reward_mean" in r]
     return {
-        "reward": WORLD_REWARD_NAME,
+        "reward": reward,
+        "rewards": [round(r, 4) for r in rewards],
         "reward_first": fmean(rewards[:window]) if rewards else None,
         "reward_last": fmean(rewards[-window:]) if rewards else None,
         "steps": len(rewards),
@@ -452,15 +597,21 @@ def enhancer_grpo_stage(
     progress: bool = False,
 ) -> GRPOStage | None:
     """GRPO of the SFT'd enhancer (``enhancer`` with ``sft_run``'s weights) on the round's
-    failing concepts (read from ``pairs``), rewarded by :class:`WorldRewriteReward`; its run
+    failing concepts (read from ``pairs``), rewarded by ``config.grpo_reward``'s judge; its run
     under ``out/grpo``, resumed from its checkpoints. None: no prompt is left once the gate's
-    are held out."""
+    are held out. Raises ``ValueError`` when the reward is one of ``inputs.gate_judges`` or a
+    stage prompt is one of ``inputs.gate_prompts``."""
+    judge = EVALUATOR_NAME if config.grpo_reward == "evaluator" else WORLD_REWARD_NAME
+    check_gate_judges(judge, inputs.gate_judges)
     prompts_file = out / "grpo_prompts.jsonl"
+    cases = grpo_cases(pair_concepts(pairs), config, gate_prompts=inputs.gate_prompts)
     if prompts_file.is_file():
         prompts = read_pairs(prompts_file)
         check_held_out(prompts, gate_prompts=inputs.gate_prompts)
+        if prompts != [pair for pair, _ in cases]:
+            raise ValueError(f"{prompts_file} is not the stage's prompts for its gate and config")
     else:
-        prompts = grpo_prompts(pair_concepts(pairs), config, gate_prompts=inputs.gate_prompts)
+        prompts = [pair for pair, _ in cases]
         if not prompts:
             return None
         write_pairs(prompts_file, prompts)
@@ -468,12 +619,21 @@ def enhancer_grpo_stage(
     grpo.validate()
     run = out / "grpo"
     run.mkdir(parents=True, exist_ok=True)
-    scorer = world_rewrite_reward(
-        inputs.generator,
-        inputs.reward,
-        render_steps=config.grpo_render_steps,
-        keep_weight=config.grpo_keep_weight,
-    )
+    scorer: RewriteJudge
+    if config.grpo_reward == "evaluator":
+        scorer = evaluator_rewrite_reward(
+            inputs.generator,
+            {pair[0]: case for pair, case in cases},
+            render_steps=config.grpo_render_steps,
+            keep_weight=config.grpo_keep_weight,
+        )
+    else:
+        scorer = world_rewrite_reward(
+            inputs.generator,
+            inputs.reward,
+            render_steps=config.grpo_render_steps,
+            keep_weight=config.grpo_keep_weight,
+        )
     result = run_loop(
         build_pe_grpo(grpo, run, scorer=scorer),
         loop=grpo.loop,
@@ -483,5 +643,10 @@ def enhancer_grpo_stage(
         progress=progress,
         started=time.monotonic(),
     )
-    figures = grpo_figures(run, prompts=len(prompts), held_out=len(set(inputs.gate_prompts)))
+    figures = grpo_figures(
+        run,
+        reward=scorer.name,
+        prompts=len(prompts),
+        held_out=len({same_prompt_key(p) for p in inputs.gate_prompts}),
+    )
     return GRPOStage(result=result, run=run, reward=scorer, figures=figures)

@@ -22,7 +22,11 @@ The world's steps (2, 3, 4, 6) are here; the steps every stack shares (1, 5, 7) 
 4. :func:`run_round` — the reviewer's edits applied once (:func:`~flywheel.cycle.steps.
    edit_round_data`), then the round under ``$FLYWHEEL_HOME/cycles/<cycle>/<track>``; a round
    killed mid-way resumes from its latest checkpoint. Generator rounds chain: the RL round
-   starts from the gap round's generator (a skipped gap round's: the base's).
+   starts from the gap round's generator (a skipped gap round's: the base's). The enhancer
+   round's GRPO stage (``prompt_enhancer.grpo_steps`` > 0) draws its rewrites with the base's
+   generator, frozen, and is rewarded by the world's evaluator — never the gate's judge of the
+   enhancer's verdicts (the reward model) — on prompts none of which the gate, the regression
+   suite or a scenario judges (:func:`_grpo_inputs`; the stage raises otherwise).
 5. :func:`register_candidate` — ``cycle-<id>``: the rounds' components, the base's others.
 6. :func:`evaluate` — base and candidate on each round's failure slice (same cases, seeds
    and judges) at the slice's own noise seed and ``gate.extra_seeds`` fresh ones
@@ -92,7 +96,9 @@ from flywheel.world.loop.pretraining_gap import (
     plan_augmentation,
 )
 from flywheel.world.loop.prompt_enhancer import (
+    GRPOStageInputs,
     PromptEnhancerTrackConfig,
+    enhancer_gate_judges,
     enhancer_pairs,
     failing_concepts,
 )
@@ -375,12 +381,16 @@ def _train(
         from training.pe_sft import read_pairs
 
         pairs = read_pairs(Path(manifest["pairs_file"]))
+        pe = PromptEnhancerTrackConfig.from_cycle(config)
         return run_enhancer_round(
             pairs,
             enhancer=model.enhancer,
             out=out,
-            config=PromptEnhancerTrackConfig.from_cycle(config),
+            config=pe,
             progress=progress,
+            grpo=_grpo_inputs(session, round_, manifest=manifest, model=model, config=config)
+            if pe.grpo_steps > 0
+            else None,
         )
     generator = _generator_before(session, cycle, round_)
     if round_.track == Track.PRETRAINING_GAP:
@@ -417,6 +427,35 @@ def _train(
         out=out,
         config=RLTrackConfig.from_cycle(config),
         progress=progress,
+    )
+
+
+def _grpo_inputs(
+    session: Session,
+    round_: TrainingRound,
+    *,
+    manifest: dict[str, Any],
+    model: ModelBundle,
+    config: CycleConfig,
+) -> GRPOStageInputs:
+    """The enhancer round's GRPO stage inputs: the base's generator (frozen: the rewrites are
+    drawn with it) and reward directories; what the gate judges — the held-out side's prompts
+    and references (the round's cases before the split: all of them), the regression suite's
+    and the active scenarios' prompts — held out of the stage's prompts; and the judges of the
+    gate's verdicts the enhancer can change, which the stage's reward may not be."""
+    recorded = manifest.get("gate_cases")
+    ids = [int(i) for i in recorded] if recorded is not None else round_case_ids(session, round_)
+    gate = case_slices(session, case_ids=ids)
+    scenarios = _scenario_slice(session)
+    prompts = [
+        *(text for case in [*gate, *scenarios] for text in (case.prompt, case.reference)),
+        *(case.prompt for case in regression_cases(config)),
+    ]
+    return GRPOStageInputs(
+        generator=model.generator,
+        reward=model.reward,
+        gate_prompts=prompts,
+        gate_judges=frozenset(enhancer_gate_judges([*gate, *scenarios])),
     )
 
 
