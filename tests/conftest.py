@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
@@ -118,6 +119,21 @@ def migrated_url(create_database: Callable[[], str]) -> str:
     migrate.upgrade(engine)
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def scratch_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_url: str
+) -> Iterator[Engine]:
+    """An engine on a fresh migrated database, with ``FLYWHEEL_DATABASE_URL`` and a scratch
+    ``FLYWHEEL_HOME`` set for this test (what a cycle in this process reads)."""
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    engine = create_db_engine(Settings(), pool_size=2)
+    yield engine
+    engine.dispose()
+    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,8 @@ from flywheel.attribution.service import override_route
 from flywheel.cycle import steps
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import bundle
-from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.engine import session_factory
 from flywheel.db.models import CaseRoute, Cycle, FailureCase, SignalKind, Track, TrainingRound
-from flywheel.settings import Settings, get_settings
 from flywheel.signals.repository import insert_signals, model_version_id
 from flywheel.tracks.routed import same_prompt_key
 from flywheel.world.benchmark import build_case
@@ -51,15 +49,9 @@ GRPO_STEPS = 2
 
 
 @pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_url: str) -> Iterator[Engine]:
-    """The scratch database and a scratch home for this process."""
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", migrated_url)
-    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    engine = create_db_engine(Settings(), pool_size=2)
-    yield engine
-    engine.dispose()
-    get_settings.cache_clear()
+def engine(scratch_engine: Engine) -> Engine:
+    """The scratch database and a scratch home for this process (``scratch_engine``)."""
+    return scratch_engine
 
 
 def _store_feedback(engine: Engine) -> list[str]:

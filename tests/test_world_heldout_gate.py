@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from flywheel.attribution.service import override_route
 from flywheel.cycle import steps
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.verdicts import TrackEvaluation
-from flywheel.db.engine import create_db_engine, session_factory
+from flywheel.db.engine import session_factory
 from flywheel.db.models import (
     CaseRoute,
     Cycle,
@@ -31,7 +30,6 @@ from flywheel.db.models import (
     TrainingRound,
     TrainingRoundCase,
 )
-from flywheel.settings import Settings, get_settings
 from flywheel.signals.repository import insert_signals, model_version_id
 from flywheel.tracks.routed import same_prompt_key
 from flywheel.world.benchmark import build_case
@@ -178,15 +176,9 @@ def test_enhancer_pairs_leave_out_the_gate_prompts_and_keep_their_count() -> Non
 
 
 @pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_url: str) -> Iterator[Engine]:
-    """The scratch database and a scratch home for this process."""
-    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", migrated_url)
-    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    engine = create_db_engine(Settings(), pool_size=2)
-    yield engine
-    engine.dispose()
-    get_settings.cache_clear()
+def engine(scratch_engine: Engine) -> Engine:
+    """The scratch database and a scratch home for this process (``scratch_engine``)."""
+    return scratch_engine
 
 
 def _store_failures(engine: Engine) -> dict[str, Track]:
