@@ -35,12 +35,6 @@ from flywheel.db.models import (
 )
 from flywheel.review import repository
 
-ARTEFACT_KINDS = (
-    ReviewKind.AUGMENTATION_BATCH,
-    ReviewKind.REWARD_RECALIBRATION,
-    ReviewKind.PROMPT_ENHANCER_DATA,
-)
-
 
 class CycleDecisionError(ValueError):
     """The promotion cannot be decided (the cycle is not waiting, an artefact was rejected)."""
@@ -128,7 +122,9 @@ def finish_cycle(session: Session, *, item: ReviewItem, approved: bool, reviewer
     if cycle is None or cycle.status != CycleStatus.AWAITING_REVIEW:
         state = cycle.status.value if cycle is not None else "missing"
         raise CycleDecisionError(f"cycle {item.cycle_id} is {state}, not awaiting review")
-    artefacts = repository.cycle_items(session, cycle_id=cycle.id, kinds=ARTEFACT_KINDS, lock=True)
+    artefacts = repository.cycle_items(
+        session, cycle_id=cycle.id, kinds=repository.ARTEFACT_KINDS, lock=True
+    )
     skipped = set(
         session.scalars(
             select(TrainingRound.id).where(

@@ -61,7 +61,7 @@ ARTEFACT_KIND = {
     Track.RL: ReviewKind.REWARD_RECALIBRATION,
     Track.PROMPT_ENHANCER: ReviewKind.PROMPT_ENHANCER_DATA,
 }
-ARTEFACT_KINDS = tuple(ARTEFACT_KIND.values())
+ARTEFACT_KINDS = review_repository.ARTEFACT_KINDS
 AUTO_REVIEWER = "demo (auto-approve)"
 """Who decides review items in ``auto_approve`` mode (the demo only)."""
 ACTOR = "cycle"

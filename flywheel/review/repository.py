@@ -16,6 +16,14 @@ from flywheel.db.models import (
     ReviewStatus,
 )
 
+ARTEFACT_KINDS = (
+    ReviewKind.AUGMENTATION_BATCH,
+    ReviewKind.REWARD_RECALIBRATION,
+    ReviewKind.PROMPT_ENHANCER_DATA,
+)
+"""Items of a track's artefact (training data, reward recalibration): decided before their
+round trains."""
+
 
 def add_item(
     session: Session,

@@ -40,12 +40,6 @@ from flywheel.review.errors import ReviewError as ReviewError
 OPEN_STATUSES = (ReviewStatus.PENDING, ReviewStatus.CLAIMED)
 DEFAULT_LEASE = timedelta(minutes=15)
 """How long a claim holds an item before it returns to the queue."""
-ARTEFACT_KINDS = (
-    ReviewKind.AUGMENTATION_BATCH,
-    ReviewKind.REWARD_RECALIBRATION,
-    ReviewKind.PROMPT_ENHANCER_DATA,
-)
-"""Items whose decision comes before their round trains."""
 
 
 class ItemNotFoundError(LookupError):
@@ -282,7 +276,10 @@ def _resume_cycle_flow(session: Session, item: ReviewItem) -> None:
     """After a committed promotion or artefact decision: resume the cycle's Prefect flow run
     if it is paused waiting for it (``review_wait_seconds``); only with a configured Prefect
     API."""
-    if item.kind not in (ReviewKind.MODEL_PROMOTION, *ARTEFACT_KINDS) or item.cycle_id is None:
+    if (
+        item.kind not in (ReviewKind.MODEL_PROMOTION, *repository.ARTEFACT_KINDS)
+        or item.cycle_id is None
+    ):
         return
     if not os.environ.get("PREFECT_API_URL"):
         return

@@ -28,6 +28,7 @@ from typing import Any
 
 from flywheel.db.models import Track
 from flywheel.review.edits import ArtefactEdits, DropVocabulary, EditVocabulary, dropped_indices
+from flywheel.tracks.edits import edited_path
 from flywheel.world.loop.rl import ALIGNMENT, VERIFIER
 from training.pe_sft import read_pairs, write_pairs
 
@@ -36,10 +37,6 @@ RETRIEVED = "retrieved pool scenes"
 PROMPTS = "RL prompts"
 EXAMPLES = 8
 """User-worded pairs shown in the artefact."""
-
-
-def _edited_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.edited{path.suffix}")
 
 
 def edit_vocabulary(track: Track, artefact: dict[str, Any]) -> EditVocabulary:
@@ -69,7 +66,7 @@ def apply_edits(track: Track, manifest: dict[str, Any], edits: ArtefactEdits) ->
         pairs = read_pairs(reviewed)
         gone = dropped_indices([p for p, _ in pairs], edits.drop, by_index=True, what=PAIRS)
         kept = [pair for k, pair in enumerate(pairs) if k not in gone]
-        target = write_pairs(_edited_path(reviewed), kept)
+        target = write_pairs(edited_path(reviewed), kept)
         user = [p for p in kept if p[0] != p[1]]
         return {
             **manifest,
