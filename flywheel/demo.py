@@ -1,8 +1,10 @@
 """``flywheel demo``: one complete flywheel cycle on the embedded default, through the real
 API, with the shipped base model.
 
-1. Start (or join) the database, migrate, register the shipped base as the serving model,
-   create a demo API key and serve the API on a loopback port.
+1. Start (or join) the database, migrate, register the shipped base as the serving model
+   (or, with ``--base DIR``, a build of ``flywheel world base``: :func:`serve_build`; the
+   demo then runs on its world, ``world_of(generator)``), create a demo API key and serve the
+   API on a loopback port.
 2. **Evaluate** the base on the standard suite's colour, count and relation cases (the
    skills the world's injected weaknesses live in) and post the run to ``/v1/evaluations``;
    measure it on common concepts (shape, count, relation, colour probes without the rare
@@ -15,7 +17,9 @@ API, with the shipped base model.
 4. **Mine** bad cases with the Celery tasks (eager here): colour probes, and a reward scan of
    the app's generations the users liked.
 5. **Attribution**: the classifier's macro-F1 on a held-out labeled set of the injected
-   weaknesses (its seed set is the one the cycle fits).
+   weaknesses (its seed set is the one the cycle fits), and on another world's (its shipped
+   base, corpus, rare concepts, users' words and reward bias: ``other`` for the default
+   world, ``default`` for ``other``).
 6. **The cycle** (Prefect flow): collect → attribute → the three tracks' artefacts and rounds →
    candidate → evaluation on the held-out gate slices and the regression suite → gate → final
    review, **approved automatically in demo mode** (said so on screen; ``flywheel cycle``
@@ -27,6 +31,7 @@ API, with the shipped base model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import socket
@@ -36,7 +41,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx
 import uvicorn
@@ -44,6 +49,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from sqlalchemy import select
 
 from flywheel.api.app import create_app
 from flywheel.auth.service import create_api_key
@@ -53,6 +59,13 @@ from flywheel.db import migrate
 from flywheel.db.engine import create_db_engine, database_url, session_factory
 from flywheel.db.models import Scope
 from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from flywheel.cycle.registry import ModelBundle
+    from flywheel.world.benchmark import BenchmarkCase
+    from flywheel.world.definition import WorldDefinition
 
 DEMO_APP = "demo-app"
 EVALUATED_SKILLS = ("colour", "count", "relation")
@@ -74,8 +87,8 @@ BASE_CONCEPT_GOALS = {"shape": 0.7, "count": 0.6, "relation": 0.6, "colour": 0.8
 WALL_TIME_GOAL = 15.0
 """The demo's wall time, minutes: at most this."""
 OTHER_WORLD_REASON = (
-    "no base of another world ships: another world's file (flywheel/world/worlds/other.toml) "
-    "needs its base built first, a long training run; nothing was measured"
+    "no base of the other world ships (flywheel world base --world {world} --out DIR --ship "
+    "builds one, a long training run); nothing was measured"
 )
 
 
@@ -123,8 +136,13 @@ class _BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def _prepare(settings: Settings, console: Console) -> tuple[str, _Base]:
-    """Migrate, register the base, create the demo key; the key's secret and the base."""
+def _prepare(
+    settings: Settings, console: Console, *, base_dir: Path | None = None
+) -> tuple[str, _Base]:
+    """Migrate, register the base, create the demo key; the key's secret and the base. The
+    base is the shipped one (the registry's serving model when it has one) or, given
+    ``base_dir``, that build of ``flywheel world base`` registered and promoted
+    (:func:`serve_build`)."""
     from flywheel.cycle.registry import current_model
     from flywheel.world.loop.backend import shipped_base
 
@@ -133,7 +151,10 @@ def _prepare(settings: Settings, console: Console) -> tuple[str, _Base]:
         migrate.upgrade(engine)
         console.print(f"[bold]schema[/]: migrated to {migrate.current_revision(engine)}")
         with session_factory(engine)() as session:
-            model = current_model(session, shipped=shipped_base())
+            if base_dir is None:
+                model = current_model(session, shipped=shipped_base())
+            else:
+                model = serve_build(session, base_dir)
             assert model is not None
             key = create_api_key(session, app=DEMO_APP, scopes=[Scope.INGEST, Scope.READ])
             session.commit()
@@ -148,6 +169,46 @@ def _prepare(settings: Settings, console: Console) -> tuple[str, _Base]:
         name=model.name, generator=model.generator, enhancer=model.enhancer, reward=model.reward
     )
     return key.secret, base
+
+
+BUILD_PARTS = ("generator", "reward", "enhancer")
+"""The directories of a ``flywheel world base`` build the demo serves."""
+
+
+def build_version_name(base_dir: Path) -> str:
+    """The registry name of a build: ``world-base-<world>-<8 hex digits of its path>``."""
+    from flywheel.world.definition import world_of
+
+    digest = hashlib.sha256(str(base_dir.resolve()).encode()).hexdigest()[:8]
+    return f"world-base-{world_of(base_dir).name}-{digest}"
+
+
+def serve_build(session: Session, base_dir: Path) -> ModelBundle:
+    """Register the build ``base_dir`` (its generator, reward and enhancer directories; once:
+    a second demo on the same database finds it registered) and promote it: it serves, and the
+    cycle starts from it. Flushed; the caller commits."""
+    from flywheel.cycle.registry import bundle, promote, register_version
+    from flywheel.db.models import Checkpoint, Component, ModelVersion
+
+    name = build_version_name(base_dir)
+    version_id = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name))
+    registered = version_id is not None and (
+        session.scalar(select(Checkpoint.id).where(Checkpoint.model_version_id == version_id))
+        is not None
+    )
+    if version_id is None or not registered:
+        version_id = register_version(
+            session,
+            name=name,
+            components={
+                Component.GENERATOR: base_dir / "generator",
+                Component.ENHANCER: base_dir / "enhancer",
+                Component.REWARD: base_dir / "reward",
+            },
+            description=f"the world base built in {base_dir.resolve()}",
+        )
+    promote(session, version_id=version_id)
+    return bundle(session, version_id=version_id)
 
 
 def _evaluate(
@@ -182,31 +243,46 @@ def _evaluate(
     }
 
 
-def _feedback_events(
-    base: _Base, *, events: int, seed: int, run: str, home: Path
-) -> list[dict[str, Any]]:
-    """What the product app sends: users' terse prompts (most in their own colour words),
-    enhanced and generated by the serving model, judged by the user."""
-    from flywheel.mining.miners import store_png
-    from flywheel.world.base_model import load_world_enhancer
+def user_prompts(
+    rng: random.Random, *, events: int, run: str, world: WorldDefinition
+) -> list[tuple[BenchmarkCase, str]]:
+    """What the simulated users ask for: ``events`` colour cases of the feedback band, each
+    with the terse prompt a user types, most (3 in 4) in the users' words of ``world``; no
+    case about one of the world's rare concepts (a rare colour has no users' words: its
+    failures are a data gap), and none whose colours the users' words leave unsaid (the asked
+    mix kept). Draws from ``rng``."""
     from flywheel.world.benchmark import build_case
-    from flywheel.world.evaluation import score_case
-    from flywheel.world.evaluator import load_evaluator
     from flywheel.world.scenes import captions
-    from flywheel.world.vocabulary import has_user_words, to_user_words
-    from model.pipeline import Generator
 
-    rng = random.Random(seed)
-    asked: list[tuple[Any, str]] = []
+    vocabulary = world.user_vocabulary()
+    rare = world.rare_concepts()
+    asked: list[tuple[BenchmarkCase, str]] = []
     k = 0
     while len(asked) < events:
         case = build_case("colour", k, band=FEEDBACK_BAND, case_id=f"{run}/fb/{k}")
         k += 1
         terse = captions(case.spec).terse
-        worded = to_user_words(terse, rng) if rng.random() < 0.75 else terse
-        if case.focus == "purple" or (worded != terse and not has_user_words(worded)):
-            continue  # purple has no user words; keep the asked mix
+        worded = vocabulary.to_user_words(terse, rng) if rng.random() < 0.75 else terse
+        if case.focus in rare or (worded != terse and not vocabulary.has_user_words(worded)):
+            continue  # a rare colour has no user words; keep the asked mix
         asked.append((case, worded))
+    return asked
+
+
+def _feedback_events(
+    base: _Base, *, events: int, seed: int, run: str, home: Path, world: WorldDefinition
+) -> list[dict[str, Any]]:
+    """What the product app sends: users' terse prompts (most in their own colour words, the
+    words of ``world``, the base's: :func:`user_prompts`), enhanced and generated by the
+    serving model, judged by the user."""
+    from flywheel.mining.miners import store_png
+    from flywheel.world.base_model import load_world_enhancer
+    from flywheel.world.evaluation import score_case
+    from flywheel.world.evaluator import load_evaluator
+    from model.pipeline import Generator
+
+    rng = random.Random(seed)
+    asked = user_prompts(rng, events=events, run=run, world=world)
     generator, enhancer = Generator.load(base.generator), load_world_enhancer(base.enhancer)
     evaluator = load_evaluator()
     prompts = enhancer.enhance([p for _, p in asked])
@@ -305,15 +381,26 @@ def _mine(base: _Base, *, probes: int, console: Console) -> dict[str, Any]:
 def _attribution(
     settings: Settings, base: _Base, *, config: CycleConfig, held_out: int, console: Console
 ) -> dict[str, Any]:
-    """The classifier fitted on the cycle's seed set, measured on a held-out labeled set."""
+    """The classifier fitted on the cycle's seed set (the base's world), measured on a
+    held-out labeled set of the same world and on one of another world (its own base, corpus
+    index, rare concepts, users' words and reward bias)."""
     from flywheel.attribution.classifier import fit_classifier, measure
-    from flywheel.world.loop.attribution import LabeledSetConfig, labeled_examples
+    from flywheel.world.base_model import shipped_base_of
+    from flywheel.world.definition import load_world, shipped_worlds, world_of
+    from flywheel.world.loop.attribution import (
+        LabeledSetConfig,
+        labeled_examples,
+        world_labeled_set,
+    )
     from flywheel.world.loop.plan import attribution_tools
     from retrieval.embedding import TextEmbedder
     from retrieval.store import open_qdrant, qdrant_config
 
     qdrant = qdrant_config(settings)
     client = open_qdrant(qdrant)
+    world = world_of(base.generator)
+    embedder = TextEmbedder()
+    held_out_config = LabeledSetConfig(per_track=held_out, band=HELD_OUT_BAND, seed=1)
     try:
         console.print("[bold]attribution[/]: the seed set and a held-out set of the weaknesses")
         # The cycle's own tools and seed set: the cycle then reads the seed set back.
@@ -324,24 +411,57 @@ def _attribution(
             home=settings.home,
             client=client,
             qdrant=qdrant,
-            embedder=TextEmbedder(),
+            embedder=embedder,
         )
-        test = labeled_examples(
-            tools, LabeledSetConfig(per_track=held_out, band=HELD_OUT_BAND, seed=1)
-        )
+        test = labeled_examples(tools, held_out_config, world=world)
     finally:
         client.close()
-    metrics = measure(fit_classifier(seeds).decide([e for e, _ in test]), [t for _, t in test])
+    classifier = fit_classifier(seeds)
+    metrics = measure(classifier.decide([e for e, _ in test]), [t for _, t in test])
     console.print(
         f"attribution macro-F1 {metrics.macro_f1:.3f} on {metrics.cases} held-out cases "
         f"(accuracy {metrics.accuracy:.3f}, calibration error {metrics.calibration_error:.3f})",
         highlight=False,
     )
+    other = load_world(shipped_worlds()["other" if world.name != "other" else "default"])
+    shipped = shipped_base_of(other.name)
+    other_world: dict[str, Any] = {"world": other.name}
+    if shipped is None:
+        other_world |= {"macro_f1": None, "reason": OTHER_WORLD_REASON.format(world=other.name)}
+    else:
+        console.print(
+            f"[bold]attribution on the {other.name} world[/]: its base, corpus, rare "
+            f"concepts ({', '.join(other.rare_concepts()) or 'none'}), users' words and "
+            f"reward ({other.reward.caption} captions); the classifier of the {world.name} world"
+        )
+        elsewhere = world_labeled_set(
+            other,
+            generator=shipped.generator,
+            reward=shipped.reward,
+            config=held_out_config,
+            embedder=embedder,
+            corpus=config.world.corpus,
+            seed=config.seed,
+        )
+        transfer = measure(classifier.decide([e for e, _ in elsewhere]), [t for _, t in elsewhere])
+        console.print(
+            f"attribution macro-F1 on the {other.name} world {transfer.macro_f1:.3f} on "
+            f"{transfer.cases} cases (accuracy {transfer.accuracy:.3f})",
+            highlight=False,
+        )
+        other_world |= {
+            "macro_f1": transfer.macro_f1,
+            "cases": transfer.cases,
+            "accuracy": transfer.accuracy,
+            "calibration_error": transfer.calibration_error,
+            "tracks": {t: score.f1 for t, score in transfer.tracks.items()},
+        }
     return {
         "macro_f1": metrics.macro_f1,
         "held_out_cases": metrics.cases,
         "accuracy": metrics.accuracy,
         "calibration_error": metrics.calibration_error,
+        "other_world": other_world,
     }
 
 
@@ -416,7 +536,7 @@ def _base_concepts(base: _Base, *, per_skill: int, console: Console) -> dict[str
     """The base's score on ``per_skill`` probes of each skill of :data:`BASE_CONCEPT_GOALS`
     (the probes of ``flywheel world weaknesses``, leaving out any that shows one of the rare
     concepts of the base's world), scored by the world's evaluator."""
-    from flywheel.world.benchmark import BenchmarkCase, Skill, build_case
+    from flywheel.world.benchmark import Skill, build_case
     from flywheel.world.definition import world_of
     from flywheel.world.evaluation import run_suite
     from flywheel.world.weaknesses import PROBE_BAND as WEAKNESS_PROBE_BAND
@@ -618,9 +738,12 @@ def run_demo(
     held_out: int = 12,
     concept_probes: int = 24,
     report_file: Path | None = None,
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring), write its report to ``report_file`` (when
-    given) and print the goals table last; returns the report."""
+    given) and print the goals table last; returns the report. Given ``base_dir`` (a build
+    directory of ``flywheel world base``: generator/, reward/, enhancer/), that base serves
+    instead of the shipped one, and the demo runs on its world (:func:`serve_build`)."""
     started = time.perf_counter()
     cycle = (cycle or demo_cycle()).model_copy(update={"auto_approve": True, "dry_run": False})
     embedded = settings.database_url is None
@@ -633,7 +756,10 @@ def run_demo(
             else "FLYWHEEL_DATABASE_URL"
         )
     )
-    secret, base = _prepare(settings, console)
+    secret, base = _prepare(settings, console, base_dir=base_dir)
+    from flywheel.world.definition import world_of
+
+    world = world_of(base.generator)  # what the simulated users say, what is rare
     run = f"demo-{uuid.uuid4().hex[:8]}"
     with (
         _BackgroundServer(settings) as base_url,
@@ -645,7 +771,9 @@ def run_demo(
         evaluated = _evaluate(client, base, run=run, home=settings.home, console=console)
         feedback = _ingest(
             client,
-            _feedback_events(base, events=events, seed=seed, run=run, home=settings.home),
+            _feedback_events(
+                base, events=events, seed=seed, run=run, home=settings.home, world=world
+            ),
             console,
         )
     concepts = _base_concepts(base, per_skill=concept_probes, console=console)
@@ -669,8 +797,7 @@ def run_demo(
     )
     seconds = time.perf_counter() - started
     report |= {
-        "attribution": attribution
-        | {"other_world": {"macro_f1": None, "reason": OTHER_WORLD_REASON}},
+        "attribution": attribution,
         "base_concepts": concepts,
         "seconds": round(seconds, 1),
         "cycle": {

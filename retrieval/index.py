@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -285,6 +286,35 @@ def count_tags(
         )
         for point in page:
             counts.update(set((point.payload or {}).get("tags") or []))
+        if offset is None:
+            return counts
+
+
+TERM = re.compile(r"[^\W_]+")
+"""A term of a text: a run of letters and digits (compared case-folded)."""
+
+
+def terms(text: str) -> set[str]:
+    """The distinct terms of ``text``, case-folded."""
+    return set(TERM.findall(text.casefold()))
+
+
+def count_terms(
+    client: QdrantClient, name: str, split: str, *, dataset: str | None = None
+) -> Counter[str]:
+    """Per term, how many points of ``split`` (of ``dataset``, when given) in collection
+    ``name`` have it in their ``text`` (a scroll, one page of payloads in memory at a time)."""
+    where = _where(split, dataset=dataset)
+    counts: Counter[str] = Counter()
+    offset = None
+    while True:
+        page, offset = client.scroll(
+            name, scroll_filter=where, limit=1024, offset=offset, with_payload=["text"]
+        )
+        for point in page:
+            text = (point.payload or {}).get("text")
+            if isinstance(text, str):
+                counts.update(terms(text))
         if offset is None:
             return counts
 

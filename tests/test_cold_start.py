@@ -21,7 +21,7 @@ from flywheel.adapters.base import AdapterContext
 from flywheel.adapters.datasets import write_records
 from flywheel.adapters.native import LocalReward
 from flywheel.attribution.classifier import TrackClassifier
-from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
+from flywheel.attribution.evidence import CaseView, Evidence, Rarity, ScarcityProbe
 from flywheel.attribution.rules import (
     COLD_START_REF,
     REWARD,
@@ -38,7 +38,6 @@ from flywheel.attribution.service import (
     override_route,
 )
 from flywheel.attribution.stack_evidence import (
-    Rarity,
     corpus_scarcity,
     gather_stack_evidence,
     reward_ranks,

@@ -32,52 +32,47 @@ from flywheel.db.models import Track
 
 TRACKS: tuple[Track, ...] = (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER)
 
-SKILLS: tuple[str, ...] = (
-    "shape", "colour", "count", "relation", "text-latin", "text-logographic", "editing", "terse",
-)  # fmt: skip
-"""Skills with a feature column of their own (the benchmark categories of T2I evaluation, as
-the world's suites name them; a test keeps them equal to the world's). A case with another
-skill, or none, has every skill column 0."""
-
 FEATURES: tuple[str, ...] = (
-    "rewrite_changed",
     "rewrite_gain",
     "rewrite_fixed",
     "scarcity",
     "scarcity_known",
-    "concept_rarity",
-    "concept_known",
+    "term_rarity",
+    "term_known",
     "reward_rank",
+    "slice_disagreement",
     "from_evaluation",
     "from_feedback",
     "from_mining",
     "negative_feedback",
     "editing",
     *(f"flag_{f}" for f in FLAGS),
-    *(f"skill_{s}" for s in SKILLS),
 )
-"""The classifier's inputs, in column order."""
+"""The classifier's inputs, in column order: counterfactual and measured evidence only. Not
+among them, because each restates how a track's label is defined rather than measuring
+anything: whether the rewriter changed the prompt (it changes exactly the words it knows),
+the concept rarity of the corpus' tags (the tags that define a gap) and the case's skill (in
+the world, which skills the reward cannot see is the RL label's definition)."""
 
 
 def features(evidence: Evidence) -> list[float]:
     """One row of :data:`FEATURES`."""
     sources = evidence.sources
     return [
-        float(evidence.rewrite_changed),
         evidence.rewrite_gain,
         float(evidence.rewrite_fixed),
         evidence.scarcity if evidence.scarcity is not None else 0.5,
         float(evidence.scarcity is not None),
-        min(evidence.concept_rarity, 2.0) if evidence.concept_rarity is not None else 1.0,
-        float(evidence.concept_rarity is not None),
+        min(evidence.term_rarity, 2.0) if evidence.term_rarity is not None else 1.0,
+        float(evidence.term_rarity is not None),
         evidence.reward_rank,
+        evidence.slice_disagreement if evidence.slice_disagreement is not None else 0.5,
         float(sources.get("evaluation", 0) > 0),
         float(sources.get("feedback", 0) > 0),
         float(sources.get("mining", 0) > 0),
         float(evidence.negative_feedback > 0),
         float(evidence.editing),
         *(float(f in evidence.flags) for f in FLAGS),
-        *(float(evidence.skill == s) for s in SKILLS),
     ]
 
 

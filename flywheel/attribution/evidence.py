@@ -1,26 +1,32 @@
-"""The evidence behind a routing decision, gathered per failure case.
+"""The evidence behind a routing decision, gathered per failure case — counterfactual
+evidence, measured, never read off how a track's label is defined.
 
 - **Rewrite test**: the case's prompt is rewritten by a strong rewriter (the project's
-  enhancer on a team's stack; the world's reference rewriter in the embedded world). Where
-  that changes the prompt, both prompts are generated and judged (a team's judge; the
-  world's evaluator when the case carries its intended scene, else the reward's rank). A
-  large gain says the model could draw it when asked the right way: a prompt-enhancer
-  problem.
+  enhancer on a team's stack; in the embedded world a general colour lexicon,
+  :mod:`flywheel.world.lexicon`, that knows no world's file). Where that changes the prompt,
+  the rewritten prompt is generated again at the same noise and both images are judged (a
+  team's judge; the world's evaluator when the case carries its intended scene, else the
+  reward's rank). A large gain says the model could draw it when asked the right way: a
+  prompt-enhancer problem.
 - **Scarcity** of the rewritten prompt in the training corpus (:mod:`retrieval.scarcity`):
-  a concept the corpus barely has is a pretraining gap. Embedding density alone is weak
-  where one word makes the difference ("purple square" sits among "blue square"s), so the
-  **concept rarity** (the tag count of the rarest concept the prompt names, over the median
-  concept's) is asked too.
-- **Reward agreement**: the rank the reward model gives the failing image (generated from
-  the case's prompt) under its rewritten prompt against the batch's other prompts. A failure
-  the reward ranks high is one the reward cannot see — reward and humans (or the evaluator)
-  disagree: a reward / RL problem.
-- **Signal metadata**: which sources reported it, negative feedback, flags, the skill.
+  embedding density over the corpus index, and the **term rarity** (:func:`term_rarity`: the
+  share of corpus captions holding the prompt's rarest word, every word alike; embedding
+  density alone hardly moves when one word makes the difference, "purple square" among "blue
+  square"s): a concept the corpus barely has is a pretraining gap. (The **concept rarity** of
+  the corpus' tags is kept for the reviewer and the cold-start rules, not as a classifier
+  feature: in the world the tags are what define the gap.)
+- **Reward-human disagreement**: the rank the reward model gives the failing image (generated
+  from the case's prompt) under its rewritten prompt against the batch's other prompts, and
+  per slice (:func:`slice_of`: the cases of one skill, or of one feedback flag) its mean over
+  the slice's failures. Every case is a failure humans (or the evaluator) saw; a slice the
+  reward ranks high is one the reward cannot see: a reward / RL problem.
+- **Signal metadata**: which sources reported it, negative feedback, flags.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, JsonValue
@@ -28,6 +34,7 @@ from qdrant_client import QdrantClient
 
 from flywheel.db.models import Task
 from retrieval.embedding import TextEmbedder
+from retrieval.index import CORPUS, count_terms, terms
 from retrieval.scarcity import Calibration, ScarcityConfig, diagnose
 
 FLAGS = ("text_wrong", "artifact", "ignored_instruction", "wrong_count", "wrong_color", "other")
@@ -79,6 +86,9 @@ class Evidence(BaseModel):
     """Of the rewritten prompt (None: no corpus index to ask)."""
     nearest_corpus: list[str]
     """The corpus captions nearest to the rewritten prompt."""
+    term_rarity: float | None = None
+    """Corpus captions containing the rewritten prompt's rarest term, over the median term's
+    (:func:`term_rarity`; None: no index)."""
     concept_rarity: float | None = None
     """Corpus count of the rarest concept the rewritten prompt names, over the median
     concept's (tag counts: 1 is ordinary, near 0 is a gap; None: it names none, or no
@@ -87,11 +97,69 @@ class Evidence(BaseModel):
     """Share of the batch's other rewritten prompts the failing image scores below its own
     rewritten prompt under the reward (1: the reward sees nothing wrong; 0.5: no other
     prompt to compare with)."""
+    slice_disagreement: float | None = None
+    """Mean :attr:`reward_rank` of the failing cases gathered with this one in its slice
+    (:func:`slice_of`), shrunk toward 0.5 by :data:`SLICE_PRIOR` pseudo-cases (None: editing,
+    nothing drawn)."""
     skill: str | None
     sources: dict[str, int]
     negative_feedback: int
     flags: list[str]
     editing: bool
+
+
+Rarity = Callable[[Sequence[str]], list[float | None]]
+"""Per prompt, a rarity in the corpus (None: nothing to say)."""
+
+
+def term_rarity(client: QdrantClient, collection: str, *, dataset: str | None = None) -> Rarity:
+    """Term scarcity of a prompt in the corpus index's own text: how many train-split
+    (``corpus``) captions contain the prompt's rarest term, over the median term's count — about
+    1 for ordinary words, near 0 for a word the corpus barely has (0: never). Every term counts
+    alike (no list of concepts, no tags); the counts are read once, now. None for a prompt
+    without terms, or an index without text."""
+    counts = count_terms(client, collection, CORPUS, dataset=dataset)
+    median = statistics.median(counts.values()) if counts else 0.0
+
+    def rarity(prompts: Sequence[str]) -> list[float | None]:
+        out: list[float | None] = []
+        for prompt in prompts:
+            found = terms(prompt)
+            out.append(min(counts[t] for t in found) / median if found and median else None)
+        return out
+
+    return rarity
+
+
+SLICE_PRIOR = 2.0
+"""Pseudo-cases at rank 0.5 a slice's mean disagreement is shrunk with (a slice of one case
+says little)."""
+
+
+def slice_of(skill: str | None, flags: Sequence[str]) -> str:
+    """The slice a failure is pooled in for the reward-human disagreement: its skill
+    (``skill:count``), else its first flag (``flag:wrong_color``), else ``unlabelled``."""
+    if skill:
+        return f"skill:{skill}"
+    if flags:
+        return f"flag:{sorted(flags)[0]}"
+    return "unlabelled"
+
+
+def with_slice_disagreement(evidence: Sequence[Evidence]) -> list[Evidence]:
+    """``evidence`` with :attr:`Evidence.slice_disagreement` filled: per slice, the mean
+    reward rank of its drawn cases, shrunk toward 0.5 by :data:`SLICE_PRIOR` pseudo-cases."""
+    ranks: dict[str, list[float]] = {}
+    for item in evidence:
+        if not item.editing:
+            ranks.setdefault(slice_of(item.skill, item.flags), []).append(item.reward_rank)
+    means = {k: (sum(v) + 0.5 * SLICE_PRIOR) / (len(v) + SLICE_PRIOR) for k, v in ranks.items()}
+    return [
+        item
+        if item.editing
+        else item.model_copy(update={"slice_disagreement": means[slice_of(item.skill, item.flags)]})
+        for item in evidence
+    ]
 
 
 @dataclass(kw_only=True, slots=True)

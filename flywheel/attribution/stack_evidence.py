@@ -10,8 +10,11 @@ Evidence` as the embedded world's, computed through the ports alone.
 - **Reward agreement**: the rank the project's reward gives the failing image under its own
   rewritten prompt among the batch's rewritten prompts (:func:`reward_ranks`).
 - **Scarcity** of the rewritten prompt in the corpus (:func:`corpus_scarcity`: the corpus'
-  rich captions indexed, embedding density) and its **concept rarity** (:func:`tag_rarity`:
-  the corpus' own tags).
+  rich captions indexed, embedding density), its **term rarity** (:func:`~flywheel.
+  attribution.evidence.term_rarity`: the captions' own words) and its **concept rarity**
+  (:func:`tag_rarity`: the corpus' own tags; for the reviewer and the cold-start rules).
+- **Reward-human disagreement per slice**: the mean reward rank of the failures of each
+  skill or flag (:func:`~flywheel.attribution.evidence.with_slice_disagreement`).
 - Editing cases are not generated (no input image here): the rewrite test is skipped
   (``scored_by = "none"``) and their instruction is not rewritten.
 
@@ -24,13 +27,19 @@ from __future__ import annotations
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from qdrant_client import QdrantClient
 from torch import Tensor
 
-from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
+from flywheel.attribution.evidence import (
+    CaseView,
+    Evidence,
+    Rarity,
+    ScarcityProbe,
+    with_slice_disagreement,
+)
 from flywheel.db.models import Task
 from flywheel.parts import Parts, index_corpus
 from flywheel.ports import JudgeRequest, PortError, RewardModel, Verdict
@@ -40,9 +49,6 @@ from retrieval.index import CORPUS, POOL, count_tags
 from retrieval.scarcity import ScarcityConfig, calibration_for
 from retrieval.store import QdrantConfig, collection_name
 
-Rarity = Callable[[Sequence[str]], list[float | None]]
-"""Per prompt, :attr:`Evidence.concept_rarity` (None: it names no known concept)."""
-
 
 def gather_stack_evidence(
     views: Sequence[CaseView],
@@ -50,6 +56,7 @@ def gather_stack_evidence(
     *,
     scarcity: ScarcityProbe | None,
     rarity: Rarity | None,
+    term_rarity: Rarity | None = None,
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[Evidence]:
@@ -60,9 +67,14 @@ def gather_stack_evidence(
     out: list[Evidence] = []
     for k, batch in enumerate(rank_batches(len(views), batch_size)):
         out += _gather_batch(
-            [views[i] for i in batch], parts, scarcity=scarcity, rarity=rarity, seed=seed + k
+            [views[i] for i in batch],
+            parts,
+            scarcity=scarcity,
+            rarity=rarity,
+            term_rarity=term_rarity,
+            seed=seed + k,
         )
-    return out
+    return with_slice_disagreement(out)
 
 
 _PAIR_FLOATS = 1 << 26
@@ -99,6 +111,7 @@ def _gather_batch(
     *,
     scarcity: ScarcityProbe | None,
     rarity: Rarity | None,
+    term_rarity: Rarity | None,
     seed: int,
 ) -> list[Evidence]:
     prompts = [v.prompt for v in views]
@@ -141,6 +154,7 @@ def _gather_batch(
         ranks = dict(zip(drawn, reward_ranks(parts.reward, images, references), strict=True))
     dense = scarcity(rewritten) if scarcity is not None else None
     rare = rarity(rewritten) if rarity is not None else [None] * len(views)
+    scarce_terms = term_rarity(rewritten) if term_rarity is not None else [None] * len(views)
     out = []
     for i, view in enumerate(views):
         verdict = verdicts.get(i)
@@ -163,6 +177,7 @@ def _gather_batch(
                 rewrite_fixed=fixed,
                 scarcity=dense[i][0] if dense is not None else None,
                 nearest_corpus=dense[i][1] if dense is not None else [],
+                term_rarity=scarce_terms[i],
                 concept_rarity=rare[i],
                 reward_rank=ranks.get(i, 0.5),
                 skill=view.skill,

@@ -67,15 +67,34 @@ def measure_command(
     corpus: Annotated[int, typer.Option(min=10, help="Corpus captions to index.")] = 1500,
     model: ModelOption = None,
     reward: RewardOption = None,
+    on_world: Annotated[
+        str | None,
+        typer.Option(
+            "--on-world",
+            help="Measure on this world (a file or a shipped world's name) with its shipped "
+            "base, instead of the model's own world.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Fit the classifier on one labeled set of the world's weaknesses, measure it on another
-    (per-track precision / recall / F1, macro-F1, calibration error)."""
+    """Fit the classifier on one labeled set of the model's world's weaknesses, measure it on
+    another — of another seed band, or of another world (``--on-world``: its base, corpus,
+    rare concepts, users' words and reward bias) — per-track precision / recall / F1,
+    macro-F1, calibration error."""
     from flywheel.attribution.classifier import NotEnoughExamplesError, fit_classifier, measure
+    from flywheel.world.base_model import ShippedBase, shipped_base_of, world_base_config
+    from flywheel.world.definition import (
+        WorldDefinition,
+        WorldFileError,
+        load_world,
+        world_file,
+        world_of,
+    )
     from flywheel.world.loop.attribution import (
         LabeledSetConfig,
         labeled_examples,
         world_evidence_tools,
+        world_labeled_set,
         world_scarcity,
     )
     from retrieval.embedding import TextEmbedder
@@ -83,12 +102,42 @@ def measure_command(
     if train_band == test_band:
         fail("--train-band and --test-band must differ (the held-out set is another band)")
     generator, reward_dir = _directories(model, reward)
+    world = world_of(generator)
+    elsewhere: WorldDefinition | None = None
+    shipped: ShippedBase | None = None
+    if on_world is not None:
+        try:
+            elsewhere = load_world(world_file(on_world))
+        except WorldFileError as exc:
+            fail(str(exc))
+        if elsewhere.name == world.name:
+            fail(f"--on-world {on_world} is the model's own world; name another")
+        shipped = shipped_base_of(elsewhere.name)
+        if shipped is None:
+            fail(
+                f"no base of the {elsewhere.name} world ships; build one with flywheel world "
+                f"base --world {on_world} --out DIR --ship"
+            )
+    embedder = TextEmbedder()
+    test_config = LabeledSetConfig(per_track=per_track, band=test_band, seed=1)
     with qdrant() as (client, config):
-        probe = world_scarcity(client, config, TextEmbedder(), corpus=corpus)
+        probe = world_scarcity(
+            client, config, embedder, corpus=corpus, base=world_base_config(world)
+        )
         tools = world_evidence_tools(generator, reward_dir=reward_dir, scarcity=probe)
-        train = labeled_examples(tools, LabeledSetConfig(per_track=per_track, band=train_band))
-        test = labeled_examples(
-            tools, LabeledSetConfig(per_track=per_track, band=test_band, seed=1)
+        train = labeled_examples(
+            tools, LabeledSetConfig(per_track=per_track, band=train_band), world=world
+        )
+        if elsewhere is None:
+            test = labeled_examples(tools, test_config, world=world)
+    if elsewhere is not None and shipped is not None:
+        test = world_labeled_set(
+            elsewhere,
+            generator=shipped.generator,
+            reward=shipped.reward,
+            config=test_config,
+            embedder=embedder,
+            corpus=corpus,
         )
     try:
         classifier = fit_classifier(train)
@@ -102,6 +151,8 @@ def measure_command(
     console.print(
         f"accuracy {metrics.accuracy:.3f}, calibration error {metrics.calibration_error:.3f}, "
         f"{metrics.cases} held-out cases"
+        + (f" of the {elsewhere.name} world" if elsewhere is not None else ""),
+        highlight=False,
     )
     console.print(f"macro-F1 {metrics.macro_f1:.3f}")
 

@@ -107,15 +107,34 @@ def demo(
         Path | None,
         typer.Option("--config", help="JSON file of cycle settings (CycleConfig fields)."),
     ] = None,
+    world: Annotated[
+        str | None,
+        typer.Option(
+            "--world",
+            help="World file, or a shipped world's name (default, other); default: the "
+            "default world, or --base's.",
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            help="A build directory of `flywheel world base` (generator/, reward/, enhancer/) "
+            "to serve instead of the shipped base; needed for a world other than the default.",
+        ),
+    ] = None,
 ) -> None:
-    """A complete flywheel cycle on the embedded default with the shipped base: evaluate,
-    ingest feedback through the API, mine, attribute, run the three tracks' rounds,
-    re-evaluate, promote (the final review is approved automatically: demo mode only),
-    print a before / after table per track and, last, the goals table."""
+    """A complete flywheel cycle on the embedded default with the shipped base (or, with
+    --base, a world's build): evaluate, ingest feedback through the API, mine, attribute, run
+    the three tracks' rounds, re-evaluate, promote (the final review is approved
+    automatically: demo mode only), print a before / after table per track and, last, the
+    goals table."""
     from flywheel.cli.cycle import load_cycle_config
+    from flywheel.cli.world import demo_base
     from flywheel.demo import run_demo
     from flywheel.settings import prefect_environment
 
+    base_dir = demo_base(world, base)
     config = load_cycle_config(config_file, auto_approve=True)
     settings = get_settings()
     with database(settings):
@@ -130,6 +149,7 @@ def demo(
         probes=probes,
         concept_probes=concept_probes,
         report_file=report,
+        base_dir=base_dir,
     )
 
 

@@ -113,12 +113,15 @@ def world_base(
     ] = None,
     ship: Annotated[
         bool,
-        typer.Option("--ship", help="Copy the generator and reward model to where they ship."),
+        typer.Option(
+            "--ship",
+            help="Copy the generator, reward model and enhancer to where the world's base "
+            "ships (another world's: flywheel/world/weights/<name>/).",
+        ),
     ] = False,
 ) -> None:
     """Train a world's base generator, reward model and prompt enhancer from scratch."""
-    from flywheel.world.base_model import RECIPES, build_world_base, world_base_config
-    from flywheel.world.base_model import ship as ship_build
+    from flywheel.world.base_model import RECIPES, build_world_base, ship_world, world_base_config
     from flywheel.world.definition import Recipe
 
     if recipe is not None and recipe not in RECIPES:
@@ -135,7 +138,7 @@ def world_base(
         fail(str(exc).splitlines()[0])
     console.print(f"world {definition.name}: generator {generator}", highlight=False)
     if ship:
-        shipped = ship_build(out)
+        shipped = ship_world(out, definition)
         console.print(f"shipped: {', '.join(str(p) for p in shipped)}", highlight=False)
 
 
@@ -175,6 +178,61 @@ def _load_world(value: str) -> WorldDefinition:
         return load_world(world_file(value))
     except WorldFileError as exc:
         fail(str(exc))
+
+
+def demo_base(world: str | None, base: Path | None) -> Path | None:
+    """The build directory ``flywheel demo --world W --base DIR`` serves (None: the shipped
+    base; another world's shipped base when ``W`` is one without ``--base``); exit 2 with a
+    one-line reason when ``W`` cannot be read, when another world than the default has no
+    ``--base`` and no shipped base, when ``DIR`` lacks a part of a build, or when ``DIR`` is a
+    build of another world than ``W``. Without ``--world``, a ``--base`` runs on its own
+    world."""
+    from flywheel.demo import BUILD_PARTS
+    from flywheel.world.base_model import SHIPPED_WORLDS_DIR, shipped_base_of
+    from flywheel.world.definition import WORLD_FILE, WorldFileError, default_world, world_of
+
+    definition = _load_world(world) if world is not None else None
+    if base is None:
+        if definition is None or _same_world(definition, default_world()):
+            return None
+        shipped = SHIPPED_WORLDS_DIR / definition.name
+        if shipped_base_of(definition.name) is None or not _same_world(
+            world_of(shipped), definition
+        ):
+            fail(
+                f"world {definition.name!r} has no shipped base: build one with `flywheel "
+                f"world base --world {world} --out DIR` and pass --base DIR"
+            )
+        base = shipped
+    if not base.is_dir():
+        fail(f"--base {base}: not a directory (a build of `flywheel world base --out DIR`)")
+    missing = [f"{part}/" for part in BUILD_PARTS if not (base / part).is_dir()]
+    if missing:
+        fail(
+            f"--base {base}: no {', '.join(missing)} (a build of `flywheel world base` holds "
+            f"{', '.join(f'{part}/' for part in BUILD_PARTS)})"
+        )
+    try:
+        recorded, generator = world_of(base), world_of(base / "generator")
+    except WorldFileError as exc:
+        fail(str(exc))
+    if not _same_world(recorded, generator):
+        fail(
+            f"--base {base}: its generator/{WORLD_FILE} is of world {generator.name!r}, its "
+            f"{WORLD_FILE} of {recorded.name!r}"
+        )
+    if definition is not None and not _same_world(recorded, definition):
+        fail(
+            f"--base {base} is a build of world {recorded.name!r}, not of --world {world} "
+            f"({definition.name!r}): build one with `flywheel world base --world {world} --out "
+            "DIR`"
+        )
+    return base
+
+
+def _same_world(one: WorldDefinition, other: WorldDefinition) -> bool:
+    """Whether two worlds are the same, the recipe they are built with aside."""
+    return one.model_copy(update={"recipe": other.recipe}) == other
 
 
 @world_app.command("weaknesses")

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from qdrant_client import QdrantClient
 from sqlalchemy.orm import Session
 
+from flywheel.attribution.evidence import term_rarity
 from flywheel.attribution.rules import RuleRouterConfig, cold_start_router
 from flywheel.attribution.service import AttributionReport, attribute_open_cases
 from flywheel.attribution.stack_evidence import (
@@ -136,11 +137,17 @@ def attribute_cases(
     assign_themes(session, embedder=embedder)
     probe = corpus_scarcity(parts, client, qdrant, embedder)
     rarity = tag_rarity(client, collection_name(qdrant, "prompts"))
+    scarce_terms = term_rarity(client, collection_name(qdrant, "prompts"))
     router = cold_start_router(session, RuleRouterConfig(min_confidence=config.min_confidence))
     attributed: AttributionReport = attribute_open_cases(
         session,
         gather=lambda views: gather_stack_evidence(
-            views, parts, scarcity=probe, rarity=rarity, seed=config.seed
+            views,
+            parts,
+            scarcity=probe,
+            rarity=rarity,
+            term_rarity=scarce_terms,
+            seed=config.seed,
         ),
         classifier=router,
     )

@@ -13,6 +13,10 @@ file names these adapters by string and imports them only when a part is built.
   scene seeds, images rendered on demand;
 - degrader: the users' words (terse caption, colours said otherwise);
 - synthesizer: scenes drawn with the concept made common.
+
+The corpus, degrader and synthesizer are the default world's unless their ``world`` setting
+names another (a world file, or a shipped world's name: ``world = "other"``): its base's
+corpus and pool, its users' words, its scenes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flywheel.ports import (
     ElementVerdict,
     JudgeRequest,
     PortError,
+    PortName,
     SuitePrompt,
     Verdict,
 )
@@ -42,15 +47,17 @@ from flywheel.world.base_model import (
     BASE_REWARD,
     WorldBaseConfig,
     world_base,
+    world_base_config,
     world_enhancer_config,
 )
 from flywheel.world.benchmark import SUITES as SUITE_NAMES
 from flywheel.world.benchmark import BenchmarkCase, skill_elements, suite
 from flywheel.world.corpus import reweighted, scene_seeds, scene_tags
+from flywheel.world.definition import WorldDefinition, WorldFileError, load_world, world_file
 from flywheel.world.evaluation import BASE_MODEL, image_tensor, score_case
 from flywheel.world.evaluator import load_evaluator
 from flywheel.world.scenes import COLOURS, SHAPES, SceneConfig, captions, render, sample_scene
-from flywheel.world.vocabulary import to_user_words
+from flywheel.world.vocabulary import DEFAULT_VOCABULARY, Vocabulary
 
 WORLD_URI = "world:"
 """Corpus images are named ``world:<split>:<scene seed>`` and rendered when read."""
@@ -190,10 +197,37 @@ ENHANCER = Adapter(
 )
 
 
+# ---- the world of the corpus, degrader and synthesizer -----------------------------------------
+
+
+class WorldSettings(AdapterSettings):
+    world: str | None = None
+    """A world file (resolved against the project's directory) or a shipped world's name
+    (``default``, ``other``); default: the default world."""
+
+
+def settings_world(
+    settings: WorldSettings, context: AdapterContext, *, port: PortName
+) -> WorldDefinition | None:
+    """The world ``settings.world`` names (None: the default world); a world file that cannot
+    be read is a :class:`PortError` of ``port`` naming the file and the field."""
+    if settings.world is None:
+        return None
+    path = context.path(settings.world)
+    try:
+        return load_world(world_file(path if path.exists() else settings.world))
+    except WorldFileError as exc:
+        raise PortError(port, str(exc)) from None
+
+
+def _base_of(world: WorldDefinition | None) -> WorldBaseConfig:
+    return world_base() if world is None else world_base_config(world)
+
+
 # ---- corpus ----------------------------------------------------------------------------------
 
 
-class WorldCorpusSettings(AdapterSettings):
+class WorldCorpusSettings(WorldSettings):
     train: int = Field(default=1500, ge=1)
     """Scenes of the base corpus served as the training split."""
     pool: int = Field(default=2000, ge=1)
@@ -201,11 +235,18 @@ class WorldCorpusSettings(AdapterSettings):
 
 
 class WorldCorpus:
-    """The base's corpus and pool: captions and tags from scene seeds, images rendered."""
+    """The base's corpus and pool: captions and tags from scene seeds, images rendered (the
+    base of ``world``, the default world's when None, unless ``base`` is given)."""
 
-    def __init__(self, settings: WorldCorpusSettings, base: WorldBaseConfig | None = None):
+    def __init__(
+        self,
+        settings: WorldCorpusSettings,
+        base: WorldBaseConfig | None = None,
+        *,
+        world: WorldDefinition | None = None,
+    ):
         self._settings = settings
-        self._base = base or world_base()
+        self._base = base or _base_of(world)
 
     @property
     def name(self) -> str:
@@ -244,7 +285,9 @@ class WorldCorpus:
 
 CORPUS = Adapter(
     settings=WorldCorpusSettings,
-    build=lambda settings, context: WorldCorpus(settings),
+    build=lambda settings, context: WorldCorpus(
+        settings, world=settings_world(settings, context, port="corpus")
+    ),
     summary="the world base's corpus and candidate pool",
 )
 
@@ -254,13 +297,18 @@ CORPUS = Adapter(
 _KIND = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES) + r")s?\b")
 
 
-class WorldDegraderSettings(AdapterSettings):
+class WorldDegraderSettings(WorldSettings):
     pass
 
 
 class WorldDegrader:
     """Rich world captions to what users type: the kinds (colour shape) named, in the users'
-    colour words."""
+    colour words (those of ``world``; the default world's when None)."""
+
+    def __init__(self, *, world: WorldDefinition | None = None) -> None:
+        self._vocabulary: Vocabulary = (
+            DEFAULT_VOCABULARY if world is None else world.user_vocabulary()
+        )
 
     def degrade(self, captions: Sequence[str], *, seed: int) -> list[str]:
         rng = random.Random(seed)
@@ -268,13 +316,16 @@ class WorldDegrader:
         for caption in captions:
             head = caption.split(". ")[0]
             kinds = list(dict.fromkeys(f"{c} {s}" for c, s in _KIND.findall(head)))
-            out.append(to_user_words(", ".join(kinds) if kinds else "background", rng))
+            said = ", ".join(kinds) if kinds else "background"
+            out.append(self._vocabulary.to_user_words(said, rng))
         return out
 
 
 DEGRADER = Adapter(
     settings=WorldDegraderSettings,
-    build=lambda settings, context: WorldDegrader(),
+    build=lambda settings, context: WorldDegrader(
+        world=settings_world(settings, context, port="degrader")
+    ),
     summary="the world users' words (terse, colours said otherwise)",
 )
 
@@ -282,7 +333,7 @@ DEGRADER = Adapter(
 # ---- synthesizer -----------------------------------------------------------------------------
 
 
-class WorldSynthesizerSettings(AdapterSettings):
+class WorldSynthesizerSettings(WorldSettings):
     weight: float = Field(default=30.0, gt=0)
     """Weight of the concept (a common one's is 1) in the scenes drawn."""
 
@@ -290,9 +341,15 @@ class WorldSynthesizerSettings(AdapterSettings):
 class WorldSynthesizer:
     """New world scenes showing a concept (``colour:<c>`` / ``shape:<s>`` or a bare colour)."""
 
-    def __init__(self, settings: WorldSynthesizerSettings, base: WorldBaseConfig | None = None):
+    def __init__(
+        self,
+        settings: WorldSynthesizerSettings,
+        base: WorldBaseConfig | None = None,
+        *,
+        world: WorldDefinition | None = None,
+    ):
         self._settings = settings
-        self._base = base or world_base()
+        self._base = base or _base_of(world)
 
     @cached_property
     def _concepts(self) -> set[str]:
@@ -336,6 +393,8 @@ class WorldSynthesizer:
 
 SYNTHESIZER = Adapter(
     settings=WorldSynthesizerSettings,
-    build=lambda settings, context: WorldSynthesizer(settings),
+    build=lambda settings, context: WorldSynthesizer(
+        settings, world=settings_world(settings, context, port="synthesizer")
+    ),
     summary="world scenes drawn with the concept made common",
 )

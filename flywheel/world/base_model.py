@@ -659,6 +659,50 @@ def _write_corpus_once(directory: Path, console: Console, *, count: int, **optio
     write_world_corpus(directory, count=count, **options)
 
 
+SHIPPED_WORLDS_DIR = BASE_MODEL.parent
+"""Where another world's shipped base lives: ``<this>/<world name>/`` (a build's
+``generator/``, ``reward/``, ``enhancer/`` and ``world.toml``); the default world's is
+:data:`BASE_MODEL`, :data:`BASE_REWARD`, :data:`BASE_ENHANCER`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedBase:
+    """Where a world's shipped base model lives."""
+
+    generator: Path
+    reward: Path
+    enhancer: Path
+
+
+def shipped_base_of(world: str) -> ShippedBase | None:
+    """The shipped base of the world named ``world`` (None: none ships)."""
+    if world == "default":
+        return ShippedBase(generator=BASE_MODEL, reward=BASE_REWARD, enhancer=BASE_ENHANCER)
+    root = SHIPPED_WORLDS_DIR / world
+    if not (root / GENERATOR_DIR / CONFIG_FILE).is_file():
+        return None
+    return ShippedBase(
+        generator=root / GENERATOR_DIR, reward=root / REWARD_DIR, enhancer=root / ENHANCER_DIR
+    )
+
+
+def ship_world(build: str | Path, world: WorldDefinition) -> tuple[Path, Path, Path]:
+    """:func:`ship` a build of ``world`` to where its base ships (the default world's to the
+    package's base; another's to ``SHIPPED_WORLDS_DIR/<name>/``, with its ``world.toml``)."""
+    if world.name == "default":
+        return ship(build)
+    root = SHIPPED_WORLDS_DIR / world.name
+    root.mkdir(parents=True, exist_ok=True)
+    shipped = ship(
+        build,
+        generator_to=root / GENERATOR_DIR,
+        reward_to=root / REWARD_DIR,
+        enhancer_to=root / ENHANCER_DIR,
+    )
+    shutil.copyfile(Path(build) / WORLD_FILE, root / WORLD_FILE)
+    return shipped
+
+
 def ship(
     build: str | Path,
     *,

@@ -23,32 +23,31 @@ import json
 import random
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qdrant_client import QdrantClient
 
-from flywheel.attribution.evidence import CaseView, Evidence, ScarcityProbe
+from flywheel.attribution.evidence import CaseView, Evidence, Rarity, ScarcityProbe, term_rarity
 from flywheel.db.models import Task, Track
 from flywheel.world.base_model import WorldBaseConfig, world_base
-from flywheel.world.benchmark import BenchmarkCase, build_case
+from flywheel.world.benchmark import BenchmarkCase, Skill, build_case
 from flywheel.world.corpus import scene_seeds, scene_tags
+from flywheel.world.definition import WorldDefinition, default_world, dump_world
 from flywheel.world.evaluation import generate_cases, score_case
 from flywheel.world.loop.evidence import EvidenceTools, gather_evidence
-from flywheel.world.scenes import COLOURS, SceneConfig, captions, sample_scene
-from flywheel.world.vocabulary import to_user_words
+from flywheel.world.scenes import COLOURS, SHAPES, SceneConfig, captions, sample_scene
 from retrieval.embedding import TextEmbedder, weights_digest
 from retrieval.index import CORPUS, Embedders, IndexItem, Split, count_tagged, index_items
 from retrieval.scarcity import ScarcityConfig, calibration_for
 from retrieval.store import QdrantConfig, collection_name
 from training.io import atomic_write_bytes
 
-Rarity = Callable[[Sequence[str]], list[float | None]]
-
-LABELS_VERSION = 2
+LABELS_VERSION = 3
 """Bumped whenever the labeled set or the evidence changes meaning (invalidates the cached
-seed sets): 2 — common-colour failures are RL examples; concept rarity is evidence."""
+seed sets): 2 — common-colour failures are RL examples; concept rarity is evidence; 3 — the
+general lexicon rewrites, the slice disagreement is evidence."""
 
 WORLD_CORPUS = "world-base"
 """The dataset name the base corpus' captions are indexed under."""
@@ -109,8 +108,6 @@ class LabeledSetConfig:
     """Seed band of the probes (a held-out set takes another band)."""
     feedback_share: float = 0.34
     """Share of the cases presented as user feedback (no intended scene)."""
-    rare: str = "purple"
-    """The corpus' rare colour."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -121,29 +118,58 @@ class LabeledSetConfig:
             raise ValueError("LabeledSetConfig.feedback_share must be in [0, 1]")
 
 
-def _candidates(config: LabeledSetConfig, rng: random.Random) -> list[tuple[BenchmarkCase, Track]]:
-    """Probes of each weakness, more than needed (some pass and are dropped)."""
+RL_SKILLS: tuple[Skill, ...] = ("count", "relation")
+"""Probe skills whose failures are the RL track's where the world's reward is blind to them."""
+
+
+def _candidates(
+    config: LabeledSetConfig, world: WorldDefinition, rng: random.Random
+) -> list[tuple[BenchmarkCase, Track]]:
+    """Probes of each of ``world``'s weaknesses, more than needed (some pass and are
+    dropped): its rare colours' and shapes' probes (the gap), its common colours in its users'
+    words (the enhancer) and, for RL, the skills its reward is blind to and the common colours
+    in the captions' words (drawn, but unreliably: a verifiable reward sharpens them). An
+    enhancer or RL probe that also shows a rare concept is left out: its failure would have
+    two causes and its label only one."""
     n = config.per_track * 2
+    vocabulary = world.user_vocabulary()
+    rare = {f"colour:{c}" for c in world.rare.colours} | {f"shape:{s}" for s in world.rare.shapes}
+
+    def clean(case: BenchmarkCase) -> bool:
+        """The case shows none of the rare concepts: its failure has one cause."""
+        return not rare & set(scene_tags(case.spec))
+
     out: list[tuple[BenchmarkCase, Track]] = []
     colours = [
         build_case("colour", k, band=config.band, case_id=f"labeled/colour/{k}")
         for k in range(7 * n)
     ]
-    out += [(c, Track.PRETRAINING_GAP) for c in colours if c.focus == config.rare][:n]
-    common = [c for c in colours if c.focus != config.rare]
-    for k, case in enumerate(common[:n]):
-        caption = captions(case.spec).terse if k % 2 else case.prompt
-        worded = case.model_copy(update={"prompt": to_user_words(caption, rng)})
-        out.append((worded, Track.PROMPT_ENHANCER))
-    # RL: what the reward misjudges (counts, relations) and what the generator can draw but
-    # draws unreliably (a common colour, asked in the captions' words), interleaved so the
-    # kept cases mix both.
-    rl = [(c, Track.RL) for c in common[n : 2 * n]]
-    for skill in ("count", "relation"):
-        rl += [
-            (build_case(skill, k, band=config.band, case_id=f"labeled/{skill}/{k}"), Track.RL)
-            for k in range(n // 2)
+    gap = [c for c in colours if c.focus in world.rare.colours]
+    if world.rare.shapes:
+        shapes = [
+            build_case("shape", k, band=config.band, case_id=f"labeled/shape/{k}")
+            for k in range(len(SHAPES) * n)
         ]
+        gap += [c for c in shapes if c.focus in world.rare.shapes]
+        rng.shuffle(gap)
+    out += [(c, Track.PRETRAINING_GAP) for c in gap[:n]]
+    common = [c for c in colours if c.focus not in world.rare.colours and clean(c)]
+    worded = [c for c in common if c.focus in world.vocabulary]
+    for k, case in enumerate(worded[:n]):
+        caption = captions(case.spec).terse if k % 2 else case.prompt
+        user = case.model_copy(update={"prompt": vocabulary.to_user_words(caption, rng)})
+        out.append((user, Track.PROMPT_ENHANCER))
+    # RL: what the reward misjudges and what the generator can draw but draws unreliably,
+    # interleaved so the kept cases mix both.
+    taken = {c.id for c in worded[:n]}
+    rl = [(c, Track.RL) for c in common if c.id not in taken][:n]
+    blind = [skill for skill in RL_SKILLS if skill in world.reward.blind_to()]
+    for skill in blind:
+        probes = [
+            build_case(skill, k, band=config.band, case_id=f"labeled/{skill}/{k}")
+            for k in range(2 * n // len(blind))
+        ]
+        rl += [(c, Track.RL) for c in probes if clean(c)][: n // len(blind)]
     rng.shuffle(rl)
     return out + rl
 
@@ -151,12 +177,15 @@ def _candidates(config: LabeledSetConfig, rng: random.Random) -> list[tuple[Benc
 _FLAG = {"colour": "wrong_color", "count": "wrong_count"}
 
 
-def labeled_views(tools: EvidenceTools, config: LabeledSetConfig) -> list[tuple[CaseView, Track]]:
-    """The labeled cases: probes the base fails, ``per_track`` of each track (fewer where
-    the candidates run out), a share of them as feedback."""
+def labeled_views(
+    tools: EvidenceTools, config: LabeledSetConfig, *, world: WorldDefinition | None = None
+) -> list[tuple[CaseView, Track]]:
+    """The labeled cases of ``world`` (default: the default world): probes its base (the
+    tools' generator) fails, ``per_track`` of each track (fewer where the candidates run
+    out), a share of them as feedback."""
     config.validate()
     rng = random.Random(config.seed)
-    candidates = _candidates(config, rng)
+    candidates = _candidates(config, world or default_world(), rng)
     generated = generate_cases(
         tools.generator, [c for c, _ in candidates], seed=config.seed, batch_size=tools.batch_size
     )
@@ -193,10 +222,10 @@ def labeled_views(tools: EvidenceTools, config: LabeledSetConfig) -> list[tuple[
 
 
 def labeled_examples(
-    tools: EvidenceTools, config: LabeledSetConfig
+    tools: EvidenceTools, config: LabeledSetConfig, *, world: WorldDefinition | None = None
 ) -> list[tuple[Evidence, Track]]:
     """:func:`labeled_views` with their evidence gathered."""
-    views = labeled_views(tools, config)
+    views = labeled_views(tools, config, world=world)
     evidence = gather_evidence([v for v, _ in views], tools)
     return [(e, t) for e, (_, t) in zip(evidence, views, strict=True)]
 
@@ -231,20 +260,26 @@ def world_evidence_tools(
     seed: int = 0,
 ) -> EvidenceTools:
     """The evidence tools of the world: the generator under test, the ground-truth evaluator,
-    the reward model, the reference rewriter and the corpus' scarcity."""
+    the reward model, the general colour lexicon as the rewrite test's rewriter (it knows no
+    world's users' words) and the corpus' scarcity."""
     from flywheel.world.base_model import load_world_reward
     from flywheel.world.evaluator import load_evaluator
-    from flywheel.world.vocabulary import reference_rewrites
+    from flywheel.world.lexicon import lexicon_rewrites
     from model.pipeline import Generator
 
     return EvidenceTools(
         generator=Generator.load(generator_dir),
         evaluator=load_evaluator(),
         reward=load_world_reward(reward_dir),
-        rewriter=reference_rewrites,
+        rewriter=lexicon_rewrites,
         scarcity=scarcity,
         rarity=(
             world_rarity(scarcity.client, scarcity.calibration.collection)
+            if scarcity is not None
+            else None
+        ),
+        term_rarity=(
+            term_rarity(scarcity.client, scarcity.calibration.collection, dataset=WORLD_CORPUS)
             if scarcity is not None
             else None
         ),
@@ -278,6 +313,7 @@ def seed_examples(
     reward_dir: Path,
     directory: Path,
     config: LabeledSetConfig | None = None,
+    world: WorldDefinition | None = None,
     keep: bool = True,
 ) -> list[tuple[Evidence, Track]]:
     """The labeled set as the classifier's seed examples, built once per generator, reward,
@@ -285,11 +321,17 @@ def seed_examples(
     (``labeled-<generator digest>-<key digest>.jsonl``; ``keep=False``: read if there, never
     written — a dry run)."""
     config = config or LabeledSetConfig()
+    world = world or default_world()
     identity = {
         "labels": LABELS_VERSION,
+        "world": dump_world(world),
         **{f: getattr(config, f) for f in LabeledSetConfig.__dataclass_fields__},
         "reward": weights_digest(reward_dir),
-        "tools": {"seed": tools.seed, "batch_size": tools.batch_size},
+        "tools": {
+            "seed": tools.seed,
+            "batch_size": tools.batch_size,
+            "rewrite_seeds": tools.rewrite_seeds,
+        },
         "corpus": (
             {
                 "collection": tools.scarcity.calibration.collection,
@@ -304,7 +346,34 @@ def seed_examples(
     path = directory / f"labeled-{weights_digest(generator_dir)}-{key}.jsonl"
     if path.is_file():
         return read_examples(path)
-    examples = labeled_examples(tools, config)
+    examples = labeled_examples(tools, config, world=world)
     if keep:
         write_examples(path, examples)
     return examples
+
+
+def world_labeled_set(
+    world: WorldDefinition,
+    *,
+    generator: Path,
+    reward: Path,
+    config: LabeledSetConfig,
+    embedder: TextEmbedder,
+    corpus: int = 1500,
+    seed: int = 0,
+) -> list[tuple[Evidence, Track]]:
+    """The labeled set of ``world`` drawn from its base (``generator`` and ``reward``
+    directories), its evidence gathered with that world's own corpus index (its first
+    ``corpus`` captions, in a Qdrant of its own, in memory): what a classifier fitted on
+    another world is measured on."""
+    from flywheel.world.base_model import world_base_config
+
+    client = QdrantClient(location=":memory:")
+    try:
+        probe = world_scarcity(
+            client, QdrantConfig(), embedder, corpus=corpus, base=world_base_config(world)
+        )
+        tools = world_evidence_tools(generator, reward_dir=reward, scarcity=probe, seed=seed)
+        return labeled_examples(tools, config, world=world)
+    finally:
+        client.close()

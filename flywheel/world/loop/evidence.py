@@ -1,17 +1,26 @@
-"""The embedded world's evidence tools: the rewrite test judged by the world's evaluator
-(cases that carry their intended scene) or the reward's rank, scarcity over the world
-corpus' index and the concept rarity of its tags (the features are
+"""The embedded world's evidence tools: the rewrite test (the general colour lexicon's
+rewrite, :mod:`flywheel.world.lexicon`, drawn again and judged by the world's evaluator for
+cases that carry their intended scene, else by the reward's rank), scarcity over the world
+corpus' index, the reward-human disagreement per slice, and the concept rarity of its tags
+(for the reviewer, not a classifier feature) (the features are
 :class:`~flywheel.attribution.evidence.Evidence`, the same a team's stack fills through its
 ports in :mod:`flywheel.attribution.stack_evidence`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from flywheel.attribution.evidence import CaseView, Evidence, Rewriter, ScarcityProbe
+from flywheel.attribution.evidence import (
+    CaseView,
+    Evidence,
+    Rarity,
+    Rewriter,
+    ScarcityProbe,
+    with_slice_disagreement,
+)
 from flywheel.db.models import Task
 from flywheel.world.benchmark import BenchmarkCase
 from flywheel.world.evaluation import score_case
@@ -29,10 +38,17 @@ class EvidenceTools:
     reward: AlignmentReward
     rewriter: Rewriter
     scarcity: ScarcityProbe | None = None
-    rarity: Callable[[Sequence[str]], list[float | None]] | None = None
+    rarity: Rarity | None = None
     """Per prompt, :attr:`Evidence.concept_rarity` (the corpus' tag counts)."""
+    term_rarity: Rarity | None = None
+    """Per prompt, :attr:`Evidence.term_rarity` (the corpus captions' words)."""
     seed: int = 0
     """Noise seed of the rewrite test's first batch."""
+    rewrite_seeds: int = 3
+    """Noise seeds a changed prompt's rewrite test draws both prompts at (the failing
+    image's own and ``rewrite_seeds - 1`` more, where a batch has two changed prompts or
+    more): its gain is the mean score's, its fix a majority's — one draw of a generator that
+    draws a colour right half the time says little."""
     batch_size: int = 32
 
     def __call__(self, views: Sequence[CaseView]) -> list[Evidence]:
@@ -52,7 +68,11 @@ def gather_evidence(views: Sequence[CaseView], tools: EvidenceTools) -> list[Evi
     out: list[Evidence] = []
     for k, batch in enumerate(rank_batches(len(views), tools.batch_size)):
         out += _gather_batch([views[i] for i in batch], tools, seed=tools.seed + k)
-    return out
+    return with_slice_disagreement(out)
+
+
+EXTRA_SEED_STRIDE = 100_003
+"""Seed offset between a rewrite test's draws (batches use consecutive seeds)."""
 
 
 def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> list[Evidence]:
@@ -62,38 +82,69 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
     drawn = [i for i, v in enumerate(views) if v.task == Task.TEXT_TO_IMAGE]
     references = [rewritten[i] for i in drawn]
     original: dict[int, Tensor] = {}
-    again: dict[int, Tensor] = {}
     before: list[float] = []
-    after: list[float] = []
+    # Per changed case, its draws: (image from its prompt, image from the rewrite, the
+    # reward's rank of each under the rewrite), at the failing image's seed and more.
+    draws: dict[int, list[tuple[Tensor, Tensor, float, float]]] = {}
     if drawn:
         images = tools.generator.generate([prompts[i] for i in drawn], seed=seed).cpu()
         original = {i: images[n] for n, i in enumerate(drawn)}
         before = rank_matrix(tools.reward, images, references).diagonal().tolist()
-        after = before
-        if any(rewritten[i] != prompts[i] for i in drawn):
-            # The same seed and batch positions as the originals: each case keeps its noise,
-            # so the gain is the rewritten prompt's alone.
+        changed = [n for n, i in enumerate(drawn) if rewritten[i] != prompts[i]]
+        if changed:
+            # The failing image's own seed and batch positions: each case keeps its noise, so
+            # the gain is the rewritten prompt's alone.
             redrawn = tools.generator.generate(references, seed=seed).cpu()
-            again = {i: redrawn[n] for n, i in enumerate(drawn) if rewritten[i] != prompts[i]}
             after = rank_matrix(tools.reward, redrawn, references).diagonal().tolist()
+            for n in changed:
+                draws[drawn[n]] = [(images[n], redrawn[n], before[n], after[n])]
+        # More seeds, the changed cases alone (both prompts at the same positions).
+        subset = [references[n] for n in changed]
+        for extra in range(1, tools.rewrite_seeds if len(changed) > 1 else 1):
+            draw_seed = seed + extra * EXTRA_SEED_STRIDE
+            again = tools.generator.generate([prompts[drawn[n]] for n in changed], seed=draw_seed)
+            fixed = tools.generator.generate(subset, seed=draw_seed)
+            ranks_before = rank_matrix(tools.reward, again.cpu(), subset).diagonal().tolist()
+            ranks_after = rank_matrix(tools.reward, fixed.cpu(), subset).diagonal().tolist()
+            for k, n in enumerate(changed):
+                draws[drawn[n]].append(
+                    (again[k].cpu(), fixed[k].cpu(), ranks_before[k], ranks_after[k])
+                )
     scarcity = tools.scarcity(rewritten) if tools.scarcity is not None else None
     rarity = tools.rarity(rewritten) if tools.rarity is not None else [None] * len(views)
+    scarce_terms = (
+        tools.term_rarity(rewritten) if tools.term_rarity is not None else [None] * len(views)
+    )
     out = []
     for i, view in enumerate(views):
         n = drawn.index(i) if i in original else -1
         own_rank = before[n] if n >= 0 else 0.5
+        tried = draws.get(i, [])
         if n < 0:  # editing: nothing generated
             score, new_score, new_pass, scored_by = 0.0, 0.0, False, "none"
         elif view.scene is not None:
             scene = BenchmarkCase.model_validate(view.scene)
             score, _ = _scene_score(scene, original[i], tools.evaluator)
-            new_score, new_pass = (
-                _scene_score(scene, again[i], tools.evaluator) if i in again else (score, False)
-            )
+            new_score, new_pass = score, False
+            if tried:
+                judged = [
+                    (
+                        _scene_score(scene, a, tools.evaluator),
+                        _scene_score(scene, b, tools.evaluator),
+                    )
+                    for a, b, _, _ in tried
+                ]
+                score = sum(a[0] for a, _ in judged) / len(judged)
+                new_score = sum(b[0] for _, b in judged) / len(judged)
+                new_pass = 2 * sum(b[1] for _, b in judged) > len(judged)
             scored_by = "evaluator"
         else:
-            score, new_score = own_rank, after[n]
-            new_pass = i in again and new_score >= 1.0
+            score = new_score = own_rank
+            new_pass = False
+            if tried:
+                score = sum(r for _, _, r, _ in tried) / len(tried)
+                new_score = sum(r for _, _, _, r in tried) / len(tried)
+                new_pass = 2 * sum(r >= 1.0 for _, _, _, r in tried) > len(tried)
             scored_by = "reward"
         out.append(
             Evidence(
@@ -102,10 +153,11 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
                 scored_by=scored_by,
                 score_original=score,
                 score_rewritten=new_score,
-                rewrite_gain=new_score - score if i in again else 0.0,
+                rewrite_gain=new_score - score if tried else 0.0,
                 rewrite_fixed=new_pass,
                 scarcity=scarcity[i][0] if scarcity is not None else None,
                 nearest_corpus=scarcity[i][1] if scarcity is not None else [],
+                term_rarity=scarce_terms[i],
                 concept_rarity=rarity[i],
                 reward_rank=own_rank,
                 skill=view.skill,

@@ -31,6 +31,8 @@ from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import ModelBundle, current_model
 from flywheel.db.models import CaseRoute, FailureCase, Track
+from flywheel.world.base_model import world_base_config
+from flywheel.world.definition import world_of
 from flywheel.world.loop.attribution import (
     LabeledSetConfig,
     seed_examples,
@@ -161,7 +163,10 @@ def attribution_tools(
 ) -> tuple[EvidenceTools, list[tuple[Evidence, Track]]]:
     """The evidence tools a cycle attributes with and its seed labeled set (built once per
     model and config under ``$FLYWHEEL_HOME/attribution``; a dry run writes none)."""
-    probe = world_scarcity(client, qdrant, embedder, corpus=config.world.corpus)
+    world = world_of(generator)
+    probe = world_scarcity(
+        client, qdrant, embedder, corpus=config.world.corpus, base=world_base_config(world)
+    )
     tools = world_evidence_tools(generator, reward_dir=reward, scarcity=probe, seed=config.seed)
     seeds = seed_examples(
         tools,
@@ -169,6 +174,7 @@ def attribution_tools(
         reward_dir=reward,
         directory=home / "attribution",
         config=LabeledSetConfig(per_track=config.world.labeled_per_track),
+        world=world,
         keep=not config.dry_run,
     )
     return tools, seeds
@@ -225,6 +231,7 @@ def _plan(
         embedder=embedder,
     )
     slices = routed_slices(session)
+    world = world_of(model.generator)  # the users' words and the pool of the model's world
     tracks = []
     for track in (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER):
         cases, rows = slices[track]
@@ -235,11 +242,12 @@ def _plan(
         round_plan: RoundPlan | None = None
         enough = len(cases) >= config.min_cases and bool(split.gate)
         if track == Track.PROMPT_ENHANCER:
-            concepts = failing_concepts(train)
+            concepts = failing_concepts(train, world=world)
             data["concepts"] = concepts
             if concepts and enough:
                 pe = PromptEnhancerTrackConfig.from_cycle(config)
-                data["pairs"] = len(enhancer_pairs(concepts, pe, held_out=split.gate_keys()))
+                pairs = enhancer_pairs(concepts, pe, held_out=split.gate_keys(), world=world)
+                data["pairs"] = len(pairs)
                 round_plan = enhancer_round_plan(pe)
         elif track == Track.PRETRAINING_GAP and cases:
             gap = GapTrackConfig.from_cycle(config)
@@ -249,7 +257,13 @@ def _plan(
             diagnosis = diagnose_gap(train, client=client, qdrant=qdrant, config=gap)
             data["scarce_in_train"] = diagnosis.scarce  # what the round would retrieve for
             if diagnosis.scarce and enough:
-                index_world_pool(client, qdrant, embedder, count=config.world.pool)
+                index_world_pool(
+                    client,
+                    qdrant,
+                    embedder,
+                    count=config.world.pool,
+                    base=world_base_config(world),
+                )
                 plan = plan_augmentation(
                     train,
                     diagnosis,

@@ -66,12 +66,7 @@ from flywheel.world.scenes import (
     captions,
     sample_scene,
 )
-from flywheel.world.vocabulary import (
-    USER_COLOURS,
-    has_user_words,
-    renamed_colours,
-    to_user_words,
-)
+from flywheel.world.vocabulary import DEFAULT_VOCABULARY, Vocabulary
 from flywheel.world.weaknesses import PROBE_BAND
 from model.pipeline import Generator
 from model.reward import AlignmentReward
@@ -87,6 +82,7 @@ from training.pe_sft import (
 from training.trainer import identity
 
 if TYPE_CHECKING:
+    from flywheel.world.definition import WorldDefinition
     from flywheel.world.evaluator import Evaluator
 
 Pair = tuple[str, str]
@@ -193,9 +189,27 @@ class PromptEnhancerTrackConfig:
             raise ValueError(f"PromptEnhancerTrackConfig.grpo_reward {self.grpo_reward!r}")
 
 
-def failing_concepts(cases: Sequence[SliceCase]) -> list[str]:
-    """The caption colours the routed prompts name in the users' words (sorted)."""
-    return sorted({colour for case in cases for colour in renamed_colours(case.prompt)})
+def world_vocabulary(world: WorldDefinition | None = None) -> Vocabulary:
+    """The users' words of ``world`` (None: the default world's,
+    :data:`~flywheel.world.vocabulary.DEFAULT_VOCABULARY`)."""
+    return DEFAULT_VOCABULARY if world is None else world.user_vocabulary()
+
+
+def _check_concepts(concepts: Collection[str], vocabulary: Vocabulary) -> None:
+    unknown = set(concepts) - set(vocabulary.colours)
+    if unknown:
+        raise ValueError(
+            f"concepts must be some of {sorted(vocabulary.colours)}, got {sorted(concepts)}"
+        )
+
+
+def failing_concepts(
+    cases: Sequence[SliceCase], *, world: WorldDefinition | None = None
+) -> list[str]:
+    """The caption colours the routed prompts name in the users' words of ``world`` (None:
+    the default world; sorted)."""
+    vocabulary = world_vocabulary(world)
+    return sorted({colour for case in cases for colour in vocabulary.renamed_colours(case.prompt)})
 
 
 _PAIR_SCENES = SceneConfig(max_kinds=1, count_probability=0.0, text_probability=0.0)
@@ -206,15 +220,18 @@ def enhancer_pairs(
     config: PromptEnhancerTrackConfig,
     *,
     held_out: Collection[str] = (),
+    world: WorldDefinition | None = None,
 ) -> list[Pair]:
     """(user prompt, caption) pairs for ``concepts`` plus echo pairs, shuffled; none whose
     prompt or caption is one of ``held_out`` (the :func:`same_prompt_key` of each of the
-    gate's prompts and references: the gate judges no input or target of the round)."""
+    gate's prompts and references: the gate judges no input or target of the round). The user
+    prompts are in the users' words of ``world`` (None: the default world)."""
     config.validate()
     held = set(held_out)
-    unknown = set(concepts) - set(USER_COLOURS)
-    if unknown or not concepts:
-        raise ValueError(f"concepts must be some of {sorted(USER_COLOURS)}, got {sorted(concepts)}")
+    vocabulary = world_vocabulary(world)
+    if not concepts:
+        raise ValueError(f"concepts must be some of {sorted(vocabulary.colours)}, got []")
+    _check_concepts(concepts, vocabulary)
     rng = random.Random(config.seed)
     wanted = dict.fromkeys(concepts, config.pairs_per_concept)
     pairs: list[Pair] = []
@@ -228,8 +245,8 @@ def enhancer_pairs(
         if {same_prompt_key(caption.terse), same_prompt_key(output)} & held:
             continue
         if colour in wanted and wanted[colour] > 0:
-            user = to_user_words(caption.terse, rng)
-            if has_user_words(user) and same_prompt_key(user) not in held:
+            user = vocabulary.to_user_words(caption.terse, rng)
+            if vocabulary.has_user_words(user) and same_prompt_key(user) not in held:
                 pairs.append((user, output))
                 wanted[colour] -= 1
         elif len(echoes) < config.echo_share * config.pairs_per_concept * len(concepts):
@@ -263,10 +280,11 @@ def enhancer_round(
 # ---- the GRPO stage ---------------------------------------------------------------------
 
 
-def pair_concepts(pairs: Sequence[Pair]) -> list[str]:
-    """The caption colours the pairs' inputs name in the users' words (the round's failing
-    concepts, read back from its pairs; sorted)."""
-    return sorted({colour for prompt, _ in pairs for colour in renamed_colours(prompt)})
+def pair_concepts(pairs: Sequence[Pair], *, world: WorldDefinition | None = None) -> list[str]:
+    """The caption colours the pairs' inputs name in the users' words of ``world`` (None: the
+    default world; the round's failing concepts, read back from its pairs; sorted)."""
+    vocabulary = world_vocabulary(world)
+    return sorted({colour for prompt, _ in pairs for colour in vocabulary.renamed_colours(prompt)})
 
 
 def check_grpo_seeds(seeds: Sequence[int]) -> None:
@@ -282,17 +300,21 @@ def check_grpo_seeds(seeds: Sequence[int]) -> None:
 
 
 def grpo_cases(
-    concepts: Sequence[str], config: PromptEnhancerTrackConfig, *, gate_prompts: Sequence[str]
+    concepts: Sequence[str],
+    config: PromptEnhancerTrackConfig,
+    *,
+    gate_prompts: Sequence[str],
+    world: WorldDefinition | None = None,
 ) -> list[tuple[Pair, BenchmarkCase]]:
     """(users'-words prompt, intended caption) pairs of new scenes showing ``concepts``, each
     with its scene: the colour builder's cases of each concept from ``config.grpo_band``, their
     terse caption (what the generator draws well) put in the users' words. Distinct prompts
     only, and none that is one of ``gate_prompts`` (:func:`same_prompt_key`): the stage trains
-    on no prompt the gate judges. Raises ``ValueError`` when a prompt or seed clashes."""
+    on no prompt the gate judges. The users' words are those of ``world`` (None: the default
+    world). Raises ``ValueError`` when a prompt or seed clashes."""
     config.validate()
-    unknown = set(concepts) - set(USER_COLOURS)
-    if unknown:
-        raise ValueError(f"concepts must be some of {sorted(USER_COLOURS)}, got {sorted(concepts)}")
+    vocabulary = world_vocabulary(world)
+    _check_concepts(concepts, vocabulary)
     held = {same_prompt_key(p) for p in gate_prompts}
     rng = random.Random(config.seed)
     colours = list(COLOURS)
@@ -305,9 +327,9 @@ def grpo_cases(
             k = colours.index(concept) + len(colours) * draw
             case = build_case("colour", k, band=config.grpo_band, case_id=f"pe-grpo/{k}")
             intended = captions(case.spec).terse
-            prompt = to_user_words(intended, rng)
+            prompt = vocabulary.to_user_words(intended, rng)
             key = same_prompt_key(prompt)
-            if not has_user_words(prompt) or key in held or key in taken:
+            if not vocabulary.has_user_words(prompt) or key in held or key in taken:
                 continue
             taken.add(key)
             out.append(((prompt, intended), case))
@@ -317,10 +339,15 @@ def grpo_cases(
 
 
 def grpo_prompts(
-    concepts: Sequence[str], config: PromptEnhancerTrackConfig, *, gate_prompts: Sequence[str]
+    concepts: Sequence[str],
+    config: PromptEnhancerTrackConfig,
+    *,
+    gate_prompts: Sequence[str],
+    world: WorldDefinition | None = None,
 ) -> list[Pair]:
     """The pairs of :func:`grpo_cases` (without their scenes)."""
-    return [pair for pair, _ in grpo_cases(concepts, config, gate_prompts=gate_prompts)]
+    cases = grpo_cases(concepts, config, gate_prompts=gate_prompts, world=world)
+    return [pair for pair, _ in cases]
 
 
 def check_held_out(pairs: Sequence[Pair], *, gate_prompts: Sequence[str]) -> None:
@@ -349,10 +376,10 @@ def check_gate_judges(reward: str, gate_judges: Collection[str]) -> None:
         )
 
 
-def kept_words(rewrite: str, prompt: str) -> float:
-    """The share of ``prompt``'s words, its users' colour words aside, that ``rewrite`` has
-    (1 when there are none)."""
-    wanted = [w for w in same_prompt_key(prompt).split() if not has_user_words(w)]
+def kept_words(rewrite: str, prompt: str, *, vocabulary: Vocabulary = DEFAULT_VOCABULARY) -> float:
+    """The share of ``prompt``'s words, its users' colour words (``vocabulary``'s) aside, that
+    ``rewrite`` has (1 when there are none)."""
+    wanted = [w for w in same_prompt_key(prompt).split() if not vocabulary.has_user_words(w)]
     if not wanted:
         return 1.0
     have = set(same_prompt_key(rewrite).split())
@@ -378,6 +405,8 @@ class WorldRewriteReward:
     """The world's reward model (``world-reward``)."""
     keep_weight: float = 0.5
     """Weight of :func:`kept_words` (0: the image term alone)."""
+    vocabulary: Vocabulary = DEFAULT_VOCABULARY
+    """The users' words :func:`kept_words` leaves aside (the base's world's)."""
     name: str = WORLD_REWARD_NAME
 
     @torch.no_grad()
@@ -386,7 +415,8 @@ class WorldRewriteReward:
         images, owners, slots = draw_groups(self.generator, groups)  # (M, 3, H, W)
         scores = self.model.score(images, [groups[g].target for g in owners]).float().cpu()
         return [
-            scores[torch.tensor(slot)] + self.keep_weight * kept_share(group)
+            scores[torch.tensor(slot)]
+            + self.keep_weight * kept_share(group, vocabulary=self.vocabulary)
             for group, slot in zip(groups, slots, strict=True)
         ]
 
@@ -409,6 +439,8 @@ class EvaluatorRewriteReward:
     """Each stage prompt's scene (a group's ``prompt``: the pair's first side)."""
     keep_weight: float = 0.5
     """Weight of :func:`kept_words` (0: the verdict alone)."""
+    vocabulary: Vocabulary = DEFAULT_VOCABULARY
+    """The users' words :func:`kept_words` leaves aside (the base's world's)."""
     name: str = EVALUATOR_NAME
 
     @torch.no_grad()
@@ -427,14 +459,17 @@ class EvaluatorRewriteReward:
             ]
         )  # (M,)
         return [
-            scores[torch.tensor(slot)] + self.keep_weight * kept_share(group)
+            scores[torch.tensor(slot)]
+            + self.keep_weight * kept_share(group, vocabulary=self.vocabulary)
             for group, slot in zip(groups, slots, strict=True)
         ]
 
 
-def kept_share(group: RewriteGroup) -> Tensor:
+def kept_share(group: RewriteGroup, *, vocabulary: Vocabulary = DEFAULT_VOCABULARY) -> Tensor:
     """:func:`kept_words` of each rewrite of ``group`` and its prompt, ``(G,)``."""
-    return torch.tensor([kept_words(r, group.prompt) for r in group.rewrites])
+    return torch.tensor(
+        [kept_words(r, group.prompt, vocabulary=vocabulary) for r in group.rewrites]
+    )
 
 
 @torch.no_grad()
@@ -474,14 +509,21 @@ def _render_generator(generator: Path, render_steps: int | None) -> Generator:
 
 
 def world_rewrite_reward(
-    generator: Path, reward: Path, *, render_steps: int | None = None, keep_weight: float = 0.5
+    generator: Path,
+    reward: Path,
+    *,
+    render_steps: int | None = None,
+    keep_weight: float = 0.5,
+    world: WorldDefinition | None = None,
 ) -> WorldRewriteReward:
     """The reward-model judge from the round base's generator and reward directories, the
-    generator drawing with ``render_steps`` sampler steps (None: its own)."""
+    generator drawing with ``render_steps`` sampler steps (None: its own); the users' words of
+    ``world`` (None: the default world) left aside by its text term."""
     return WorldRewriteReward(
         generator=_render_generator(generator, render_steps),
         model=load_world_reward(reward),
         keep_weight=keep_weight,
+        vocabulary=world_vocabulary(world),
     )
 
 
@@ -491,9 +533,11 @@ def evaluator_rewrite_reward(
     *,
     render_steps: int | None = None,
     keep_weight: float = 0.5,
+    world: WorldDefinition | None = None,
 ) -> EvaluatorRewriteReward:
     """The evaluator judge of the stage prompts' ``scenes`` from the round base's generator
-    directory, the generator drawing with ``render_steps`` sampler steps (None: its own)."""
+    directory, the generator drawing with ``render_steps`` sampler steps (None: its own); the
+    users' words of ``world`` (None: the default world) left aside by its text term."""
     from flywheel.world.evaluator import load_evaluator
 
     return EvaluatorRewriteReward(
@@ -501,6 +545,7 @@ def evaluator_rewrite_reward(
         evaluator=load_evaluator(),
         scenes=dict(scenes),
         keep_weight=keep_weight,
+        vocabulary=world_vocabulary(world),
     )
 
 
@@ -595,16 +640,20 @@ def enhancer_grpo_stage(
     config: PromptEnhancerTrackConfig,
     inputs: GRPOStageInputs,
     progress: bool = False,
+    world: WorldDefinition | None = None,
 ) -> GRPOStage | None:
     """GRPO of the SFT'd enhancer (``enhancer`` with ``sft_run``'s weights) on the round's
     failing concepts (read from ``pairs``), rewarded by ``config.grpo_reward``'s judge; its run
     under ``out/grpo``, resumed from its checkpoints. None: no prompt is left once the gate's
     are held out. Raises ``ValueError`` when the reward is one of ``inputs.gate_judges`` or a
-    stage prompt is one of ``inputs.gate_prompts``."""
+    stage prompt is one of ``inputs.gate_prompts``. The users' words are those of ``world``
+    (the base's; None: the default world)."""
     judge = EVALUATOR_NAME if config.grpo_reward == "evaluator" else WORLD_REWARD_NAME
     check_gate_judges(judge, inputs.gate_judges)
     prompts_file = out / "grpo_prompts.jsonl"
-    cases = grpo_cases(pair_concepts(pairs), config, gate_prompts=inputs.gate_prompts)
+    cases = grpo_cases(
+        pair_concepts(pairs, world=world), config, gate_prompts=inputs.gate_prompts, world=world
+    )
     if prompts_file.is_file():
         prompts = read_pairs(prompts_file)
         check_held_out(prompts, gate_prompts=inputs.gate_prompts)
@@ -626,6 +675,7 @@ def enhancer_grpo_stage(
             {pair[0]: case for pair, case in cases},
             render_steps=config.grpo_render_steps,
             keep_weight=config.grpo_keep_weight,
+            world=world,
         )
     else:
         scorer = world_rewrite_reward(
@@ -633,6 +683,7 @@ def enhancer_grpo_stage(
             inputs.reward,
             render_steps=config.grpo_render_steps,
             keep_weight=config.grpo_keep_weight,
+            world=world,
         )
     result = run_loop(
         build_pe_grpo(grpo, run, scorer=scorer),

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flywheel.world.base_model import WorldBaseConfig
 from flywheel.world.loop.pretraining_gap import (
@@ -38,6 +39,9 @@ from training.loop import TrainResult, run_loop
 from training.pe_sft import export_enhancer, write_pairs
 from training.trainer import identity, train
 from training.vae_training import export_vae_weights
+
+if TYPE_CHECKING:
+    from flywheel.world.definition import WorldDefinition
 
 ENHANCER_DIR = "enhancer"
 GENERATOR_DIR = "generator"
@@ -78,10 +82,11 @@ def run_enhancer_round(
     config: PromptEnhancerTrackConfig,
     progress: bool = False,
     grpo: GRPOStageInputs | None = None,
+    world: WorldDefinition | None = None,
 ) -> RoundOutput:
     """PE SFT of ``enhancer`` on ``pairs``, then (given ``grpo`` and ``config.grpo_steps`` >
-    0) its GRPO against the world's reward on new scenes' prompts; the candidate enhancer
-    directory."""
+    0) its GRPO against the world's reward on new scenes' prompts, in the users' words of
+    ``world`` (the base's; None: the default world); the candidate enhancer directory."""
     out.mkdir(parents=True, exist_ok=True)
     pairs_file = out / "pairs.jsonl"
     if not pairs_file.is_file():
@@ -103,6 +108,7 @@ def run_enhancer_round(
             config=config,
             inputs=grpo,
             progress=progress,
+            world=world,
         )
         if stage is not None:
             output.stages["grpo"], output.figures["grpo"] = stage.result, stage.figures

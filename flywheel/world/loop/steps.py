@@ -43,6 +43,7 @@ The world's steps (2, 3, 4, 6) are here; the steps every stack shares (1, 5, 7) 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean
@@ -84,7 +85,9 @@ from flywheel.db.models import (
     TrainingRound,
 )
 from flywheel.review.edits import ArtefactEdits
+from flywheel.world.base_model import world_base_config
 from flywheel.world.benchmark import BenchmarkCase, suite
+from flywheel.world.definition import WORLD_FILE, WorldDefinition, world_of
 from flywheel.world.loop.edits import apply_edits, edit_vocabulary
 from flywheel.world.loop.gate import gate_seeds, split_by_theme
 from flywheel.world.loop.plan import case_slices, collect_and_attribute, routed_slices
@@ -160,6 +163,20 @@ def attribute(
 # ---- 3. artefacts and rounds -----------------------------------------------------------------
 
 
+def model_world(model: ModelBundle) -> WorldDefinition:
+    """The world the model's generator was built from (:func:`~flywheel.world.definition.
+    world_of`: the default world for a generator without a world file, the shipped base's)."""
+    return world_of(model.generator)
+
+
+def _keep_world(base_generator: Path, candidate: Path) -> None:
+    """Copy the base generator's world file (if it has one) into the candidate generator
+    directory, so that a promoted candidate is known to be of its base's world."""
+    source = base_generator / WORLD_FILE
+    if source.is_file() and candidate.is_dir():
+        shutil.copyfile(source, candidate / WORLD_FILE)
+
+
 def _artefact(
     track: Track,
     cases: Sequence[SliceCase],
@@ -174,13 +191,15 @@ def _artefact(
 ) -> tuple[dict[str, Any] | None, str]:
     """The track's reviewed artefact (also the round's data manifest) built from its train
     cases ``cases``, none of its training prompts one of ``held_out`` (the gate's prompt
-    keys), or None and why."""
+    keys), or None and why. What is world-specific (the users' words, the candidate pool) is
+    the model's world's (:func:`model_world`)."""
+    world = model_world(model)
     if track == Track.PROMPT_ENHANCER:
-        concepts = failing_concepts(cases)
+        concepts = failing_concepts(cases, world=world)
         if not concepts:
             return None, "no routed prompt of the train side names a colour in the users' words"
         pe = PromptEnhancerTrackConfig.from_cycle(config)
-        pairs = enhancer_pairs(concepts, pe, held_out=held_out)
+        pairs = enhancer_pairs(concepts, pe, held_out=held_out, world=world)
         data = directory / "data"  # the round writes its own copy of what it trains on
         data.mkdir(parents=True, exist_ok=True)
         write_pairs(data / "pairs.jsonl", pairs)
@@ -198,7 +217,9 @@ def _artefact(
         diagnosis = diagnose_gap(cases, client=client, qdrant=qdrant, config=gap)
         if not diagnosis.scarce:
             return None, "no concept the cases ask for is scarce in the corpus"
-        index_world_pool(client, qdrant, embedder, count=config.world.pool)
+        index_world_pool(
+            client, qdrant, embedder, count=config.world.pool, base=world_base_config(world)
+        )
         plan = plan_augmentation(
             cases,
             diagnosis,
@@ -377,6 +398,9 @@ def _train(
     out: Path,
     progress: bool,
 ) -> RoundOutput:
+    """The round of ``round_`` on the cycle's base ``model``, its world's (:func:`model_world`)
+    users' words and recipe; a generator candidate keeps the base's world file."""
+    world = model_world(model)
     if round_.track == Track.PROMPT_ENHANCER:
         from training.pe_sft import read_pairs
 
@@ -391,19 +415,20 @@ def _train(
             grpo=_grpo_inputs(session, round_, manifest=manifest, model=model, config=config)
             if pe.grpo_steps > 0
             else None,
+            world=world,
         )
     generator = _generator_before(session, cycle, round_)
     if round_.track == Track.PRETRAINING_GAP:
-        from flywheel.world.base_model import world_base
-
-        return run_gap_round(
+        output = run_gap_round(
             AugmentationPlan.model_validate(manifest["plan"]),
             generator=generator,
             out=out,
-            base=world_base(),
+            base=world_base_config(world),
             config=GapTrackConfig.from_cycle(config),
             progress=progress,
         )
+        _keep_world(model.generator, output.candidate)
+        return output
     from flywheel.world.base_model import load_world_reward
     from flywheel.world.evaluator import load_evaluator
 
@@ -420,7 +445,7 @@ def _train(
         reward=load_world_reward(model.reward),
         evaluator=load_evaluator(),
     )
-    return run_rl_round(
+    output = run_rl_round(
         cases,
         generator=generator,
         reward=reward,
@@ -428,6 +453,8 @@ def _train(
         config=RLTrackConfig.from_cycle(config),
         progress=progress,
     )
+    _keep_world(model.generator, output.candidate)
+    return output
 
 
 def _grpo_inputs(
