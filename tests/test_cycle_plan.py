@@ -78,9 +78,12 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     # As the cycle builds it: from the train side of the split by theme (the gate holds at
     # least one case of the track); a gap round only where a train case asks for a scarce
     # concept.
-    assert gap_data["gate_cases"] >= 1
-    assert set(gap_data["scarce_in_train"]) <= {"purple"}
-    assert (tracks["pretraining_gap"].round is None) == (not gap_data["scarce_in_train"])
+    gate_cases, scarce_in_train = gap_data["gate_cases"], gap_data["scarce_in_train"]
+    assert isinstance(gate_cases, int)
+    assert gate_cases >= 1
+    assert isinstance(scarce_in_train, list)
+    assert set(scarce_in_train) <= {"purple"}
+    assert (tracks["pretraining_gap"].round is None) == (not scarce_in_train)
     for track in plan.tracks:
         train, gate = track.data["train_cases"], track.data["gate_cases"]
         assert isinstance(train, int)
