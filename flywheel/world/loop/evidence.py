@@ -102,14 +102,14 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
         subset = [references[n] for n in changed]
         for extra in range(1, tools.rewrite_seeds if len(changed) > 1 else 1):
             draw_seed = seed + extra * EXTRA_SEED_STRIDE
-            again = tools.generator.generate([prompts[drawn[n]] for n in changed], seed=draw_seed)
-            fixed = tools.generator.generate(subset, seed=draw_seed)
-            ranks_before = rank_matrix(tools.reward, again.cpu(), subset).diagonal().tolist()
-            ranks_after = rank_matrix(tools.reward, fixed.cpu(), subset).diagonal().tolist()
+            again = tools.generator.generate(
+                [prompts[drawn[n]] for n in changed], seed=draw_seed
+            ).cpu()
+            fixed = tools.generator.generate(subset, seed=draw_seed).cpu()
+            ranks_before = rank_matrix(tools.reward, again, subset).diagonal().tolist()
+            ranks_after = rank_matrix(tools.reward, fixed, subset).diagonal().tolist()
             for k, n in enumerate(changed):
-                draws[drawn[n]].append(
-                    (again[k].cpu(), fixed[k].cpu(), ranks_before[k], ranks_after[k])
-                )
+                draws[drawn[n]].append((again[k], fixed[k], ranks_before[k], ranks_after[k]))
     scarcity = tools.scarcity(rewritten) if tools.scarcity is not None else None
     rarity = tools.rarity(rewritten) if tools.rarity is not None else [None] * len(views)
     scarce_terms = (
@@ -124,9 +124,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
             score, new_score, new_pass, scored_by = 0.0, 0.0, False, "none"
         elif view.scene is not None:
             scene = BenchmarkCase.model_validate(view.scene)
-            score, _ = _scene_score(scene, original[i], tools.evaluator)
-            new_score, new_pass = score, False
-            if tried:
+            if tried:  # its first draw is the failing image itself
                 judged = [
                     (
                         _scene_score(scene, a, tools.evaluator),
@@ -137,6 +135,9 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
                 score = sum(a[0] for a, _ in judged) / len(judged)
                 new_score = sum(b[0] for _, b in judged) / len(judged)
                 new_pass = 2 * sum(b[1] for _, b in judged) > len(judged)
+            else:
+                score, _ = _scene_score(scene, original[i], tools.evaluator)
+                new_score, new_pass = score, False
             scored_by = "evaluator"
         else:
             score = new_score = own_rank
