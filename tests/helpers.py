@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +91,25 @@ def probe_hit(number: int, case: BenchmarkCase, version: int) -> NewSignal:
         details={"skill": case.skill, "spec": {"case": case.model_dump(mode="json")}},
         model_version_id=version,
     )
+
+
+def colour_complaints(
+    cases: Sequence[BenchmarkCase], rng: random.Random, *, version: int
+) -> tuple[list[str], list[NewSignal]]:
+    """Users' complaints about ``cases``: each one's terse caption in the users' words (once
+    per distinct prompt), flagged ``wrong_color`` — the prompts and the signals to insert."""
+    from flywheel.world.scenes import captions
+    from flywheel.world.vocabulary import to_user_words
+
+    prompts = list(dict.fromkeys(to_user_words(captions(c.spec).terse, rng) for c in cases))
+    rows = [
+        stored_signal(
+            f"fb-{n}", prompt, kind=SignalKind.FLAGS, flags=["wrong_color"],
+            model_version_id=version,
+        )
+        for n, prompt in enumerate(prompts)
+    ]  # fmt: skip
+    return prompts, rows
 
 
 FLYWHEEL_CLI = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]

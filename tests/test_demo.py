@@ -41,37 +41,57 @@ def _assert_interval_holds(interval: Any, rate: float) -> None:
     assert 0.0 <= low <= rate <= high <= 1.0, (interval, rate)
 
 
-@pytest.mark.timeout(600)
-def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path) -> None:
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    """This process' environment without its flywheel and Prefect settings, a scratch home
+    and unwrapped rich tables: what a demo subprocess runs in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "PREFECT_"))}
     env["FLYWHEEL_HOME"] = str(tmp_path / "home")
     env["COLUMNS"] = "200"  # rich's tables unwrapped
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_DEMO))
-    report_file = tmp_path / "out" / "report.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from flywheel.cli.main import app; app()",
-            "demo",
-            "--config",
-            str(config),
-            "--events",
-            "16",
-            "--probes",
-            "16",
-            "--concept-probes",
-            str(CONCEPT_PROBES),
-            "--report",
-            str(report_file),
-        ],
+    return env
+
+
+def flywheel_cli(*args: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess[str]:
+    """``flywheel ARGS`` in a subprocess with exactly ``env``; output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", "from flywheel.cli.main import app; app()", *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=590,
+        timeout=timeout,
         check=False,
     )
+
+
+def run_tiny_demo(
+    tmp_path: Path, report_file: Path, *args: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """The tiny demo (:data:`TINY_DEMO`, 16 events, 16 probes) with ``args`` before its
+    options, its report at ``report_file``."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_DEMO))
+    return flywheel_cli(
+        "demo",
+        *args,
+        "--config",
+        str(config),
+        "--events",
+        "16",
+        "--probes",
+        "16",
+        "--concept-probes",
+        str(CONCEPT_PROBES),
+        "--report",
+        str(report_file),
+        env=env,
+        timeout=590,
+    )
+
+
+@pytest.mark.timeout(600)
+def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path) -> None:
+    env = demo_env(tmp_path)
+    report_file = tmp_path / "out" / "report.json"
+    result = run_tiny_demo(tmp_path, report_file, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     out = " ".join(result.stdout.split())  # rich wraps lines
     assert "embedded PostgreSQL" in out
@@ -163,14 +183,7 @@ def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path
 
     # What the demo left in its database, through `flywheel status` (which joins the
     # embedded server and stops it when it exits).
-    status = subprocess.run(
-        [sys.executable, "-c", "from flywheel.cli.main import app; app()", "status", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    status = flywheel_cli("status", "--json", env=env, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
     state = json.loads(status.stdout)
     (cycle,) = state["cycles"]

@@ -4,10 +4,7 @@ the world-specific pieces of the loop following the world of the model they run 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +44,7 @@ from flywheel.world.loop.slices import SliceCase
 from flywheel.world.loop.steps import _keep_world, model_world
 from flywheel.world.scenes import COLOURS
 from flywheel.world.vocabulary import USER_COLOURS
-from tests.test_demo import CONCEPT_PROBES, TINY_DEMO
+from tests.test_demo import demo_env, flywheel_cli, run_tiny_demo
 
 runner = CliRunner()
 
@@ -246,45 +243,14 @@ def test_the_loop_reads_the_world_of_the_model_it_runs_on(tmp_path: Path) -> Non
     assert not (tmp_path / "other-candidate").exists()
 
 
-# ---- the tiny demo on a toy build of the other world -------------------------------------------
-
-
-def _flywheel(*args: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from flywheel.cli.main import app; app()", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+# ---- the tiny demo on the other world's shipped base ---------------------------------------
 
 
 @pytest.mark.timeout(600)
 def test_the_tiny_demo_runs_on_the_other_worlds_shipped_base(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "PREFECT_"))}
-    env["FLYWHEEL_HOME"] = str(tmp_path / "home")
-    env["COLUMNS"] = "200"
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_DEMO))
+    env = demo_env(tmp_path)
     report_file = tmp_path / "report.json"
-    result = _flywheel(
-        "demo",
-        "--world",
-        "other",
-        "--config",
-        str(config),
-        "--events",
-        "16",
-        "--probes",
-        "16",
-        "--concept-probes",
-        str(CONCEPT_PROBES),
-        "--report",
-        str(report_file),
-        env=env,
-        timeout=590,
-    )
+    result = run_tiny_demo(tmp_path, report_file, "--world", "other", env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(report_file.read_text())
     name = report["base_concepts"]["model"]
@@ -304,7 +270,7 @@ def test_the_tiny_demo_runs_on_the_other_worlds_shipped_base(tmp_path: Path) -> 
     for candidate in candidates:
         assert load_world(candidate / WORLD_FILE).name == "other"
 
-    status = _flywheel("status", "--json", env=env, timeout=120)
+    status = flywheel_cli("status", "--json", env=env, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
     serving = json.loads(status.stdout)["model"]["version"]
     promoted = report["cycle"]["status"] == "promoted"

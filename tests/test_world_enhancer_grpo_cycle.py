@@ -22,7 +22,7 @@ from flywheel.cycle import steps
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import bundle
 from flywheel.db.engine import session_factory
-from flywheel.db.models import CaseRoute, Cycle, FailureCase, SignalKind, Track, TrainingRound
+from flywheel.db.models import CaseRoute, Cycle, FailureCase, Track, TrainingRound
 from flywheel.signals.repository import insert_signals, model_version_id
 from flywheel.tracks.routed import same_prompt_key
 from flywheel.world.benchmark import build_case
@@ -37,11 +37,9 @@ from flywheel.world.loop.prompt_enhancer import (
     grpo_prompts,
     pair_concepts,
 )
-from flywheel.world.scenes import captions
-from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
-from tests.helpers import TINY_CYCLE, approve_artefacts, stored_signal
+from tests.helpers import TINY_CYCLE, approve_artefacts, colour_complaints
 from training.pe_sft import read_pairs
 
 BAND = 97_000_000
@@ -61,14 +59,7 @@ def _store_feedback(engine: Engine) -> list[str]:
         version = model_version_id(session, name="world-base")
         colours = [build_case("colour", k, band=BAND, case_id=f"c/{k}") for k in range(60)]
         worded = [c for c in colours if c.focus in ("red", "blue")][:8]
-        user = list(dict.fromkeys(to_user_words(captions(c.spec).terse, rng) for c in worded))
-        rows = [
-            stored_signal(
-                f"fb-{n}", prompt, kind=SignalKind.FLAGS, flags=["wrong_color"],
-                model_version_id=version,
-            )
-            for n, prompt in enumerate(user)
-        ]  # fmt: skip
+        user, rows = colour_complaints(worded, rng, version=version)
         insert_signals(session, signals=rows)
         session.commit()
     return user

@@ -25,7 +25,6 @@ from flywheel.db.models import (
     CaseRoute,
     Cycle,
     FailureCase,
-    SignalKind,
     Track,
     TrainingRound,
     TrainingRoundCase,
@@ -47,11 +46,9 @@ from flywheel.world.loop.gate import (
 from flywheel.world.loop.plan import case_slices
 from flywheel.world.loop.prompt_enhancer import PromptEnhancerTrackConfig, enhancer_pairs
 from flywheel.world.loop.slices import SliceCase
-from flywheel.world.scenes import captions
-from flywheel.world.vocabulary import to_user_words
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
-from tests.helpers import TINY_CYCLE, approve_artefacts, probe_hit, stored_signal
+from tests.helpers import TINY_CYCLE, approve_artefacts, colour_complaints, probe_hit
 from training.pe_sft import read_pairs
 
 BAND = 95_000_000
@@ -192,14 +189,8 @@ def _store_failures(engine: Engine) -> dict[str, Track]:
         worded = [c for c in colours if c.focus in ("red", "blue")][:8]
         counts = [build_case("count", k, band=BAND, case_id=f"n/{k}") for k in range(6)]
         rows = [probe_hit(n, c, version) for n, c in enumerate(purple + counts)]
-        user = list(dict.fromkeys(to_user_words(captions(c.spec).terse, rng) for c in worded))
-        rows += [
-            stored_signal(
-                f"fb-{n}", prompt, kind=SignalKind.FLAGS, flags=["wrong_color"],
-                model_version_id=version,
-            )
-            for n, prompt in enumerate(user)
-        ]  # fmt: skip
+        user, complaints = colour_complaints(worded, rng, version=version)
+        rows += complaints
         insert_signals(session, signals=rows)
         session.commit()
     truth = dict.fromkeys((c.prompt for c in purple), Track.PRETRAINING_GAP)
