@@ -193,7 +193,7 @@ TINY_CYCLE: dict[str, Any] = {
     "world": {"labeled_per_track": 3, "corpus": 300, "pool": 300},
     "prompt_enhancer": {"steps": 120, "pairs_per_concept": 60},
     "pretraining_gap": {"steps": 60, "vae_steps": 2, "replay": 30, "batch_size": 4},
-    "rl": {"steps": 1, "pairs_per_category": 4, "group_size": 2, "prompts_per_step": 1},
+    "rl": {"steps": 1, "recalibration_steps": 2, "group_size": 2, "prompts_per_step": 1},
     "regression": {"seeds": 1, "cases": 1, "tolerance": 1.0},
 }
 """A cycle of about a minute on two cores. The regression gate is opened (tolerance 1):

@@ -452,7 +452,7 @@ def test_each_tracks_edits_are_checked_against_its_artefact_and_written_next_to_
     assert ArtefactEdits.model_validate(edits.model_dump()) == edits
 
 
-def test_the_worlds_edits_drop_pairs_retrieved_scenes_and_prompts_and_set_the_count_weight(
+def test_the_worlds_edits_drop_pairs_retrieved_scenes_and_prompts_with_their_preferences(
     tmp_path: Path,
 ) -> None:
     from flywheel.world.loop.edits import apply_edits, edit_vocabulary
@@ -490,25 +490,51 @@ def test_the_worlds_edits_drop_pairs_retrieved_scenes_and_prompts_and_set_the_co
     with pytest.raises(EditError, match="'pool/99' names none of the 2 retrieved pool scenes"):
         check_edits({"drop": ["pool/99"]}, vocabulary, kind="augmentation_batch")
 
-    # The RL round: its prompts by index, the alignment reward's weight per category.
+    # The RL round: its prompts by index or text; the preference pairs under a dropped prompt
+    # go with it (to a new file next to the reviewed one), and the counts follow.
+    from flywheel.tracks.reward_data import PreferencePair
+    from flywheel.world.loop.rl import PreferenceArtefact, read_preferences, write_preferences
+
+    preference = [
+        PreferencePair(
+            prompt=prompt,
+            chosen=f"file:///a/{k}.png",
+            rejected=f"file:///b/{k}.png",
+            source=source,
+            category="wrong_color",
+            case_id=k,
+        )
+        for k, (prompt, source) in enumerate(
+            [
+                ("three red squares", "pairwise"),
+                ("two blue circles", "pairwise"),
+                ("two blue circles", "thumbs"),
+            ]
+        )
+    ]
+    file = write_preferences(tmp_path / "preferences.jsonl", preference)
+    artefact = PreferenceArtefact(
+        preferences_file=str(file),
+        pairs=3,
+        by_source={"pairwise": 2, "thumbs": 1},
+        categories={"wrong_color": 3},
+        agreement={"pairwise": 0.5, "thumbs": 0.0},
+    )
     rl = {
-        "categories": ["count"],
         "prompts": ["three red squares", "two blue circles"],
-        "recalibration": {
-            "after": {
-                "count": {"alignment": 0.4, "verifier": 0.6},
-                "default": {"alignment": 1.0, "verifier": 0.0},
-            }
-        },
+        "preferences": artefact.model_dump(mode="json"),
     }
     vocabulary = edit_vocabulary(Track.RL, rl)
-    assert vocabulary.weights == ["count", "default"]
-    edits = check_edits(
-        {"drop": [1], "weights": {"count": 0.0}}, vocabulary, kind="reward_recalibration"
-    )
+    assert vocabulary.keys() == ["drop"]
+    edits = check_edits({"drop": ["two blue circles"]}, vocabulary, kind="reward_recalibration")
     edited = apply_edits(Track.RL, rl, edits)
     assert edited["prompts"] == ["three red squares"]
-    assert edited["recalibration"]["after"]["count"] == {"alignment": 0.0, "verifier": 1.0}
-    assert edited["recalibration"]["after"]["default"] == {"alignment": 1.0, "verifier": 0.0}
+    kept = PreferenceArtefact.model_validate(edited["preferences"])
+    assert Path(kept.preferences_file) == tmp_path / "preferences.edited.jsonl"
+    assert read_preferences(Path(kept.preferences_file)) == preference[:1]
+    assert (kept.pairs, kept.by_source, kept.categories) == (1, {"pairwise": 1}, {"wrong_color": 1})
+    assert read_preferences(file) == preference  # the reviewed pairs are kept
+    with pytest.raises(EditError, match="unknown key 'weights'"):
+        check_edits({"weights": {"count": 0.0}}, vocabulary, kind="reward_recalibration")
     with pytest.raises(EditError, match="leaving nothing to train on"):
         check_edits({"drop": [0, 1]}, vocabulary, kind="reward_recalibration")

@@ -55,6 +55,19 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
             )
             for n, c in enumerate(worded)
         ]
+        # People compared two images of each count prompt: the RL track's preference pairs
+        # (not failures: no case of their own).
+        rows += [
+            stored_signal(
+                f"pw-{n}",
+                c.prompt,
+                kind=SignalKind.PAIRWISE,
+                chosen_image_uri=f"file:///app/{n}-a.png",
+                rejected_image_uri=f"file:///app/{n}-b.png",
+                model_version_id=version,
+            )
+            for n, c in enumerate(counts)
+        ]
         insert_signals(session, signals=rows)
         session.commit()
     before = _counts(fresh_engine)
@@ -93,6 +106,11 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     assert planned
     estimates = {t.track: t.round.estimated_seconds for t in planned if t.round}
     assert all(e is not None and e > 0 for e in estimates.values()), estimates
+    # The RL round learns from the pairwise feedback on its train side's prompts.
+    rl_data = tracks["rl"].data
+    assert rl_data["preference_pairs"] == rl_data["train_cases"]
+    assert tracks["rl"].round is not None
+    assert tracks["rl"].round.steps == {"reward_recalibration": 40, "flow_grpo": 30}
     # Flow-GRPO (an image group per prompt and step) costs more than the enhancer's SFT.
     rl, pe = estimates["rl"], estimates["prompt_enhancer"]
     assert rl is not None

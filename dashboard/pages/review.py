@@ -109,14 +109,26 @@ def _augmentation(artefact: dict[str, Any]) -> None:
 
 
 def _recalibration(artefact: dict[str, Any]) -> None:
-    recalibration = artefact.get("recalibration") or {}
-    st.markdown("Agreement with labelled comparisons, per category and reward")
-    st.dataframe(pd.DataFrame(recalibration.get("agreement") or {}))
-    left, right = st.columns(2)
-    left.markdown("Weights before")
-    left.dataframe(pd.DataFrame(recalibration.get("before") or {}))
-    right.markdown("Weights after")
-    right.dataframe(pd.DataFrame(recalibration.get("after") or {}))
+    """People's preference pairs and the reward's agreement with them: the world's artefact
+    (under ``preferences``, with the round's prompts) or a team stack's (flat)."""
+    preferences = artefact.get("preferences")
+    data = preferences if isinstance(preferences, dict) else artefact
+    st.markdown(
+        f"{literal(data.get('pairs'))} preference pairs from people's feedback; the reward "
+        "is recalibrated on them before the round trains against it"
+    )
+    agreement = data.get("agreement") or {}
+    if isinstance(agreement, dict) and isinstance(agreement.get("agreement"), dict):
+        agreement = agreement["agreement"]  # a team stack's: per category
+    if agreement:
+        st.markdown("How often the current reward prefers what people preferred")
+        st.bar_chart(pd.Series(agreement, name="agreement"))
+    counts = data.get("by_source") or {}
+    if counts:
+        st.dataframe(pd.Series(counts, name="pairs"))
+    prompts = artefact.get("prompts") or []
+    if prompts:
+        st.dataframe(pd.DataFrame({"round prompt": prompts[:200]}), hide_index=True)
 
 
 def _enhancer_data(artefact: dict[str, Any]) -> None:

@@ -274,7 +274,7 @@ def _image_path(value: object, base: Path) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
-def _preference_dataset(preferences: Path, work: Path) -> tuple[Path, int, int]:
+def preference_dataset(preferences: Path, work: Path) -> tuple[Path, int, int]:
     """``work_dir/preference-data``: the pairs of ``preferences`` as a
     :mod:`training.preference` dataset (images re-encoded as PNG); (it, pairs, skipped)."""
     from PIL import Image, UnidentifiedImageError
@@ -473,7 +473,7 @@ def _run(manifest: RoundManifest, recipe: Recipe) -> dict[str, JsonValue]:
     if dpo:
         from training.preference import produce_preferences
 
-        data, pairs, skipped = _preference_dataset(data, work)
+        data, pairs, skipped = preference_dataset(data, work)
         figures.update(pairs=pairs, skipped=skipped)
         cache = _cache(work, base, config, settings, manifest.device, produce_preferences, data)
     else:

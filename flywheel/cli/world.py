@@ -269,6 +269,7 @@ def world_weaknesses(
         load_world_enhancer,
         load_world_reward,
     )
+    from flywheel.world.definition import world_of
     from flywheel.world.evaluation import BASE_MODEL
     from flywheel.world.scenes import COLOURS, SHAPES
     from flywheel.world.weaknesses import measure_weaknesses, reward_agreement
@@ -283,7 +284,8 @@ def world_weaknesses(
     if set(COLOURS) <= set(concepts) or set(SHAPES) <= set(concepts):
         fail(f"--rare {rare!r}: leave some colours and shapes common (the control)")
     try:
-        generator = Generator.load(model or BASE_MODEL)
+        generator_dir = model or BASE_MODEL
+        generator = Generator.load(generator_dir)
         scorer = load_world_reward(reward or BASE_REWARD)
         rewriter = load_world_enhancer(enhancer or BASE_ENHANCER)
     except ValueError as exc:  # GeneratorError is one
@@ -296,7 +298,9 @@ def world_weaknesses(
         per_skill=per_skill,
         seed=seed,
     )
-    agreement = reward_agreement(scorer.score, per_skill=per_skill * 2)
+    agreement = reward_agreement(
+        scorer.score, per_skill=per_skill * 2, shades=world_of(generator_dir).reward.shade_map()
+    )
     if as_json:
         both = {"generator": report.model_dump(), "reward": agreement.model_dump()}
         console.print_json(data=both)
@@ -342,6 +346,11 @@ def world_weaknesses(
         f"reward prefers the right render of {agreement.pairs} pairs: {prefers} (chance 0.50)",
         highlight=False,
     )
+    for colour, share in agreement.shades.items():
+        console.print(
+            f"reward prefers {colour} over its corpus' shade of it: {share:.2f} (its bias)",
+            highlight=False,
+        )
 
 
 @world_app.command("check")

@@ -58,10 +58,21 @@ class GapRoundConfig(RoundSection):
 class RLRoundConfig(RoundSection):
     """The RL track's round."""
 
-    steps: int = Field(default=6, ge=1)
-    """Optimizer steps (Flow-GRPO in the embedded world; the recipe a team's launcher runs)."""
-    pairs_per_category: int = Field(default=32, ge=1)
-    """Labelled comparisons per category for the reward recalibration (the world's)."""
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_rendered_pairs(cls, data: Any) -> Any:
+        """Configs stored before the recalibration learned from people's pairs carry
+        ``pairs_per_category`` (the world's rendered comparisons, gone): read and ignored."""
+        if isinstance(data, dict) and "pairs_per_category" in data:
+            return {k: v for k, v in data.items() if k != "pairs_per_category"}
+        return data
+
+    steps: int = Field(default=30, ge=1)
+    """Optimizer steps (Flow-GRPO in the embedded world, one rollout each; the recipe a
+    team's launcher runs)."""
+    recalibration_steps: int = Field(default=40, ge=0)
+    """The embedded world's reward recalibration before its Flow-GRPO: Bradley-Terry steps on
+    the routed cases' preference pairs (0: the round is rewarded by the shipped reward)."""
     group_size: int = Field(default=8, ge=2)
     """Images per prompt in a GRPO group."""
     prompts_per_step: int = Field(default=4, ge=1)
@@ -112,7 +123,7 @@ _LEGACY = {
     "gap_replay": ("pretraining_gap", "replay"),
     "gap_batch_size": ("pretraining_gap", "batch_size"),
     "rl_steps": ("rl", "steps"),
-    "rl_pairs_per_category": ("rl", "pairs_per_category"),
+    "rl_pairs_per_category": ("rl", "pairs_per_category"),  # dropped by RLRoundConfig
     "rl_group_size": ("rl", "group_size"),
     "rl_prompts_per_step": ("rl", "prompts_per_step"),
     "regression_seeds": ("regression", "seeds"),

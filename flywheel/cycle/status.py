@@ -165,10 +165,14 @@ def _brief(manifest: object) -> dict[str, object]:
             "replay": plan.get("replay"),
             "mixture_weight": plan.get("mixture_weight"),
         }
-    if "recalibration" in manifest:
-        recalibration = manifest["recalibration"]
-        after = recalibration.get("after") if isinstance(recalibration, dict) else None
-        return {"categories": manifest.get("categories"), "weights_after": after}
+    preferences = manifest.get("preferences")
+    if isinstance(preferences, dict):  # the world's RL round: people's pairs, its prompts
+        return {
+            "preference_pairs": preferences.get("pairs"),
+            "by_source": preferences.get("by_source"),
+            "agreement": preferences.get("agreement"),
+            "prompts": len(manifest.get("prompts") or []),
+        }
     return {k: manifest[k] for k in ("concepts", "pairs", "user_worded", "echo") if k in manifest}
 
 

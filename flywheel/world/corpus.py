@@ -39,7 +39,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import track
 
@@ -108,6 +108,8 @@ class WorldCorpusInfo(BaseModel):
     """The :class:`SceneConfig` as a dict."""
     caption_dropout: float = 0.0
     """The share of text-to-image samples written with an empty caption."""
+    shades: dict[str, tuple[int, int, int]] = Field(default_factory=dict)
+    """Colour name -> the RGB its objects were drawn in instead of the palette's."""
 
     def scene_config(self) -> SceneConfig:
         """The :class:`SceneConfig` the scenes were drawn with."""
@@ -169,6 +171,7 @@ def write_world_corpus(
     edit_fraction: float = 0.0,
     split: str = "train",
     caption_dropout: float = 0.0,
+    shades: Mapping[str, tuple[int, int, int]] | None = None,
     progress: bool | None = None,
 ) -> list[Sample]:
     """Write a world corpus of ``count`` samples into ``directory``; returns its samples.
@@ -177,7 +180,9 @@ def write_world_corpus(
     pixels; ``caption``: which caption is each sample's; ``edit_fraction``: the share of
     editing samples; ``caption_dropout``: the share of text-to-image samples whose caption is
     empty (evenly spread; the unconditional prompt that classifier-free guidance needs, learnt
-    from real images; their spec still holds the truth); ``progress``: show a progress bar
+    from real images; their spec still holds the truth); ``shades``: colour name -> the RGB
+    its objects are drawn in (:func:`~flywheel.world.scenes.render`; a biased corpus: the
+    spec and caption still say the colour's name); ``progress``: show a progress bar
     (None: for ``count`` >= :data:`PROGRESS_THRESHOLD`). Refuses a directory that already
     holds a dataset.
     """
@@ -190,6 +195,8 @@ def write_world_corpus(
     for name, fraction in (("edit_fraction", edit_fraction), ("caption_dropout", caption_dropout)):
         if not 0 <= fraction <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {fraction}")
+    if shades and edit_fraction > 0:
+        raise ValueError("shades are for text-to-image corpora (edit_fraction 0)")
     root = Path(directory)
     for name in (SAMPLES_FILE, SPECS_FILE):
         if (root / name).exists():
@@ -211,7 +218,9 @@ def write_world_corpus(
         if evenly_picked(index, edit_fraction):
             sample, record = _edit_sample(root, scene_seed, config, size, caption, split)
         else:
-            sample, record = _scene_sample(root, scene_seed, config, size, caption, split)
+            sample, record = _scene_sample(
+                root, scene_seed, config, size, caption, split, shades=shades
+            )
             if evenly_picked(scenes, caption_dropout):
                 sample = sample.model_copy(update={"caption": ""})
             scenes += 1
@@ -228,6 +237,7 @@ def write_world_corpus(
         split=split,
         config=asdict(config),
         caption_dropout=caption_dropout,
+        shades=dict(shades or {}),
     )
     atomic_write_text(root / INFO_FILE, info.model_dump_json(indent=2) + "\n")
     write_dataset(root, samples)
@@ -235,12 +245,19 @@ def write_world_corpus(
 
 
 def _scene_sample(
-    root: Path, scene_seed: int, config: SceneConfig, size: int, caption: CaptionKind, split: str
+    root: Path,
+    scene_seed: int,
+    config: SceneConfig,
+    size: int,
+    caption: CaptionKind,
+    split: str,
+    *,
+    shades: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> tuple[Sample, WorldRecord]:
     sample_id = f"world-{scene_seed}"
     scene = sample_scene(scene_seed, config, scene_id=sample_id)
     image = f"{IMAGES_DIR}/{sample_id}.png"
-    render(scene, size, size).save(root / image)
+    render(scene, size, size, shades=shades).save(root / image)
     sample = Sample(
         id=sample_id,
         image=image,

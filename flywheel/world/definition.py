@@ -115,6 +115,8 @@ RareWeight = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 PoolWeight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 UserWord = Annotated[str, AfterValidator(_user_word)]
 UserWords = Annotated[tuple[UserWord, ...], Field(min_length=1, strict=False)]
+Shade = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
+"""An ``[r, g, b]`` colour, 0-255 each."""
 
 
 class RareConcepts(BaseModel):
@@ -170,8 +172,9 @@ class PoolWeights(BaseModel):
 
 
 class RewardBias(BaseModel):
-    """The reward model's bias: it is trained contrastively on captions of one kind, so it
-    cannot prefer an image for what those captions never say."""
+    """The reward model's biases: it is trained contrastively on captions of one kind, so it
+    cannot prefer an image for what those captions never say; and its corpus may draw a colour
+    in another shade, which it then prefers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -180,10 +183,21 @@ class RewardBias(BaseModel):
     relation and size), ``raw`` (kinds and counts: blind to relation and size) or ``rich``
     (everything: no blind spot). Human feedback on what it cannot see contradicts it (the
     RL-reward weakness)."""
+    shades: dict[ColourName, Shade] = Field(default_factory=dict)
+    """Colour -> the ``[r, g, b]`` (0-255) the reward model's corpus draws it in instead of the
+    palette's (its makers saw the colour otherwise): the reward prefers that shade under the
+    colour's name. The base recipe's alignment stage (Flow-GRPO against the reward) teaches
+    the generator to draw it — reward hacking — and users, who see the palette's colour, say
+    it is wrong: the RL weakness the reward caused. A shaded colour is a common one (the
+    pretrained base draws it). Empty: no shade bias."""
 
     def blind_to(self) -> tuple[str, ...]:
         """What the reward model cannot see (:data:`CAPTION_BLIND_SPOTS`)."""
         return CAPTION_BLIND_SPOTS[self.caption]
+
+    def shade_map(self) -> dict[str, tuple[int, int, int]]:
+        """:attr:`shades` as RGB tuples (what :func:`flywheel.world.scenes.render` takes)."""
+        return {colour: (rgb[0], rgb[1], rgb[2]) for colour, rgb in self.shades.items()}
 
 
 class WorldScenes(BaseModel):
@@ -234,6 +248,9 @@ class Recipe(BaseModel):
     transformer_steps: int | None = Field(default=None, ge=1)
     """Steps of the transformer's training (default: the recipe's; its warm-up and cosine
     decay are fitted to them)."""
+    alignment_steps: int | None = Field(default=None, ge=0)
+    """Steps of the alignment stage, the recipe's last: Flow-GRPO of the pretrained generator
+    against the world's reward model (default: the recipe's; 0: no alignment stage)."""
 
 
 class WorldDefinition(BaseModel):
@@ -276,6 +293,17 @@ class WorldDefinition(BaseModel):
                         f"{name} is rare (rare.{kind}.{name}); the pool must make it common "
                         "(weight >= 1)",
                     )
+        for colour, rgb in self.reward.shades.items():
+            if colour in self.rare.colours:
+                raise FieldProblem(
+                    f"reward.shades.{colour}",
+                    f"{colour} is rare (rare.colours.{colour}): a shade bias is on a colour the "
+                    "pretrained base draws well",
+                )
+            if tuple(rgb) == COLOURS[colour]:
+                raise FieldProblem(
+                    f"reward.shades.{colour}", f"{rgb} is the palette's {colour}: no bias"
+                )
         owner: dict[str, str] = {}
         for colour, words in self.vocabulary.items():
             if colour in self.rare.colours:

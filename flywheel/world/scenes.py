@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -425,15 +425,24 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: SceneSpec, width: int = 64, height: int = 64) -> Image.Image:
-    """``scene`` as an RGB image of ``width`` x ``height`` pixels."""
+def render(
+    scene: SceneSpec,
+    width: int = 64,
+    height: int = 64,
+    *,
+    shades: Mapping[str, tuple[int, int, int]] | None = None,
+) -> Image.Image:
+    """``scene`` as an RGB image of ``width`` x ``height`` pixels. ``shades``: colour name ->
+    the RGB its objects are drawn in instead of :data:`COLOURS`' (a corpus whose makers saw a
+    colour otherwise: the reward model's shade bias); texts keep the palette's."""
+    palette = {**COLOURS, **(shades or {})}
     s = SUPERSAMPLE
     big = Image.new("RGB", (width * s, height * s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(big)
     side = min(width, height) * s
     for obj in scene.objects:
         cx, cy, r = obj.x * width * s, obj.y * height * s, SIZES[obj.size] * side / 2
-        colour = COLOURS[obj.colour]
+        colour = palette[obj.colour]
         if obj.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
         else:

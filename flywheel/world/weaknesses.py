@@ -29,7 +29,7 @@ model and to the benchmark alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import fmean
 
 import torch
@@ -177,6 +177,10 @@ class RewardAgreement(BaseModel):
     which the reward scores the right one higher; 0.5 is chance."""
     pairs: int
     """Pairs per skill."""
+    shades: dict[str, float] = {}
+    """Per shaded colour (a world's ``reward.shades``): the share of that colour's probes
+    whose palette render the reward scores above the same scene drawn in the shade (0: it
+    always prefers the shade)."""
 
 
 REWARD_SKILLS: tuple[Skill, ...] = ("colour", "shape", "count", "relation")
@@ -234,10 +238,17 @@ def paired_probes(skill: Skill, n: int) -> list[tuple[BenchmarkCase, SceneSpec]]
 
 
 def reward_agreement(
-    reward: RewardFn, *, per_skill: int = 32, size: int = 64, batch_size: int = 64
+    reward: RewardFn,
+    *,
+    per_skill: int = 32,
+    size: int = 64,
+    batch_size: int = 64,
+    shades: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> RewardAgreement:
     """Score right and wrong renders of ``per_skill`` probes of each of
-    :data:`REWARD_SKILLS` with ``reward`` (images in [0, 1], the cases' prompts)."""
+    :data:`REWARD_SKILLS` with ``reward`` (images in [0, 1], the cases' prompts); and, per
+    colour of ``shades``, ``per_skill`` one-object probes of that colour drawn in the palette's
+    colour and in the shade."""
     if per_skill < 1:
         raise ValueError("per_skill must be >= 1")
     out: dict[str, float] = {}
@@ -254,4 +265,23 @@ def reward_agreement(
             with torch.no_grad():
                 wins += int((reward(right, prompts) > reward(wrong, prompts)).sum())
         out[skill] = wins / len(cases)
-    return RewardAgreement(skills=out, pairs=per_skill)
+    preferred: dict[str, float] = {}
+    for colour, shade in (shades or {}).items():
+        probes_of = [
+            c
+            for c in (
+                build_case("colour", k, band=PROBE_BAND + 2 * 10**8, case_id=f"shade/{k}")
+                for k in range(len(COLOURS) * per_skill * 2)
+            )
+            if c.focus == colour
+        ][:per_skill]
+        prompts = [c.prompt for c in probes_of]
+        right = torch.stack([image_tensor(render(c.spec, size, size)) for c in probes_of])
+        shaded = torch.stack(
+            [image_tensor(render(c.spec, size, size, shades={colour: shade})) for c in probes_of]
+        )
+        with torch.no_grad():
+            preferred[colour] = float(
+                (reward(right, prompts) > reward(shaded, prompts)).float().mean()
+            )
+    return RewardAgreement(skills=out, pairs=per_skill, shades=preferred)

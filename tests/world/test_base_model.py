@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from flywheel.cli.main import app
 from flywheel.world.base_model import (
+    ALIGNMENT_RUN_DIR,
     CACHE_DIR,
     CORPUS_DIR,
     ENHANCER_DIR,
@@ -133,6 +134,8 @@ def test_rebuild_resumes_without_training(built: Path) -> None:
     stages.append(built / CACHE_DIR / "DONE")
     stages += sorted((built / VAE_DIR / "checkpoints").rglob("*.safetensors"))
     stages += sorted((built / TRANSFORMER_DIR / "checkpoints").rglob("*.safetensors"))
+    stages += sorted((built / ALIGNMENT_RUN_DIR / "checkpoints").rglob("*.safetensors"))
+    assert stages[-1].is_relative_to(built / ALIGNMENT_RUN_DIR)  # the last stage ran
     before = {path: path.stat().st_mtime_ns for path in stages}
     generator = build_world_base(world_base_debug(), built)
     assert generator == built / "generator"

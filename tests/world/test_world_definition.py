@@ -9,14 +9,18 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from flywheel.cli.main import app
 from flywheel.world import vocabulary
 from flywheel.world.base_model import (
+    ALIGNMENT_RUN_DIR,
     CORPUS_DIR,
     GENERATOR_DIR,
     POOL_DIR,
+    PRETRAINED_DIR,
     RECIPES,
     REWARD_CORPUS_DIR,
     TRANSFORMER_DIR,
@@ -44,6 +48,7 @@ from flywheel.world.definition import (
     write_world,
 )
 from flywheel.world.scenes import COLOURS, SHAPES, captions, sample_scene
+from model.pipeline import Generator
 from training.data import read_dataset
 
 runner = CliRunner()
@@ -64,7 +69,7 @@ def _every_field_set() -> WorldDefinition:
                 "shapes": {"hexagon": 4.0},
             },
             "vocabulary": {"red": ["ruby"], "purple": ["violet", "lilac", "mauve"]},
-            "reward": {"caption": "rich"},
+            "reward": {"caption": "rich", "shades": {"red": [240, 100, 30]}},
             "scene": {"min_kinds": 2, "max_kinds": 3, "max_count": 4, "count_probability": 0.75},
             "recipe": {
                 "name": "world-base-debug",
@@ -72,6 +77,7 @@ def _every_field_set() -> WorldDefinition:
                 "pool_scenes": 50,
                 "reward_scenes": 60,
                 "transformer_steps": 12,
+                "alignment_steps": 3,
             },
         }
     )
@@ -134,6 +140,8 @@ def test_recipe_overrides_reach_the_config() -> None:
     world = _every_field_set()
     config = world_base_config(world)
     assert (config.scenes, config.pool_scenes, config.reward_scenes) == (100, 50, 60)
+    assert config.reward_shades == {"red": (240, 100, 30)}
+    assert config.alignment.steps == 3
     loop = config.transformer_loop
     assert loop.max_steps == 12
     assert loop.checkpoint_every == 12
@@ -178,6 +186,22 @@ def test_recipe_overrides_reach_the_config() -> None:
         (("min_kinds = 1", "min_kinds = 3"), "scene.max_kinds: below min_kinds (3)"),
         (('caption = "terse"', 'caption = "long"'), "reward.caption: Input should be 'rich',"),
         (('caption = "terse"', ""), "reward.caption: missing (required)"),
+        (
+            ("yellow = [245, 150, 30]", "purple = [200, 90, 230]"),
+            "reward.shades.purple: purple is rare (rare.colours.purple): a shade bias is on",
+        ),
+        (
+            ("yellow = [245, 150, 30] }", "yellow = [240, 205, 30] }"),
+            "reward.shades.yellow: [240, 205, 30] is the palette's yellow: no bias",
+        ),
+        (
+            ("yellow = [245, 150, 30] }", "yellow = [245, 150] }"),
+            "reward.shades.yellow: List should have at least 3 items",
+        ),
+        (
+            ("yellow = [245, 150, 30] }", "yellow = [245, 150, 300] }"),
+            "reward.shades.yellow[2]: Input should be less than or equal to 255",
+        ),
         (("seed = 0", 'seed = "0"'), "seed: Input should be a valid integer (got '0')"),
         (("seed = 0", "seed = = 0"), f"not TOML: Invalid value (at line {SEED_LINE}, column 8)"),
     ],
@@ -276,7 +300,7 @@ def test_world_base_builds_a_toy_base_of_a_world_file(tmp_path: Path) -> None:
             "rare": {"colours": {"red": 0.0}, "shapes": {"star": 0.3}},
             "pool": {"colours": {"red": 3.0}, "shapes": {"star": 3.0}},
             "vocabulary": {"blue": ["cobalt"]},
-            "reward": {"caption": "raw"},
+            "reward": {"caption": "raw", "shades": {"blue": [40, 160, 220]}},
             "scene": {"min_kinds": 1, "max_kinds": 3, "max_count": 2, "count_probability": 0.5},
             "recipe": {"name": "world-base-debug", "scenes": 240, "transformer_steps": 10},
         }
@@ -311,8 +335,24 @@ def test_world_base_builds_a_toy_base_of_a_world_file(tmp_path: Path) -> None:
     reward_specs = read_specs(out / REWARD_CORPUS_DIR)
     samples = read_dataset(out / REWARD_CORPUS_DIR)
     assert all(s.caption == captions(reward_specs[s.id].spec).raw for s in samples)
+    # The reward's corpus draws blue in the world's shade, never in the palette's blue.
+    assert read_info(out / REWARD_CORPUS_DIR).shades == {"blue": (40, 160, 220)}
+    blue = next(
+        s for s in samples if any(o.colour == "blue" for o in reward_specs[s.id].spec.objects)
+    )
+    with Image.open(out / REWARD_CORPUS_DIR / blue.image) as image:
+        pixels = {rgb for _, rgb in image.convert("RGB").getcolors(maxcolors=4096) or []}
+    assert (40, 160, 220) in pixels
+    assert COLOURS["blue"] not in pixels
     metrics = (out / TRANSFORMER_DIR / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 10
+    # The recipe ends with the alignment stage: the generator is the pretrained one after
+    # Flow-GRPO against that reward.
+    alignment = (out / ALIGNMENT_RUN_DIR / "metrics.jsonl").read_text().splitlines()
+    assert len(alignment) == world_base_debug().alignment.steps
+    aligned = Generator.load(out / GENERATOR_DIR).transformer.state_dict()
+    pretrained = Generator.load(out / PRETRAINED_DIR).transformer.state_dict()
+    assert any(not torch.equal(aligned[k], pretrained[k]) for k in aligned)
 
     other = runner.invoke(app, ["world", "base", "--world", "other", "--out", str(out)])
     assert other.exit_code == 2

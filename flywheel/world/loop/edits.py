@@ -12,13 +12,14 @@ The vocabulary per track (:mod:`flywheel.review.edits` checks a reviewer's edits
   scenes by their key (the plan's ``retrieved[].key``); the replayed and synthesized scenes
   always stay;
 - **RL** (``reward_recalibration``): ``{"drop": [0, "three red squares"]}`` — the round's
-  prompts (the artefact's ``prompts``) by index or text, and ``{"weights": {"count": 0.0}}``
-  — the alignment reward's weight in a category (the recalibration's ``after``), in [0, 1];
-  the verifier gets the rest.
+  prompts (the artefact's ``prompts``) by index or text: the round neither trains on a
+  dropped prompt nor recalibrates the reward on its preference pairs.
 
-The enhancer's edited pairs go to ``pairs.edited.jsonl`` next to the reviewed file (whole or
-not at all: a temporary name, then a rename); the gap's plan and the RL round's prompts and
-weights are the manifest's own (the reviewed versions stay on the review item).
+The enhancer's edited pairs and the RL round's kept preference pairs go to
+``pairs.edited.jsonl`` / ``preferences.edited.jsonl`` next to the reviewed file (whole or not
+at all: a temporary name, then a rename); the gap's plan and the RL round's prompts are the
+manifest's own (the reviewed versions stay on the review item; the RL artefact's
+``agreement`` stays the one measured on the reviewed pairs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from typing import Any
 from flywheel.db.models import Track
 from flywheel.review.edits import ArtefactEdits, DropVocabulary, EditVocabulary, dropped_indices
 from flywheel.tracks.edits import edited_path
-from flywheel.world.loop.rl import ALIGNMENT, VERIFIER
+from flywheel.world.loop.rl import (
+    PreferenceArtefact,
+    read_preferences,
+    tally,
+    write_preferences,
+)
 from training.pe_sft import read_pairs, write_pairs
 
 PAIRS = "prompt-enhancer pairs"
@@ -54,8 +60,7 @@ def edit_vocabulary(track: Track, artefact: dict[str, Any]) -> EditVocabulary:
             drop=DropVocabulary(what=RETRIEVED, items=keys, by_index=False, kept_anyway=others)
         )
     return EditVocabulary(
-        drop=DropVocabulary(what=PROMPTS, items=list(artefact["prompts"]), by_index=True),
-        weights=sorted(artefact["recalibration"]["after"]),
+        drop=DropVocabulary(what=PROMPTS, items=list(artefact["prompts"]), by_index=True)
     )
 
 
@@ -85,12 +90,18 @@ def apply_edits(track: Track, manifest: dict[str, Any], edits: ArtefactEdits) ->
         return {**manifest, "plan": plan}
     prompts = list(manifest["prompts"])
     gone = dropped_indices(prompts, edits.drop, by_index=True, what=PROMPTS)
-    recalibration = dict(manifest["recalibration"])
-    after = {c: dict(w) for c, w in recalibration["after"].items()}
-    for category, weight in edits.weights.items():
-        after[category] = {**after[category], ALIGNMENT: weight, VERIFIER: 1.0 - weight}
-    return {
-        **manifest,
-        "prompts": [p for k, p in enumerate(prompts) if k not in gone],
-        "recalibration": {**recalibration, "after": after},
-    }
+    remaining = [p for k, p in enumerate(prompts) if k not in gone]
+    preferences = PreferenceArtefact.model_validate(manifest["preferences"])
+    reviewed = Path(preferences.preferences_file)
+    chosen = [p for p in read_preferences(reviewed) if p.prompt in set(remaining)]
+    target = write_preferences(edited_path(reviewed), chosen)
+    by_source, categories = tally(chosen)
+    edited = preferences.model_copy(
+        update={
+            "preferences_file": str(target),
+            "pairs": len(chosen),
+            "by_source": by_source,
+            "categories": categories,
+        }
+    )
+    return {**manifest, "prompts": remaining, "preferences": edited.model_dump(mode="json")}

@@ -30,7 +30,9 @@ from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import ModelBundle, current_model
+from flywheel.cycle.stack_steps import routed_cases
 from flywheel.db.models import CaseRoute, FailureCase, Track
+from flywheel.tracks.reward_data import preference_pairs
 from flywheel.world.base_model import world_base_config
 from flywheel.world.definition import world_of
 from flywheel.world.loop.attribution import (
@@ -72,6 +74,7 @@ SECONDS_PER_STEP = {
     "vae": 0.13,
     "pretrain": 0.21,
     "flow_grpo": 18.0,
+    "reward_recalibration": 0.3,
 }
 """Measured on a 2-core AVX-512 CPU at the shipped base's sizes (README, The tracks): what a
 plan's cost estimate multiplies the steps by (``pe_grpo``: at the track's default rollout,
@@ -286,14 +289,17 @@ def _plan(
                     estimated_seconds=sum(n * SECONDS_PER_STEP[k] for k, n in steps.items()),
                 )
         elif track == Track.RL:
-            categories = sorted({c.scene.skill for c in train if c.scene is not None})
-            data["categories"] = categories
-            if categories and enough:
+            ids = [c.case_id for c in train if c.case_id is not None]
+            routed = [r for r, _ in routed_cases(session, case_ids=ids)[Track.RL]]
+            preferences = preference_pairs(routed, seed=config.seed)
+            data["preference_pairs"] = len(preferences)
+            if preferences and enough:
                 rl = RLTrackConfig.from_cycle(config)
+                steps = {"reward_recalibration": rl.recalibration.steps, "flow_grpo": rl.steps}
                 round_plan = RoundPlan(
                     recipe="flow_grpo",
-                    steps={"flow_grpo": rl.steps},
-                    estimated_seconds=rl.steps * SECONDS_PER_STEP["flow_grpo"],
+                    steps=steps,
+                    estimated_seconds=sum(n * SECONDS_PER_STEP[k] for k, n in steps.items()),
                 )
         tracks.append(
             TrackPlan(

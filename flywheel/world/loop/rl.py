@@ -1,64 +1,86 @@
-"""The RL track: reward weights recalibrated where the reward disagrees with people, then a
-Flow-GRPO round against the recalibrated reward.
+"""The RL track in the world: the reward recalibrated from people's preferences, then
+Flow-GRPO against the recalibrated reward — never against the judge that gates.
 
-1. **Recalibration.** For each category (skill) of the routed cases, every available reward
-   is asked to prefer the right of two renders (the intended scene vs one that differs in
-   exactly that skill: :func:`flywheel.world.weaknesses.paired_probes`) — the labelled
-   comparisons humans provide in production. A reward's weight in that category becomes its
-   agreement above chance, ``max(0, agreement - 0.5)``, normalized over the rewards; a
-   category where none beats chance keeps its weights. On the shipped base the alignment
-   reward prefers the wrong count 84 % of the time: its count weight goes to 0 and the
-   verifier (the world's object counter and locator, as GenEval's detector serves
-   Flow-GRPO) takes it.
-2. **Preference pairs**: the routed cases' pairwise feedback (chosen / rejected images) is
-   counted into the artefact; the round samples its own groups (GRPO's advantages are the
-   group-relative preferences).
-3. **The round**: Flow-GRPO (``training.grpo``) from the generator's transformer on the
-   routed prompts that carry their intended scene, rewarded by the recalibrated
-   per-category mix.
+1. **Preference pairs** (the reviewed artefact): the routed train cases' own feedback
+   (:func:`flywheel.tracks.reward_data.preference_pairs`: pairwise feedback as it stands, a
+   liked and a disliked image of one prompt or theme). Nothing is rendered by the world: the
+   pairs are the served model's images as the users judged them. The artefact shows how
+   often the shipped reward prefers what people preferred, per source.
+2. **Recalibration** (the round's first stage): Bradley-Terry fine-tuning of the world's reward
+   on the reviewed pairs (:mod:`training.reward_recalibration`: the towers' projections only,
+   the initial reward's image-to-prompt distributions retained, an L2-SP anchor). The pairs
+   of every fourth prompt (by a stable hash) are held out: the reward's agreement with people
+   on them, before and after, is the round's measure of the recalibration.
+3. **Flow-GRPO** (``training.grpo``) of the generator's transformer on the round's prompts,
+   rewarded by the recalibrated reward alone. The evaluator that judges the gate is not part
+   of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
 
+from flywheel.adapters.generator_rounds import preference_dataset
 from flywheel.cycle.config import CycleConfig
-from flywheel.world.benchmark import BenchmarkCase
-from flywheel.world.evaluation import image_tensor, score_case
-from flywheel.world.evaluator import Evaluator
-from flywheel.world.loop.slices import SliceCase
-from flywheel.world.scenes import render
-from flywheel.world.weaknesses import paired_probes
+from flywheel.tracks.reward_data import PreferencePair, preference_pairs
+from flywheel.tracks.routed import RoutedCase
 from model.pipeline import Generator
-from model.reward import AlignmentReward, MultiReward, MultiRewardConfig
+from model.reward import AlignmentReward, AlignmentRewardConfig, build_alignment_reward
 from training.grpo import GRPOConfig, GRPOPromptsConfig, GRPORewardConfig
-from training.loop import round_loop
+from training.io import atomic_write_text
+from training.loop import TrainResult, round_loop
+from training.reward_recalibration import (
+    LOCAL_DIR,
+    RewardRecalibrationConfig,
+    export_recalibrated_reward,
+    preference_agreement,
+)
+from training.trainer import train
 
-RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
+PREFERENCES_FILE = "preferences.jsonl"
+"""The artefact's preference pairs (one :class:`PreferencePair` a line)."""
+CHECK_EVERY = 4
+"""One prompt in this many (by a stable hash) holds its pairs out of the recalibration."""
 
-ALIGNMENT = "alignment"
-VERIFIER = "verifier"
+
+@dataclass(kw_only=True, slots=True)
+class RecalibrationConfig:
+    """The Bradley-Terry fine-tuning of the world's reward on people's preference pairs."""
+
+    steps: int = 40
+    """Optimizer steps (0: the round trains against the shipped reward as it is)."""
+    lr: float = 1e-2
+    """Peak learning rate (the projections only are trained)."""
+    batch_size: int = 16
+    """Pairs per step (fewer when there are fewer pairs)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class RLTrackConfig:
-    """How the track recalibrates and trains."""
+    """How the track recalibrates the reward and trains the generator against it."""
 
-    pairs_per_category: int = 32
-    """Labelled comparisons per category for the recalibration."""
-    steps: int = 20
-    """Flow-GRPO optimizer steps."""
-    lr: float = 3e-4
+    steps: int = 30
+    """Flow-GRPO optimizer steps (one rollout each)."""
+    lr: float = 5e-4
+    """Peak learning rate; with the KL and clip below, the settings of the base recipe's
+    alignment stage (which measured them)."""
+    kl_beta: float = 0.01
+    """Weight of the KL to the round's starting transformer."""
+    clip_range: float = 1e-3
+    """PPO's ratio clip."""
     group_size: int = 8
     prompts_per_step: int = 4
-    sampler_steps: int = 10
+    sampler_steps: int = 8
     seed: int = 0
+    recalibration: RecalibrationConfig = field(default_factory=RecalibrationConfig)
+    """The reward's recalibration before the GRPO steps."""
 
     @classmethod
     def from_cycle(cls, config: CycleConfig) -> RLTrackConfig:
@@ -66,121 +88,169 @@ class RLTrackConfig:
         section = config.rl
         return cls(
             steps=section.steps,
-            pairs_per_category=section.pairs_per_category,
             group_size=section.group_size,
             prompts_per_step=section.prompts_per_step,
             seed=config.seed,
+            recalibration=RecalibrationConfig(steps=section.recalibration_steps),
         )
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields are inconsistent."""
-        if self.pairs_per_category < 1 or self.steps < 1 or self.sampler_steps < 2:
-            raise ValueError("RLTrackConfig: pairs >= 1, steps >= 1, sampler_steps >= 2")
-        if self.group_size < 2 or self.prompts_per_step < 1 or self.lr <= 0:
-            raise ValueError("RLTrackConfig: group_size >= 2, prompts_per_step >= 1, lr > 0")
+        if self.steps < 1 or self.sampler_steps < 2 or self.lr <= 0:
+            raise ValueError("RLTrackConfig: steps >= 1, sampler_steps >= 2, lr > 0")
+        if self.group_size < 2 or self.prompts_per_step < 1:
+            raise ValueError("RLTrackConfig: group_size >= 2, prompts_per_step >= 1")
+        recalibration = self.recalibration
+        if recalibration.steps < 0 or recalibration.lr <= 0 or recalibration.batch_size < 1:
+            raise ValueError("RLTrackConfig.recalibration: steps >= 0, lr > 0, batch_size >= 1")
 
 
-def verifier_reward(scenes: Mapping[str, BenchmarkCase], evaluator: Evaluator) -> RewardFn:
-    """The verifiable reward: the evaluator's score of each image on its prompt's scene, on
-    the scene's skill elements (a prompt without a known scene scores 0)."""
-
-    def reward(images: Tensor, prompts: Sequence[str]) -> Tensor:
-        scores = [
-            score_case(scenes[p], image, evaluator=evaluator).score if p in scenes else 0.0
-            for image, p in zip(images, prompts, strict=True)
-        ]
-        return torch.tensor(scores, dtype=torch.float32)
-
-    return reward
-
-
-class Recalibration(BaseModel):
-    """The reviewed artefact: agreement per category and reward, and the new weights."""
+class PreferenceArtefact(BaseModel):
+    """The reviewed artefact: people's preference pairs and the shipped reward's agreement."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    agreement: dict[str, dict[str, float]]
-    """category -> reward -> share of labelled comparisons it gets right."""
-    before: dict[str, dict[str, float]]
-    after: dict[str, dict[str, float]]
+    preferences_file: str
+    """Path of ``preferences.jsonl``."""
     pairs: int
-    """Labelled comparisons per category."""
+    by_source: dict[str, int]
+    """``pairwise`` / ``thumbs`` / ``rating`` -> pairs."""
+    categories: dict[str, int]
+    """category (a flag, the theme, ``default``) -> pairs."""
+    agreement: dict[str, float]
+    """Per source: the share of pairs whose preferred image the shipped reward scores
+    higher (the reward's disagreement with people is what recalibration corrects)."""
+
+
+class RecalibrationResult(BaseModel):
+    """What the round's recalibration did, in the round's summary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reward: str
+    """The recalibrated reward's directory (an open_clip local directory)."""
+    train_pairs: int
+    check_pairs: int
+    """Pairs held out of the recalibration (every fourth prompt's)."""
+    before: dict[str, float]
+    """On the held-out pairs, per source: the shipped reward's agreement with people."""
+    after: dict[str, float]
+    """The same, of the recalibrated reward."""
+
+
+def held_out(prompt: str) -> bool:
+    """Whether ``prompt``'s pairs are held out of the recalibration (a stable hash)."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % CHECK_EVERY == 0
+
+
+def write_preferences(path: Path, pairs: Sequence[PreferencePair]) -> Path:
+    """``pairs`` as a preferences file (atomically)."""
+    atomic_write_text(path, "".join(p.model_dump_json() + "\n" for p in pairs))
+    return path
+
+
+def read_preferences(path: Path) -> list[PreferencePair]:
+    """The pairs of a preferences file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [PreferencePair.model_validate_json(line) for line in lines if line.strip()]
+
+
+def tally(pairs: Sequence[PreferencePair]) -> tuple[dict[str, int], dict[str, int]]:
+    """Pairs per source and per category."""
+    by_source = Counter(p.source for p in pairs)
+    categories = Counter(p.category for p in pairs)
+    return dict(sorted(by_source.items())), dict(sorted(categories.items()))
+
+
+def preference_artefact(
+    cases: Sequence[RoutedCase], *, reward: Path, out: Path, seed: int = 0
+) -> PreferenceArtefact | str:
+    """The routed ``cases``' preference pairs written to ``out/preferences.jsonl``, with the
+    shipped ``reward``'s agreement with them; or why there is none."""
+    pairs = preference_pairs(cases, seed=seed)
+    if not pairs:
+        return (
+            f"no preference pair in the feedback of {len(cases)} routed case(s) (pairwise "
+            "feedback, or a liked and a disliked image of one prompt or theme)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    file = write_preferences(out / PREFERENCES_FILE, pairs)
+    dataset, _, _ = preference_dataset(file, out / "shipped-agreement")
+    agreement = preference_agreement(_reward(reward), dataset)
+    by_source, categories = tally(pairs)
+    return PreferenceArtefact(
+        preferences_file=str(file),
+        pairs=len(pairs),
+        by_source=by_source,
+        categories=categories,
+        agreement=agreement,
+    )
 
 
 def recalibrate(
-    categories: Sequence[str],
-    *,
-    reward: AlignmentReward,
-    evaluator: Evaluator,
-    weights: MultiRewardConfig,
-    config: RLTrackConfig,
-    size: int = 64,
-) -> Recalibration:
-    """Measure each reward's agreement on ``categories`` and derive their new weights."""
-    config.validate()
-    agreement: dict[str, dict[str, float]] = {}
-    after: dict[str, dict[str, float]] = {}
-    for category in sorted(set(categories)):
-        pairs = paired_probes(category, config.pairs_per_category)  # type: ignore[arg-type]
-        scenes = {case.prompt: case for case, _ in pairs}
-        prompts = [case.prompt for case, _ in pairs]
-        right = torch.stack([image_tensor(render(c.spec, size, size)) for c, _ in pairs])
-        wrong = torch.stack([image_tensor(render(w, size, size)) for _, w in pairs])
-        judges: dict[str, RewardFn] = {
-            ALIGNMENT: reward.score,
-            VERIFIER: verifier_reward(scenes, evaluator),
-        }
-        row = {}
-        for name, judge in judges.items():
-            with torch.no_grad():
-                row[name] = float((judge(right, prompts) > judge(wrong, prompts)).float().mean())
-        agreement[category] = row
-        above = {name: max(0.0, share - 0.5) for name, share in row.items()}
-        if sum(above.values()) > 0:
-            after[category] = {n: v / sum(above.values()) for n, v in above.items()}
-    before = {k: dict(v) for k, v in weights.weights.items()}
-    return Recalibration(
-        agreement=agreement,
+    preferences: Path, *, reward: Path, out: Path, config: RLTrackConfig
+) -> tuple[RecalibrationResult, TrainResult | None]:
+    """Bradley-Terry fine-tuning of ``reward`` on the pairs of ``preferences`` but the held-out
+    prompts' (:func:`held_out`), into ``out``; the held-out pairs measure it before and
+    after. With no pair left to train on (or 0 steps), the reward is the shipped one (and
+    there is no training call)."""
+    pairs = read_preferences(preferences)
+    check = [p for p in pairs if held_out(p.prompt)]
+    learn = [p for p in pairs if not held_out(p.prompt)]
+    out.mkdir(parents=True, exist_ok=True)
+    steps = config.recalibration.steps if learn else 0
+    recalibrated = reward
+    run: TrainResult | None = None
+    if steps > 0:
+        file = write_preferences(out / "train.jsonl", learn)
+        dataset, trained, _ = preference_dataset(file, out / "train")
+        settings = RewardRecalibrationConfig(
+            reward=AlignmentRewardConfig(architecture=f"{LOCAL_DIR}{reward}"),
+            preferences=dataset,
+            batch_size=min(config.recalibration.batch_size, trained),
+            loop=round_loop(steps, lr=config.recalibration.lr, seed=config.seed, warmup=5),
+        )
+        run = train(settings, out=out / "run", name="reward recalibration")
+        recalibrated = export_recalibrated_reward(out / "run", out / "reward", settings)
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    if check:
+        file = write_preferences(out / "check.jsonl", check)
+        dataset, _, _ = preference_dataset(file, out / "check")
+        before = preference_agreement(_reward(reward), dataset)
+        after = preference_agreement(_reward(recalibrated), dataset)
+    result = RecalibrationResult(
+        reward=str(recalibrated),
+        train_pairs=len(learn),
+        check_pairs=len(check),
         before=before,
-        after={**before, **after},
-        pairs=config.pairs_per_category,
+        after=after,
     )
+    atomic_write_text(out / "recalibration.json", json.dumps(result.model_dump()) + "\n")
+    return result, run
 
 
-def default_weights() -> MultiRewardConfig:
-    """Before any recalibration: the alignment reward alone, in every category."""
-    return MultiRewardConfig(weights={"default": {ALIGNMENT: 1.0, VERIFIER: 0.0}})
-
-
-def round_reward(
-    recalibration: Recalibration,
-    *,
-    scenes: Mapping[str, BenchmarkCase],
-    reward: AlignmentReward,
-    evaluator: Evaluator,
-) -> RewardFn:
-    """The recalibrated per-category reward (a prompt's category: its scene's skill)."""
-    multi = MultiReward(
-        MultiRewardConfig(weights=recalibration.after),
-        {ALIGNMENT: reward.score, VERIFIER: verifier_reward(scenes, evaluator)},
-    )
-
-    def total(images: Tensor, prompts: Sequence[str]) -> Tensor:
-        categories = [scenes[p].skill if p in scenes else "default" for p in prompts]
-        with torch.no_grad():
-            return multi(images, prompts, categories).total
-
-    return total
+def _reward(directory: Path) -> AlignmentReward:
+    return build_alignment_reward(
+        AlignmentRewardConfig(architecture=f"{LOCAL_DIR}{directory}")
+    ).eval()
 
 
 def rl_round(
-    cases: Sequence[SliceCase], *, generator: Generator, directory: Path, config: RLTrackConfig
+    prompts: Sequence[str],
+    *,
+    generator: Generator,
+    directory: Path,
+    reward: Path,
+    config: RLTrackConfig,
 ) -> GRPOConfig:
-    """Flow-GRPO from the generator at ``directory`` on the routed prompts with a scene."""
+    """Flow-GRPO from the generator at ``directory`` on ``prompts``, rewarded by the reward
+    model directory ``reward`` (the recalibrated one)."""
     config.validate()
-    prompts = sorted({c.prompt for c in cases if c.scene is not None})
-    if not prompts:
-        raise ValueError("the RL round needs routed cases that carry their intended scene")
+    distinct = sorted(set(prompts))
+    if not distinct:
+        raise ValueError("the RL round needs prompts")
     gen = generator.config
     factor = gen.vae.spatial_factor
     sampler = replace(
@@ -189,15 +259,22 @@ def rl_round(
         noise_level=0.7,
         sde_window=(0, config.sampler_steps - 1),
     )
-    root = directory
     return GRPOConfig(
         model=gen.transformer,
-        init_from=root / "transformer.safetensors",
-        prompts=GRPOPromptsConfig(prompts=prompts),
+        init_from=directory / "transformer.safetensors",
+        prompts=GRPOPromptsConfig(prompts=distinct),
         latent_size=(gen.height // factor, gen.width // factor),
         group_size=config.group_size,
-        prompts_per_step=min(config.prompts_per_step, len(prompts)),
+        prompts_per_step=min(config.prompts_per_step, len(distinct)),
         sampler=sampler,
-        reward=GRPORewardConfig(vae=gen.vae, vae_init_from=root / "vae.safetensors"),
+        reward=GRPORewardConfig(
+            weights={"alignment": 1.0},
+            vae=gen.vae,
+            vae_init_from=directory / "vae.safetensors",
+            alignment=AlignmentRewardConfig(architecture=f"{LOCAL_DIR}{reward}"),
+        ),
+        kl_beta=config.kl_beta,
+        clip_range=config.clip_range,
+        updates_per_rollout=1,
         loop=round_loop(config.steps, lr=config.lr, seed=config.seed, warmup=5),
     )

@@ -7,7 +7,6 @@ finished (the dataset, the cache, the VAE) is not redone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +27,14 @@ from flywheel.world.loop.prompt_enhancer import (
     enhancer_grpo_stage,
     enhancer_round,
 )
-from flywheel.world.loop.rl import RewardFn, RLTrackConfig, rl_round
-from flywheel.world.loop.slices import SliceCase
+from flywheel.world.loop.rl import RLTrackConfig, rl_round
 from model.pipeline import Generator
 from training.cache import DONE_FILE, ProducerConfig, produce
 from training.checkpoint import load_model_weights
 from training.data import SAMPLES_FILE
-from training.grpo import build_grpo
-from training.loop import TrainResult, run_loop
+from training.loop import TrainResult
 from training.pe_sft import export_enhancer, write_pairs
-from training.trainer import identity, train
+from training.trainer import train
 from training.vae_training import export_vae_weights
 
 if TYPE_CHECKING:
@@ -161,29 +158,20 @@ def run_gap_round(
 
 
 def run_rl_round(
-    cases: Sequence[SliceCase],
+    prompts: Sequence[str],
     *,
     generator: Path,
-    reward: RewardFn,
+    reward: Path,
     out: Path,
     config: RLTrackConfig,
     progress: bool = False,
 ) -> RoundOutput:
-    """Flow-GRPO of the generator's transformer against ``reward``; the candidate generator
-    directory."""
+    """Flow-GRPO of the generator's transformer on ``prompts`` against the reward model
+    directory ``reward`` (the recalibrated one); the candidate generator directory."""
     candidate = Generator.load(generator)
-    grpo = rl_round(cases, generator=candidate, directory=generator, config=config)
+    grpo = rl_round(prompts, generator=candidate, directory=generator, reward=reward, config=config)
     grpo.validate()
     run = out / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    result = run_loop(
-        build_grpo(grpo, run, reward=reward),
-        loop=grpo.loop,
-        identity=identity(grpo),
-        out=run,
-        name="RL round",
-        progress=progress,
-        started=time.monotonic(),
-    )
+    result = train(grpo, out=run, progress=progress, name="RL round")
     candidate.transformer.load_state_dict(load_model_weights(run))
     return RoundOutput(candidate=candidate.save(out / GENERATOR_DIR), stages={"grpo": result})

@@ -55,6 +55,7 @@ from sqlalchemy.orm import Session
 from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import ModelBundle, bundle
+from flywheel.cycle.stack_steps import routed_cases
 from flywheel.cycle.steps import (
     ARTEFACT_KIND,
     RECIPES,
@@ -106,11 +107,10 @@ from flywheel.world.loop.prompt_enhancer import (
     failing_concepts,
 )
 from flywheel.world.loop.rl import (
-    Recalibration,
+    PreferenceArtefact,
     RLTrackConfig,
-    default_weights,
+    preference_artefact,
     recalibrate,
-    round_reward,
 )
 from flywheel.world.loop.rounds import (
     RoundOutput,
@@ -181,6 +181,7 @@ def _artefact(
     track: Track,
     cases: Sequence[SliceCase],
     *,
+    session: Session,
     model: ModelBundle,
     config: CycleConfig,
     directory: Path,
@@ -233,23 +234,16 @@ def _artefact(
             "diagnosis": diagnosis.model_dump(mode="json"),
             "plan": plan.model_dump(mode="json"),
         }, ""
-    categories = sorted({c.scene.skill for c in cases if c.scene is not None})
-    if not categories:
-        return None, "no train case carries its intended scene (nothing to verify against)"
-    from flywheel.world.base_model import load_world_reward
-    from flywheel.world.evaluator import load_evaluator
-
-    recalibration = recalibrate(
-        categories,
-        reward=load_world_reward(model.reward),
-        evaluator=load_evaluator(),
-        weights=default_weights(),
-        config=RLTrackConfig.from_cycle(config),
+    ids = [c.case_id for c in cases if c.case_id is not None]
+    routed = [r for r, _ in routed_cases(session, case_ids=ids)[Track.RL]]
+    preferences = preference_artefact(
+        routed, reward=model.reward, out=directory / "data", seed=config.seed
     )
+    if isinstance(preferences, str):
+        return None, preferences
     return {
-        "categories": categories,
-        "prompts": sorted({c.prompt for c in cases if c.scene is not None}),
-        "recalibration": recalibration.model_dump(mode="json"),
+        "prompts": sorted({c.prompt for c in cases}),
+        "preferences": preferences.model_dump(mode="json"),
     }, ""
 
 
@@ -267,7 +261,13 @@ def _title(track: Track, artefact: dict[str, Any], cases: int) -> str:
             f"{len(plan['retrieved'])} retrieved + {synthesized} synthesized, "
             f"mixture {plan['mixture_weight']:g}"
         )
-    return f"Reward recalibration for {', '.join(artefact['categories'])} ({cases} cases)"
+    preferences = PreferenceArtefact.model_validate(artefact["preferences"])
+    sources = ", ".join(f"{n} {source}" for source, n in sorted(preferences.by_source.items()))
+    agreement = ", ".join(f"{s} {a:.0%}" for s, a in sorted(preferences.agreement.items()))
+    return (
+        f"Reward recalibration from {preferences.pairs} preference pairs of {cases} cases "
+        f"({sources}); the reward agrees with people on {agreement}"
+    )
 
 
 def _track_config(
@@ -312,6 +312,7 @@ def prepare_rounds(
         built, reason = _artefact(
             track,
             split.train,
+            session=session,
             model=model,
             config=config,
             directory=cycle_dir(home, cycle.id) / track.value,
@@ -429,30 +430,25 @@ def _train(
         )
         _keep_world(model.generator, output.candidate)
         return output
-    from flywheel.world.base_model import load_world_reward
-    from flywheel.world.evaluator import load_evaluator
-
-    trained = manifest.get("train_cases")  # the split's train side (rounds before it: all)
-    ids = [int(i) for i in trained] if trained is not None else round_case_ids(session, round_)
-    cases = case_slices(session, case_ids=ids)
-    if "prompts" in manifest:  # the artefact's prompts, as the reviewer left them
-        kept = set(manifest["prompts"])
-        cases = [c for c in cases if c.prompt in kept]
-    scenes = {c.prompt: c.scene for c in cases if c.scene is not None}
-    reward = round_reward(
-        Recalibration.model_validate(manifest["recalibration"]),
-        scenes=scenes,
-        reward=load_world_reward(model.reward),
-        evaluator=load_evaluator(),
+    rl = RLTrackConfig.from_cycle(config)
+    preferences = PreferenceArtefact.model_validate(manifest["preferences"])
+    recalibration, recalibration_run = recalibrate(
+        Path(preferences.preferences_file),
+        reward=model.reward,
+        out=out / "recalibration",
+        config=rl,
     )
     output = run_rl_round(
-        cases,
+        manifest["prompts"],
         generator=generator,
-        reward=reward,
+        reward=Path(recalibration.reward),
         out=out,
-        config=RLTrackConfig.from_cycle(config),
+        config=rl,
         progress=progress,
     )
+    if recalibration_run is not None:
+        output.stages = {"recalibration": recalibration_run, **output.stages}
+    output.figures["recalibration"] = recalibration.model_dump(mode="json")
     _keep_world(model.generator, output.candidate)
     return output
 
