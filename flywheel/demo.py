@@ -75,9 +75,9 @@ FEEDBACK_BAND = 91_000_000
 """Seed band of the scenes the simulated users ask for (far from suites and probes)."""
 PROBE_BAND = 92_000_000
 HELD_OUT_BAND = 80_000_000
-COMPARED_SHARE = 0.5
-"""Share of the simulated users who were shown two images of their prompt (pairwise
-feedback where they liked one and not the other)."""
+COMPARED_SHARE = 1.0
+"""Share of the simulated users who were shown two images of their prompt, as image apps
+show a grid (pairwise feedback where they liked one and not the other)."""
 """Seed band of the held-out labeled set (the seed set uses the default 70M band)."""
 TRACKS = ("rl", "pretraining_gap", "prompt_enhancer")
 

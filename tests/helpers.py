@@ -112,6 +112,36 @@ def colour_complaints(
     return prompts, rows
 
 
+def count_preferences(
+    cases: Sequence[BenchmarkCase], directory: Path, *, version: int
+) -> list[NewSignal]:
+    """People's pairwise feedback on count ``cases``: the right count chosen over one copy
+    too many (both images written as PNGs under ``directory``, as an app stores them): what
+    the world's RL track recalibrates its reward on."""
+    from flywheel.world.scenes import render
+    from flywheel.world.weaknesses import wrong_scene
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, case in enumerate(cases):
+        uris = []
+        for side, spec in (("chosen", case.spec), ("rejected", wrong_scene(case))):
+            path = directory / f"{n}-{side}.png"
+            render(spec, 64, 64).save(path)
+            uris.append(path.as_uri())
+        rows.append(
+            stored_signal(
+                f"pw-{n}",
+                case.prompt,
+                kind=SignalKind.PAIRWISE,
+                chosen_image_uri=uris[0],
+                rejected_image_uri=uris[1],
+                model_version_id=version,
+            )
+        )
+    return rows
+
+
 FLYWHEEL_CLI = [sys.executable, "-c", "from flywheel.cli.main import app; app()"]
 """``flywheel`` in a process of its own (Prefect's log handlers bind to the process'
 streams: a flow run inside ``CliRunner`` would leave them writing to a closed one)."""

@@ -74,6 +74,7 @@ from retrieval.store import open_qdrant, qdrant_config
 from tests.helpers import (
     FLYWHEEL_CLI,
     approve_artefacts,
+    count_preferences,
     probe_hit,
     run_flywheel,
     stored_signal,
@@ -111,7 +112,7 @@ def engine(environment: dict[str, str]) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _store_failures(engine: Engine) -> dict[str, Track]:
+def _store_failures(engine: Engine, images: Path) -> dict[str, Track]:
     """Probe hits the base fails (purple: a corpus gap; counts: RL) and user feedback that
     names colours in words the captions never use (the prompt enhancer's); prompt -> the
     track that fixes it."""
@@ -123,6 +124,7 @@ def _store_failures(engine: Engine) -> dict[str, Track]:
         worded = [c for c in colours if c.focus in ("red", "blue")][:8]
         counts = [build_case("count", k, band=BAND, case_id=f"n/{k}") for k in range(3)]
         rows = [probe_hit(n, c, version) for n, c in enumerate(purple + counts)]
+        rows += count_preferences(counts, images, version=version)  # the RL track's pairs
         user = [to_user_words(captions(c.spec).terse, rng) for c in worded]
         rows += [
             stored_signal(
@@ -191,7 +193,7 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: 
 def test_a_killed_cycle_resumes_from_its_checkpoint_and_trains_its_rounds_in_order(
     environment: dict[str, str], engine: Engine, tmp_path: Path, offline: None
 ) -> None:
-    truth = _store_failures(engine)
+    truth = _store_failures(engine, tmp_path / "app")
     home = Path(environment["FLYWHEEL_HOME"])
     # Attribution with a strict threshold first: what the classifier is not sure of waits for
     # a human, who routes it (an override the cycle trains on).
@@ -571,13 +573,13 @@ def test_deploy_registers_the_cycle_and_routed_cases_start_it(
 
 @pytest.mark.timeout(600)  # a cycle run more: the artefacts' review first
 def test_a_paused_cycle_flow_is_resumed_by_each_artefact_decision_and_its_held_out_gate_judges(
-    environment: dict[str, str], engine: Engine, offline: None
+    environment: dict[str, str], engine: Engine, tmp_path: Path, offline: None
 ) -> None:
     from prefect import get_client
 
     from flywheel.cycle.flow import CycleOutcome, cycle_flow
 
-    truth = _store_failures(engine)
+    truth = _store_failures(engine, tmp_path / "app")
     _attribute(engine, Path(environment["FLYWHEEL_HOME"]), min_confidence=0.0)
     with Session(engine) as session:  # a reviewer corrects what the tiny classifier got wrong
         for case in session.scalars(select(FailureCase)).all():

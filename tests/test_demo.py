@@ -26,8 +26,9 @@ CONCEPT_PROBES = 12
 EXPECTED_OUTCOME = "rejected"
 """What the seeded tiny demo's cycle ends in: its rounds are too small to fix failures, so the
 gate refuses the candidate (measured on the held-out gate slices, each gate case at 3 seeds:
-59 -> 66 failures — rl 3/3 -> 3/3 (1 gate case of 4 routed), pretraining_gap 50/54 -> 52/54
-(18 of 46), prompt_enhancer 6/12 -> 11/12 (4 of 19); before the split, in-sample: 50 -> 58)."""
+61 -> 61 failures — rl 61/72 -> 61/72 (24 gate cases of 56 routed; one GRPO step against the
+reward recalibrated on the users' pairwise feedback); no gap round (no scarce concept on its
+train side) nor enhancer round (no users' words on its train side))."""
 
 
 def _meets(value: float | None, comparison: str, target: float) -> bool:
@@ -62,11 +63,15 @@ def flywheel_cli(*args: str, env: dict[str, str], timeout: int) -> subprocess.Co
     )
 
 
+TINY_EVENTS = 40
+"""Users in the tiny demo: enough that the RL track's train side holds pairwise feedback."""
+
+
 def run_tiny_demo(
     tmp_path: Path, report_file: Path, *args: str, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    """The tiny demo (:data:`TINY_DEMO`, 16 events, 16 probes) with ``args`` before its
-    options, its report at ``report_file``."""
+    """The tiny demo (:data:`TINY_DEMO`, :data:`TINY_EVENTS` users, 16 probes) with ``args``
+    before its options, its report at ``report_file``."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY_DEMO))
     return flywheel_cli(
@@ -75,7 +80,7 @@ def run_tiny_demo(
         "--config",
         str(config),
         "--events",
-        "16",
+        str(TINY_EVENTS),
         "--probes",
         "16",
         "--concept-probes",
@@ -104,7 +109,8 @@ def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path
     assert report["cycle"]["status"] == EXPECTED_OUTCOME, report["cycle"]
     assert set(report["tracks"]) == set(TRACKS)
     trained = {k: v for k, v in report["tracks"].items() if v["failure_rate_before"] is not None}
-    assert trained, report["tracks"]
+    # The RL round ran: its reward recalibrated on the users' pairwise feedback.
+    assert "rl" in trained, report["tracks"]
     for track in trained.values():  # held-out gate slices: each gate case at every seed
         assert track["cases"] >= 1
         assert track["seeds"] == 1 + CycleConfig().gate.extra_seeds
@@ -135,7 +141,11 @@ def test_flywheel_demo_runs_a_whole_cycle_on_the_embedded_default(tmp_path: Path
         assert 0.0 <= concepts["skills"][skill]["score"] <= 1.0
     assert report["seconds"] > 0
     assert report["feedback"]["replays_idempotent"] is True
-    assert report["feedback"]["statuses"] == {"created": 16}
+    # Each user sent one event, two where they preferred one of their two images (the
+    # pairwise preference and the flag on the other).
+    feedback = report["feedback"]
+    assert TINY_EVENTS < feedback["events"] <= 2 * TINY_EVENTS
+    assert feedback["statuses"] == {"created": feedback["events"]}
 
     # Every goal, met exactly when its value reaches its target, from the report's figures.
     goals = report["goals"]

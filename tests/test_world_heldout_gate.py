@@ -48,7 +48,13 @@ from flywheel.world.loop.prompt_enhancer import PromptEnhancerTrackConfig, enhan
 from flywheel.world.loop.slices import SliceCase
 from retrieval.embedding import TextEmbedder
 from retrieval.store import QdrantConfig
-from tests.helpers import TINY_CYCLE, approve_artefacts, colour_complaints, probe_hit
+from tests.helpers import (
+    TINY_CYCLE,
+    approve_artefacts,
+    colour_complaints,
+    count_preferences,
+    probe_hit,
+)
 from training.pe_sft import read_pairs
 
 BAND = 95_000_000
@@ -178,7 +184,7 @@ def engine(scratch_engine: Engine) -> Engine:
     return scratch_engine
 
 
-def _store_failures(engine: Engine) -> dict[str, Track]:
+def _store_failures(engine: Engine, images: Path) -> dict[str, Track]:
     """Probe hits the base fails (purple: a corpus gap; counts: RL) and users' feedback naming
     colours in words the captions never use (the prompt enhancer's); prompt -> its track."""
     rng = random.Random(11)
@@ -189,6 +195,7 @@ def _store_failures(engine: Engine) -> dict[str, Track]:
         worded = [c for c in colours if c.focus in ("red", "blue")][:8]
         counts = [build_case("count", k, band=BAND, case_id=f"n/{k}") for k in range(6)]
         rows = [probe_hit(n, c, version) for n, c in enumerate(purple + counts)]
+        rows += count_preferences(counts, images, version=version)  # the RL track's pairs
         user, complaints = colour_complaints(worded, rng, version=version)
         rows += complaints
         insert_signals(session, signals=rows)
@@ -215,7 +222,7 @@ def _training_prompts(round_: TrainingRound) -> set[str]:
 def test_a_world_cycle_trains_on_one_side_of_each_theme_and_gates_on_the_other(
     engine: Engine, tmp_path: Path, offline: None
 ) -> None:
-    truth = _store_failures(engine)
+    truth = _store_failures(engine, tmp_path / "app")
     home = tmp_path / "home"
     config = CycleConfig.model_validate(
         TINY_CYCLE

@@ -18,6 +18,7 @@ from flywheel.db.models import (
     FailureCluster,
     RegressionScenario,
     Signal,
+    SignalKind,
     SignalSource,
 )
 
@@ -75,6 +76,20 @@ def feedback_for_prompts(session: Session, *, prompts: Sequence[str]) -> dict[st
     return out
 
 
+def compared_case_ids(session: Session) -> list[int]:
+    """The cases whose prompt has pairwise feedback (people compared two images of it)."""
+    compared = (
+        select(Signal.prompt)
+        .where(Signal.source == SignalSource.FEEDBACK, Signal.kind == SignalKind.PAIRWISE)
+        .distinct()
+    )
+    return list(
+        session.scalars(
+            select(FailureCase.id).where(FailureCase.prompt.in_(compared)).order_by(FailureCase.id)
+        )
+    )
+
+
 def active_scenarios(session: Session) -> list[RegressionScenario]:
     """The regression scenarios still in force, oldest first."""
     return list(
@@ -90,6 +105,7 @@ __all__ = [
     "active_scenarios",
     "case_signals",
     "cluster_labels",
+    "compared_case_ids",
     "feedback_for_prompts",
     "latest_routes",
     "mean_confidence",

@@ -174,11 +174,16 @@ def test_enhancer_learns_to_give_terse_prompts_back(built: Path) -> None:
         load_world_enhancer(built)
 
 
-def test_ship_copies_generator_reward_and_enhancer(built: Path, tmp_path: Path) -> None:
+def test_ship_copies_generator_reward_enhancer_and_the_pretrained_generator(
+    built: Path, tmp_path: Path
+) -> None:
     targets = {"generator_to": tmp_path / "base", "reward_to": tmp_path / "reward"}
     targets["enhancer_to"] = tmp_path / "enhancer"
+    targets["pretrained_to"] = tmp_path / "pretrained"
     generator, reward, enhancer = ship(built, **targets)
     assert Generator.load(generator).config.height == world_base_debug().image_size
+    # The build was aligned: its pretrained generator ships too (the weakness' control).
+    assert Generator.load(targets["pretrained_to"]).config == Generator.load(generator).config
     load_world_reward(reward)
     load_world_enhancer(enhancer)
     with pytest.raises(ValueError, match="no finished generator"):

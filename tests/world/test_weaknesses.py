@@ -3,19 +3,25 @@ render is wrong in exactly what its skill asks for."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
+import torch
+from torch import Tensor
 
 from flywheel.world.benchmark import Skill, suite
 from flywheel.world.evaluation import score_case
-from flywheel.world.scenes import render
+from flywheel.world.scenes import COLOURS, render
 from flywheel.world.weaknesses import (
     PROBE_BAND,
     REWARD_SKILLS,
     NoRoomError,
     paired_probes,
     probes,
+    reward_agreement,
     wrong_scene,
 )
+from model.reward import RewardFn
 
 
 @pytest.mark.parametrize("skill", REWARD_SKILLS)
@@ -56,3 +62,24 @@ def test_only_the_paired_skills_have_wrong_scenes() -> None:
     case = probes("terse", 1, band=PROBE_BAND)[0]
     with pytest.raises(ValueError, match="no wrong image for a 'terse' case"):
         wrong_scene(case)
+
+
+def test_the_shade_agreement_says_which_render_a_reward_prefers() -> None:
+    # A reward that scores how close the image's mean is to the shade prefers the shade
+    # (agreement 0); one that scores closeness to the palette's yellow prefers it (1).
+    shade = (245, 150, 30)
+
+    def closeness(target: tuple[int, int, int]) -> RewardFn:
+        rgb = torch.tensor(target, dtype=torch.float32) / 255  # (3,)
+
+        def reward(images: Tensor, prompts: Sequence[str]) -> Tensor:
+            del prompts
+            pixels = images.flatten(2)  # (B, 3, H*W)
+            dark = (pixels - rgb[None, :, None]).abs().sum(dim=1)  # (B, H*W)
+            return -dark.min(dim=1).values  # the pixel nearest the target
+
+        return reward
+
+    for target, expected in ((shade, 0.0), (COLOURS["yellow"], 1.0)):
+        agreement = reward_agreement(closeness(target), per_skill=4, shades={"yellow": shade})
+        assert agreement.shades == {"yellow": expected}

@@ -187,19 +187,19 @@ def test_recipe_overrides_reach_the_config() -> None:
         (('caption = "terse"', 'caption = "long"'), "reward.caption: Input should be 'rich',"),
         (('caption = "terse"', ""), "reward.caption: missing (required)"),
         (
-            ("yellow = [245, 150, 30]", "purple = [200, 90, 230]"),
+            ('caption = "terse"', 'caption = "terse"\nshades = { purple = [200, 90, 230] }'),
             "reward.shades.purple: purple is rare (rare.colours.purple): a shade bias is on",
         ),
         (
-            ("yellow = [245, 150, 30] }", "yellow = [240, 205, 30] }"),
+            ('caption = "terse"', 'caption = "terse"\nshades = { yellow = [240, 205, 30] }'),
             "reward.shades.yellow: [240, 205, 30] is the palette's yellow: no bias",
         ),
         (
-            ("yellow = [245, 150, 30] }", "yellow = [245, 150] }"),
+            ('caption = "terse"', 'caption = "terse"\nshades = { yellow = [245, 150] }'),
             "reward.shades.yellow: List should have at least 3 items",
         ),
         (
-            ("yellow = [245, 150, 30] }", "yellow = [245, 150, 300] }"),
+            ('caption = "terse"', 'caption = "terse"\nshades = { yellow = [245, 150, 300] }'),
             "reward.shades.yellow[2]: Input should be less than or equal to 255",
         ),
         (("seed = 0", 'seed = "0"'), "seed: Input should be a valid integer (got '0')"),

@@ -30,7 +30,6 @@ from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.plan_types import CyclePlan, RoundPlan, TrackPlan
 from flywheel.cycle.registry import ModelBundle, current_model
-from flywheel.cycle.stack_steps import routed_cases
 from flywheel.db.models import CaseRoute, FailureCase, Track
 from flywheel.tracks.reward_data import preference_pairs
 from flywheel.world.base_model import world_base_config
@@ -55,7 +54,7 @@ from flywheel.world.loop.prompt_enhancer import (
     enhancer_pairs,
     failing_concepts,
 )
-from flywheel.world.loop.rl import RLTrackConfig
+from flywheel.world.loop.rl import RLTrackConfig, preference_cases
 from flywheel.world.loop.slices import SliceCase
 from flywheel.world.loop.slices import scene_of as _scene
 from retrieval.embedding import TextEmbedder
@@ -236,10 +235,16 @@ def _plan(
     slices = routed_slices(session)
     world = world_of(model.generator)  # the users' words and the pool of the model's world
     tracks = []
-    for track in (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER):
+    order = (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER)
+    # as the cycle builds it: from the train side of the split by theme
+    splits = {
+        track: split_by_theme(slices[track][0], gate_share=config.gate.share, seed=config.seed)
+        for track in order
+    }
+    every_gate = {key for split in splits.values() for key in split.gate_keys()}
+    for track in order:
         cases, rows = slices[track]
-        # as the cycle builds it: from the train side of the split by theme
-        split = split_by_theme(cases, gate_share=config.gate.share, seed=config.seed)
+        split = splits[track]
         train = split.train
         data: dict[str, object] = {"train_cases": len(train), "gate_cases": len(split.gate)}
         round_plan: RoundPlan | None = None
@@ -289,8 +294,7 @@ def _plan(
                     estimated_seconds=sum(n * SECONDS_PER_STEP[k] for k, n in steps.items()),
                 )
         elif track == Track.RL:
-            ids = [c.case_id for c in train if c.case_id is not None]
-            routed = [r for r, _ in routed_cases(session, case_ids=ids)[Track.RL]]
+            routed = preference_cases(session, train, every_gate=every_gate)
             preferences = preference_pairs(routed, seed=config.seed)
             data["preference_pairs"] = len(preferences)
             if preferences and enough:

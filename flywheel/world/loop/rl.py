@@ -26,11 +26,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.orm import Session
 
 from flywheel.adapters.generator_rounds import preference_dataset
+from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
+from flywheel.cycle.stack_steps import routed_cases
 from flywheel.tracks.reward_data import PreferencePair, preference_pairs
-from flywheel.tracks.routed import RoutedCase
+from flywheel.tracks.routed import RoutedCase, same_prompt_key
+from flywheel.world.loop.slices import SliceCase
 from model.pipeline import Generator
 from model.reward import AlignmentReward, AlignmentRewardConfig, build_alignment_reward
 from training.grpo import GRPOConfig, GRPOPromptsConfig, GRPORewardConfig
@@ -154,6 +158,24 @@ def read_preferences(path: Path) -> list[PreferencePair]:
     """The pairs of a preferences file."""
     lines = path.read_text(encoding="utf-8").splitlines()
     return [PreferencePair.model_validate_json(line) for line in lines if line.strip()]
+
+
+def preference_cases(
+    session: Session, cases: Sequence[SliceCase], *, every_gate: set[str]
+) -> list[RoutedCase]:
+    """Whose feedback the reward learns from: people's preferences are the reward's, whichever
+    track a compared prompt's case went to — the routed train ``cases`` and every case whose
+    prompt people compared two images of, none a gate's prompt (``every_gate``: every
+    track's gate keys, :func:`~flywheel.tracks.routed.same_prompt_key`)."""
+    ids = {c.case_id for c in cases if c.case_id is not None}
+    ids |= set(repository.compared_case_ids(session))
+    routed = {
+        r.case_id: r
+        for pairs in routed_cases(session, case_ids=sorted(ids)).values()
+        for r, _ in pairs
+        if not {same_prompt_key(r.prompt), same_prompt_key(r.reference)} & every_gate
+    }
+    return [routed[k] for k in sorted(routed)]
 
 
 def tally(pairs: Sequence[PreferencePair]) -> tuple[dict[str, int], dict[str, int]]:

@@ -55,7 +55,6 @@ from sqlalchemy.orm import Session
 from flywheel.cycle import repository
 from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.registry import ModelBundle, bundle
-from flywheel.cycle.stack_steps import routed_cases
 from flywheel.cycle.steps import (
     ARTEFACT_KIND,
     RECIPES,
@@ -110,6 +109,7 @@ from flywheel.world.loop.rl import (
     PreferenceArtefact,
     RLTrackConfig,
     preference_artefact,
+    preference_cases,
     recalibrate,
 )
 from flywheel.world.loop.rounds import (
@@ -189,11 +189,12 @@ def _artefact(
     qdrant: QdrantConfig,
     embedder: TextEmbedder,
     held_out: set[str],
+    every_gate: set[str],
 ) -> tuple[dict[str, Any] | None, str]:
     """The track's reviewed artefact (also the round's data manifest) built from its train
     cases ``cases``, none of its training prompts one of ``held_out`` (the gate's prompt
-    keys), or None and why. What is world-specific (the users' words, the candidate pool) is
-    the model's world's (:func:`model_world`)."""
+    keys; ``every_gate``: every track's), or None and why. What is world-specific (the
+    users' words, the candidate pool) is the model's world's (:func:`model_world`)."""
     world = model_world(model)
     if track == Track.PROMPT_ENHANCER:
         concepts = failing_concepts(cases, world=world)
@@ -234,8 +235,7 @@ def _artefact(
             "diagnosis": diagnosis.model_dump(mode="json"),
             "plan": plan.model_dump(mode="json"),
         }, ""
-    ids = [c.case_id for c in cases if c.case_id is not None]
-    routed = [r for r, _ in routed_cases(session, case_ids=ids)[Track.RL]]
+    routed = preference_cases(session, cases, every_gate=every_gate)
     preferences = preference_artefact(
         routed, reward=model.reward, out=directory / "data", seed=config.seed
     )
@@ -298,9 +298,14 @@ def prepare_rounds(
     model = base_model(session, cycle)
     slices = routed_slices(session)
     tracks: dict[str, Any] = {}
+    splits = {
+        track: split_by_theme(slices[track][0], gate_share=config.gate.share, seed=config.seed)
+        for track in ROUND_ORDER
+    }
+    every_gate = {key for split in splits.values() for key in split.gate_keys()}
     for track in ROUND_ORDER:
         cases, rows = slices[track]
-        split = split_by_theme(cases, gate_share=config.gate.share, seed=config.seed)
+        split = splits[track]
         if len(cases) < config.min_cases or not split.gate:
             reason = (
                 f"{len(cases)} routed case(s), fewer than min_cases={config.min_cases}"
@@ -320,6 +325,7 @@ def prepare_rounds(
             qdrant=qdrant,
             embedder=embedder,
             held_out=split.gate_keys(),
+            every_gate=every_gate,
         )
         if built is None:
             tracks[track.value] = {"cases": len(cases), "round": None, "reason": reason}
