@@ -402,31 +402,20 @@ class WorldBaseConfig:
         """Flow-GRPO of the generator directory ``generator``'s transformer against the
         reward model directory ``reward``, on terse captions of new scenes (seed + 4)."""
         stage = self.alignment
-        gen = config_from_json((generator / CONFIG_FILE).read_text(encoding="utf-8"))
-        factor = gen.vae.spatial_factor
-        steps = stage.sampler_steps
-        return GRPOConfig(
-            model=gen.transformer,
-            init_from=generator / TRANSFORMER_FILE,
-            prompts=GRPOPromptsConfig(
-                prompts=terse_prompts(self.scene, seed=self.seed + 4, count=stage.prompts)
-            ),
-            latent_size=(gen.height // factor, gen.width // factor),
-            group_size=stage.group_size,
-            prompts_per_step=stage.prompts_per_step,
-            sampler=replace(
-                gen.sampler, steps=steps, noise_level=stage.noise_level, sde_window=(0, steps - 1)
-            ),
+        return reward_grpo(
+            config_from_json((generator / CONFIG_FILE).read_text(encoding="utf-8")),
+            generator,
+            reward=reward,
+            prompts=terse_prompts(self.scene, seed=self.seed + 4, count=stage.prompts),
+            steps=max(stage.steps, 1),
+            lr=stage.lr,
             kl_beta=stage.kl_beta,
             clip_range=stage.clip_range,
-            updates_per_rollout=1,
-            reward=GRPORewardConfig(
-                weights={"alignment": 1.0},
-                vae=gen.vae,
-                vae_init_from=generator / VAE_FILE,
-                alignment=AlignmentRewardConfig(architecture=f"local-dir:{reward}"),
-            ),
-            loop=round_loop(max(stage.steps, 1), lr=stage.lr, seed=stage.seed, warmup=5),
+            group_size=stage.group_size,
+            prompts_per_step=stage.prompts_per_step,
+            sampler_steps=stage.sampler_steps,
+            noise_level=stage.noise_level,
+            seed=stage.seed,
         )
 
     def transformer_stage(self, cache: Path) -> PretrainConfig:
@@ -767,6 +756,54 @@ def _pretrain(
         sampler=config.sampler,
     )
     return Generator(generator_config, transformer, vae, encoder)
+
+
+def reward_grpo(
+    gen: GeneratorConfig,
+    directory: Path,
+    *,
+    reward: Path,
+    prompts: list[str],
+    steps: int,
+    lr: float,
+    kl_beta: float,
+    clip_range: float,
+    group_size: int,
+    prompts_per_step: int,
+    sampler_steps: int,
+    noise_level: float,
+    seed: int,
+) -> GRPOConfig:
+    """Flow-GRPO of the transformer of the generator directory ``directory`` (config
+    ``gen``) on ``prompts``, rewarded by the reward model directory ``reward`` alone (an
+    open_clip local directory): one update per rollout, every sampling step stochastic, 5
+    warm-up steps then a cosine decay. What the recipe's alignment stage and the world's RL
+    round both run."""
+    factor = gen.vae.spatial_factor
+    return GRPOConfig(
+        model=gen.transformer,
+        init_from=directory / TRANSFORMER_FILE,
+        prompts=GRPOPromptsConfig(prompts=prompts),
+        latent_size=(gen.height // factor, gen.width // factor),
+        group_size=group_size,
+        prompts_per_step=prompts_per_step,
+        sampler=replace(
+            gen.sampler,
+            steps=sampler_steps,
+            noise_level=noise_level,
+            sde_window=(0, sampler_steps - 1),
+        ),
+        kl_beta=kl_beta,
+        clip_range=clip_range,
+        updates_per_rollout=1,
+        reward=GRPORewardConfig(
+            weights={"alignment": 1.0},
+            vae=gen.vae,
+            vae_init_from=directory / VAE_FILE,
+            alignment=AlignmentRewardConfig(architecture=f"local-dir:{reward}"),
+        ),
+        loop=round_loop(steps, lr=lr, seed=seed, warmup=5),
+    )
 
 
 def terse_prompts(scene: SceneConfig, *, seed: int, count: int) -> list[str]:

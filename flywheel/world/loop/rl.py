@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -34,10 +34,11 @@ from flywheel.cycle.config import CycleConfig
 from flywheel.cycle.stack_steps import routed_cases
 from flywheel.tracks.reward_data import PreferencePair, preference_pairs
 from flywheel.tracks.routed import RoutedCase, same_prompt_key
+from flywheel.world.base_model import load_world_reward, reward_grpo
 from flywheel.world.loop.slices import SliceCase
 from model.pipeline import Generator
-from model.reward import AlignmentReward, AlignmentRewardConfig, build_alignment_reward
-from training.grpo import GRPOConfig, GRPOPromptsConfig, GRPORewardConfig
+from model.reward import AlignmentRewardConfig
+from training.grpo import GRPOConfig
 from training.io import atomic_write_text
 from training.loop import TrainResult, round_loop
 from training.reward_recalibration import (
@@ -199,7 +200,7 @@ def preference_artefact(
     out.mkdir(parents=True, exist_ok=True)
     file = write_preferences(out / PREFERENCES_FILE, pairs)
     dataset, _, _ = preference_dataset(file, out / "shipped-agreement")
-    agreement = preference_agreement(_reward(reward), dataset)
+    agreement = preference_agreement(load_world_reward(reward).eval(), dataset)
     by_source, categories = tally(pairs)
     return PreferenceArtefact(
         preferences_file=str(file),
@@ -240,8 +241,8 @@ def recalibrate(
     if check:
         file = write_preferences(out / "check.jsonl", check)
         dataset, _, _ = preference_dataset(file, out / "check")
-        before = preference_agreement(_reward(reward), dataset)
-        after = preference_agreement(_reward(recalibrated), dataset)
+        before = preference_agreement(load_world_reward(reward).eval(), dataset)
+        after = preference_agreement(load_world_reward(recalibrated).eval(), dataset)
     result = RecalibrationResult(
         reward=str(recalibrated),
         train_pairs=len(learn),
@@ -251,12 +252,6 @@ def recalibrate(
     )
     atomic_write_text(out / "recalibration.json", json.dumps(result.model_dump()) + "\n")
     return result, run
-
-
-def _reward(directory: Path) -> AlignmentReward:
-    return build_alignment_reward(
-        AlignmentRewardConfig(architecture=f"{LOCAL_DIR}{directory}")
-    ).eval()
 
 
 def rl_round(
@@ -273,30 +268,18 @@ def rl_round(
     distinct = sorted(set(prompts))
     if not distinct:
         raise ValueError("the RL round needs prompts")
-    gen = generator.config
-    factor = gen.vae.spatial_factor
-    sampler = replace(
-        gen.sampler,
-        steps=config.sampler_steps,
-        noise_level=0.7,
-        sde_window=(0, config.sampler_steps - 1),
-    )
-    return GRPOConfig(
-        model=gen.transformer,
-        init_from=directory / "transformer.safetensors",
-        prompts=GRPOPromptsConfig(prompts=distinct),
-        latent_size=(gen.height // factor, gen.width // factor),
-        group_size=config.group_size,
-        prompts_per_step=min(config.prompts_per_step, len(distinct)),
-        sampler=sampler,
-        reward=GRPORewardConfig(
-            weights={"alignment": 1.0},
-            vae=gen.vae,
-            vae_init_from=directory / "vae.safetensors",
-            alignment=AlignmentRewardConfig(architecture=f"{LOCAL_DIR}{reward}"),
-        ),
+    return reward_grpo(
+        generator.config,
+        directory,
+        reward=reward,
+        prompts=distinct,
+        steps=config.steps,
+        lr=config.lr,
         kl_beta=config.kl_beta,
         clip_range=config.clip_range,
-        updates_per_rollout=1,
-        loop=round_loop(config.steps, lr=config.lr, seed=config.seed, warmup=5),
+        group_size=config.group_size,
+        prompts_per_step=min(config.prompts_per_step, len(distinct)),
+        sampler_steps=config.sampler_steps,
+        noise_level=0.7,
+        seed=config.seed,
     )
