@@ -24,10 +24,12 @@ from flywheel.attribution.classifier import (
     measure,
 )
 from flywheel.attribution.evidence import Evidence
+from flywheel.attribution.repository import open_cases
 from flywheel.attribution.service import (
     CaseClosedError,
     CaseNotFoundError,
     attribute_open_cases,
+    case_views,
     override_examples,
     override_route,
     routing_classifier,
@@ -49,9 +51,10 @@ from flywheel.db.models import (
 )
 from flywheel.settings import get_settings
 from flywheel.signals.repository import NewSignal, insert_signals, model_version_id
-from flywheel.world.base_model import BASE_REWARD
+from flywheel.world.base_model import BASE_REWARD, load_world_enhancer
 from flywheel.world.benchmark import build_case
 from flywheel.world.evaluation import BASE_MODEL
+from flywheel.world.lexicon import lexicon_rewrites
 from flywheel.world.loop.attribution import (
     LabeledSetConfig,
     labeled_examples,
@@ -249,6 +252,48 @@ def test_routes_stored_cases_with_evidence(
         # Routed and waiting cases are not routed again.
         again = attribute_open_cases(session, gather=tools, classifier=classifier)
         assert again.cases == 0
+
+
+def test_the_rewrite_test_draws_what_the_model_was_given(
+    fresh_engine: Engine, tools: EvidenceTools
+) -> None:
+    """Users type in their own words; the shipped enhancer serves some of them in another
+    colour. The complaints carry both, and the rewrite test reproduces the failure from the
+    served prompt against the lexicon's rewrite of what the user typed."""
+    typed = ["azure circle", "emerald triangle", "golden square", "jade circle", "red square"]
+    served = load_world_enhancer().enhance(typed)
+    assert served[-1] == typed[-1]  # what the enhancer gets right, served as typed
+    with session_factory(fresh_engine)() as session:
+        version = model_version_id(session, name="world-base")
+        insert_signals(
+            session,
+            signals=[
+                stored_signal(
+                    f"fb-{n}",
+                    prompt,
+                    kind=SignalKind.FLAGS,
+                    flags=["wrong_color"],
+                    model_version_id=version,
+                    details={"served_prompt": given} if given != prompt else None,
+                )
+                for n, (prompt, given) in enumerate(zip(typed, served, strict=True))
+            ],
+        )
+        session.commit()
+        collect_failures(session)
+        views = case_views(session, open_cases(session))
+    assert {v.prompt: v.served_prompt for v in views} == {
+        p: (s if s != p else None) for p, s in zip(typed, served, strict=True)
+    }
+    evidence = tools(views)
+    for view, found in zip(views, evidence, strict=True):
+        rewrite = lexicon_rewrites([view.prompt])[0]
+        assert found.rewritten_prompt == rewrite
+        assert found.rewrite_changed == (rewrite != (view.served_prompt or view.prompt))
+    wrong = [e for e in evidence if e.rewrite_changed]
+    assert len(wrong) == 4, [(v.prompt, v.served_prompt) for v in views]
+    # The colour asked for beats the served one under the user's request.
+    assert statistics.mean(e.rewrite_gain for e in wrong) > 0.2, [e.rewrite_gain for e in wrong]
 
 
 def test_triage_and_overrides_become_examples(

@@ -412,17 +412,26 @@ def test_evidence_on_a_teams_stack_is_computed_through_its_ports(stack: Stack) -
         CaseView(
             case_id=3, task=Task.TEXT_TO_IMAGE, prompt="two blue stars", flags=("wrong_count",)
         ),
-        CaseView(case_id=4, task=Task.TEXT_TO_IMAGE, prompt="a crimson triangle"),
+        # What the user typed, and what the app's enhancer served the model instead.
+        CaseView(
+            case_id=4,
+            task=Task.TEXT_TO_IMAGE,
+            prompt="a crimson triangle",
+            served_prompt="a green triangle",
+        ),
         CaseView(case_id=5, task=Task.IMAGE_EDITING, prompt="make the circle green"),
     ]
+    served = [v.served_prompt or v.prompt for v in views[:4]]
     found = stack.gather(views, seed=3)
     assert len(found) == len(views)
     drawn, editing = found[:4], found[4]
-    # The rewrite test, re-done through the ports: the enhancer's rewrite, the generator's
-    # images of both prompts with one seed, the judge's verdicts against what was asked.
+    # The rewrite test, re-done through the ports: the enhancer's rewrite of what was typed,
+    # the generator's images of it and of what the model was given (the failure as served)
+    # with one seed, the judge's verdicts against what was asked.
     rewritten = parts.enhancer.enhance([v.prompt for v in views[:4]])
     assert [e.rewritten_prompt for e in drawn] == rewritten
-    images = parts.generator.generate([v.prompt for v in views[:4]], seed=3)
+    assert rewritten[3] != served[3]  # the enhancer reads crimson otherwise than the app did
+    images = parts.generator.generate(served, seed=3)
     verdicts = parts.judge.judge(
         [
             JudgeRequest(prompt=v.prompt, image=image, spec=v.spec)
@@ -444,10 +453,10 @@ def test_evidence_on_a_teams_stack_is_computed_through_its_ports(stack: Stack) -
         ]
     )
     captions = {item.rich_caption for item in parts.corpus.items("train")}
-    for e, view, verdict in zip(drawn, views[:4], again, strict=True):
+    for e, given, verdict in zip(drawn, served, again, strict=True):
         assert e.scored_by == "judge"
         assert 0.0 <= e.reward_rank <= 1.0
-        assert e.rewrite_changed == (e.rewritten_prompt != view.prompt)
+        assert e.rewrite_changed == (e.rewritten_prompt != given)
         if e.rewrite_changed:
             assert e.score_rewritten == pytest.approx(verdict.score)
             assert e.rewrite_gain == pytest.approx(e.score_rewritten - e.score_original)

@@ -110,7 +110,7 @@ def test_a_dry_run_plans_every_track_and_writes_nothing(
     rl_data = tracks["rl"].data
     assert rl_data["preference_pairs"] == rl_data["train_cases"]
     assert tracks["rl"].round is not None
-    assert tracks["rl"].round.steps == {"reward_recalibration": 40, "flow_grpo": 30}
+    assert tracks["rl"].round.steps == {"reward_recalibration": 40, "flow_grpo": 15}
     # Flow-GRPO (an image group per prompt and step) costs more than the enhancer's SFT.
     rl, pe = estimates["rl"], estimates["prompt_enhancer"]
     assert rl is not None

@@ -107,6 +107,39 @@ def test_editing_feedback_keeps_its_input_images(
     ]
 
 
+def test_feedback_keeps_what_the_user_typed_and_what_the_model_was_given(
+    client: TestClient, make_key: KeyFactory, session: Session
+) -> None:
+    key = make_key("ingest")
+    served = "A poster with the words 'OPEN' in bold white letters on a red sign"
+    pairwise = _event(
+        {"kind": "pairwise", "chosen": {"uri": "s3://b/a.png"}, "rejected": {"uri": "s3://b/b.png"}}
+    )
+    events = [
+        _event({"kind": "thumbs", "value": "down", "served_prompt": served}),
+        pairwise | {"served_prompt": served},
+        _event({"kind": "thumbs", "value": "down"}),
+    ]
+
+    replies = [client.post("/v1/feedback", json=e, headers=auth(key)) for e in events]
+
+    assert [r.status_code for r in replies] == [201, 201, 201], [r.text for r in replies]
+    thumbs, pair, plain = (session.get_one(Signal, r.json()["id"]) for r in replies)
+    assert thumbs.prompt == "a sign that reads 'OPEN'"
+    assert thumbs.details == {"served_prompt": served}
+    assert pair.details is not None
+    assert pair.details["served_prompt"] == served
+    assert pair.details["chosen"] == {"uri": "s3://b/a.png", "sha256": None}
+    assert plain.details is None
+    empty = client.post(
+        "/v1/feedback",
+        json=_event({"kind": "thumbs", "value": "up", "served_prompt": ""}),
+        headers=auth(key),
+    )
+    assert empty.status_code == 422
+    assert "served_prompt" in empty.text
+
+
 def test_replay_returns_the_original_result_and_stores_nothing_new(
     client: TestClient, make_key: KeyFactory, session: Session
 ) -> None:

@@ -146,20 +146,34 @@ def test_probe_mining_stores_each_failure_once(fresh_engine: Engine, tmp_path: P
     assert "colour: purple" in labels
 
 
-def _generation(number: int, prompt: str, image: torch.Tensor, directory: Path) -> NewSignal:
-    """A liked generation (not a failure, so the scan looks at it) with its image file."""
+def _generation(
+    number: int, prompt: str, image: torch.Tensor, directory: Path, served: str | None = None
+) -> NewSignal:
+    """A liked generation (not a failure, so the scan looks at it) with its image file; where
+    the app rewrote ``prompt``, what the model was given (``served``)."""
     uri, digest = store_png(image, directory)
     return stored_signal(
-        f"gen-{number}", prompt, image_uri=uri, image_sha256=digest, thumbs_up=True
+        f"gen-{number}",
+        prompt,
+        image_uri=uri,
+        image_sha256=digest,
+        thumbs_up=True,
+        details={"served_prompt": served} if served is not None else None,
     )
 
 
 def _store_generations(
-    engine: Engine, cases: list[BenchmarkCase], directory: Path, prompts: list[str]
+    engine: Engine,
+    cases: list[BenchmarkCase],
+    directory: Path,
+    prompts: list[str],
+    served: dict[int, str] | None = None,
 ) -> tuple[list[NewSignal], list[int]]:
-    """Renders of ``cases`` stored as generations of ``prompts``; the rows and their ids."""
+    """Renders of ``cases`` stored as generations of ``prompts`` (the ``k``-th served as
+    ``served[k]``); the rows and their ids."""
+    served = served or {}
     rows = [
-        _generation(k, prompt, image_tensor(render(case.spec, 64, 64)), directory)
+        _generation(k, prompt, image_tensor(render(case.spec, 64, 64)), directory, served.get(k))
         for k, (case, prompt) in enumerate(zip(cases, prompts, strict=True))
     ]
     with session_factory(engine)() as session:
@@ -170,14 +184,22 @@ def _store_generations(
 
 def test_scan_flags_generations_the_reward_rejects(fresh_engine: Engine, tmp_path: Path) -> None:
     """Renders of world scenes stored as generations; a few carry the caption of another
-    scene. The reward (colour accuracy 1.0) ranks those prompts low."""
+    scene. The reward (colour accuracy 1.0) ranks those prompts low. Where the app rewrote
+    the user's prompt, the image is ranked under what the model was given."""
     cases = probes("colour", 64, band=BAND)
     order = list(range(len(cases)))
     random.Random(BAND).shuffle(order)
     pairs = list(zip(order[0:8:2], order[1:8:2], strict=True))  # four images swap captions
     swapped = {a: b for pair in pairs for a, b in (pair, pair[::-1])}
     prompts = [cases[swapped.get(k, k)].prompt for k in range(len(cases))]
-    rows, ids = _store_generations(fresh_engine, cases, tmp_path, prompts)
+    # Four swapped images served their wrong caption from a user's words; four right ones
+    # were served their own caption from a user's prompt the reward would rank low.
+    served = {k: prompts[k] for k in order[0:8:2]} | {k: cases[k].prompt for k in order[8:12]}
+    for k in order[0:8:2]:
+        prompts[k] = f"what user {k} typed"
+    for k in order[8:12]:
+        prompts[k] = cases[order[k % 4]].prompt  # another scene's caption
+    rows, ids = _store_generations(fresh_engine, cases, tmp_path, prompts, served)
     # A signal whose image is gone is skipped, not a failure of the scan.
     local_path(rows[1].image_uri or "").unlink()  # type: ignore[union-attr]
     sessions = session_factory(fresh_engine)
@@ -192,6 +214,18 @@ def test_scan_flags_generations_the_reward_rejects(fresh_engine: Engine, tmp_pat
     false_alarms = len(flagged - wrong) / (len(cases) - 1 - len(wrong))
     assert recall >= 0.6, (recall, false_alarms)
     assert false_alarms <= 0.05, (recall, false_alarms)
+    assert not flagged & {ids[k] for k in order[8:12]}  # right under what they were served
+    with sessions() as session:
+        hits = {
+            s.event_id: s
+            for s in session.scalars(select(Signal).where(Signal.source == SignalSource.MINING))
+        }
+    caught = [k for k in order[0:8:2] if f"scan:{ids[k]}" in hits]
+    assert caught  # a wrong caption served from a user's words is caught, and says so
+    for k in caught:
+        hit_details = hits[f"scan:{ids[k]}"].details
+        assert isinstance(hit_details, dict)
+        assert hit_details["served_prompt"] == served[k]
     again = scan_generations(sessions, reward=load_world_reward(), chunk=64, policy=policy)
     assert again.stored == 0
     # Nothing after the last id: the next scan examines nothing.

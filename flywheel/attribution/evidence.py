@@ -3,8 +3,9 @@ evidence, measured, never read off how a track's label is defined.
 
 - **Rewrite test**: the case's prompt is rewritten by a strong rewriter (the project's
   enhancer on a team's stack; in the embedded world a general colour lexicon,
-  :mod:`flywheel.world.lexicon`, that knows no world's file). Where that changes the prompt,
-  the rewritten prompt is generated again at the same noise and both images are judged (a
+  :mod:`flywheel.world.lexicon`, that knows no world's file). Where that changes the prompt
+  the model was given (the app's rewrite of the user's words where feedback says so,
+  :attr:`CaseView.served_prompt`), both are generated at the same noise and judged (a
   team's judge; the world's evaluator when the case carries its intended scene, else the
   reward's rank). A large gain says the model could draw it when asked the right way: a
   prompt-enhancer problem.
@@ -51,6 +52,10 @@ class CaseView:
     """The ``failure_cases`` row (None: an example of the labeled set)."""
     task: Task
     prompt: str
+    served_prompt: str | None = None
+    """The prompt the model was given where the app rewrote :attr:`prompt` (its enhancer: a
+    feedback signal's ``details["served_prompt"]``): the rewrite test draws it to reproduce
+    the failure. None: the model was given :attr:`prompt`."""
     skill: str | None = None
     scene: dict[str, JsonValue] | None = None
     """The intended scene as its signal carried it (``details["spec"]["case"]``: the embedded

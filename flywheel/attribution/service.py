@@ -116,6 +116,17 @@ def _spec(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
     return None
 
 
+def _served_prompt(signals: Sequence[Signal]) -> str | None:
+    """The prompt the model was given, as the first signal that says so has it (feedback's
+    ``served_prompt``)."""
+    for signal in signals:
+        details = signal.details if isinstance(signal.details, dict) else {}
+        served = details.get("served_prompt")
+        if isinstance(served, str):
+            return served
+    return None
+
+
 def _scene(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
     """The intended scene the first signal carries (the world's ``{"case": scene}`` spec)."""
     for signal in signals:
@@ -158,6 +169,7 @@ def case_views(session: Session, cases: Sequence[FailureCase]) -> list[CaseView]
                 case_id=case.id,
                 task=case.task,
                 prompt=case.prompt,
+                served_prompt=_served_prompt(mine),
                 skill=case.skill,
                 scene=_scene(mine),
                 spec=_spec(mine),

@@ -67,9 +67,10 @@ class RLRoundConfig(RoundSection):
             return {k: v for k, v in data.items() if k != "pairs_per_category"}
         return data
 
-    steps: int = Field(default=30, ge=1)
-    """Optimizer steps (Flow-GRPO in the embedded world, one rollout each; the recipe a
-    team's launcher runs)."""
+    steps: int = Field(default=15, ge=1)
+    """Optimizer steps (Flow-GRPO in the embedded world, one rollout each, ~11 s on two
+    cores; the recipe a team's launcher runs). 30 took 5.4 minutes of the demo and moved its
+    RL slice no more than 15 do: the base cannot draw the counts and relations it fails."""
     recalibration_steps: int = Field(default=40, ge=0)
     """The embedded world's reward recalibration before its Flow-GRPO: Bradley-Terry steps on
     the routed cases' preference pairs (0: the round is rewarded by the shipped reward)."""

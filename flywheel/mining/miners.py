@@ -6,7 +6,9 @@
   pieces here (:func:`store_png`, :func:`hit`, :func:`store_hits`, :func:`chunks`).
 - :func:`scan_generations`: stored generations (signals with an image that are not
   failures by the :class:`~flywheel.cases.rules.FailureRules`) scored by the reward
-  model against the other prompts of their chunk; a hit when the image's own prompt beats
+  model against the other prompts of their chunk (each against the prompt the model was
+  given: feedback's ``served_prompt`` where the app rewrote the user's, kept in the hit's
+  details); a hit when the image's own prompt beats
   fewer than ``min_rank`` of them. Measured on four sets of 64 renders of world scenes, 8 of
   each captioned as another scene: 0.65 caught 24 of the 32 swaps with no false alarm among
   the 224 correct pairs (0.75: 29 of 32, 5 % false alarms). Images are read only through
@@ -226,7 +228,9 @@ def scan_generations(
         if len(found) < 2:  # images gone: nothing to rank this one against
             continue
         report.examined += len(found)
-        scores = _scores(reward, [t for _, t in found], [s.prompt for s, _ in found])  # (B, B)
+        # Each image against the prompt the model was given (the app's rewrite, if any).
+        served = [_served_prompt(s) or s.prompt for s, _ in found]
+        scores = _scores(reward, [t for _, t in found], served)  # (B, B)
         own = scores.diagonal()
         ranks = ranks_from_scores(scores).diagonal().tolist()
         hits = [
@@ -237,7 +241,8 @@ def scan_generations(
                 prompt=signal.prompt,
                 image=(signal.image_uri or "", signal.image_sha256),
                 scores={"reward": float(own[i]), "reward_rank": rank},
-                details={"miner": "scan", "signal_id": signal.id, "skill": _skill(signal)},
+                details={"miner": "scan", "signal_id": signal.id, "skill": _skill(signal)}
+                | ({"served_prompt": served[i]} if served[i] != signal.prompt else {}),
             )
             for i, ((signal, _), rank) in enumerate(zip(found, ranks, strict=True))
             if rank < min_rank
@@ -273,6 +278,13 @@ def _scores(
 def _skill(signal: Signal) -> str | None:
     skill = (signal.details or {}).get("skill") if isinstance(signal.details, dict) else None
     return skill if isinstance(skill, str) else None
+
+
+def _served_prompt(signal: Signal) -> str | None:
+    """The prompt the model was given where the app rewrote the signal's (feedback's
+    ``served_prompt``)."""
+    served = signal.details.get("served_prompt") if isinstance(signal.details, dict) else None
+    return served if isinstance(served, str) else None
 
 
 # ---- near-duplicates of known failures --------------------------------------------------------

@@ -186,7 +186,13 @@ class _FeedbackBase(BaseModel):
     event_id: Identifier = Field(
         description="The app's own id for this event: replays are idempotent."
     )
-    prompt: Prompt
+    prompt: Prompt = Field(description="What the user asked for, as they typed it.")
+    served_prompt: Prompt | None = Field(
+        default=None,
+        description="The prompt the model was given, where the app rewrote `prompt` (its "
+        "prompt enhancer); omitted: the model was given `prompt` as typed. Attribution's "
+        "rewrite test draws it to reproduce the failure.",
+    )
     task: Task = Task.TEXT_TO_IMAGE
     image: ImageRef | None = Field(
         default=None, description="The generated image the feedback is about."

@@ -102,6 +102,8 @@ def _feedback_signal(app: str, event: FeedbackEvent, model_version_id: int) -> N
         case FlagsFeedback():
             specific["flags"] = list(event.flags)
             specific["comment"] = event.note
+    if event.served_prompt is not None:
+        specific["details"] = specific.get("details", {}) | {"served_prompt": event.served_prompt}
     return NewSignal(
         source=SignalSource.FEEDBACK,
         kind=SignalKind(event.kind),

@@ -78,6 +78,8 @@ EXTRA_SEED_STRIDE = 100_003
 def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> list[Evidence]:
     prompts = [v.prompt for v in views]
     rewritten = tools.rewriter(prompts)
+    # What the model was given: the app's rewrite where there was one (the failure as served).
+    served = [v.served_prompt or v.prompt for v in views]
     # Editing cases have no input image here: no generation, the rewrite test is skipped.
     drawn = [i for i, v in enumerate(views) if v.task == Task.TEXT_TO_IMAGE]
     references = [rewritten[i] for i in drawn]
@@ -87,10 +89,10 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
     # reward's rank of each under the rewrite), at the failing image's seed and more.
     draws: dict[int, list[tuple[Tensor, Tensor, float, float]]] = {}
     if drawn:
-        images = tools.generator.generate([prompts[i] for i in drawn], seed=seed).cpu()
+        images = tools.generator.generate([served[i] for i in drawn], seed=seed).cpu()
         original = {i: images[n] for n, i in enumerate(drawn)}
         before = rank_matrix(tools.reward, images, references).diagonal().tolist()
-        changed = [n for n, i in enumerate(drawn) if rewritten[i] != prompts[i]]
+        changed = [n for n, i in enumerate(drawn) if rewritten[i] != served[i]]
         if changed:
             # The failing image's own seed and batch positions: each case keeps its noise, so
             # the gain is the rewritten prompt's alone.
@@ -103,7 +105,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
         for extra in range(1, tools.rewrite_seeds if len(changed) > 1 else 1):
             draw_seed = seed + extra * EXTRA_SEED_STRIDE
             again = tools.generator.generate(
-                [prompts[drawn[n]] for n in changed], seed=draw_seed
+                [served[drawn[n]] for n in changed], seed=draw_seed
             ).cpu()
             fixed = tools.generator.generate(subset, seed=draw_seed).cpu()
             ranks_before = rank_matrix(tools.reward, again, subset).diagonal().tolist()
@@ -150,7 +152,7 @@ def _gather_batch(views: list[CaseView], tools: EvidenceTools, *, seed: int) -> 
         out.append(
             Evidence(
                 rewritten_prompt=rewritten[i],
-                rewrite_changed=rewritten[i] != prompts[i],
+                rewrite_changed=rewritten[i] != served[i],
                 scored_by=scored_by,
                 score_original=score,
                 score_rewritten=new_score,

@@ -71,7 +71,7 @@ class RecalibrationConfig:
 class RLTrackConfig:
     """How the track recalibrates the reward and trains the generator against it."""
 
-    steps: int = 30
+    steps: int = 15
     """Flow-GRPO optimizer steps (one rollout each)."""
     lr: float = 5e-4
     """Peak learning rate; with the KL and clip below, the settings of the base recipe's
