@@ -242,9 +242,13 @@ def world_weaknesses(
         typer.Option("--model", help="Generator directory (default: the shipped world base)."),
     ] = None,
     rare: Annotated[
-        str,
-        typer.Option("--rare", help="The colours / shapes the corpus made rare, comma-separated."),
-    ] = "purple",
+        str | None,
+        typer.Option(
+            "--rare",
+            help="The colours / shapes the corpus made rare, comma-separated (default: those "
+            "of the model's world).",
+        ),
+    ] = None,
     per_concept: Annotated[
         int, typer.Option("--per-concept", min=1, help="Probes per colour and per shape.")
     ] = 8,
@@ -275,6 +279,12 @@ def world_weaknesses(
     from flywheel.world.weaknesses import measure_weaknesses, reward_agreement
     from model.pipeline import Generator
 
+    generator_dir = model or BASE_MODEL
+    if rare is None:
+        try:
+            rare = ",".join(world_of(generator_dir).rare_concepts())
+        except ValueError as exc:  # WorldFileError is one
+            fail(str(exc).splitlines()[0])
     concepts = tuple(s.strip() for s in rare.split(",") if s.strip())
     if not concepts or set(concepts) - set(SHAPES) - set(COLOURS):
         fail(
@@ -284,7 +294,6 @@ def world_weaknesses(
     if set(COLOURS) <= set(concepts) or set(SHAPES) <= set(concepts):
         fail(f"--rare {rare!r}: leave some colours and shapes common (the control)")
     try:
-        generator_dir = model or BASE_MODEL
         generator = Generator.load(generator_dir)
         scorer = load_world_reward(reward or BASE_REWARD)
         rewriter = load_world_enhancer(enhancer or BASE_ENHANCER)

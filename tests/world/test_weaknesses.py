@@ -3,12 +3,16 @@ render is wrong in exactly what its skill asks for."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import pytest
 import torch
 from torch import Tensor
+from typer.testing import CliRunner
 
+from flywheel.cli.main import app
+from flywheel.world.base_model import shipped_base_of
 from flywheel.world.benchmark import Skill, suite
 from flywheel.world.evaluation import score_case
 from flywheel.world.scenes import COLOURS, render
@@ -83,3 +87,18 @@ def test_the_shade_agreement_says_which_render_a_reward_prefers() -> None:
     for target, expected in ((shade, 0.0), (COLOURS["yellow"], 1.0)):
         agreement = reward_agreement(closeness(target), per_skill=4, shades={"yellow": shade})
         assert agreement.shades == {"yellow": expected}
+
+
+def test_the_weaknesses_cli_measures_the_rare_concepts_of_the_model_s_world() -> None:
+    """The other world's shipped base: its rare colour and shape unless --rare says others."""
+    other = shipped_base_of("other")
+    assert other is not None
+    args = ["world", "weaknesses", "--model", str(other.generator), "--reward", str(other.reward)]
+    args += ["--enhancer", str(other.enhancer), "--per-concept", "1", "--per-skill", "1", "--json"]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["generator"]["rare"] == ["green", "star"]
+    result = runner.invoke(app, [*args, "--rare", "purple"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["generator"]["rare"] == ["purple"]
