@@ -8,6 +8,7 @@ import random
 import statistics
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qdrant_client import QdrantClient
@@ -187,9 +188,14 @@ def test_seed_examples_are_built_once(
 # ---- stored cases ----------------------------------------------------------------------------
 
 
-def _complaint(number: int, prompt: str, version: int, flag: str) -> NewSignal:
+def _complaint(number: int, prompt: str, version: int, flag: str, **fields: Any) -> NewSignal:
     return stored_signal(
-        f"fb-{number}", prompt, kind=SignalKind.FLAGS, flags=[flag], model_version_id=version
+        f"fb-{number}",
+        prompt,
+        kind=SignalKind.FLAGS,
+        flags=[flag],
+        model_version_id=version,
+        **fields,
     )
 
 
@@ -268,12 +274,11 @@ def test_the_rewrite_test_draws_what_the_model_was_given(
         insert_signals(
             session,
             signals=[
-                stored_signal(
-                    f"fb-{n}",
+                _complaint(
+                    n,
                     prompt,
-                    kind=SignalKind.FLAGS,
-                    flags=["wrong_color"],
-                    model_version_id=version,
+                    version,
+                    "wrong_color",
                     details={"served_prompt": given} if given != prompt else None,
                 )
                 for n, (prompt, given) in enumerate(zip(typed, served, strict=True))

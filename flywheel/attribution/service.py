@@ -52,6 +52,7 @@ from flywheel.db.models import (
     Track,
 )
 from flywheel.review import repository as review_repository
+from flywheel.signals.service import served_prompt
 
 
 class CaseNotFoundError(LookupError):
@@ -116,17 +117,6 @@ def _spec(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
     return None
 
 
-def _served_prompt(signals: Sequence[Signal]) -> str | None:
-    """The prompt the model was given, as the first signal that says so has it (feedback's
-    ``served_prompt``)."""
-    for signal in signals:
-        details = signal.details if isinstance(signal.details, dict) else {}
-        served = details.get("served_prompt")
-        if isinstance(served, str):
-            return served
-    return None
-
-
 def _scene(signals: Sequence[Signal]) -> dict[str, JsonValue] | None:
     """The intended scene the first signal carries (the world's ``{"case": scene}`` spec)."""
     for signal in signals:
@@ -169,7 +159,8 @@ def case_views(session: Session, cases: Sequence[FailureCase]) -> list[CaseView]
                 case_id=case.id,
                 task=case.task,
                 prompt=case.prompt,
-                served_prompt=_served_prompt(mine),
+                # What the model was given, as the first signal that says so has it.
+                served_prompt=next(filter(None, map(served_prompt, mine)), None),
                 skill=case.skill,
                 scene=_scene(mine),
                 spec=_spec(mine),

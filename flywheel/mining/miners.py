@@ -57,7 +57,7 @@ from flywheel.media.access import ImagePolicy, ImageReadError, ImageRefused, ima
 from flywheel.ports import RewardModel
 from flywheel.signals import repository
 from flywheel.signals.repository import NewSignal
-from flywheel.signals.service import canonical_json
+from flywheel.signals.service import SERVED_PROMPT, canonical_json, served_prompt
 from model.reward import AlignmentReward, rank_batches, ranks_from_scores
 from training.io import atomic_write_bytes
 
@@ -229,7 +229,7 @@ def scan_generations(
             continue
         report.examined += len(found)
         # Each image against the prompt the model was given (the app's rewrite, if any).
-        served = [_served_prompt(s) or s.prompt for s, _ in found]
+        served = [served_prompt(s) or s.prompt for s, _ in found]
         scores = _scores(reward, [t for _, t in found], served)  # (B, B)
         own = scores.diagonal()
         ranks = ranks_from_scores(scores).diagonal().tolist()
@@ -242,7 +242,7 @@ def scan_generations(
                 image=(signal.image_uri or "", signal.image_sha256),
                 scores={"reward": float(own[i]), "reward_rank": rank},
                 details={"miner": "scan", "signal_id": signal.id, "skill": _skill(signal)}
-                | ({"served_prompt": served[i]} if served[i] != signal.prompt else {}),
+                | ({SERVED_PROMPT: served[i]} if served[i] != signal.prompt else {}),
             )
             for i, ((signal, _), rank) in enumerate(zip(found, ranks, strict=True))
             if rank < min_rank
@@ -278,13 +278,6 @@ def _scores(
 def _skill(signal: Signal) -> str | None:
     skill = (signal.details or {}).get("skill") if isinstance(signal.details, dict) else None
     return skill if isinstance(skill, str) else None
-
-
-def _served_prompt(signal: Signal) -> str | None:
-    """The prompt the model was given where the app rewrote the signal's (feedback's
-    ``served_prompt``)."""
-    served = signal.details.get("served_prompt") if isinstance(signal.details, dict) else None
-    return served if isinstance(served, str) else None
 
 
 # ---- near-duplicates of known failures --------------------------------------------------------

@@ -70,6 +70,18 @@ class Ingested(Generic[T]):
     created: bool
 
 
+SERVED_PROMPT = "served_prompt"
+"""The key of a signal's ``details`` holding what the model was given where the app rewrote
+the signal's prompt (feedback's ``served_prompt``; a scan hit keeps its generation's)."""
+
+
+def served_prompt(signal: Signal) -> str | None:
+    """The prompt the model was given where the app rewrote ``signal``'s (None: it was given
+    ``signal.prompt``)."""
+    served = signal.details.get(SERVED_PROMPT) if isinstance(signal.details, dict) else None
+    return served if isinstance(served, str) else None
+
+
 def canonical_json(document: dict[str, Any]) -> tuple[str, str]:
     """The document as canonical JSON (sorted keys, no whitespace) and that text's SHA-256.
 
@@ -103,7 +115,7 @@ def _feedback_signal(app: str, event: FeedbackEvent, model_version_id: int) -> N
             specific["flags"] = list(event.flags)
             specific["comment"] = event.note
     if event.served_prompt is not None:
-        specific["details"] = specific.get("details", {}) | {"served_prompt": event.served_prompt}
+        specific["details"] = specific.get("details", {}) | {SERVED_PROMPT: event.served_prompt}
     return NewSignal(
         source=SignalSource.FEEDBACK,
         kind=SignalKind(event.kind),

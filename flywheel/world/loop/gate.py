@@ -17,9 +17,10 @@ at the slice's own noise seed and at ``gate.extra_seeds`` fresh ones
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from flywheel.db.models import Track
 from flywheel.tracks.routed import same_prompt_key, split_by_hash
 from flywheel.world.loop.slices import SliceCase
 
@@ -131,6 +132,19 @@ def split_by_theme(
             side = split.themes.setdefault(case_theme(case), {"train": [], "gate": []})
             side["gate" if held_out else "train"].append(case.case_id)
     return split
+
+
+def split_tracks(
+    slices: Mapping[Track, Sequence[SliceCase]], *, gate_share: float, seed: int
+) -> tuple[dict[Track, GateSplit], set[str]]:
+    """Each track's slice split by theme (:func:`split_by_theme`), and every track's gate keys
+    together: the prompts no round of the cycle may train on, whichever track's gate holds
+    them."""
+    splits = {
+        track: split_by_theme(cases, gate_share=gate_share, seed=seed)
+        for track, cases in slices.items()
+    }
+    return splits, {key for split in splits.values() for key in split.gate_keys()}
 
 
 def gate_seeds(first: int, extra_seeds: int) -> list[int]:

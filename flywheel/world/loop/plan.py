@@ -42,7 +42,7 @@ from flywheel.world.loop.attribution import (
 )
 from flywheel.world.loop.backend import shipped_base
 from flywheel.world.loop.evidence import EvidenceTools
-from flywheel.world.loop.gate import split_by_theme
+from flywheel.world.loop.gate import split_tracks
 from flywheel.world.loop.pretraining_gap import (
     GapTrackConfig,
     diagnose_gap,
@@ -237,11 +237,11 @@ def _plan(
     tracks = []
     order = (Track.RL, Track.PRETRAINING_GAP, Track.PROMPT_ENHANCER)
     # as the cycle builds it: from the train side of the split by theme
-    splits = {
-        track: split_by_theme(slices[track][0], gate_share=config.gate.share, seed=config.seed)
-        for track in order
-    }
-    every_gate = {key for split in splits.values() for key in split.gate_keys()}
+    splits, every_gate = split_tracks(
+        {track: slices[track][0] for track in order},
+        gate_share=config.gate.share,
+        seed=config.seed,
+    )
     for track in order:
         cases, rows = slices[track]
         split = splits[track]

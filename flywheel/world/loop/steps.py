@@ -89,7 +89,7 @@ from flywheel.world.base_model import world_base_config
 from flywheel.world.benchmark import BenchmarkCase, suite
 from flywheel.world.definition import WORLD_FILE, WorldDefinition, world_of
 from flywheel.world.loop.edits import apply_edits, edit_vocabulary
-from flywheel.world.loop.gate import gate_seeds, split_by_theme
+from flywheel.world.loop.gate import gate_seeds, split_tracks
 from flywheel.world.loop.plan import case_slices, collect_and_attribute, routed_slices
 from flywheel.world.loop.pretraining_gap import (
     AugmentationPlan,
@@ -298,11 +298,11 @@ def prepare_rounds(
     model = base_model(session, cycle)
     slices = routed_slices(session)
     tracks: dict[str, Any] = {}
-    splits = {
-        track: split_by_theme(slices[track][0], gate_share=config.gate.share, seed=config.seed)
-        for track in ROUND_ORDER
-    }
-    every_gate = {key for split in splits.values() for key in split.gate_keys()}
+    splits, every_gate = split_tracks(
+        {track: slices[track][0] for track in ROUND_ORDER},
+        gate_share=config.gate.share,
+        seed=config.seed,
+    )
     for track in ROUND_ORDER:
         cases, rows = slices[track]
         split = splits[track]
